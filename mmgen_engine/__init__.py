@@ -1,0 +1,68 @@
+"""mmgen_engine: a fast inference engine for multimodal generation.
+
+    import mmgen_engine as mm
+    mm.convert("hf_vit_gpt2/", "converted/")
+    pipe = mm.load("converted/")
+    pipe.caption(["photo.jpg"])
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from .checkpoint import read_config, torch_dtype
+from .convert import convert
+from .demo import demo_model
+from .errors import BackendError, CheckpointError, ConversionError, InputError, MMGenError
+from .ops import available_backends
+from .pipelines import PIPELINES, CaptioningPipeline
+from .runtime import SamplingParams
+
+__version__ = "0.1.0"
+
+
+def _device(device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"invalid device {device!r}; use 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"unsupported device {device!r}; use 'cpu', 'cuda' or 'cuda:N'")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"device {device!r} requested but CUDA is not available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"device {device!r} does not exist ({torch.cuda.device_count()} CUDA devices)")
+    return dev
+
+
+def load(path, device="cpu", dtype=None):
+    """Load a converted checkpoint directory as its task's pipeline.
+
+    ``device`` "cpu" | "cuda" | "cuda:N"; ``dtype`` "float32" | "float16" | "bfloat16" casts the
+    weights (None keeps the checkpoint's). Returns e.g. a :class:`CaptioningPipeline`.
+    """
+    path = Path(path)
+    dev = _device(device)
+    try:
+        target = torch_dtype(dtype)
+    except CheckpointError as e:
+        raise InputError(str(e)) from None
+    config = read_config(path)
+    return PIPELINES[config.task].from_checkpoint(path, config, dev, target)
+
+
+def build_info() -> dict:
+    """What this installation can run: version, compiled CUDA kernels, Triton, backends per op."""
+    from ._native import native_info
+
+    info = {"version": __version__, **native_info(),
+            "triton": importlib.util.find_spec("triton") is not None,
+            "backends": available_backends()}
+    return info
+
+
+__all__ = ["BackendError", "build_info", "CaptioningPipeline", "CheckpointError", "ConversionError",
+           "convert", "demo_model", "InputError", "load", "MMGenError", "SamplingParams"]

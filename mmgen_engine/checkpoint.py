@@ -1,0 +1,150 @@
+"""The engine checkpoint format: a directory with ``config.json`` and ``*.safetensors`` weights.
+
+``config.json`` holds ``{"format": "mmgen", "format_version": 1, "task", "architecture", ...}``;
+the weights are read with safetensors (memory-mapped), never unpickled. Tokenizer and
+preprocessing files the task needs sit beside them. Writing goes to a temporary sibling directory
+that is renamed into place only when complete, so a failed conversion never leaves a half checkpoint
+and never destroys an existing one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import CONFIG_CLASSES, FORMAT_NAME, FORMAT_VERSION, TASKS, from_dict
+from .errors import CheckpointError
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def torch_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    """Map ``"float16"`` (or a torch dtype, or None) to a torch dtype; reject anything else."""
+    if name is None or (isinstance(name, torch.dtype) and name in TORCH_DTYPES.values()):
+        return name
+    if name not in TORCH_DTYPES:
+        raise CheckpointError(f"unsupported dtype {name!r}; choose one of {', '.join(TORCH_DTYPES)}")
+    return TORCH_DTYPES[name]
+
+
+def read_config(path: str | os.PathLike):
+    """Read and validate ``path/config.json``; returns the task's config dataclass."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint directory (does not exist or is a file)")
+    cfg_file = path / CONFIG_FILE
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{path}: no {CONFIG_FILE}; is this a converted mmgen checkpoint? "
+                              f"(convert it first with `mmgen convert`)")
+    try:
+        raw = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{cfg_file}: not an mmgen checkpoint (\"format\" is not \"{FORMAT_NAME}\"); "
+                              f"convert the source model with `mmgen convert` first")
+    version = raw.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CheckpointError(f"{cfg_file}: invalid format_version {version!r}")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{cfg_file}: format_version {version} is newer than this mmgen_engine "
+                              f"supports ({FORMAT_VERSION}); upgrade mmgen_engine")
+    task = raw.get("task")
+    if task not in TASKS:
+        raise CheckpointError(f"{cfg_file}: unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    if task not in CONFIG_CLASSES:
+        raise CheckpointError(f"{cfg_file}: task {task!r} is not supported by this build")
+    return from_dict(CONFIG_CLASSES[task], raw, where=str(cfg_file))
+
+
+def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Load every ``*.safetensors`` file of a checkpoint directory (memory-mapped on CPU)."""
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no *.safetensors weights file")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            part = load_file(f, device=str(device))
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            raise CheckpointError(f"{f}: corrupt or truncated safetensors file ({_one_line(e)})") from None
+        dup = tensors.keys() & part.keys()
+        if dup:
+            raise CheckpointError(f"{f}: tensor {sorted(dup)[0]!r} appears in more than one weights file")
+        tensors.update(part)
+    return tensors
+
+
+def assign_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str,
+                   dtype: torch.dtype | None = None) -> None:
+    """Put ``tensors`` into ``module`` (built on the meta device), checking names and shapes exactly.
+
+    Floating-point tensors are cast to ``dtype`` when given. Any missing, unexpected or mis-shaped
+    tensor raises :class:`CheckpointError` naming it.
+    """
+    expected = module.state_dict()
+    missing = sorted(expected.keys() - tensors.keys())
+    unexpected = sorted(tensors.keys() - expected.keys())
+    if missing:
+        raise CheckpointError(f"{where}: missing tensor(s) {', '.join(missing[:5])}"
+                              + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    if unexpected:
+        raise CheckpointError(f"{where}: unexpected tensor(s) {', '.join(unexpected[:5])}"
+                              + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""))
+    state = {}
+    for name, ref in expected.items():
+        t = tensors[name]
+        if tuple(t.shape) != tuple(ref.shape):
+            raise CheckpointError(f"{where}: tensor {name!r} has shape {tuple(t.shape)}, "
+                                  f"the config implies {tuple(ref.shape)}")
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        state[name] = t
+    module.load_state_dict(state, assign=True)
+
+
+def save_checkpoint(out: str | os.PathLike, config: dict, tensors: dict[str, torch.Tensor],
+                    files: dict[str, Path] | None = None, overwrite: bool = False) -> Path:
+    """Write an engine checkpoint directory atomically.
+
+    ``config`` must carry format, format_version and task; ``files`` maps a file name in the
+    checkpoint to a source file to copy (tokenizer, preprocessor config). The directory appears
+    complete or not at all; an existing non-empty ``out`` is replaced only with ``overwrite``.
+    """
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise CheckpointError(f"{out}: already exists and is not empty; choose another output "
+                              f"directory or pass overwrite (--overwrite)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        contiguous = {k: v.detach().contiguous() for k, v in tensors.items()}
+        save_file(contiguous, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT_NAME})
+        for name, src in (files or {}).items():
+            shutil.copyfile(src, tmp / name)
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        if out.exists():
+            backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            backup.rmdir()
+            out.rename(backup)
+            tmp.rename(out)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__

@@ -1,0 +1,53 @@
+"""Converters from upstream checkpoint formats to the engine format, registered by name.
+
+Each converter module has ``NAME``, ``detect(src) -> bool`` (from the source's own config, never
+from file names) and ``convert(src, dtype, workdir) -> (config, tensors, files)``.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from ..checkpoint import save_checkpoint, torch_dtype
+from ..errors import ConversionError
+from . import hf_vision_encoder_decoder
+
+CONVERTERS = {m.NAME: m for m in (hf_vision_encoder_decoder,)}
+
+
+def detect_format(src: Path) -> str:
+    """The name of the converter that recognizes ``src``."""
+    found = [name for name, m in CONVERTERS.items() if m.detect(src)]
+    if not found:
+        raise ConversionError(f"{src}: unrecognized or unsupported source model; supported formats: "
+                              f"{', '.join(CONVERTERS)} (pass source_format / --from to choose one)")
+    return found[0]
+
+
+def convert(src, out, source_format: str | None = None, dtype: str | None = None,
+            trust_pickle: bool = False, overwrite: bool = False) -> Path:
+    """Convert the upstream checkpoint at ``src`` into an engine checkpoint directory ``out``.
+
+    ``source_format`` None detects it; ``dtype`` "float32" | "float16" | "bfloat16" casts floating
+    weights (None keeps the source's). ``trust_pickle`` will allow the few sources that can only be
+    read by full unpickling (OpenAI's dVAE pickle); none of the formats registered now needs it, and
+    ``torch.load`` is always called with ``weights_only=True``. ``out`` is written atomically;
+    an existing non-empty ``out`` is replaced only with ``overwrite``.
+    """
+    src, out = Path(src), Path(out)
+    if not src.is_dir():
+        raise ConversionError(f"{src}: source model directory not found")
+    if source_format is None:
+        source_format = detect_format(src)
+    elif source_format not in CONVERTERS:
+        raise ConversionError(f"unknown source format {source_format!r}; supported: {', '.join(CONVERTERS)}")
+    if dtype is not None and dtype not in ("float32", "float16", "bfloat16"):
+        raise ConversionError(f"unsupported dtype {dtype!r}; choose float32, float16 or bfloat16")
+    with tempfile.TemporaryDirectory() as workdir:
+        config, tensors, files = CONVERTERS[source_format].convert(src, dtype, Path(workdir))
+        target = torch_dtype(config["dtype"])
+        tensors = {k: (v.to(target) if v.is_floating_point() else v) for k, v in tensors.items()}
+        return save_checkpoint(out, config, tensors, files, overwrite=overwrite)
+
+
+__all__ = ["CONVERTERS", "convert", "detect_format"]

@@ -1,0 +1,127 @@
+"""Reading Hugging Face model directories: config, weights, tokenizer, preprocessor.
+
+Weights come from ``model.safetensors`` (optionally sharded with ``model.safetensors.index.json``)
+or ``pytorch_model.bin`` read with ``torch.load(weights_only=True)``, which refuses arbitrary
+pickled objects. Every failure is a one-line :class:`ConversionError` naming the file.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from tokenizers import Tokenizer
+from tokenizers.decoders import ByteLevel as ByteLevelDecoder
+from tokenizers.models import BPE
+from tokenizers.pre_tokenizers import ByteLevel
+
+from ..errors import ConversionError
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise ConversionError(f"{path}: file not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConversionError(f"{path}: not valid JSON ({_one_line(e)})") from None
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path}: expected a JSON object")
+    return data
+
+
+def read_weights(src: Path) -> dict[str, torch.Tensor]:
+    """All tensors of an HF model directory, on CPU."""
+    single, index, pt = src / "model.safetensors", src / "model.safetensors.index.json", src / "pytorch_model.bin"
+    if single.is_file():
+        return _load_safetensors(single)
+    if index.is_file():
+        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
+        if not shards:
+            raise ConversionError(f"{index}: empty weight_map")
+        tensors: dict[str, torch.Tensor] = {}
+        for name in shards:
+            tensors.update(_load_safetensors(src / name))
+        return tensors
+    if pt.is_file():
+        return _load_torch(pt)
+    raise ConversionError(f"{src}: no weights (model.safetensors, model.safetensors.index.json or "
+                          f"pytorch_model.bin)")
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise ConversionError(f"{path}: file not found")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise ConversionError(f"{path}: corrupt or truncated safetensors file ({_one_line(e)})") from None
+
+
+def _load_torch(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        raise ConversionError(f"{path}: refused to load: it holds more than plain tensors and would need "
+                              f"full unpickling ({_one_line(e)[:200]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        raise ConversionError(f"{path}: corrupt or truncated PyTorch file ({_one_line(e)[:200]})") from None
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise ConversionError(f"{path}: expected a state dict of tensors")
+    return data
+
+
+def special_tokens(src: Path) -> list[str]:
+    """Special token strings of ``special_tokens_map.json`` (GPT-2's ``<|endoftext|>`` without one)."""
+    path = src / "special_tokens_map.json"
+    if not path.is_file():
+        return ["<|endoftext|>"]
+    tokens = []
+    for value in read_json(path).values():
+        value = value.get("content") if isinstance(value, dict) else value
+        if isinstance(value, str) and value not in tokens:
+            tokens.append(value)
+    return tokens
+
+
+def tokenizer_json(src: Path, workdir: Path) -> Path:
+    """Path of a ``tokenizer.json`` for ``src``: the one there, or one built from GPT-2 style
+    ``vocab.json`` + ``merges.txt`` (byte-level BPE) with the special tokens marked special."""
+    if (src / "tokenizer.json").is_file():
+        try:
+            Tokenizer.from_file(str(src / "tokenizer.json"))
+        except Exception as e:  # tokenizers raises plain Exception subclasses
+            raise ConversionError(f"{src / 'tokenizer.json'}: unreadable tokenizer ({_one_line(e)[:200]})") from None
+        return src / "tokenizer.json"
+    vocab, merges = src / "vocab.json", src / "merges.txt"
+    if not (vocab.is_file() and merges.is_file()):
+        raise ConversionError(f"{src}: no tokenizer (tokenizer.json, or vocab.json + merges.txt)")
+    try:
+        tok = Tokenizer(BPE.from_file(str(vocab), str(merges)))
+    except Exception as e:
+        raise ConversionError(f"{src}: unreadable vocab.json/merges.txt ({_one_line(e)[:200]})") from None
+    tok.pre_tokenizer = ByteLevel(add_prefix_space=False)
+    tok.decoder = ByteLevelDecoder()
+    tok.add_special_tokens(special_tokens(src))
+    out = Path(tempfile.mkdtemp(dir=workdir)) / "tokenizer.json"
+    tok.save(str(out))
+    return out
+
+
+def tensor_dtype_name(tensors: dict[str, torch.Tensor]) -> str:
+    """The floating dtype most of the source's parameters use (float64 and others -> float32)."""
+    counts: dict[torch.dtype, int] = {}
+    for t in tensors.values():
+        if t.is_floating_point():
+            counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+    dtype = max(counts, key=counts.get) if counts else torch.float32
+    return {torch.float16: "float16", torch.bfloat16: "bfloat16"}.get(dtype, "float32")

@@ -1,0 +1,201 @@
+"""Converter ``hf-vision-encoder-decoder``: HF ``VisionEncoderDecoderModel`` (ViT + GPT-2) -> ``vit-gpt2``.
+
+Accepts both key-name generations of transformers: v4 (``encoder.encoder.layer.N.attention.attention
+.query``, ...) and v5 (``encoder.layers.N.attention.q_proj``, ...); v4 names are first renamed to v5,
+then one declarative map builds the engine tensors. GPT-2 ``Conv1D`` weights are ``[in, out]`` and
+get transposed; q/k/v are fused; the LM head tied to ``wte`` (and usually not saved) is dropped;
+``enc_to_dec_proj`` exists exactly when the encoder and decoder widths differ.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import FORMAT_NAME, FORMAT_VERSION, CaptioningConfig, from_dict
+from ..errors import CheckpointError, ConversionError
+from . import hf
+from .keymap import apply_rules, concat, flatten_conv, rename_keys, rule, squeeze_leading, transpose
+
+NAME = "hf-vision-encoder-decoder"
+
+ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+
+# transformers v4 ViT names -> v5 names (order matters: attention.output before output)
+V4_TO_V5 = [
+    (r"^encoder\.encoder\.layer\.(\d+)\.", r"encoder.layers.\1."),
+    (r"^(encoder\.layers\.\d+)\.attention\.attention\.query\.", r"\1.attention.q_proj."),
+    (r"^(encoder\.layers\.\d+)\.attention\.attention\.key\.", r"\1.attention.k_proj."),
+    (r"^(encoder\.layers\.\d+)\.attention\.attention\.value\.", r"\1.attention.v_proj."),
+    (r"^(encoder\.layers\.\d+)\.attention\.output\.dense\.", r"\1.attention.o_proj."),
+    (r"^(encoder\.layers\.\d+)\.intermediate\.dense\.", r"\1.mlp.fc1."),
+    (r"^(encoder\.layers\.\d+)\.output\.dense\.", r"\1.mlp.fc2."),
+]
+
+ENC = "encoder.layers.{i}."
+DEC = "decoder.transformer.h.{i}."
+
+
+def _rules(qkv_bias: bool, proj: bool, tied: bool):
+    rules = [
+        rule("encoder.patch_embed.weight", "encoder.embeddings.patch_embeddings.projection.weight",
+             transform=flatten_conv),
+        rule("encoder.patch_embed.bias", "encoder.embeddings.patch_embeddings.projection.bias"),
+        rule("encoder.cls_token", "encoder.embeddings.cls_token", transform=squeeze_leading),
+        rule("encoder.pos_embed", "encoder.embeddings.position_embeddings", transform=squeeze_leading),
+        rule("encoder.layers.{i}.ln1.weight", ENC + "layernorm_before.weight", layers="enc"),
+        rule("encoder.layers.{i}.ln1.bias", ENC + "layernorm_before.bias", layers="enc"),
+        rule("encoder.layers.{i}.attn.qkv.weight", *(ENC + f"attention.{p}_proj.weight" for p in "qkv"),
+             transform=concat, layers="enc"),
+        rule("encoder.layers.{i}.attn.out.weight", ENC + "attention.o_proj.weight", layers="enc"),
+        rule("encoder.layers.{i}.attn.out.bias", ENC + "attention.o_proj.bias", layers="enc"),
+        rule("encoder.layers.{i}.ln2.weight", ENC + "layernorm_after.weight", layers="enc"),
+        rule("encoder.layers.{i}.ln2.bias", ENC + "layernorm_after.bias", layers="enc"),
+        rule("encoder.layers.{i}.mlp.fc1.weight", ENC + "mlp.fc1.weight", layers="enc"),
+        rule("encoder.layers.{i}.mlp.fc1.bias", ENC + "mlp.fc1.bias", layers="enc"),
+        rule("encoder.layers.{i}.mlp.fc2.weight", ENC + "mlp.fc2.weight", layers="enc"),
+        rule("encoder.layers.{i}.mlp.fc2.bias", ENC + "mlp.fc2.bias", layers="enc"),
+        rule("encoder.ln_f.weight", "encoder.layernorm.weight"),
+        rule("encoder.ln_f.bias", "encoder.layernorm.bias"),
+        rule("decoder.wte", "decoder.transformer.wte.weight"),
+        rule("decoder.wpe", "decoder.transformer.wpe.weight"),
+        rule("decoder.ln_f.weight", "decoder.transformer.ln_f.weight"),
+        rule("decoder.ln_f.bias", "decoder.transformer.ln_f.bias"),
+    ]
+    if qkv_bias:
+        rules.append(rule("encoder.layers.{i}.attn.qkv.bias", *(ENC + f"attention.{p}_proj.bias" for p in "qkv"),
+                          transform=concat, layers="enc"))
+    if proj:
+        rules += [rule("enc_to_dec.weight", "enc_to_dec_proj.weight"), rule("enc_to_dec.bias", "enc_to_dec_proj.bias")]
+    if not tied:
+        rules.append(rule("decoder.lm_head", "decoder.lm_head.weight"))
+    for name, src in [("ln1", "ln_1"), ("ln_cross", "ln_cross_attn"), ("ln2", "ln_2")]:
+        rules += [rule(f"decoder.layers.{{i}}.{name}.{p}", DEC + f"{src}.{p}", layers="dec") for p in ("weight", "bias")]
+    for dst, src in [("attn.qkv", "attn.c_attn"), ("attn.out", "attn.c_proj"), ("cross.q", "crossattention.q_attn"),
+                     ("cross.kv", "crossattention.c_attn"), ("cross.out", "crossattention.c_proj"),
+                     ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")]:
+        rules += [rule(f"decoder.layers.{{i}}.{dst}.weight", DEC + f"{src}.weight", transform=transpose, layers="dec"),
+                  rule(f"decoder.layers.{{i}}.{dst}.bias", DEC + f"{src}.bias", layers="dec")]
+    return rules
+
+
+# tensors that exist in the source but play no part in captioning
+IGNORED = [r"encoder\.pooler\..*", r"decoder\.transformer\.h\.\d+\.(attn|crossattention)\.(masked_)?bias"]
+
+
+def detect(src: Path) -> bool:
+    cfg = src / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        return hf.read_json(cfg).get("model_type") == "vision-encoder-decoder"
+    except ConversionError:
+        return False
+
+
+def _get(cfg: dict, key: str, where: str, default=None):
+    value = cfg.get(key, default)
+    if value is None:
+        raise ConversionError(f"{where}: missing {key!r}")
+    return value
+
+
+def _activation(name, where):
+    if name not in ACTIVATIONS:
+        raise ConversionError(f"{where}: unsupported activation {name!r} (supported: {', '.join(ACTIVATIONS)})")
+    return ACTIVATIONS[name]
+
+
+def _token_id(sources: list[dict], key: str, where: str, default=None) -> int:
+    for s in sources:
+        value = s.get(key)
+        if isinstance(value, list) and len(value) == 1:
+            value = value[0]
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if value is not None:
+            raise ConversionError(f"{where}: {key} must be one integer, got {value!r}")
+    if default is None:
+        raise ConversionError(f"{where}: no {key} in config.json or generation_config.json")
+    return default
+
+
+def _preprocess(src: Path, image_size: int) -> dict:
+    path = src / "preprocessor_config.json"
+    p = hf.read_json(path)
+    kind = p.get("image_processor_type", p.get("feature_extractor_type", "ViTImageProcessor"))
+    if kind not in ("ViTImageProcessor", "ViTImageProcessorFast", "ViTImageProcessorPil", "ViTFeatureExtractor"):
+        raise ConversionError(f"{path}: unsupported image processor {kind!r} (ViTImageProcessor expected)")
+    size = p.get("size", {"height": 224, "width": 224})
+    if isinstance(size, int):
+        size = {"height": size, "width": size}
+    if not isinstance(size, dict) or "height" not in size or "width" not in size:
+        raise ConversionError(f"{path}: unsupported size {size!r} (height and width expected)")
+    if p.get("do_resize", True) and (size["height"], size["width"]) != (image_size, image_size):
+        raise ConversionError(f"{path}: resizes to {size['height']}x{size['width']} but the encoder takes "
+                              f"{image_size}x{image_size}")
+    return {"height": size["height"], "width": size["width"], "resample": p.get("resample", 2),
+            "do_resize": p.get("do_resize", True), "do_rescale": p.get("do_rescale", True),
+            "rescale_factor": p.get("rescale_factor", 1 / 255), "do_normalize": p.get("do_normalize", True),
+            "image_mean": p.get("image_mean", [0.5, 0.5, 0.5]), "image_std": p.get("image_std", [0.5, 0.5, 0.5])}
+
+
+def convert(src: Path, dtype: str | None, workdir: Path):
+    """Returns ``(config dict, tensors, files to copy)`` for the checkpoint writer."""
+    top = hf.read_json(src / "config.json")
+    where = str(src / "config.json")
+    enc, dec = top.get("encoder") or {}, top.get("decoder") or {}
+    if enc.get("model_type") != "vit" or dec.get("model_type") != "gpt2":
+        raise ConversionError(f"{where}: unsupported VisionEncoderDecoder of {enc.get('model_type')!r} + "
+                              f"{dec.get('model_type')!r}; supported: vit + gpt2")
+    if not dec.get("add_cross_attention", False):
+        raise ConversionError(f"{where}: decoder has no cross-attention (add_cross_attention is false)")
+    d_enc, d_dec = _get(enc, "hidden_size", where), _get(dec, "n_embd", where)
+    cross_width = dec.get("cross_attention_hidden_size")
+    if cross_width not in (None, d_dec):
+        raise ConversionError(f"{where}: cross_attention_hidden_size {cross_width} is not supported for GPT-2")
+    proj = d_enc != d_dec and cross_width is None
+    gen_path = src / "generation_config.json"
+    gen = hf.read_json(gen_path) if gen_path.is_file() else {}
+    eos = _token_id([gen, top, dec], "eos_token_id", where)
+    generation = {"decoder_start_token_id": _token_id([gen, top, dec], "decoder_start_token_id", where,
+                                                      default=_token_id([gen, top, dec], "bos_token_id", where)),
+                  "eos_token_id": eos, "pad_token_id": _token_id([gen, top, dec], "pad_token_id", where, default=eos)}
+    image_size, patch = _get(enc, "image_size", where), _get(enc, "patch_size", where)
+    encoder = {"hidden_size": d_enc, "num_layers": _get(enc, "num_hidden_layers", where),
+               "num_heads": _get(enc, "num_attention_heads", where),
+               "intermediate_size": _get(enc, "intermediate_size", where),
+               "image_size": image_size, "patch_size": patch, "num_channels": enc.get("num_channels", 3),
+               "layer_norm_eps": enc.get("layer_norm_eps", 1e-12),
+               "activation": _activation(enc.get("hidden_act", "gelu"), where),
+               "qkv_bias": enc.get("qkv_bias", True)}
+    tied = dec.get("tie_word_embeddings", True)
+    decoder = {"vocab_size": _get(dec, "vocab_size", where), "hidden_size": d_dec,
+               "num_layers": _get(dec, "n_layer", where), "num_heads": _get(dec, "n_head", where),
+               "intermediate_size": dec.get("n_inner") or 4 * d_dec,
+               "max_positions": _get(dec, "n_positions", where),
+               "layer_norm_eps": dec.get("layer_norm_epsilon", 1e-5),
+               "activation": _activation(dec.get("activation_function", "gelu_new"), where),
+               "scale_attn_weights": dec.get("scale_attn_weights", True),
+               "scale_attn_by_inverse_layer_idx": dec.get("scale_attn_by_inverse_layer_idx", False),
+               "tie_word_embeddings": tied}
+
+    tensors = rename_keys(hf.read_weights(src), V4_TO_V5)
+    if tied and "decoder.lm_head.weight" in tensors:
+        lm_head = tensors.pop("decoder.lm_head.weight")
+        wte = tensors.get("decoder.transformer.wte.weight")
+        if wte is None or lm_head.shape != wte.shape or not bool((lm_head == wte).all()):
+            raise ConversionError(f"{src}: decoder.lm_head.weight differs from wte although "
+                                  f"tie_word_embeddings is true")
+    out = apply_rules(_rules(encoder["qkv_bias"], proj, tied), tensors,
+                      {"enc": encoder["num_layers"], "dec": decoder["num_layers"]}, IGNORED, where=str(src))
+    dtype = dtype or hf.tensor_dtype_name(tensors)
+    config = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "task": "captioning",
+              "architecture": "vit-gpt2", "source_format": NAME, "dtype": dtype,
+              "encoder": encoder, "decoder": decoder, "generation": generation,
+              "preprocess": _preprocess(src, image_size), "enc_to_dec_proj": proj}
+    try:
+        from_dict(CaptioningConfig, config, where)
+    except CheckpointError as e:
+        raise ConversionError(str(e)) from None
+    files = {"tokenizer.json": hf.tokenizer_json(src, workdir),
+             "preprocessor_config.json": src / "preprocessor_config.json"}
+    return config, out, files

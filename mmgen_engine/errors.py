@@ -1,0 +1,25 @@
+"""Exception types of the public API.
+
+Every user-facing failure raises a subclass of :class:`MMGenError` with a message that fits on one
+line and names the offending file, option or shape. The CLI prints that line and exits non-zero.
+"""
+
+
+class MMGenError(Exception):
+    """Base class of every error the engine raises on purpose."""
+
+
+class CheckpointError(MMGenError):
+    """An engine checkpoint is missing, corrupt, of an unknown format or version, or has wrong shapes."""
+
+
+class ConversionError(MMGenError):
+    """A source checkpoint cannot be converted (unsupported architecture, missing or unused keys, ...)."""
+
+
+class InputError(MMGenError, ValueError):
+    """A request is invalid: unreadable image or audio, out-of-range option, too-long input."""
+
+
+class BackendError(MMGenError, RuntimeError):
+    """No implementation of an op exists for the requested (backend, device, dtype)."""

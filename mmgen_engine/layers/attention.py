@@ -1,0 +1,95 @@
+"""Multi-head attention blocks: bidirectional (encoders), causal with a KV cache, cross-attention.
+
+Weights use the torch ``Linear`` layout ``[out, in]``; q/k/v projections are fused into one
+``qkv`` matrix ``[3 * D, D]`` (rows q, then k, then v) and cross-attention's k/v into ``kv``.
+The caches are handed in by the runtime: ``k_cache, v_cache [B, H, S, Dh]`` views of one layer;
+these blocks only write the new keys/values into them and read them back.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import ops
+
+
+def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    b, t, d = x.shape
+    return x.view(b, t, num_heads, d // num_heads).transpose(1, 2)  # (B, H, T, Dh)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    b, h, t, dh = x.shape
+    return x.transpose(1, 2).reshape(b, t, h * dh)  # (B, T, D)
+
+
+class SelfAttention(nn.Module):
+    """``out(attn(x))`` with fused qkv; ``prefill`` and ``decode`` also fill a KV cache."""
+
+    def __init__(self, dim: int, num_heads: int, scale: float, qkv_bias: bool = True, device=None):
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, device=device)
+        self.out = nn.Linear(dim, dim, device=device)
+        self.num_heads = num_heads
+        self.scale = scale
+        self.requires_grad_(False)
+
+    def _qkv(self, x):
+        q, k, v = self.qkv(x).split(self.out.in_features, dim=-1)
+        return split_heads(q, self.num_heads), split_heads(k, self.num_heads), split_heads(v, self.num_heads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Bidirectional attention over ``x [B, T, D]`` (no cache)."""
+        q, k, v = self._qkv(x)
+        return self.out(merge_heads(ops.attention(q, k, v, self.scale, causal=False)))
+
+    def prefill(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        """Causal attention over the prompt ``x [B, T, D]``; its K/V go to cache slots ``0..T-1``."""
+        q, k, v = self._qkv(x)
+        t = x.shape[1]
+        k_cache[:, :, :t] = k
+        v_cache[:, :, :t] = v
+        return self.out(merge_heads(ops.attention(q, k, v, self.scale, causal=True)))
+
+    def decode(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
+               span: int) -> torch.Tensor:
+        """One token per row, ``x [B, D]`` at ``positions [B]``: write its K/V into the cache at that
+        slot, then attend to slots ``0..positions[b]``. Only the first ``span`` slots are read
+        (``span > max(positions)``)."""
+        q, k, v = (t.view(x.shape[0], self.num_heads, -1) for t in self.qkv(x).chunk(3, dim=-1))  # (B, H, Dh)
+        rows = torch.arange(x.shape[0], device=x.device)
+        k_cache[rows, :, positions] = k
+        v_cache[rows, :, positions] = v
+        o = ops.decode_attention(q, k_cache[:, :, :span], v_cache[:, :, :span], positions + 1, self.scale)
+        return self.out(o.reshape(x.shape[0], -1))
+
+
+class CrossAttention(nn.Module):
+    """Attention from decoder tokens to encoder states whose K/V are computed once per request."""
+
+    def __init__(self, dim: int, num_heads: int, scale: float, kv_dim: int | None = None, device=None):
+        super().__init__()
+        self.q = nn.Linear(dim, dim, device=device)
+        self.kv = nn.Linear(kv_dim or dim, 2 * dim, device=device)
+        self.out = nn.Linear(dim, dim, device=device)
+        self.num_heads = num_heads
+        self.scale = scale
+        self.requires_grad_(False)
+
+    def fill_cache(self, encoder_states: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+        """Project ``encoder_states [B, S, Dk]`` to K/V once and store them ``[B, H, S, Dh]``."""
+        k, v = self.kv(encoder_states).chunk(2, dim=-1)
+        k_cache.copy_(split_heads(k, self.num_heads))
+        v_cache.copy_(split_heads(v, self.num_heads))
+
+    def forward(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                lengths: torch.Tensor) -> torch.Tensor:
+        """``x [B, D]`` (one token per row) or ``[B, T, D]``; row ``b`` sees encoder slots
+        ``0..lengths[b]-1``."""
+        if x.dim() == 2:
+            q = self.q(x).view(x.shape[0], self.num_heads, -1)  # (B, H, Dh)
+            o = ops.decode_attention(q, k_cache, v_cache, lengths, self.scale)
+            return self.out(o.reshape(x.shape[0], -1))
+        q = split_heads(self.q(x), self.num_heads)
+        return self.out(merge_heads(ops.attention(q, k_cache, v_cache, self.scale, causal=False,
+                                                  key_lengths=lengths)))

@@ -1,0 +1,87 @@
+"""GPT-2 decoder with cross-attention (Radford et al.; HF ``GPT2LMHeadModel`` with
+``add_cross_attention=True``), the text decoder of ViT-GPT2 captioners.
+
+Block: ``h += attn(ln_1(h)); h += cross(ln_cross(h), encoder); h += mlp(ln_2(h))``, then ``ln_f``
+and the LM head (tied to ``wte`` unless the checkpoint has its own). The runtime hands in the caches:
+``cache.k[i], cache.v[i] [B, H, S, Dh]`` with ``cache.span`` (slots any row may read this step) and
+``cross.k[i], cross.v[i] [B, H, S_enc, Dh]`` with ``cross.lengths [B]``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from ..config import GPT2Config
+from ..layers import MLP, CrossAttention, LayerNorm, SelfAttention
+
+
+class GPT2Block(nn.Module):
+    def __init__(self, cfg: GPT2Config, layer_idx: int, device=None):
+        super().__init__()
+        d = cfg.hidden_size
+        scale = 1 / math.sqrt(cfg.head_dim) if cfg.scale_attn_weights else 1.0
+        if cfg.scale_attn_by_inverse_layer_idx:
+            scale /= layer_idx + 1
+        self.ln1 = LayerNorm(d, cfg.layer_norm_eps, device)
+        self.attn = SelfAttention(d, cfg.num_heads, scale, device=device)
+        self.ln_cross = LayerNorm(d, cfg.layer_norm_eps, device)
+        self.cross = CrossAttention(d, cfg.num_heads, scale, device=device)
+        self.ln2 = LayerNorm(d, cfg.layer_norm_eps, device)
+        self.mlp = MLP(d, cfg.intermediate_size, cfg.activation, device)
+
+    def _after_self_attention(self, a, h, ck, cv, lengths):
+        x, h = self.ln_cross.add(a, h)
+        x, h = self.ln2.add(self.cross(x, ck, cv, lengths), h)
+        return h + self.mlp(x)
+
+    def prefill(self, h, k, v, ck, cv, lengths):
+        return self._after_self_attention(self.attn.prefill(self.ln1(h), k, v), h, ck, cv, lengths)
+
+    def decode(self, h, k, v, positions, span, ck, cv, lengths):
+        return self._after_self_attention(self.attn.decode(self.ln1(h), k, v, positions, span), h, ck, cv, lengths)
+
+
+class GPT2Decoder(nn.Module):
+    def __init__(self, cfg: GPT2Config, device=None):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, device=device))
+        self.wpe = nn.Parameter(torch.empty(cfg.max_positions, cfg.hidden_size, device=device))
+        self.layers = nn.ModuleList(GPT2Block(cfg, i, device) for i in range(cfg.num_layers))
+        self.ln_f = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, device)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, device=device))
+        self.requires_grad_(False)
+
+    def cache_geometry(self) -> tuple[int, int, int, int]:
+        """``(num_layers, num_heads, head_dim, max_positions)`` for the runtime's cache allocation."""
+        c = self.cfg
+        return c.num_layers, c.num_heads, c.head_dim, c.max_positions
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        head = self.wte if self.cfg.tie_word_embeddings else self.lm_head
+        return F.linear(self.ln_f(h), head)
+
+    def prefill(self, tokens: torch.Tensor, encoder_states: torch.Tensor, cache, cross) -> torch.Tensor:
+        """Fill the cross-attention cache from ``encoder_states [B, S, D]`` and run the prompt
+        ``tokens [B, T]`` (positions ``0..T-1``), filling cache slots ``0..T-1``.
+        Returns logits ``[B, V]`` of the last prompt position."""
+        for i, layer in enumerate(self.layers):
+            layer.cross.fill_cache(encoder_states, cross.k[i], cross.v[i])
+        positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        h = ops.embedding(tokens, positions, self.wte, self.wpe)  # (B, T, D)
+        for i, layer in enumerate(self.layers):
+            h = layer.prefill(h, cache.k[i], cache.v[i], cross.k[i], cross.v[i], cross.lengths)
+        return self._logits(h[:, -1])
+
+    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache, cross) -> torch.Tensor:
+        """One token per row, ``tokens, positions [B]`` -> logits ``[B, V]``."""
+        h = ops.embedding(tokens, positions, self.wte, self.wpe)  # (B, D)
+        for i, layer in enumerate(self.layers):
+            h = layer.decode(h, cache.k[i], cache.v[i], positions, cache.span,
+                             cross.k[i], cross.v[i], cross.lengths)
+        return self._logits(h)

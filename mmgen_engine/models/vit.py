@@ -1,0 +1,60 @@
+"""ViT image encoder (Dosovitskiy et al.), as in Hugging Face ``ViTModel`` without the pooler.
+
+``pixel_values [B, C, H, W]`` -> patches ``[B, N, C*p*p]`` -> linear patch embedding, a learned CLS
+token in front, learned positions, ``num_layers`` pre-LN blocks, final LayerNorm ->
+``[B, 1 + N, D]``. The patch embedding is the conv weight flattened to ``[D, C*p*p]`` (a stride-p
+conv with kernel p is exactly that matmul over non-overlapping patches).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ViTConfig
+from ..layers import MLP, LayerNorm, SelfAttention
+
+
+class ViTBlock(nn.Module):
+    def __init__(self, cfg: ViTConfig, device=None):
+        super().__init__()
+        d = cfg.hidden_size
+        self.ln1 = LayerNorm(d, cfg.layer_norm_eps, device)
+        self.attn = SelfAttention(d, cfg.num_heads, 1 / math.sqrt(d // cfg.num_heads), cfg.qkv_bias, device)
+        self.ln2 = LayerNorm(d, cfg.layer_norm_eps, device)
+        self.mlp = MLP(d, cfg.intermediate_size, cfg.activation, device)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        x, h = self.ln2.add(self.attn(self.ln1(h)), h)  # x = ln2(h + attn), h = h + attn
+        return h + self.mlp(x)
+
+
+class ViTEncoder(nn.Module):
+    def __init__(self, cfg: ViTConfig, device=None):
+        super().__init__()
+        self.cfg = cfg
+        d, p = cfg.hidden_size, cfg.patch_size
+        self.patch_embed = nn.Linear(cfg.num_channels * p * p, d, device=device)
+        self.cls_token = nn.Parameter(torch.empty(d, device=device))
+        self.pos_embed = nn.Parameter(torch.empty(cfg.num_patches + 1, d, device=device))
+        self.layers = nn.ModuleList(ViTBlock(cfg, device) for _ in range(cfg.num_layers))
+        self.ln_f = LayerNorm(d, cfg.layer_norm_eps, device)
+        self.requires_grad_(False)
+
+    def patchify(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        b, c, hgt, wid = pixel_values.shape
+        p = self.cfg.patch_size
+        x = pixel_values.view(b, c, hgt // p, p, wid // p, p).permute(0, 2, 4, 1, 3, 5)  # (B, nh, nw, C, p, p)
+        return x.reshape(b, (hgt // p) * (wid // p), c * p * p)  # (B, N, C*p*p)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``pixel_values [B, C, H, W]`` (H = W = image_size) -> hidden states ``[B, 1 + N, D]``."""
+        x = F.linear(self.patchify(pixel_values.to(self.patch_embed.weight.dtype)),
+                     self.patch_embed.weight, self.patch_embed.bias)
+        cls = self.cls_token.expand(x.shape[0], 1, -1)
+        h = torch.cat([cls, x], dim=1) + self.pos_embed  # (B, 1 + N, D)
+        for layer in self.layers:
+            h = layer(h)
+        return self.ln_f(h)

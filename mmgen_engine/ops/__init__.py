@@ -1,0 +1,14 @@
+"""Ops: every op is a plain-torch reference (the spec) plus faster backends, chosen by one table.
+
+See :mod:`mmgen_engine.ops.registry` for how an implementation is chosen and each op's module
+docstring for its math.
+"""
+from .activation import bias_gelu
+from .attention import attention, decode_attention
+from .embedding import embedding
+from .norm import add_layer_norm, layer_norm
+from .registry import BackendError, available_backends, forced_backend
+from .sampling import sample
+
+__all__ = ["add_layer_norm", "attention", "available_backends", "BackendError", "bias_gelu",
+           "decode_attention", "embedding", "forced_backend", "layer_norm", "sample"]

@@ -1,0 +1,35 @@
+"""Layer normalization ops.
+
+``layer_norm``:      ``out = (x - mean(x)) / sqrt(var(x) + eps) * weight + bias`` over the last dim.
+``add_layer_norm``:  ``h = x + residual; return layer_norm(h), h`` (the pre-LN transformer step:
+                     one read of both inputs, one write of each output when fused).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .registry import dispatch, register
+
+
+@register("layer_norm", "reference")
+def layer_norm_reference(x, weight, bias, eps):
+    # statistics in fp32: fp16/bf16 variance of wide rows loses digits.
+    return F.layer_norm(x.float(), x.shape[-1:], weight.float(), bias.float(), eps).to(x.dtype)
+
+
+@register("add_layer_norm", "reference")
+def add_layer_norm_reference(x, residual, weight, bias, eps):
+    h = x + residual
+    return layer_norm_reference(h, weight, bias, eps), h
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm of ``x [..., D]`` with ``weight, bias [D]``."""
+    return dispatch("layer_norm", x)(x, weight, bias, eps)
+
+
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                   eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(layer_norm(x + residual), x + residual)`` for ``x, residual [..., D]``."""
+    return dispatch("add_layer_norm", x)(x, residual, weight, bias, eps)
