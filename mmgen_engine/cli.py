@@ -1,0 +1,100 @@
+"""The ``mmgen`` command. User errors print one line on stderr and exit with status 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import runpy
+import sys
+from pathlib import Path
+
+from .errors import MMGenError
+
+BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _convert(args) -> None:
+    from . import convert
+
+    out = convert(args.src, args.out, source_format=args.source_format, dtype=args.dtype,
+                  trust_pickle=args.trust_pickle, overwrite=args.overwrite)
+    print(f"converted {args.src} -> {out}")
+
+
+def _caption(args) -> None:
+    from . import load
+
+    pipe = load(args.model, device=args.device, dtype=args.dtype)
+    captions = pipe.caption(args.images, max_new_tokens=args.max_new_tokens)
+    if args.json:
+        print(json.dumps([{"image": str(i), "caption": c} for i, c in zip(args.images, captions)], indent=2))
+    else:
+        for image, caption in zip(args.images, captions):
+            print(f"{image}: {caption}" if len(args.images) > 1 else caption)
+
+
+def _demo(args) -> None:
+    from .demo import run_demo
+
+    print("captioning demo (shapes world, bundled demo model):")
+    for r in run_demo(Path(args.out)):
+        mark = "ok" if r["caption"] == r["expected"] else f"expected: {r['expected']}"
+        print(f"  {r['image']}: {r['caption']}  [{mark}]")
+
+
+def _bench(args) -> None:
+    script = BENCHMARKS_DIR / f"bench_{args.name}.py"
+    if not script.is_file():
+        raise MMGenError(f"benchmark {args.name!r} not found (looked for {script}; benchmarks ship with "
+                         f"the source repository)")
+    sys.argv = [str(script), *args.rest]
+    runpy.run_path(str(script), run_name="__main__")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmgen", description="mmgen_engine: fast multimodal generation")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("convert", help="convert an upstream checkpoint to the engine format")
+    c.add_argument("src")
+    c.add_argument("out")
+    c.add_argument("--from", dest="source_format", default=None, help="source format (default: detect)")
+    c.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None)
+    c.add_argument("--trust-pickle", action="store_true", help="allow sources that need full unpickling")
+    c.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    c.set_defaults(func=_convert)
+
+    c = sub.add_parser("caption", help="caption images")
+    c.add_argument("images", nargs="+", metavar="IMAGE")
+    c.add_argument("--model", required=True, help="converted checkpoint directory")
+    c.add_argument("--device", default="cpu")
+    c.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None)
+    c.add_argument("--max-new-tokens", type=int, default=20)
+    c.add_argument("--json", action="store_true", help="print JSON instead of plain text")
+    c.set_defaults(func=_caption)
+
+    c = sub.add_parser("demo", help="run every bundled demo model")
+    c.add_argument("--out", default="mmgen_demo", help="directory for the demo outputs")
+    c.set_defaults(func=_demo)
+
+    c = sub.add_parser("bench", help="run a benchmark from benchmarks/ (e.g. `mmgen bench caption`)")
+    c.add_argument("name")
+    c.add_argument("rest", nargs=argparse.REMAINDER)
+    c.set_defaults(func=_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except MMGenError as e:
+        print(f"mmgen: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mmgen: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

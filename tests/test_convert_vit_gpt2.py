@@ -1,0 +1,145 @@
+"""Parity of the ``hf-vision-encoder-decoder`` converter + engine against transformers."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import mmgen_engine as mm
+from mmgen_engine.runtime import CrossKVCache, KVCache
+
+from hf_models import EOS, IMAGE, PAD, START, make_model, save
+
+
+def convert_and_load(model, tmp_path, names="v4", weights="safetensors", dtype=None):
+    src = save(model, tmp_path / "hf", names=names, weights=weights)
+    out = mm.convert(src, tmp_path / "engine", dtype=dtype)
+    return mm.load(out)
+
+
+def hf_greedy(model, pixel_values, max_new_tokens, min_new_tokens=0):
+    with torch.no_grad():
+        seq = model.generate(pixel_values=pixel_values, max_new_tokens=max_new_tokens,
+                             min_new_tokens=min_new_tokens, do_sample=False, num_beams=1)
+    seq = seq[:, 1:]  # drop the decoder start token
+    pad = torch.full((seq.shape[0], max_new_tokens - seq.shape[1]), PAD, dtype=seq.dtype)
+    return torch.cat([seq, pad], dim=1)
+
+
+def engine_logits(pipe, pixel_values, tokens):
+    """Logits the engine assigns at every position of ``tokens [B, T]`` (start token first),
+    by prefill on the first token and decode steps on the rest."""
+    model = pipe.model
+    with torch.inference_mode():
+        states = model.encode(pixel_values)
+        b, t = tokens.shape
+        layers, heads, head_dim, _ = model.decoder.cache_geometry()
+        cache = KVCache.allocate(layers, b, heads, t, head_dim, states.dtype, states.device)
+        lengths = torch.full((b,), states.shape[1])
+        cross = CrossKVCache.allocate(layers, lengths, heads, states.shape[1], head_dim, states.dtype, states.device)
+        out = [model.decoder.prefill(tokens[:, :1], states, cache, cross)]
+        for i in range(1, t):
+            cache.span = i + 1
+            out.append(model.decoder.decode_step(tokens[:, i], torch.full((b,), i), cache, cross))
+    return torch.stack(out, dim=1)
+
+
+@pytest.mark.parametrize("names", ["v4", "v5"])
+@pytest.mark.parametrize("widths", [(32, 48), (48, 48)], ids=["proj", "same-width"])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_greedy_ids_match_transformers(tmp_path, names, widths, batch):
+    model = make_model(*widths, seed=batch)
+    pipe = convert_and_load(model, tmp_path, names=names)
+    assert pipe.config.enc_to_dec_proj == (widths[0] != widths[1])
+    px = torch.randn(batch, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(7))
+    ours = pipe.generate_ids(px, max_new_tokens=24)
+    ref = hf_greedy(model, px, 24)
+    assert torch.equal(ours, ref)
+    assert len(set(ours.flatten().tolist())) > 5, "degenerate random model: the test would prove little"
+
+
+@pytest.mark.parametrize("init", [0.02, 0.5])
+def test_logits_match_transformers_fp32(tmp_path, init):
+    model = make_model(seed=3, init=init)
+    pipe = convert_and_load(model, tmp_path)
+    px = torch.randn(3, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(1))
+    tokens = torch.cat([torch.full((3, 1), START), torch.randint(3, 99, (3, 11))], dim=1)
+    with torch.no_grad():
+        ref = model(pixel_values=px, decoder_input_ids=tokens).logits
+    ours = engine_logits(pipe, px, tokens)
+    # 1e-4 at the usual weight scale; the 0.5-scale model has logits in the hundreds, where fp32
+    # rounding alone is ~1e-6 relative, so the bound scales with the largest logit
+    scale = max(1.0, ref.abs().max().item())
+    assert (ours - ref).abs().max().item() <= 1e-4 * scale
+
+
+@pytest.mark.parametrize("variant", [
+    dict(tie=False), dict(qkv_bias=False), dict(inverse_layer_scale=True), dict(activation="gelu"),
+    dict(enc_layers=1, dec_layers=3),
+], ids=["untied-head", "no-qkv-bias", "inverse-layer-scale", "erf-gelu", "layer-counts"])
+def test_config_variants(tmp_path, variant):
+    model = make_model(seed=11, **variant)
+    pipe = convert_and_load(model, tmp_path)
+    px = torch.randn(2, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(pipe.generate_ids(px, 16), hf_greedy(model, px, 16))
+
+
+def test_pytorch_bin_and_min_new_tokens(tmp_path):
+    model = make_model(seed=5)
+    pipe = convert_and_load(model, tmp_path, weights="bin")
+    px = torch.randn(4, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(pipe.generate_ids(px, 12, min_new_tokens=12), hf_greedy(model, px, 12, 12))
+
+
+def test_eos_stops_rows_and_pads(tmp_path):
+    model = make_model(seed=1)
+    with torch.no_grad():  # make eos likely so that rows end at different steps
+        model.decoder.lm_head.weight[EOS] *= 12
+    pipe = convert_and_load(model, tmp_path)
+    px = torch.randn(6, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(4))
+    ours = pipe.generate_ids(px, 20)
+    assert torch.equal(ours, hf_greedy(model, px, 20))
+    ended = [(row == EOS).nonzero()[0, 0].item() for row in ours if (row == EOS).any()]
+    assert ended, "no row produced eos"
+    for row in ours:
+        if (row == EOS).any():
+            first = (row == EOS).nonzero()[0, 0]
+            assert (row[first + 1:] == PAD).all()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_conversion(tmp_path, dtype):
+    """Engine error vs the fp32 model is at most twice transformers' own error in that dtype."""
+    model = make_model(seed=2, init=0.02)
+    pipe = convert_and_load(model, tmp_path, dtype=dtype)
+    cfg = json.loads((tmp_path / "engine" / "config.json").read_text())
+    half = getattr(torch, dtype)
+    assert cfg["dtype"] == dtype and pipe.model.decoder.wte.dtype == half
+    px = torch.randn(2, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(5))
+    tokens = torch.cat([torch.full((2, 1), START), torch.randint(3, 99, (2, 6))], dim=1)
+    with torch.no_grad():
+        ref = model(pixel_values=px, decoder_input_ids=tokens).logits
+        peer = model.to(half)(pixel_values=px.to(half), decoder_input_ids=tokens).logits.float()
+    ours = engine_logits(pipe, px.to(half), tokens).float()
+    peer_err = (peer - ref).abs().max().item()
+    assert (ours - ref).abs().max().item() <= 2 * peer_err + 1e-3
+
+
+def test_load_with_dtype_override(tmp_path):
+    model = make_model(seed=4)
+    src = save(model, tmp_path / "hf")
+    out = mm.convert(src, tmp_path / "engine")
+    pipe = mm.load(out, dtype="bfloat16")
+    assert pipe.model.encoder.patch_embed.weight.dtype == torch.bfloat16
+    ids = pipe.generate_ids(torch.randn(1, 3, IMAGE, IMAGE), 5)
+    assert ids.shape == (1, 5)
+
+
+def test_caption_decodes_with_tokenizer(tmp_path):
+    model = make_model(seed=6)
+    pipe = convert_and_load(model, tmp_path)
+    img = (torch.rand(40, 50, 3) * 255).to(torch.uint8).numpy()
+    ids = pipe.generate_ids(pipe.preprocess([img]), 10)
+    words = [f"w{i}" for i in ids[0].tolist() if i not in (PAD, START, EOS)]
+    assert pipe.caption([img], max_new_tokens=10) == [" ".join(words)]
