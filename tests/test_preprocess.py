@@ -1,0 +1,54 @@
+"""Captioning preprocessing equals transformers' ViTImageProcessor (PIL backend) exactly."""
+from __future__ import annotations
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from transformers import ViTImageProcessor
+
+from mmgen_engine.config import ImagePreprocessConfig
+from mmgen_engine.pipelines.captioning import CaptioningPipeline
+
+
+class _Stub:
+    """Only what ``CaptioningPipeline.preprocess`` reads."""
+
+    def __init__(self, pre):
+        self.preprocess = pre
+
+
+def pipeline_with(pre: ImagePreprocessConfig) -> CaptioningPipeline:
+    pipe = CaptioningPipeline.__new__(CaptioningPipeline)
+    pipe.config = _Stub(pre)
+    pipe._mean = np.array(pre.image_mean, dtype=np.float32)[:, None, None]
+    pipe._std = np.array(pre.image_std, dtype=np.float32)[:, None, None]
+    return pipe
+
+
+@pytest.mark.parametrize("size", [(224, 224), (64, 64), (30, 47)])
+@pytest.mark.parametrize("resample", [0, 2, 3])
+@pytest.mark.parametrize("src_shape", [(50, 70), (224, 224), (3, 301)])
+def test_matches_vit_image_processor(size, resample, src_shape):
+    rng = np.random.default_rng(sum(size) + resample)
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    hf = ViTImageProcessor(size={"height": size[0], "width": size[1]}, resample=resample,
+                           image_mean=mean, image_std=std)
+    pre = ImagePreprocessConfig(height=size[0], width=size[1], resample=resample, image_mean=mean, image_std=std)
+    images = [PIL.Image.fromarray(rng.integers(0, 256, (*src_shape, 3), dtype=np.uint8)) for _ in range(2)]
+    ref = hf(images=images, return_tensors="pt")["pixel_values"]
+    ours = pipeline_with(pre).preprocess(images)
+    assert ours.dtype == torch.float32 and ours.shape == ref.shape
+    assert torch.equal(ours, ref)
+
+
+def test_array_path_and_mode_inputs(tmp_path):
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 256, (20, 33, 3), dtype=np.uint8)
+    path = tmp_path / "x.png"
+    PIL.Image.fromarray(arr).save(path)
+    pipe = pipeline_with(ImagePreprocessConfig(height=16, width=16))
+    a, b, c = pipe.preprocess([arr]), pipe.preprocess([str(path)]), pipe.preprocess([PIL.Image.fromarray(arr)])
+    assert torch.equal(a, b) and torch.equal(a, c)
+    gray = PIL.Image.fromarray(arr[:, :, 0], "L")  # converted to RGB like every other input
+    assert pipe.preprocess([gray]).shape == (1, 3, 16, 16)
