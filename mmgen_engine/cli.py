@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_caption)
 
     c = sub.add_parser("demo", help="run every bundled demo model")
-    c.add_argument("--out", default="mmgen_demo", help="directory for the demo outputs")
+    c.add_argument("--out", default="out/demo", help="directory for the demo outputs")
     c.set_defaults(func=_demo)
 
     c = sub.add_parser("bench", help="run a benchmark from benchmarks/ (e.g. `mmgen bench caption`)")

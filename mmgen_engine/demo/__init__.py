@@ -24,12 +24,13 @@ def demo_model(task: str) -> Path:
     return path
 
 
-def run_demo(out: Path, count: int = 4, seed: int = 2026) -> list[dict]:
-    """Render ``count`` shapes-world scenes into ``out``, caption them with the demo captioner and
-    return ``[{"image", "caption", "expected"}]``."""
+def run_demo(out: Path, count: int = 4, seed: int | None = None) -> list[dict]:
+    """Render ``count`` held-out shapes-world scenes (never seen in training) into ``out``, caption
+    them with the demo captioner and return ``[{"image", "caption", "expected"}]``."""
     from .. import load
-    from .world import sample
+    from .world import HELD_OUT_SEED, sample
 
+    seed = HELD_OUT_SEED + 2026 if seed is None else seed
     out.mkdir(parents=True, exist_ok=True)
     pipe = load(demo_model("captioning"))
     items = sample(count, seed)

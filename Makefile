@@ -1,0 +1,55 @@
+# Set-up, test and benchmark entry points. `make demo` and `make test` work from a fresh clone
+# without a GPU: they create .venv when it is missing and install the package into it (editable).
+#
+# MMGEN_CUDA=auto|0|1 and MMGEN_CUDA_ARCHS (default 80;90a) choose what the native build compiles.
+
+PYTHON ?= python3
+# Pinned: an unpinned torch would pull the multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+VENV := .venv
+VPY := $(VENV)/bin/python
+
+export MMGEN_CUDA MMGEN_CUDA_ARCHS
+
+.PHONY: venv install demo test bench clean FORCE
+
+venv: $(VENV)/.venv-ready
+
+# torch goes in first, so that installing the package finds its dependency already satisfied.
+$(VENV)/.venv-ready:
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install --upgrade pip
+	$(VPY) -m pip install "$(TORCH)"
+	$(VPY) -m pip install setuptools wheel pybind11
+	touch $@
+
+# Rewritten only when the native build options change, so that changing them rebuilds.
+$(VENV)/.build-config: $(VENV)/.venv-ready FORCE
+	@echo "MMGEN_CUDA=$(MMGEN_CUDA) MMGEN_CUDA_ARCHS=$(MMGEN_CUDA_ARCHS)" | cmp -s - $@ \
+		|| echo "MMGEN_CUDA=$(MMGEN_CUDA) MMGEN_CUDA_ARCHS=$(MMGEN_CUDA_ARCHS)" > $@
+
+# The install is editable, so Python changes need no reinstall; build inputs do.
+NATIVE_INPUTS := setup.py pyproject.toml CMakeLists.txt $(shell find csrc -type f 2>/dev/null)
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: $(VENV)/.build-config $(NATIVE_INPUTS)
+	$(VPY) -m pip install --no-build-isolation -e ".[test]"
+	touch $@
+
+demo: install
+	$(VENV)/bin/mmgen demo
+
+# pytest exits with 5 when it collected no tests: that is a failure here.
+test: install
+	@$(VPY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; \
+	exit $$rc
+
+bench: install
+	$(VPY) benchmarks/bench_caption.py
+
+clean:
+	rm -rf build dist *.egg-info mmgen_engine/_C*.so $(VENV)/.installed $(VENV)/.build-config
+	find . -path ./$(VENV) -prune -o \( -name __pycache__ -o -name .pytest_cache \) -type d -print \
+		| xargs rm -rf

@@ -1,0 +1,26 @@
+// Python bindings of the native library: the module mmgen_engine._C. Only argument conversion
+// lives here; mmgen_engine/_native.py is its Python face.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "native.h"
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "mmgen_engine native library (C++/CUDA kernels, no libtorch)";
+
+  const mmgen::BuildInfo info = mmgen::build_info();
+  m.attr("__version__") = info.version;
+  m.attr("compiler") = info.compiler;
+  m.attr("cuda") = info.cuda;
+  m.attr("cuda_archs") = py::tuple(py::cast(info.cuda_archs));
+  m.attr("cuda_toolkit") = info.cuda ? py::object(py::str(info.cuda_toolkit)) : py::none();
+
+#if MMGEN_WITH_CUDA
+  m.def("cuda_runtime_version", &mmgen::cuda_runtime_version,
+        "Version of the linked CUDA runtime, 1000 * major + 10 * minor.");
+  m.def("cuda_device_count", &mmgen::cuda_device_count,
+        "Number of visible CUDA devices; 0 without a driver or a device.");
+#endif
+}
