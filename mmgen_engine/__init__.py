@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from .ops import available_backends
 from .pipelines import PIPELINES, CaptioningPipeline
 from .runtime import SamplingParams
 
-__version__ = "0.1.0"
+__version__ = importlib.metadata.version("mmgen-engine")
 
 
 def _device(device) -> torch.device:

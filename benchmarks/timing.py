@@ -1,0 +1,144 @@
+"""Shared timing helpers for the benchmarks: one way to time a call, describe the machine, and
+write the results (JSON for the record, a markdown table for the eye).
+
+On CUDA a call is timed with CUDA events after a synchronize, so the time covers everything the
+call queued on the GPU, host gaps included; optionally L2 is flushed before each repeat by writing a
+256 MB buffer (llm.c does the same) so that a repeat does not find the previous one's weights
+cached. On CPU ``time.perf_counter`` is used.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+L2_FLUSH_BYTES = 256 * 1024 * 1024
+
+
+def percentile(values, q: float) -> float:
+    """The ``q``-th percentile (0..100) of ``values``, linear between order statistics (numpy's
+    default): ``v[floor(k)] + (k - floor(k)) * (v[ceil(k)] - v[floor(k)])``, ``k = q/100 * (n-1)``."""
+    v = sorted(values)
+    if not v:
+        raise ValueError("percentile of no values")
+    k = q / 100 * (len(v) - 1)
+    lo, hi = math.floor(k), math.ceil(k)
+    return v[lo] + (k - lo) * (v[hi] - v[lo])
+
+
+def summarize(times_ms) -> dict:
+    """``{median_ms, p90_ms, min_ms, mean_ms, repeats, times_ms}`` of a list of times in ms."""
+    times_ms = [float(t) for t in times_ms]
+    return {"median_ms": percentile(times_ms, 50), "p90_ms": percentile(times_ms, 90),
+            "min_ms": min(times_ms), "mean_ms": sum(times_ms) / len(times_ms),
+            "repeats": len(times_ms), "times_ms": times_ms}
+
+
+def measure(fn, warmup: int = 2, repeats: int = 5, device="cpu", flush_l2: bool = False) -> dict:
+    """Call ``fn()`` ``warmup`` times untimed, then time ``repeats`` calls one by one.
+
+    Returns :func:`summarize` of the per-call times in milliseconds. ``device`` is where ``fn``
+    runs ("cpu", "cuda", "cuda:N" or a ``torch.device``); on CUDA, ``flush_l2`` writes a 256 MB
+    buffer before each timed call, outside the timed span. The garbage collector is paused while
+    timing (as ``timeit`` does), so that a collection does not land in one call's time.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    gc.collect()
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        times = _time_calls(fn, repeats, device, flush_l2)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return summarize(times)
+
+
+def _time_calls(fn, repeats: int, device: torch.device, flush_l2: bool) -> list[float]:
+    times = []
+    if device.type == "cuda":
+        flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=device) if flush_l2 else None
+        torch.cuda.synchronize(device)
+        for _ in range(repeats):
+            if flush is not None:
+                flush.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info(device=None) -> dict:
+    """What the numbers were taken on, without the host name: CPU model, cores, torch threads,
+    versions, and the GPU name when ``device`` (default: CUDA if available) is a CUDA device."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    info = {"cpu": _cpu_model(), "cpu_count": os.cpu_count(), "cpu_usable": usable,
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "os": f"{platform.system()} {platform.release()}",
+            "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+    device = torch.device(device) if device is not None else torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        info.update({"gpu": torch.cuda.get_device_name(device), "cuda": torch.version.cuda,
+                     "gpu_capability": list(torch.cuda.get_device_capability(device))})
+    return info
+
+
+def write_json(path, payload) -> Path:
+    """Write ``payload`` as indented JSON to ``path`` (parents created, replaced atomically)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        return f"{value:.1f}" if abs(value) >= 100 else f"{value:.3g}"
+    return "" if value is None else str(value)
+
+
+def format_table(rows, columns) -> str:
+    """A markdown table of ``rows`` (dicts) over ``columns`` (keys); a missing key is an empty cell."""
+    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths)) + " |",
+             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    lines += ["| " + " | ".join(v.ljust(w) for v, w in zip(r, widths)) + " |" for r in cells]
+    return "\n".join(lines)

@@ -1,0 +1,83 @@
+"""The captioning benchmark runs end to end in --quick mode, and the timing helpers are right."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import timing  # noqa: E402
+
+
+def _positive(x):
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_bench_caption_quick(tmp_path):
+    pytest.importorskip("transformers")
+    out = tmp_path / "results.json"
+    # One thread: with torch's default of one per core, a CPU shared with other work makes every op
+    # wait for a descheduled OpenMP thread (the tiny model then ran 100x slower in the test's set-up).
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_caption.py"), "--quick", "--device", "cpu",
+         "--batch", "1", "3", "--threads", "1",
+         "--cache-dir", str(tmp_path / "cache"), "--json", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # the table comes last on stdout: header, rule, engine, HF, ratio rows per batch
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-8].startswith("| device") and "engine/HF" in lines[-1]
+
+    data = json.loads(out.read_text())
+    assert data["ids_match"] is True
+    for key in ("cpu", "cpu_count", "torch_threads", "torch"):
+        assert key in data["machine"]
+    assert data["machine"]["torch_threads"] == data["settings"]["threads"] == 1
+    assert data["settings"]["new_tokens"] == 16 and data["settings"]["repeats"] == 3
+
+    results = data["results"]
+    assert sorted((r["impl"], r["batch"]) for r in results) == [("HF", 1), ("HF", 3), ("engine", 1), ("engine", 3)]
+    for r in results:
+        assert r["device"] == "cpu" and r["dtype"] == "float32"
+        for key in ("first_token_ms", "first_token_p90_ms", "ms_per_token", "weight_GBps"):
+            assert _positive(r[key]), (r["impl"], r["batch"], key, r[key])
+        for timed in (r["first_token"], r["n_tokens"]):
+            assert timed["repeats"] == 3 and len(timed["times_ms"]) == 3
+            assert all(_positive(t) for t in timed["times_ms"])
+            assert timed["min_ms"] <= timed["median_ms"] <= timed["p90_ms"]
+
+    assert [c["batch"] for c in data["comparisons"]] == [1, 3]
+    for c in data["comparisons"]:
+        assert c["ids_match"] is True and c["ids_agree_fraction"] == 1.0
+        assert _positive(c["first_token_ms"]) and _positive(c["ms_per_token"])
+
+
+def test_percentile_matches_linear_interpolation():
+    assert timing.percentile([5, 1, 3], 50) == 3
+    assert timing.percentile([1, 2, 3, 4, 5], 90) == pytest.approx(4.6)
+    assert timing.percentile([7.0], 90) == 7.0
+    s = timing.summarize([4.0, 1.0, 2.0, 3.0])
+    assert (s["median_ms"], s["min_ms"], s["mean_ms"], s["repeats"]) == (2.5, 1.0, 2.5, 4)
+
+
+def test_measure_counts_calls_and_times_them():
+    calls = []
+    s = timing.measure(lambda: calls.append(sum(range(1000))), warmup=2, repeats=3, device="cpu")
+    assert len(calls) == 5 and s["repeats"] == 3 and all(t > 0 for t in s["times_ms"])
+
+
+def test_format_table():
+    text = timing.format_table([{"a": 1, "b": 0.123456}, {"a": "x", "b": 1234.5}], ["a", "b", "c"])
+    lines = text.splitlines()
+    assert lines[0].split("|")[1:4] == [" a ", " b      ", " c "]
+    assert "0.123" in lines[2] and "1234.5" in lines[3] and len(lines) == 4
+
+
+def test_write_json_and_machine_info(tmp_path):
+    path = timing.write_json(tmp_path / "sub" / "r.json", {"machine": timing.machine_info("cpu"), "p": Path("x")})
+    data = json.loads(path.read_text())
+    assert data["p"] == "x" and data["machine"]["torch_threads"] >= 1
+    assert "gpu" not in data["machine"]
