@@ -78,6 +78,13 @@ def _positive(where: str, **values):
             raise CheckpointError(f"{where}.{name} must be positive, got {v!r}")
 
 
+def _check_transformer(where: str, hidden_size: int, num_heads: int, activation: str):
+    if hidden_size % num_heads:
+        raise CheckpointError(f"{where}: hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+    if activation not in ACTIVATIONS:
+        raise CheckpointError(f"{where}.activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
 @dataclass(frozen=True)
 class ViTConfig:
     """ViT image encoder (patch embedding + CLS token + learned positions + pre-LN blocks)."""
@@ -102,12 +109,9 @@ class ViTConfig:
                   num_heads=self.num_heads, intermediate_size=self.intermediate_size,
                   image_size=self.image_size, patch_size=self.patch_size,
                   num_channels=self.num_channels, layer_norm_eps=self.layer_norm_eps)
-        if self.hidden_size % self.num_heads:
-            raise CheckpointError(f"{where}: hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        _check_transformer(where, self.hidden_size, self.num_heads, self.activation)
         if self.image_size % self.patch_size:
             raise CheckpointError(f"{where}: image_size {self.image_size} is not divisible by patch_size {self.patch_size}")
-        if self.activation not in ACTIVATIONS:
-            raise CheckpointError(f"{where}.activation must be one of {ACTIVATIONS}, got {self.activation!r}")
 
 
 @dataclass(frozen=True)
@@ -135,10 +139,7 @@ class GPT2Config:
                   num_layers=self.num_layers, num_heads=self.num_heads,
                   intermediate_size=self.intermediate_size, max_positions=self.max_positions,
                   layer_norm_eps=self.layer_norm_eps)
-        if self.hidden_size % self.num_heads:
-            raise CheckpointError(f"{where}: hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        if self.activation not in ACTIVATIONS:
-            raise CheckpointError(f"{where}.activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        _check_transformer(where, self.hidden_size, self.num_heads, self.activation)
 
 
 @dataclass(frozen=True)

@@ -41,8 +41,9 @@ class GPT2Block(nn.Module):
     def prefill(self, h, k, v, ck, cv, lengths):
         return self._after_self_attention(self.attn.prefill(self.ln1(h), k, v), h, ck, cv, lengths)
 
-    def decode(self, h, k, v, positions, span, ck, cv, lengths):
-        return self._after_self_attention(self.attn.decode(self.ln1(h), k, v, positions, span), h, ck, cv, lengths)
+    def decode(self, h, k, v, slots, lengths, span, ck, cv, cross_lengths):
+        return self._after_self_attention(self.attn.decode(self.ln1(h), k, v, slots, lengths, span), h, ck, cv,
+                                          cross_lengths)
 
 
 class GPT2Decoder(nn.Module):
@@ -81,7 +82,10 @@ class GPT2Decoder(nn.Module):
     def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache, cross) -> torch.Tensor:
         """One token per row, ``tokens, positions [B]`` -> logits ``[B, V]``."""
         h = ops.embedding(tokens, positions, self.wte, self.wpe)  # (B, D)
+        c = self.cfg
+        slots = positions.view(-1, 1, 1, 1).expand(-1, c.num_heads, 1, c.head_dim)  # (B, H, 1, Dh)
+        lengths = positions + 1
         for i, layer in enumerate(self.layers):
-            h = layer.decode(h, cache.k[i], cache.v[i], positions, cache.span,
+            h = layer.decode(h, cache.k[i], cache.v[i], slots, lengths, cache.span,
                              cross.k[i], cross.v[i], cross.lengths)
         return self._logits(h)
