@@ -19,6 +19,7 @@ from ..config import CaptioningConfig
 from ..errors import CheckpointError, InputError
 from ..models import ARCHITECTURES
 from ..runtime import SamplingParams, generate
+from ..runtime.layout import column_major_wide_weights
 
 # the longest side accepted from a decoded file; guards against decompression bombs
 MAX_IMAGE_PIXELS = 20_000 * 20_000
@@ -72,6 +73,8 @@ class CaptioningPipeline:
             raise CheckpointError(f"{tok_file}: unreadable tokenizer ({' '.join(str(e).split())[:200]})") from None
         model = ARCHITECTURES[config.architecture](config, device="meta")
         assign_weights(model, load_weights(path, device), where=str(path), dtype=dtype)
+        if device.type == "cpu":
+            column_major_wide_weights(model.decoder)
         return cls(model, tokenizer, config, device)
 
     def preprocess(self, images) -> torch.Tensor:
