@@ -132,6 +132,7 @@ def save_checkpoint(out: str | os.PathLike, config: dict, tensors: dict[str, tor
         for name, src in (files or {}).items():
             shutil.copyfile(src, tmp / name)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        _default_permissions(tmp)
         if out.exists():
             backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
             backup.rmdir()
@@ -144,6 +145,15 @@ def save_checkpoint(out: str | os.PathLike, config: dict, tensors: dict[str, tor
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _default_permissions(directory: Path) -> None:
+    """mkdtemp makes a private directory; give it and its files the usual umask-based modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for f in directory.iterdir():
+        f.chmod(0o666 & ~umask)
 
 
 def _one_line(e: BaseException) -> str:
