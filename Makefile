@@ -4,7 +4,8 @@
 # MMGEN_CUDA=auto|0|1 and MMGEN_CUDA_ARCHS (default 80;90a) choose what the native build compiles.
 
 PYTHON ?= python3
-# Pinned: an unpinned torch would pull the multi-GB CUDA build.
+# Pinned: on the project's machines pip takes this version's CPU build from local disk, while an
+# unpinned torch would pull a multi-GB CUDA build. Override TORCH to install another build.
 TORCH ?= torch==2.13.0
 VENV := .venv
 VPY := $(VENV)/bin/python

@@ -18,12 +18,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import CONFIG_CLASSES, FORMAT_NAME, FORMAT_VERSION, TASKS, from_dict
-from .errors import CheckpointError
+from .config import CONFIG_CLASSES, DTYPES, FORMAT_NAME, FORMAT_VERSION, TASKS, from_dict
+from .errors import CheckpointError, one_line
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}
 
 
 def torch_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
@@ -46,8 +46,10 @@ def read_config(path: str | os.PathLike):
                               f"(convert it first with `mmgen convert`)")
     try:
         raw = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise CheckpointError(f"{cfg_file}: unreadable ({one_line(e)})") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
+        raise CheckpointError(f"{cfg_file}: not valid JSON ({one_line(e)})") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{cfg_file}: not an mmgen checkpoint (\"format\" is not \"{FORMAT_NAME}\"); "
                               f"convert the source model with `mmgen convert` first")
@@ -76,7 +78,7 @@ def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu") ->
         try:
             part = load_file(f, device=str(device))
         except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-            raise CheckpointError(f"{f}: corrupt or truncated safetensors file ({_one_line(e)})") from None
+            raise CheckpointError(f"{f}: corrupt or truncated safetensors file ({one_line(e)})") from None
         dup = tensors.keys() & part.keys()
         if dup:
             raise CheckpointError(f"{f}: tensor {sorted(dup)[0]!r} appears in more than one weights file")
@@ -84,32 +86,43 @@ def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu") ->
     return tensors
 
 
-def assign_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str,
-                   dtype: torch.dtype | None = None) -> None:
-    """Put ``tensors`` into ``module`` (built on the meta device), checking names and shapes exactly.
-
-    Floating-point tensors are cast to ``dtype`` when given. Any missing, unexpected or mis-shaped
-    tensor raises :class:`CheckpointError` naming it.
-    """
+def check_tensors(module: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str,
+                  stored_dtype: torch.dtype) -> None:
+    """Check that ``tensors`` are exactly the state of ``module`` (built on the meta device): same
+    names, same shapes, floating-point where the module's are, stored as ``stored_dtype``.
+    Any difference raises :class:`CheckpointError` naming the tensor."""
     expected = module.state_dict()
-    missing = sorted(expected.keys() - tensors.keys())
-    unexpected = sorted(tensors.keys() - expected.keys())
-    if missing:
-        raise CheckpointError(f"{where}: missing tensor(s) {', '.join(missing[:5])}"
-                              + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
-    if unexpected:
-        raise CheckpointError(f"{where}: unexpected tensor(s) {', '.join(unexpected[:5])}"
-                              + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""))
-    state = {}
+    for kind, names in (("missing", expected.keys() - tensors.keys()), ("unexpected", tensors.keys() - expected.keys())):
+        names = sorted(names)
+        if names:
+            more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+            raise CheckpointError(f"{where}: {kind} tensor(s) {', '.join(names[:5])}{more}")
     for name, ref in expected.items():
         t = tensors[name]
         if tuple(t.shape) != tuple(ref.shape):
             raise CheckpointError(f"{where}: tensor {name!r} has shape {tuple(t.shape)}, "
                                   f"the config implies {tuple(ref.shape)}")
-        if dtype is not None and t.is_floating_point():
-            t = t.to(dtype)
-        state[name] = t
-    module.load_state_dict(state, assign=True)
+        want = stored_dtype if ref.is_floating_point() else ref.dtype
+        if t.dtype != want:
+            raise CheckpointError(f"{where}: tensor {name!r} is {str(t.dtype).removeprefix('torch.')}, "
+                                  f"expected {str(want).removeprefix('torch.')}")
+
+
+def assign_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str,
+                   stored_dtype: torch.dtype, dtype: torch.dtype | None = None) -> None:
+    """:func:`check_tensors`, then put ``tensors`` into ``module``, cast to ``dtype`` when given."""
+    check_tensors(module, tensors, where, stored_dtype)
+    if dtype is not None:
+        tensors = {k: (t.to(dtype) if t.is_floating_point() else t) for k, t in tensors.items()}
+    module.load_state_dict(tensors, assign=True)
+
+
+def is_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is a directory holding an mmgen ``config.json`` (any version)."""
+    try:
+        return json.loads((path / CONFIG_FILE).read_text(encoding="utf-8")).get("format") == FORMAT_NAME
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return False
 
 
 def save_checkpoint(out: str | os.PathLike, config: dict, tensors: dict[str, torch.Tensor],
@@ -118,14 +131,21 @@ def save_checkpoint(out: str | os.PathLike, config: dict, tensors: dict[str, tor
 
     ``config`` must carry format, format_version and task; ``files`` maps a file name in the
     checkpoint to a source file to copy (tokenizer, preprocessor config). The directory appears
-    complete or not at all; an existing non-empty ``out`` is replaced only with ``overwrite``.
+    complete or not at all. An existing non-empty ``out`` is replaced only with ``overwrite`` and
+    only if it is an mmgen checkpoint itself; if replacing fails, the old one is put back.
     """
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise CheckpointError(f"{out}: already exists and is not empty; choose another output "
-                              f"directory or pass overwrite (--overwrite)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise CheckpointError(f"{out}: already exists and is not empty; choose another output "
+                                  f"directory or pass overwrite (--overwrite)")
+        if not is_checkpoint(out):
+            raise CheckpointError(f"{out}: refusing to replace it: it is not an mmgen checkpoint")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as e:
+        raise CheckpointError(f"{out}: cannot create the output directory ({one_line(e)})") from None
     try:
         contiguous = {k: v.detach().contiguous() for k, v in tensors.items()}
         save_file(contiguous, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT_NAME})
@@ -134,17 +154,25 @@ def save_checkpoint(out: str | os.PathLike, config: dict, tensors: dict[str, tor
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         _default_permissions(tmp)
         if out.exists():
-            backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            backup.rmdir()
-            out.rename(backup)
-            tmp.rename(out)
-            shutil.rmtree(backup, ignore_errors=True)
+            _replace(out, tmp)
         else:
             tmp.rename(out)
-    except BaseException:
+    except OSError as e:
+        raise CheckpointError(f"{out}: cannot write the checkpoint ({one_line(e)})") from None
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
+
+
+def _replace(out: Path, new: Path) -> None:
+    backup = out.with_name(f".{out.name}.old.{os.getpid()}")
+    out.rename(backup)
+    try:
+        new.rename(out)
+    except BaseException:
+        backup.rename(out)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
 
 
 def _default_permissions(directory: Path) -> None:
@@ -154,7 +182,3 @@ def _default_permissions(directory: Path) -> None:
     directory.chmod(0o777 & ~umask)
     for f in directory.iterdir():
         f.chmod(0o666 & ~umask)
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__

@@ -7,7 +7,8 @@ import runpy
 import sys
 from pathlib import Path
 
-from .errors import MMGenError
+from .config import DTYPES
+from .errors import MMGenError, one_line
 
 BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -50,15 +51,22 @@ def _bench(args) -> None:
     runpy.run_path(str(script), run_name="__main__")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes are one line too (``mmgen -h`` still prints the full help)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mmgen", description="mmgen_engine: fast multimodal generation")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="mmgen", description="mmgen_engine: fast multimodal generation")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     c = sub.add_parser("convert", help="convert an upstream checkpoint to the engine format")
     c.add_argument("src")
     c.add_argument("out")
     c.add_argument("--from", dest="source_format", default=None, help="source format (default: detect)")
-    c.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None)
+    c.add_argument("--dtype", choices=DTYPES, default=None)
     c.add_argument("--trust-pickle", action="store_true", help="allow sources that need full unpickling")
     c.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
     c.set_defaults(func=_convert)
@@ -67,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("images", nargs="+", metavar="IMAGE")
     c.add_argument("--model", required=True, help="converted checkpoint directory")
     c.add_argument("--device", default="cpu")
-    c.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None)
+    c.add_argument("--dtype", choices=DTYPES, default=None)
     c.add_argument("--max-new-tokens", type=int, default=20)
     c.add_argument("--json", action="store_true", help="print JSON instead of plain text")
     c.set_defaults(func=_caption)
@@ -87,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except MMGenError as e:
-        print(f"mmgen: error: {e}", file=sys.stderr)
+    except (MMGenError, OSError) as e:  # OSError: an unwritable output, a full disk, ...
+        print(f"mmgen: error: {one_line(e, limit=1000)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mmgen: interrupted", file=sys.stderr)

@@ -205,13 +205,16 @@ class CaptioningConfig:
             raise CheckpointError(
                 f"{where}: encoder width {self.encoder.hidden_size} != decoder width "
                 f"{self.decoder.hidden_size} and no enc_to_dec_proj")
+        if self.encoder.num_channels != 3:
+            raise CheckpointError(f"{where}.encoder.num_channels must be 3 (RGB input), got {self.encoder.num_channels}")
+        p, size = self.preprocess, self.encoder.image_size
+        if p.do_resize and (p.height, p.width) != (size, size):
+            raise CheckpointError(f"{where}.preprocess resizes to {p.height}x{p.width} but the encoder takes "
+                                  f"{size}x{size}")
         for name in ("decoder_start_token_id", "eos_token_id", "pad_token_id"):
             if getattr(self.generation, name) >= self.decoder.vocab_size:
                 raise CheckpointError(f"{where}.generation.{name} is outside the vocabulary "
                                       f"of {self.decoder.vocab_size}")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 # task -> top-level config class; the one place a task name chooses a config type.

@@ -23,3 +23,9 @@ class InputError(MMGenError, ValueError):
 
 class BackendError(MMGenError, RuntimeError):
     """No implementation of an op exists for the requested (backend, device, dtype)."""
+
+
+def one_line(e: BaseException, limit: int = 200) -> str:
+    """``str(e)`` collapsed to one line of at most ``limit`` characters, for error messages."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -8,8 +8,9 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from ..checkpoint import save_checkpoint, torch_dtype
-from ..errors import ConversionError
+from ..checkpoint import save_checkpoint
+from ..config import DTYPES
+from ..errors import CheckpointError, ConversionError
 from . import hf_vision_encoder_decoder
 
 CONVERTERS = {m.NAME: m for m in (hf_vision_encoder_decoder,)}
@@ -41,13 +42,16 @@ def convert(src, out, source_format: str | None = None, dtype: str | None = None
         source_format = detect_format(src)
     elif source_format not in CONVERTERS:
         raise ConversionError(f"unknown source format {source_format!r}; supported: {', '.join(CONVERTERS)}")
-    if dtype is not None and dtype not in ("float32", "float16", "bfloat16"):
-        raise ConversionError(f"unsupported dtype {dtype!r}; choose float32, float16 or bfloat16")
+    if dtype is not None and dtype not in DTYPES:
+        raise ConversionError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if out.resolve() == src.resolve() or out.resolve() in src.resolve().parents:
+        raise ConversionError(f"{out}: the output would replace the source model {src}")
     with tempfile.TemporaryDirectory() as workdir:
         config, tensors, files = CONVERTERS[source_format].convert(src, dtype, Path(workdir))
-        target = torch_dtype(config["dtype"])
-        tensors = {k: (v.to(target) if v.is_floating_point() else v) for k, v in tensors.items()}
-        return save_checkpoint(out, config, tensors, files, overwrite=overwrite)
+        try:
+            return save_checkpoint(out, config, tensors, files, overwrite=overwrite)
+        except CheckpointError as e:
+            raise ConversionError(str(e)) from None
 
 
 __all__ = ["CONVERTERS", "convert", "detect_format"]

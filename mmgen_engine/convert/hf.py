@@ -20,11 +20,7 @@ from tokenizers.decoders import ByteLevel as ByteLevelDecoder
 from tokenizers.models import BPE
 from tokenizers.pre_tokenizers import ByteLevel
 
-from ..errors import ConversionError
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
+from ..errors import ConversionError, one_line
 
 
 def read_json(path: Path) -> dict:
@@ -32,8 +28,8 @@ def read_json(path: Path) -> dict:
         raise ConversionError(f"{path}: file not found")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConversionError(f"{path}: not valid JSON ({_one_line(e)})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConversionError(f"{path}: not valid JSON ({one_line(e)})") from None
     if not isinstance(data, dict):
         raise ConversionError(f"{path}: expected a JSON object")
     return data
@@ -45,9 +41,10 @@ def read_weights(src: Path) -> dict[str, torch.Tensor]:
     if single.is_file():
         return _load_safetensors(single)
     if index.is_file():
-        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
-        if not shards:
-            raise ConversionError(f"{index}: empty weight_map")
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ConversionError(f"{index}: weight_map must map tensor names to shard files")
+        shards = sorted(set(weight_map.values()))
         tensors: dict[str, torch.Tensor] = {}
         for name in shards:
             tensors.update(_load_safetensors(src / name))
@@ -64,17 +61,23 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-        raise ConversionError(f"{path}: corrupt or truncated safetensors file ({_one_line(e)})") from None
+        raise ConversionError(f"{path}: corrupt or truncated safetensors file ({one_line(e)})") from None
 
 
 def _load_torch(path: Path) -> dict[str, torch.Tensor]:
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            # files written before torch 1.6 (not zip-based) cannot be memory-mapped
+            data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise ConversionError(f"{path}: refused to load: it holds more than plain tensors and would need "
-                              f"full unpickling ({_one_line(e)[:200]})") from None
+                              f"full unpickling ({one_line(e)})") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
-        raise ConversionError(f"{path}: corrupt or truncated PyTorch file ({_one_line(e)[:200]})") from None
+        raise ConversionError(f"{path}: corrupt or truncated PyTorch file ({one_line(e)})") from None
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise ConversionError(f"{path}: expected a state dict of tensors")
     return data
@@ -100,7 +103,7 @@ def tokenizer_json(src: Path, workdir: Path) -> Path:
         try:
             Tokenizer.from_file(str(src / "tokenizer.json"))
         except Exception as e:  # tokenizers raises plain Exception subclasses
-            raise ConversionError(f"{src / 'tokenizer.json'}: unreadable tokenizer ({_one_line(e)[:200]})") from None
+            raise ConversionError(f"{src / 'tokenizer.json'}: unreadable tokenizer ({one_line(e)})") from None
         return src / "tokenizer.json"
     vocab, merges = src / "vocab.json", src / "merges.txt"
     if not (vocab.is_file() and merges.is_file()):
@@ -108,7 +111,7 @@ def tokenizer_json(src: Path, workdir: Path) -> Path:
     try:
         tok = Tokenizer(BPE.from_file(str(vocab), str(merges)))
     except Exception as e:
-        raise ConversionError(f"{src}: unreadable vocab.json/merges.txt ({_one_line(e)[:200]})") from None
+        raise ConversionError(f"{src}: unreadable vocab.json/merges.txt ({one_line(e)})") from None
     tok.pre_tokenizer = ByteLevel(add_prefix_space=False)
     tok.decoder = ByteLevelDecoder()
     tok.add_special_tokens(special_tokens(src))

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..checkpoint import check_tensors, torch_dtype
 from ..config import FORMAT_NAME, FORMAT_VERSION, CaptioningConfig, from_dict
 from ..errors import CheckpointError, ConversionError
+from ..models import ARCHITECTURES
 from . import hf
 from .keymap import apply_rules, concat, flatten_conv, rename_keys, rule, squeeze_leading, transpose
 
@@ -142,7 +144,9 @@ def convert(src: Path, dtype: str | None, workdir: Path):
     """Returns ``(config dict, tensors, files to copy)`` for the checkpoint writer."""
     top = hf.read_json(src / "config.json")
     where = str(src / "config.json")
-    enc, dec = top.get("encoder") or {}, top.get("decoder") or {}
+    enc, dec = top.get("encoder"), top.get("decoder")
+    if not isinstance(enc, dict) or not isinstance(dec, dict):
+        raise ConversionError(f"{where}: expected \"encoder\" and \"decoder\" objects")
     if enc.get("model_type") != "vit" or dec.get("model_type") != "gpt2":
         raise ConversionError(f"{where}: unsupported VisionEncoderDecoder of {enc.get('model_type')!r} + "
                               f"{dec.get('model_type')!r}; supported: vit + gpt2")
@@ -155,10 +159,11 @@ def convert(src: Path, dtype: str | None, workdir: Path):
     proj = d_enc != d_dec and cross_width is None
     gen_path = src / "generation_config.json"
     gen = hf.read_json(gen_path) if gen_path.is_file() else {}
-    eos = _token_id([gen, top, dec], "eos_token_id", where)
-    generation = {"decoder_start_token_id": _token_id([gen, top, dec], "decoder_start_token_id", where,
-                                                      default=_token_id([gen, top, dec], "bos_token_id", where)),
-                  "eos_token_id": eos, "pad_token_id": _token_id([gen, top, dec], "pad_token_id", where, default=eos)}
+    sources = [gen, top, dec]
+    eos = _token_id(sources, "eos_token_id", where)
+    start = _token_id(sources, "decoder_start_token_id", where, default=-1)
+    generation = {"decoder_start_token_id": start if start >= 0 else _token_id(sources, "bos_token_id", where),
+                  "eos_token_id": eos, "pad_token_id": _token_id(sources, "pad_token_id", where, default=eos)}
     image_size, patch = _get(enc, "image_size", where), _get(enc, "patch_size", where)
     encoder = {"hidden_size": d_enc, "num_layers": _get(enc, "num_hidden_layers", where),
                "num_heads": _get(enc, "num_attention_heads", where),
@@ -178,6 +183,15 @@ def convert(src: Path, dtype: str | None, workdir: Path):
                "scale_attn_by_inverse_layer_idx": dec.get("scale_attn_by_inverse_layer_idx", False),
                "tie_word_embeddings": tied}
 
+    config = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "task": "captioning",
+              "architecture": "vit-gpt2", "source_format": NAME, "dtype": dtype or "float32",
+              "encoder": encoder, "decoder": decoder, "generation": generation,
+              "preprocess": _preprocess(src, image_size), "enc_to_dec_proj": proj}
+    try:
+        cfg = from_dict(CaptioningConfig, config, where)
+    except CheckpointError as e:
+        raise ConversionError(str(e)) from None
+
     tensors = rename_keys(hf.read_weights(src), V4_TO_V5)
     if tied and "decoder.lm_head.weight" in tensors:
         lm_head = tensors.pop("decoder.lm_head.weight")
@@ -187,13 +201,11 @@ def convert(src: Path, dtype: str | None, workdir: Path):
                                   f"tie_word_embeddings is true")
     out = apply_rules(_rules(encoder["qkv_bias"], proj, tied), tensors,
                       {"enc": encoder["num_layers"], "dec": decoder["num_layers"]}, IGNORED, where=str(src))
-    dtype = dtype or hf.tensor_dtype_name(tensors)
-    config = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "task": "captioning",
-              "architecture": "vit-gpt2", "source_format": NAME, "dtype": dtype,
-              "encoder": encoder, "decoder": decoder, "generation": generation,
-              "preprocess": _preprocess(src, image_size), "enc_to_dec_proj": proj}
+    config["dtype"] = dtype or hf.tensor_dtype_name(tensors)
+    stored = torch_dtype(config["dtype"])
+    out = {k: (v.to(stored) if v.is_floating_point() else v) for k, v in out.items()}
     try:
-        from_dict(CaptioningConfig, config, where)
+        check_tensors(ARCHITECTURES["vit-gpt2"](cfg, device="meta"), out, str(src), stored)
     except CheckpointError as e:
         raise ConversionError(str(e)) from None
     files = {"tokenizer.json": hf.tokenizer_json(src, workdir),

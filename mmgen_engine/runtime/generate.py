@@ -29,11 +29,13 @@ def generate(decoder, prompt: torch.Tensor, encoder_states: torch.Tensor, encode
         raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if not isinstance(min_new_tokens, int) or not 0 <= min_new_tokens <= max_new_tokens:
         raise InputError(f"min_new_tokens must be an integer in [0, max_new_tokens], got {min_new_tokens!r}")
-    if prompt_len + max_new_tokens > max_positions:
+    # the last new token is never fed back, so the model sees prompt_len + max_new_tokens - 1 positions
+    fed = prompt_len + max_new_tokens - 1
+    if fed > max_positions:
         raise InputError(f"prompt of {prompt_len} + max_new_tokens {max_new_tokens} exceeds the model's "
                          f"{max_positions} positions")
     device, dtype = encoder_states.device, encoder_states.dtype
-    cache = KVCache.allocate(num_layers, batch, num_heads, prompt_len + max_new_tokens, head_dim, dtype, device)
+    cache = KVCache.allocate(num_layers, batch, num_heads, fed, head_dim, dtype, device)
     cross = CrossKVCache.allocate(num_layers, encoder_lengths, num_heads, encoder_states.shape[1], head_dim,
                                   dtype, device)
     sampler = Sampler(sampling, batch, device)

@@ -60,7 +60,7 @@ class Sampler:
     """
 
     def __init__(self, params: SamplingParams | None, batch: int, device: torch.device):
-        self.params = params = params or SamplingParams()
+        params = params or SamplingParams()
         self.temperature = torch.full((batch,), float(params.temperature), device=device)
         self.top_k = torch.full((batch,), params.top_k, dtype=torch.int64, device=device)
         self.top_p = torch.full((batch,), float(params.top_p), device=device)
