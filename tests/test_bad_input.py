@@ -245,3 +245,61 @@ def test_cli_process_exit_code_and_single_line(engine_dir, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "unreadable image" in proc.stderr
+
+
+def test_wrong_tensor_dtype_in_checkpoint(engine_dir, tmp_path, capsys, image_file):
+    from safetensors.torch import load_file, save_file
+    bad = copy_dir(engine_dir, tmp_path)
+    state = load_file(str(bad / "model.safetensors"))
+    state["decoder.ln_f.weight"] = state["decoder.ln_f.weight"].half()
+    save_file(state, str(bad / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="decoder.ln_f.weight.*float16, expected float32"):
+        mm.load(bad)
+    state["decoder.ln_f.weight"] = state["decoder.ln_f.weight"].to(torch.int32)
+    save_file(state, str(bad / "model.safetensors"))
+    assert "expected float32" in cli_error(capsys, ["caption", image_file, "--model", bad])
+
+
+def test_overwrite_never_replaces_other_directories(hf_dir, tmp_path, capsys):
+    src = copy_dir(hf_dir, tmp_path, "src")
+    with pytest.raises(ConversionError, match="replace the source"):
+        mm.convert(src, src, overwrite=True)
+    with pytest.raises(ConversionError, match="replace the source"):
+        mm.convert(src, tmp_path, overwrite=True)
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "holiday.jpg").write_bytes(b"precious")
+    assert "not an mmgen checkpoint" in cli_error(capsys, ["convert", src, other, "--overwrite"])
+    assert (other / "holiday.jpg").read_bytes() == b"precious" and (src / "config.json").is_file()
+
+
+def test_unwritable_output_is_one_line(hf_dir, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert "cannot create the output directory" in cli_error(capsys, ["convert", hf_dir, blocker / "sub"])
+    with pytest.raises(ConversionError):
+        mm.convert(hf_dir, blocker / "sub")
+
+
+def test_usage_errors_are_one_line(engine_dir, image_file):
+    for argv in (["caption", str(image_file), "--model", str(engine_dir), "--dtype", "float64"],
+                 ["caption", str(image_file), "--model", str(engine_dir), "--max-new-tokens", "abc"],
+                 ["frobnicate"]):
+        proc = subprocess.run([sys.executable, "-m", "mmgen_engine.cli", *argv], capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "error:" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda c: c["encoder"].update(num_hidden_layers="2"), "expected an integer"),
+    (lambda c: c.update(encoder=[1, 2]), "encoder"),
+    (lambda c: c["decoder"].update(n_embd=40), "has shape"),
+])
+def test_inconsistent_source_config(hf_dir, tmp_path, edit, match):
+    bad = copy_dir(hf_dir, tmp_path)
+    cfg = json.loads((bad / "config.json").read_text())
+    edit(cfg)
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConversionError, match=match):
+        mm.convert(bad, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
