@@ -103,7 +103,7 @@ def test_embedding_sums_token_and_position_rows():
 def test_every_op_has_a_reference_and_forcing_works(monkeypatch):
     backends = ops.available_backends()
     assert {"attention", "decode_attention", "layer_norm", "add_layer_norm", "bias_gelu", "embedding",
-            "sample"} <= set(backends)
+            "linear", "sample"} <= set(backends)
     assert all("reference" in b for b in backends.values())
     x = torch.randn(2, 8)
     monkeypatch.setenv("MMGEN_BACKEND", "reference")
@@ -126,3 +126,30 @@ def test_forcing_a_missing_backend_is_a_clear_error(monkeypatch):
 def test_unsupported_device_or_dtype_is_an_error():
     with pytest.raises(BackendError, match="no implementation"):
         registry.resolve("layer_norm", "cpu", torch.float64, None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 3, 16, 17])
+@pytest.mark.parametrize("n,k", [(1, 2), (97, 64), (64, 97), (2304, 768)])
+@pytest.mark.parametrize("layout", ["row-major", "column-major"])
+def test_linear_matches_x_wT_plus_b(dtype, rows, n, k, layout):
+    """Both paths of the reference (BLAS, and the per-thread split over K for few rows of a
+    column-major weight) compute x W^T + b."""
+    g = torch.Generator().manual_seed(n * k + rows)
+    x = torch.randn(rows, k, generator=g).to(dtype)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype)
+    if layout == "column-major":
+        w = w.t().contiguous().t()
+    ref = x.double() @ w.double().t() + b.double()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = ops.linear(x.view(rows, 1, k), w, b)  # leading dims are kept
+        no_bias = ops.linear(x, w, None)
+    finally:
+        torch.set_num_threads(threads)
+    assert out.shape == (rows, 1, n) and out.dtype == dtype
+    scale = k ** 0.5
+    torch.testing.assert_close(out.view(rows, n).double(), ref, atol=TOL[dtype] * scale, rtol=TOL[dtype])
+    torch.testing.assert_close(no_bias.double(), ref - b.double(), atol=TOL[dtype] * scale, rtol=TOL[dtype])

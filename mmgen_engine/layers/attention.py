@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from .linear import Linear
 
 
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -28,8 +29,8 @@ class SelfAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, scale: float, qkv_bias: bool = True, device=None):
         super().__init__()
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, device=device)
-        self.out = nn.Linear(dim, dim, device=device)
+        self.qkv = Linear(dim, 3 * dim, bias=qkv_bias, device=device)
+        self.out = Linear(dim, dim, device=device)
         self.num_heads = num_heads
         self.scale = scale
         self.requires_grad_(False)
@@ -69,9 +70,9 @@ class CrossAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, scale: float, kv_dim: int | None = None, device=None):
         super().__init__()
-        self.q = nn.Linear(dim, dim, device=device)
-        self.kv = nn.Linear(kv_dim or dim, 2 * dim, device=device)
-        self.out = nn.Linear(dim, dim, device=device)
+        self.q = Linear(dim, dim, device=device)
+        self.kv = Linear(kv_dim or dim, 2 * dim, device=device)
+        self.out = Linear(dim, dim, device=device)
         self.num_heads = num_heads
         self.scale = scale
         self.requires_grad_(False)

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from .linear import Linear
 
 # config activation name -> ops.bias_gelu approximation
 GELU_FORMS = {"gelu": "none", "gelu_tanh": "tanh"}
@@ -14,11 +14,11 @@ GELU_FORMS = {"gelu": "none", "gelu_tanh": "tanh"}
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int, activation: str, device=None):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden, device=device)
-        self.fc2 = nn.Linear(hidden, dim, device=device)
+        self.fc1 = Linear(dim, hidden, device=device)
+        self.fc2 = Linear(hidden, dim, device=device)
         self.approximate = GELU_FORMS[activation]
         self.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = ops.bias_gelu(F.linear(x, self.fc1.weight), self.fc1.bias, self.approximate)
+        h = ops.bias_gelu(ops.linear(x, self.fc1.weight, None), self.fc1.bias, self.approximate)
         return self.fc2(h)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
@@ -65,7 +64,7 @@ class GPT2Decoder(nn.Module):
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         head = self.wte if self.cfg.tie_word_embeddings else self.lm_head
-        return F.linear(self.ln_f(h), head)
+        return ops.linear(self.ln_f(h), head, None)
 
     def prefill(self, tokens: torch.Tensor, encoder_states: torch.Tensor, cache, cross) -> torch.Tensor:
         """Fill the cross-attention cache from ``encoder_states [B, S, D]`` and run the prompt

@@ -10,11 +10,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import ViTConfig
-from ..layers import MLP, LayerNorm, SelfAttention
+from ..layers import MLP, LayerNorm, Linear, SelfAttention
 
 
 class ViTBlock(nn.Module):
@@ -36,7 +35,7 @@ class ViTEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         d, p = cfg.hidden_size, cfg.patch_size
-        self.patch_embed = nn.Linear(cfg.num_channels * p * p, d, device=device)
+        self.patch_embed = Linear(cfg.num_channels * p * p, d, device=device)
         self.cls_token = nn.Parameter(torch.empty(d, device=device))
         self.pos_embed = nn.Parameter(torch.empty(cfg.num_patches + 1, d, device=device))
         self.layers = nn.ModuleList(ViTBlock(cfg, device) for _ in range(cfg.num_layers))
@@ -51,8 +50,7 @@ class ViTEncoder(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``pixel_values [B, C, H, W]`` (H = W = image_size) -> hidden states ``[B, 1 + N, D]``."""
-        x = F.linear(self.patchify(pixel_values.to(self.patch_embed.weight.dtype)),
-                     self.patch_embed.weight, self.patch_embed.bias)
+        x = self.patch_embed(self.patchify(pixel_values.to(self.patch_embed.weight.dtype)))
         cls = self.cls_token.expand(x.shape[0], 1, -1)
         h = torch.cat([cls, x], dim=1) + self.pos_embed  # (B, 1 + N, D)
         for layer in self.layers:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..config import CaptioningConfig
+from ..layers import Linear
 from .gpt2 import GPT2Decoder
 from .vit import ViTEncoder
 
@@ -19,7 +20,7 @@ class VitGpt2(nn.Module):
         self.cfg = cfg
         self.encoder = ViTEncoder(cfg.encoder, device)
         if cfg.enc_to_dec_proj:
-            self.enc_to_dec = nn.Linear(cfg.encoder.hidden_size, cfg.decoder.hidden_size, device=device)
+            self.enc_to_dec = Linear(cfg.encoder.hidden_size, cfg.decoder.hidden_size, device=device)
         self.decoder = GPT2Decoder(cfg.decoder, device)
         self.requires_grad_(False)
 

@@ -19,7 +19,7 @@ from ..config import CaptioningConfig
 from ..errors import CheckpointError, InputError, one_line
 from ..models import ARCHITECTURES
 from ..runtime import SamplingParams, generate
-from ..runtime.layout import column_major_wide_weights
+from ..runtime.layout import column_major_weights
 
 def load_image(image) -> PIL.Image.Image:
     """A path, ``PIL.Image`` or ``HxWx3`` uint8 array -> RGB ``PIL.Image``; bad input -> InputError."""
@@ -68,7 +68,7 @@ class CaptioningPipeline:
         model = ARCHITECTURES[config.architecture](config, device="meta")
         assign_weights(model, load_weights(path, device), str(path), torch_dtype(config.dtype), dtype)
         if device.type == "cpu":
-            column_major_wide_weights(model.decoder)
+            column_major_weights(model.decoder)
         return cls(model, tokenizer, config, device)
 
     def preprocess(self, images) -> torch.Tensor:
