@@ -42,6 +42,15 @@ def copy_dir(src, tmp_path, name="copy"):
     return dst
 
 
+def edited_copy(src, tmp_path, edit, file="config.json"):
+    """A copy of directory ``src`` whose JSON ``file`` went through ``edit(dict)``."""
+    dst = copy_dir(src, tmp_path)
+    data = json.loads((dst / file).read_text())
+    edit(data)
+    (dst / file).write_text(json.dumps(data))
+    return dst
+
+
 def cli_error(capsys, argv) -> str:
     code = main([str(a) for a in argv])
     err = capsys.readouterr().err.strip()
@@ -80,10 +89,7 @@ def test_missing_files(engine_dir, tmp_path, capsys, image_file):
 
 
 def test_future_format_version(engine_dir, tmp_path, capsys, image_file):
-    bad = copy_dir(engine_dir, tmp_path)
-    cfg = json.loads((bad / "config.json").read_text())
-    cfg["format_version"] = 99
-    (bad / "config.json").write_text(json.dumps(cfg))
+    bad = edited_copy(engine_dir, tmp_path, lambda c: c.update(format_version=99))
     with pytest.raises(CheckpointError, match="newer than this mmgen_engine"):
         mm.load(bad)
     assert "format_version 99" in cli_error(capsys, ["caption", image_file, "--model", bad])
@@ -98,19 +104,13 @@ def test_future_format_version(engine_dir, tmp_path, capsys, image_file):
     (lambda c: c["generation"].update(eos_token_id=10_000), "outside the vocabulary"),
 ])
 def test_invalid_config(engine_dir, tmp_path, edit, match):
-    bad = copy_dir(engine_dir, tmp_path)
-    cfg = json.loads((bad / "config.json").read_text())
-    edit(cfg)
-    (bad / "config.json").write_text(json.dumps(cfg))
+    bad = edited_copy(engine_dir, tmp_path, edit)
     with pytest.raises(CheckpointError, match=match):
         mm.load(bad)
 
 
 def test_shape_mismatch(engine_dir, tmp_path, capsys, image_file):
-    bad = copy_dir(engine_dir, tmp_path)
-    cfg = json.loads((bad / "config.json").read_text())
-    cfg["decoder"]["vocab_size"] += 1
-    (bad / "config.json").write_text(json.dumps(cfg))
+    bad = edited_copy(engine_dir, tmp_path, lambda c: c["decoder"].update(vocab_size=c["decoder"]["vocab_size"] + 1))
     with pytest.raises(CheckpointError, match="has shape .* the config implies"):
         mm.load(bad)
     assert "has shape" in cli_error(capsys, ["caption", image_file, "--model", bad])
@@ -133,10 +133,7 @@ def test_invalid_load_options(engine_dir):
 # --- conversion ----------------------------------------------------------------------------------
 
 def test_unsupported_architecture(hf_dir, tmp_path, capsys):
-    bad = copy_dir(hf_dir, tmp_path)
-    cfg = json.loads((bad / "config.json").read_text())
-    cfg["decoder"]["model_type"] = "bert"
-    (bad / "config.json").write_text(json.dumps(cfg))
+    bad = edited_copy(hf_dir, tmp_path, lambda c: c["decoder"].update(model_type="bert"))
     with pytest.raises(ConversionError, match="unsupported VisionEncoderDecoder"):
         mm.convert(bad, tmp_path / "out")
     other = tmp_path / "llama"
@@ -290,16 +287,14 @@ def test_usage_errors_are_one_line(engine_dir, image_file):
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "error:" in proc.stderr, proc.stderr
 
 
-@pytest.mark.parametrize("edit,match", [
-    (lambda c: c["encoder"].update(num_hidden_layers="2"), "expected an integer"),
-    (lambda c: c.update(encoder=[1, 2]), "encoder"),
-    (lambda c: c["decoder"].update(n_embd=40), "has shape"),
+@pytest.mark.parametrize("file,edit,match", [
+    ("config.json", lambda c: c["encoder"].update(num_hidden_layers="2"), "expected an integer"),
+    ("config.json", lambda c: c.update(encoder=[1, 2]), "encoder"),
+    ("config.json", lambda c: c["decoder"].update(n_embd=40), "has shape"),
+    ("preprocessor_config.json", lambda c: c.update(size={"height": 48, "width": 48}), "resizes to 48x48"),
 ])
-def test_inconsistent_source_config(hf_dir, tmp_path, edit, match):
-    bad = copy_dir(hf_dir, tmp_path)
-    cfg = json.loads((bad / "config.json").read_text())
-    edit(cfg)
-    (bad / "config.json").write_text(json.dumps(cfg))
+def test_inconsistent_source_config(hf_dir, tmp_path, file, edit, match):
+    bad = edited_copy(hf_dir, tmp_path, edit, file)
     with pytest.raises(ConversionError, match=match):
         mm.convert(bad, tmp_path / "out")
     assert not (tmp_path / "out").exists()

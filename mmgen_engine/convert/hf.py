@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from tokenizers.decoders import ByteLevel as ByteLevelDecoder
 from tokenizers.models import BPE
 from tokenizers.pre_tokenizers import ByteLevel
 
+from ..config import DTYPES
 from ..errors import ConversionError, one_line
 
 
@@ -97,8 +97,9 @@ def special_tokens(src: Path) -> list[str]:
 
 
 def tokenizer_json(src: Path, workdir: Path) -> Path:
-    """Path of a ``tokenizer.json`` for ``src``: the one there, or one built from GPT-2 style
-    ``vocab.json`` + ``merges.txt`` (byte-level BPE) with the special tokens marked special."""
+    """Path of a ``tokenizer.json`` for ``src``: the one there, or one built in ``workdir`` from
+    GPT-2 style ``vocab.json`` + ``merges.txt`` (byte-level BPE) with the special tokens marked
+    special."""
     if (src / "tokenizer.json").is_file():
         try:
             Tokenizer.from_file(str(src / "tokenizer.json"))
@@ -115,7 +116,7 @@ def tokenizer_json(src: Path, workdir: Path) -> Path:
     tok.pre_tokenizer = ByteLevel(add_prefix_space=False)
     tok.decoder = ByteLevelDecoder()
     tok.add_special_tokens(special_tokens(src))
-    out = Path(tempfile.mkdtemp(dir=workdir)) / "tokenizer.json"
+    out = workdir / "tokenizer.json"
     tok.save(str(out))
     return out
 
@@ -126,5 +127,5 @@ def tensor_dtype_name(tensors: dict[str, torch.Tensor]) -> str:
     for t in tensors.values():
         if t.is_floating_point():
             counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
-    dtype = max(counts, key=counts.get) if counts else torch.float32
-    return {torch.float16: "float16", torch.bfloat16: "bfloat16"}.get(dtype, "float32")
+    name = str(max(counts, key=counts.get)).removeprefix("torch.") if counts else "float32"
+    return name if name in DTYPES else "float32"

@@ -93,8 +93,8 @@ def detect(src: Path) -> bool:
         return False
 
 
-def _get(cfg: dict, key: str, where: str, default=None):
-    value = cfg.get(key, default)
+def _get(cfg: dict, key: str, where: str):
+    value = cfg.get(key)
     if value is None:
         raise ConversionError(f"{where}: missing {key!r}")
     return value
@@ -120,7 +120,8 @@ def _token_id(sources: list[dict], key: str, where: str, default=None) -> int:
     return default
 
 
-def _preprocess(src: Path, image_size: int) -> dict:
+def _preprocess(src: Path) -> dict:
+    """The ViTImageProcessor settings; CaptioningConfig checks them against the encoder."""
     path = src / "preprocessor_config.json"
     p = hf.read_json(path)
     kind = p.get("image_processor_type", p.get("feature_extractor_type", "ViTImageProcessor"))
@@ -131,9 +132,6 @@ def _preprocess(src: Path, image_size: int) -> dict:
         size = {"height": size, "width": size}
     if not isinstance(size, dict) or "height" not in size or "width" not in size:
         raise ConversionError(f"{path}: unsupported size {size!r} (height and width expected)")
-    if p.get("do_resize", True) and (size["height"], size["width"]) != (image_size, image_size):
-        raise ConversionError(f"{path}: resizes to {size['height']}x{size['width']} but the encoder takes "
-                              f"{image_size}x{image_size}")
     return {"height": size["height"], "width": size["width"], "resample": p.get("resample", 2),
             "do_resize": p.get("do_resize", True), "do_rescale": p.get("do_rescale", True),
             "rescale_factor": p.get("rescale_factor", 1 / 255), "do_normalize": p.get("do_normalize", True),
@@ -164,11 +162,11 @@ def convert(src: Path, dtype: str | None, workdir: Path):
     start = _token_id(sources, "decoder_start_token_id", where, default=-1)
     generation = {"decoder_start_token_id": start if start >= 0 else _token_id(sources, "bos_token_id", where),
                   "eos_token_id": eos, "pad_token_id": _token_id(sources, "pad_token_id", where, default=eos)}
-    image_size, patch = _get(enc, "image_size", where), _get(enc, "patch_size", where)
     encoder = {"hidden_size": d_enc, "num_layers": _get(enc, "num_hidden_layers", where),
                "num_heads": _get(enc, "num_attention_heads", where),
                "intermediate_size": _get(enc, "intermediate_size", where),
-               "image_size": image_size, "patch_size": patch, "num_channels": enc.get("num_channels", 3),
+               "image_size": _get(enc, "image_size", where), "patch_size": _get(enc, "patch_size", where),
+               "num_channels": enc.get("num_channels", 3),
                "layer_norm_eps": enc.get("layer_norm_eps", 1e-12),
                "activation": _activation(enc.get("hidden_act", "gelu"), where),
                "qkv_bias": enc.get("qkv_bias", True)}
@@ -186,7 +184,7 @@ def convert(src: Path, dtype: str | None, workdir: Path):
     config = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "task": "captioning",
               "architecture": "vit-gpt2", "source_format": NAME, "dtype": dtype or "float32",
               "encoder": encoder, "decoder": decoder, "generation": generation,
-              "preprocess": _preprocess(src, image_size), "enc_to_dec_proj": proj}
+              "preprocess": _preprocess(src), "enc_to_dec_proj": proj}
     try:
         cfg = from_dict(CaptioningConfig, config, where)
     except CheckpointError as e:

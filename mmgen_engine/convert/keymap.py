@@ -52,8 +52,8 @@ class Rule:
     layers: str | None = None
 
 
-def rule(target: str, *sources: str, transform: Callable = same, layers: str | None = None) -> Rule:
-    return Rule(target, sources or (target,), transform, layers)
+def rule(target: str, source: str, *more: str, transform: Callable = same, layers: str | None = None) -> Rule:
+    return Rule(target, (source, *more), transform, layers)
 
 
 def rename_keys(tensors: dict, renames: Iterable[tuple[str, str]]) -> dict:

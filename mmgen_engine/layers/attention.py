@@ -68,17 +68,17 @@ class SelfAttention(nn.Module):
 class CrossAttention(nn.Module):
     """Attention from decoder tokens to encoder states whose K/V are computed once per request."""
 
-    def __init__(self, dim: int, num_heads: int, scale: float, kv_dim: int | None = None, device=None):
+    def __init__(self, dim: int, num_heads: int, scale: float, device=None):
         super().__init__()
         self.q = Linear(dim, dim, device=device)
-        self.kv = Linear(kv_dim or dim, 2 * dim, device=device)
+        self.kv = Linear(dim, 2 * dim, device=device)
         self.out = Linear(dim, dim, device=device)
         self.num_heads = num_heads
         self.scale = scale
         self.requires_grad_(False)
 
     def fill_cache(self, encoder_states: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
-        """Project ``encoder_states [B, S, Dk]`` to K/V once and store them ``[B, H, S, Dh]``."""
+        """Project ``encoder_states [B, S, D]`` to K/V once and store them ``[B, H, S, Dh]``."""
         k, v = self.kv(encoder_states).chunk(2, dim=-1)
         k_cache.copy_(split_heads(k, self.num_heads))
         v_cache.copy_(split_heads(v, self.num_heads))
