@@ -55,6 +55,18 @@ def test_bench_caption_quick(tmp_path):
         assert _positive(c["first_token_ms"]) and _positive(c["ms_per_token"])
 
 
+def test_bench_linear_quick(tmp_path):
+    out = tmp_path / "linear.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_linear.py"), "--quick", "--device", "cpu",
+                           "--threads", "1", "--json", str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert _positive(data["read_ceiling_GBps"])
+    assert sorted({(r["impl"], r["rows"]) for r in data["results"]}) == [("engine", 1), ("engine", 8), ("peer", 1), ("peer", 8)]
+    for r in data["results"]:
+        assert _positive(r["us"]) and _positive(r["GBps"]) and r["of_ceiling"] == r["GBps"] / data["read_ceiling_GBps"]
+
+
 def test_percentile_matches_linear_interpolation():
     assert timing.percentile([5, 1, 3], 50) == 3
     assert timing.percentile([1, 2, 3, 4, 5], 90) == pytest.approx(4.6)

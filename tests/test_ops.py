@@ -153,3 +153,23 @@ def test_linear_matches_x_wT_plus_b(dtype, rows, n, k, layout):
     scale = k ** 0.5
     torch.testing.assert_close(out.view(rows, n).double(), ref, atol=TOL[dtype] * scale, rtol=TOL[dtype])
     torch.testing.assert_close(no_bias.double(), ref - b.double(), atol=TOL[dtype] * scale, rtol=TOL[dtype])
+
+
+def test_linear_splits_only_streaming_products(monkeypatch):
+    """The per-thread split runs for few rows of a large column-major weight on CPU, and only then."""
+    calls = []
+    real_bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a: calls.append(1) or real_bmm(*a))
+    big = torch.randn(2304, 768)
+    cases = [(big.t().contiguous().t(), 1, True), (big.t().contiguous().t(), 16, True),
+             (big.t().contiguous().t(), 17, False), (big, 1, False),
+             (torch.randn(96, 64).t().contiguous().t(), 1, False)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for w, rows, split in cases:
+            calls.clear()
+            ops.linear(torch.randn(rows, w.shape[1]), w, None)
+            assert bool(calls) == split, (tuple(w.shape), w.stride(), rows)
+    finally:
+        torch.set_num_threads(threads)

@@ -4,7 +4,7 @@ On CPU, a product with few rows is a matrix-vector product bound by how fast ``W
 memory, and BLAS runs it on one thread. When ``W`` is stored column-major (``W^T`` contiguous, see
 :mod:`mmgen_engine.runtime.layout`) the reference splits the reduction over ``K`` into one slice per
 thread and runs the slices as one batched product, then adds the partial sums: same math, every
-core streaming. Measured on the 2-core CPU box: GPT-2's 768x50257 head 23 -> 38 GB/s, 3072->768
+core streaming. Small weights (cache-resident, overhead-bound) and many rows keep BLAS's path. Measured on the 2-core CPU box: GPT-2's 768x50257 head 23 -> 38 GB/s, 3072->768
 14 -> 25 GB/s at batch 1.
 """
 from __future__ import annotations
@@ -16,6 +16,9 @@ from .registry import dispatch, register
 
 # above this many rows the product is a matrix-matrix product that BLAS already spreads over threads
 SPLIT_MAX_ROWS = 16
+# below this many weight bytes the product is bound by call overhead, not by streaming the weight:
+# the split's extra bmm + sum costs ~15 us, more than it saves (benchmarks/bench_linear.py)
+SPLIT_MIN_BYTES = 1 << 20
 
 
 @register("linear", "reference")
@@ -24,7 +27,7 @@ def linear_reference(x, weight, bias):
     parts = torch.get_num_threads()
     rows = x.numel() // k
     if (x.device.type != "cpu" or parts < 2 or rows > SPLIT_MAX_ROWS or k % parts
-            or weight.stride() != (1, n)):
+            or weight.stride() != (1, n) or weight.numel() * weight.element_size() < SPLIT_MIN_BYTES):
         return F.linear(x, weight, bias)
     xs = x.reshape(rows, parts, k // parts).transpose(0, 1)  # (P, rows, K/P)
     out = torch.bmm(xs, weight.t().view(parts, k // parts, n)).sum(dim=0)  # (rows, N)

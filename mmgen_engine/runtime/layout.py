@@ -4,9 +4,8 @@ A decode step multiplies a few rows by every weight: ``y = x W^T`` with ``W [out
 that product is bound by how fast ``W`` streams from memory. Stored column-major (``W^T``
 contiguous, the layout of GPT-2's ``Conv1D``), ``W`` splits along its input dimension into
 contiguous slices that :func:`mmgen_engine.ops.linear` multiplies on all threads at once; BLAS's
-own single-threaded GEMV on the row-major weight is 1.5-3x slower. Measured on the 2-core CPU box
-(torch 2.13, batch 1, cold weights): GPT-2's 50257x768 head 12.2 -> 38 GB/s, 768->2304 11 -> 29
-GB/s, 3072->768 16 -> 25 GB/s. The logical tensor (shape, values, state-dict name) is unchanged;
+own single-threaded GEMV on the row-major weight is 1.5-2.6x slower at batch 1 (per-shape figures
+in ``benchmarks/RESULTS.md``). The logical tensor (shape, values, state-dict name) is unchanged;
 only its strides differ, so embedding lookups in a tied ``wte`` keep working.
 """
 from __future__ import annotations
