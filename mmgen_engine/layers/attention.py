@@ -52,16 +52,14 @@ class SelfAttention(nn.Module):
         v_cache[:, :, :t] = v
         return self.out(merge_heads(ops.attention(q, k, v, self.scale, causal=True)))
 
-    def decode(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
-               lengths: torch.Tensor, span: int) -> torch.Tensor:
-        """One token per row, ``x [B, D]``: write its K/V into the cache at ``slots [B, H, 1, Dh]``
-        (each row's position broadcast, for ``scatter_``), then attend to the first ``lengths [B]``
-        slots. Only the first ``span`` slots are read (``span >= max(lengths)``)."""
+    def decode(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
+               span: int) -> torch.Tensor:
+        """One token per row, ``x [B, D]``: its K/V go into cache slot ``lengths[b] - 1``, then it
+        attends to slots ``0 .. lengths[b]-1``. Only the first ``span`` slots are read
+        (``span >= max(lengths)``)."""
         b = x.shape[0]
-        q, k, v = (t.view(b, self.num_heads, 1, -1) for t in self.qkv(x).chunk(3, dim=-1))  # (B, H, 1, Dh)
-        k_cache.scatter_(2, slots, k)
-        v_cache.scatter_(2, slots, v)
-        o = ops.decode_attention(q[:, :, 0], k_cache[:, :, :span], v_cache[:, :, :span], lengths, self.scale)
+        q, k, v = (t.view(b, self.num_heads, -1) for t in self.qkv(x).chunk(3, dim=-1))  # (B, H, Dh)
+        o = ops.decode_attention(q, k_cache[:, :, :span], v_cache[:, :, :span], lengths, self.scale, k, v)
         return self.out(o.reshape(b, -1))
 
 

@@ -32,17 +32,14 @@ class GPT2Block(nn.Module):
         self.ln2 = LayerNorm(d, cfg.layer_norm_eps, device)
         self.mlp = MLP(d, cfg.intermediate_size, cfg.activation, device)
 
-    def _after_self_attention(self, a, h, ck, cv, lengths):
-        x, h = self.ln_cross.add(a, h)
+    def forward(self, h, delta, attend, ck, cv, lengths):
+        """The block on the residual stream ``h + delta`` (``delta`` None: just ``h``); ``attend(x)``
+        is the self-attention of the normalized input. Returns ``(h', delta')`` whose sum is the
+        block's output: the MLP's residual add is left to the next LayerNorm, which fuses it."""
+        x, h = (self.ln1(h), h) if delta is None else self.ln1.add(delta, h)
+        x, h = self.ln_cross.add(attend(x), h)
         x, h = self.ln2.add(self.cross(x, ck, cv, lengths), h)
-        return h + self.mlp(x)
-
-    def prefill(self, h, k, v, ck, cv, lengths):
-        return self._after_self_attention(self.attn.prefill(self.ln1(h), k, v), h, ck, cv, lengths)
-
-    def decode(self, h, k, v, slots, lengths, span, ck, cv, cross_lengths):
-        return self._after_self_attention(self.attn.decode(self.ln1(h), k, v, slots, lengths, span), h, ck, cv,
-                                          cross_lengths)
+        return h, self.mlp(x)
 
 
 class GPT2Decoder(nn.Module):
@@ -62,9 +59,16 @@ class GPT2Decoder(nn.Module):
         c = self.cfg
         return c.num_layers, c.num_heads, c.head_dim, c.max_positions
 
-    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+    def _blocks(self, h, attend, cross):
+        """All blocks; ``attend(i, attn, x)`` runs layer ``i``'s self-attention. Returns ``(h, delta)``."""
+        delta = None
+        for i, layer in enumerate(self.layers):
+            h, delta = layer(h, delta, lambda x: attend(i, layer.attn, x), cross.k[i], cross.v[i], cross.lengths)
+        return h, delta
+
+    def _logits(self, h, delta) -> torch.Tensor:
         head = self.wte if self.cfg.tie_word_embeddings else self.lm_head
-        return ops.linear(self.ln_f(h), head, None)
+        return ops.linear(self.ln_f.add(delta, h)[0], head, None)
 
     def prefill(self, tokens: torch.Tensor, encoder_states: torch.Tensor, cache, cross) -> torch.Tensor:
         """Fill the cross-attention cache from ``encoder_states [B, S, D]`` and run the prompt
@@ -74,17 +78,14 @@ class GPT2Decoder(nn.Module):
             layer.cross.fill_cache(encoder_states, cross.k[i], cross.v[i])
         positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
         h = ops.embedding(tokens, positions, self.wte, self.wpe)  # (B, T, D)
-        for i, layer in enumerate(self.layers):
-            h = layer.prefill(h, cache.k[i], cache.v[i], cross.k[i], cross.v[i], cross.lengths)
-        return self._logits(h[:, -1])
+        h, delta = self._blocks(h, lambda i, attn, x: attn.prefill(x, cache.k[i], cache.v[i]), cross)
+        return self._logits(h[:, -1], delta[:, -1])
 
     def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache, cross) -> torch.Tensor:
-        """One token per row, ``tokens, positions [B]`` -> logits ``[B, V]``."""
+        """One token per row, ``tokens, positions [B]`` -> logits ``[B, V]``; ``cache.span`` bounds
+        the slots read (the whole cache when it equals its length)."""
         h = ops.embedding(tokens, positions, self.wte, self.wpe)  # (B, D)
-        c = self.cfg
-        slots = positions.view(-1, 1, 1, 1).expand(-1, c.num_heads, 1, c.head_dim)  # (B, H, 1, Dh)
         lengths = positions + 1
-        for i, layer in enumerate(self.layers):
-            h = layer.decode(h, cache.k[i], cache.v[i], slots, lengths, cache.span,
-                             cross.k[i], cross.v[i], cross.lengths)
-        return self._logits(h)
+        h, delta = self._blocks(h, lambda i, attn, x: attn.decode(x, cache.k[i], cache.v[i], lengths, cache.span),
+                                cross)
+        return self._logits(h, delta)

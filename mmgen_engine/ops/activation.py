@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .registry import dispatch, register
+from .registry import TRITON_DEVICES, dispatch, register, register_lazy
 
 APPROXIMATIONS = ("none", "tanh")
 
@@ -16,6 +16,9 @@ APPROXIMATIONS = ("none", "tanh")
 @register("bias_gelu", "reference")
 def bias_gelu_reference(x, bias, approximate):
     return F.gelu(x + bias, approximate=approximate)
+
+
+register_lazy("bias_gelu", "triton", "mmgen_engine.kernels.activation:bias_gelu", TRITON_DEVICES)
 
 
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor, approximate: str) -> torch.Tensor:

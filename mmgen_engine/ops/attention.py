@@ -9,14 +9,16 @@ q ``[B, H, Tq, D]``, k/v ``[B, H, Tk, D]``. The mask removes key ``s`` from quer
 ``out[b, h] = sum_s softmax_s(q[b, h] . k[b, h, s] * scale) v[b, h, s]``, ``s < lengths[b]``.
 The same op serves causal self-attention over the static KV cache (``lengths`` = tokens so far) and
 cross-attention over cached encoder K/V (``lengths`` = encoder length of the row). Every row needs
-``lengths[b] >= 1``.
+``lengths[b] >= 1``. With ``new_k, new_v [B, H, D]`` (self-attention) the new token's key/value are
+first written into cache slot ``lengths[b] - 1`` of ``k, v``, so one call both extends the cache
+and attends over it (the Triton kernel does the write itself, saving two launches per layer).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .registry import dispatch, register
+from .registry import TRITON_DEVICES, dispatch, register, register_lazy
 
 
 @register("attention", "reference")
@@ -30,14 +32,25 @@ def attention_reference(q, k, v, scale, causal, key_lengths):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale)
 
 
+register_lazy("attention", "triton", "mmgen_engine.kernels.flash_attention:attention", TRITON_DEVICES)
+
+
 @register("decode_attention", "reference")
-def decode_attention_reference(q, k, v, lengths, scale):
+def decode_attention_reference(q, k, v, lengths, scale, new_k=None, new_v=None):
+    if new_k is not None:
+        slots = (lengths - 1).view(-1, 1, 1, 1).expand(-1, k.shape[1], 1, k.shape[3])  # (B, H, 1, D)
+        k.scatter_(2, slots, new_k[:, :, None])
+        v.scatter_(2, slots, new_v[:, :, None])
     # scores and softmax in fp32; k/v may be a view of the first S slots of a larger cache.
     # (explicit math: torch's CPU SDPA with a mask is ~100x slower for a single query)
     scores = (q.float()[:, :, None] @ k.float().transpose(-1, -2)) * scale  # (B, H, 1, S)
     pad = torch.arange(k.shape[2], device=q.device)[None, :] >= lengths[:, None]  # (B, S)
     probs = scores.masked_fill(pad[:, None, None, :], float("-inf")).softmax(dim=-1)
     return (probs @ v.float())[:, :, 0].to(q.dtype)  # (B, H, D)
+
+
+register_lazy("decode_attention", "triton", "mmgen_engine.kernels.decode_attention:decode_attention",
+              TRITON_DEVICES)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
@@ -50,6 +63,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, c
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor,
-                     scale: float) -> torch.Tensor:
-    """One query per row: ``q [B, H, D]``, ``k, v [B, H, S, D]``, ``lengths [B]`` -> ``[B, H, D]``."""
-    return dispatch("decode_attention", q)(q, k, v, lengths, scale)
+                     scale: float, new_k: torch.Tensor | None = None,
+                     new_v: torch.Tensor | None = None) -> torch.Tensor:
+    """One query per row: ``q [B, H, D]``, ``k, v [B, H, S, D]``, ``lengths [B]`` -> ``[B, H, D]``;
+    ``new_k, new_v [B, H, D]`` are stored at slot ``lengths - 1`` first (see the module docstring)."""
+    return dispatch("decode_attention", q)(q, k, v, lengths, scale, new_k, new_v)

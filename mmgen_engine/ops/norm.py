@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .registry import dispatch, register
+from .registry import TRITON_DEVICES, dispatch, register, register_lazy
 
 
 @register("layer_norm", "reference")
@@ -22,6 +22,10 @@ def layer_norm_reference(x, weight, bias, eps):
 def add_layer_norm_reference(x, residual, weight, bias, eps):
     h = x + residual
     return layer_norm_reference(h, weight, bias, eps), h
+
+
+register_lazy("layer_norm", "triton", "mmgen_engine.kernels.norm:layer_norm", TRITON_DEVICES)
+register_lazy("add_layer_norm", "triton", "mmgen_engine.kernels.norm:add_layer_norm", TRITON_DEVICES)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:

@@ -7,11 +7,19 @@ support. Selection, in this order:
 1. ``MMGEN_BACKEND=reference|triton|cuda`` forces one backend for every op; if that backend has no
    implementation for the op on the tensor's device and dtype, :class:`BackendError` is raised
    (never a silent fallback).
-2. Otherwise the first backend in :data:`PREFERENCE` that supports (device, dtype).
+2. Otherwise the first backend in :data:`PREFERENCE` that supports (device, dtype), except that
+   Triton's CPU interpreter is only ever used when forced.
+
+Triton implementations are registered by dotted path (``"mmgen_engine.kernels.norm:layer_norm"``)
+and imported on first use, so importing the engine never imports Triton. They run on CUDA; on a
+machine without one they also run on CPU when ``TRITON_INTERPRET=1`` (Triton's interpreter: slow,
+for tests only), see :data:`TRITON_DEVICES`.
 """
 from __future__ import annotations
 
 import functools
+import importlib
+import importlib.util
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -25,9 +33,20 @@ PREFERENCE = ("cuda", "triton", "reference")
 ENV_VAR = "MMGEN_BACKEND"
 
 
+
+def _triton_devices() -> tuple[str, ...]:
+    if importlib.util.find_spec("triton") is None:
+        return ()
+    return ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
+
+
+# devices the Triton kernels can run on in this process (empty without triton)
+TRITON_DEVICES = _triton_devices()
+
+
 @dataclass(frozen=True)
 class Impl:
-    fn: Callable
+    fn: Callable | str  # or "module:function", imported on first use
     devices: frozenset[str]
     dtypes: frozenset[torch.dtype]
 
@@ -52,6 +71,21 @@ def register(op: str, backend: str, devices=("cpu", "cuda"),
     return deco
 
 
+def register_lazy(op: str, backend: str, target: str, devices,
+                  dtypes=(torch.float32, torch.float16, torch.bfloat16)) -> None:
+    """Register ``target`` (``"package.module:function"``), imported when first selected.
+    Nothing is registered when ``devices`` is empty (e.g. Triton is not installed)."""
+    if devices:
+        register(op, backend, devices, dtypes)(target)
+
+
+def _load(target: Callable | str) -> Callable:
+    if callable(target):
+        return target
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def forced_backend() -> str | None:
     """The backend forced by ``MMGEN_BACKEND`` (None when unset or empty)."""
     value = os.environ.get(ENV_VAR, "").strip().lower()
@@ -67,9 +101,11 @@ def resolve(op: str, device_type: str, dtype: torch.dtype, forced: str | None) -
         raise BackendError(f"unknown op {op!r}")
     candidates = (forced,) if forced else PREFERENCE
     for backend in candidates:
+        if backend == "triton" and device_type == "cpu" and not forced:
+            continue  # the interpreter is for tests: chosen on CPU only when forced
         impl = impls.get(backend)
         if impl is not None and device_type in impl.devices and dtype in impl.dtypes:
-            return impl.fn
+            return _load(impl.fn)
     have = ", ".join(f"{b} ({'/'.join(sorted(i.devices))})" for b, i in impls.items())
     want = f"backend {forced!r}" if forced else "any backend"
     raise BackendError(f"op {op!r} has no implementation for {want} on {device_type}/"

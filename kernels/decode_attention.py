@@ -1,0 +1,136 @@
+"""Decode attention (flash-decoding): one query token per row against a KV cache.
+
+``out[b, h] = sum_{s < lengths[b]} softmax_s(q[b, h] . k[b, h, s] * scale) v[b, h, s]``
+
+The same kernel serves causal self-attention over the static KV cache (``lengths`` = tokens so far)
+and cross-attention over the cached encoder K/V (``lengths`` = the row's encoder length, a key
+padding mask). For self-attention the new token's key/value can be passed as ``new_k, new_v [B, H, D]``:
+they are written into cache slot ``lengths[b] - 1`` by the kernel (and used from registers there),
+which saves the two scatter launches of an unfused step.
+
+Work split (Dao et al., "Flash-Decoding"): the key axis is cut into ``splits`` chunks so that
+``B * H * splits`` programs fill the GPU even at batch 1; each program keeps a running max, sum and
+fp32 accumulator (online softmax) over its chunk and writes a partial result; a second kernel
+combines the partials of a row. With one split the first kernel writes the output directly.
+Chunks past a row's length exit at once, so the split count can be fixed for a static cache (what
+CUDA-graph capture needs) while rows of any length are read only up to their length.
+
+Bytes moved: the K and V read once, ``2 * B * H * L * D * e`` for lengths L and element size e,
+plus q, the output and ``B * H * splits * (D + 2) * 4`` bytes of partials written and read back.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _decode_kernel(q_ptr, k_ptr, v_ptr, newk_ptr, newv_ptr, len_ptr, out_ptr, part_ptr, ml_ptr,
+                   H, D, chunk, scale,
+                   sq_b, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sn_b, sn_h,
+                   HAS_NEW: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_D: tl.constexpr):
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    length = tl.load(len_ptr + b).to(tl.int32)
+    start = split * chunk
+    end = tl.minimum(start + chunk, length)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    q = tl.load(q_ptr + b * sq_b + h * sq_h + d, mask=dmask, other=0.0).to(tl.float32) * scale
+    k_base = k_ptr + b * sk_b + h * sk_h
+    v_base = v_ptr + b * sv_b + h * sv_h
+    if HAS_NEW:
+        # the new token's K/V: used for slot length-1 by whichever chunk holds it, stored by split 0
+        new_k = tl.load(newk_ptr + b * sn_b + h * sn_h + d, mask=dmask, other=0.0)
+        new_v = tl.load(newv_ptr + b * sn_b + h * sn_h + d, mask=dmask, other=0.0)
+        if split == 0:
+            tl.store(k_base + (length - 1) * sk_s + d, new_k, mask=dmask)
+            tl.store(v_base + (length - 1) * sv_s + d, new_v, mask=dmask)
+    m = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), axis=0)
+    l = tl.sum(tl.zeros([BLOCK_N], tl.float32), axis=0)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        nmask = n < end
+        kv_mask = nmask[:, None] & dmask[None, :]
+        k = tl.load(k_base + n[:, None] * sk_s + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + n[:, None] * sv_s + d[None, :], mask=kv_mask, other=0.0)
+        if HAS_NEW:
+            is_new = (n == length - 1)[:, None]
+            k = tl.where(is_new, new_k[None, :], k)
+            v = tl.where(is_new, new_v[None, :], v)
+        s = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
+        s = tl.where(nmask, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=0))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(s - m_new)
+        l = l * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+        m = m_new
+    if SPLIT:
+        tl.store(part_ptr + (bh * tl.num_programs(1) + split) * D + d, acc, mask=dmask)
+        tl.store(ml_ptr + (bh * tl.num_programs(1) + split) * 2, m)
+        tl.store(ml_ptr + (bh * tl.num_programs(1) + split) * 2 + 1, l)
+    else:
+        tl.store(out_ptr + bh * D + d, (acc / l).to(out_ptr.dtype.element_ty), mask=dmask)
+
+
+@triton.jit
+def _combine_kernel(part_ptr, ml_ptr, out_ptr, D, splits,
+                    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    bh = tl.program_id(0)
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    smask = s < splits
+    m = tl.load(ml_ptr + (bh * splits + s) * 2, mask=smask, other=float("-inf"))
+    l = tl.load(ml_ptr + (bh * splits + s) * 2 + 1, mask=smask, other=0.0)
+    m_max = tl.max(m, axis=0)
+    w = tl.where(m > float("-inf"), tl.exp(m - m_max), 0.0)  # empty chunks weigh nothing
+    acc = tl.load(part_ptr + (bh * splits + s)[:, None] * D + d[None, :],
+                  mask=smask[:, None] & (d[None, :] < D), other=0.0)
+    out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
+    tl.store(out_ptr + bh * D + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
+
+
+BLOCK_N = 32
+
+
+def num_splits(batch_heads: int, max_len: int, device: torch.device) -> int:
+    """Chunks per row: enough programs for ~2 waves over the GPU, each chunk >= 2 key blocks."""
+    if device.type != "cuda":
+        return min(4, triton.cdiv(max_len, 2 * BLOCK_N))  # the interpreter: exercise the split path
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = triton.cdiv(2 * sms, batch_heads)
+    return max(1, min(want, triton.cdiv(max_len, 2 * BLOCK_N), 64))
+
+
+def decode_attention(q, k, v, lengths, scale, new_k=None, new_v=None):
+    b, h, s, d = k.shape
+    for name, t in (("q", q), ("k", k), ("v", v), ("new_k", new_k), ("new_v", new_v)):
+        if t is not None and t.stride(-1) != 1:
+            raise ValueError(f"decode_attention: {name} needs a unit last stride, got strides {t.stride()}")
+    splits = num_splits(b * h, s, q.device)
+    chunk = triton.cdiv(triton.cdiv(s, splits), BLOCK_N) * BLOCK_N
+    splits = triton.cdiv(s, chunk)
+    out = torch.empty(b, h, d, dtype=q.dtype, device=q.device)
+    block_d = triton.next_power_of_2(d)
+    if splits > 1:
+        part = torch.empty(b * h * splits * d, dtype=torch.float32, device=q.device)
+        ml = torch.empty(b * h * splits * 2, dtype=torch.float32, device=q.device)
+    else:
+        part = ml = out
+    has_new = new_k is not None
+    nk, nv = (new_k, new_v) if has_new else (q, q)
+    _decode_kernel[(b * h, splits)](
+        q, k, v, nk, nv, lengths, out, part, ml, h, d, chunk, scale,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
+        v.stride(2), nk.stride(0), nk.stride(1),
+        HAS_NEW=has_new, SPLIT=splits > 1, BLOCK_N=BLOCK_N, BLOCK_D=block_d, num_warps=4)
+    if splits > 1:
+        _combine_kernel[(b * h,)](part, ml, out, d, splits, BLOCK_S=triton.next_power_of_2(splits),
+                                  BLOCK_D=block_d)
+    return out

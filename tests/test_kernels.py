@@ -1,0 +1,168 @@
+"""Triton kernels against the plain-torch references: norms, bias + GELU, embedding (+ LayerNorm),
+decode attention (self with the fused cache write, cross with per-row key lengths).
+
+Without a GPU these run in Triton's interpreter (TRITON_INTERPRET=1, set by conftest) at small,
+awkward shapes; the ``gpu`` tests run the same comparisons at real sizes in fp16 and bf16.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mmgen_engine import ops
+from mmgen_engine.ops.attention import decode_attention_reference
+from mmgen_engine.ops.embedding import embedding_reference
+
+triton = pytest.importorskip("triton")
+from mmgen_engine.kernels import activation, decode_attention, embedding, norm  # noqa: E402
+
+# (atol, rtol) of a kernel against the reference run on the same inputs
+TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2)}
+CPU_DTYPES = [torch.float32, torch.float16]
+GPU_DTYPES = [torch.float16, torch.bfloat16]
+gpu = pytest.mark.gpu
+
+
+def rand(*shape, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(dtype=dtype, device=device)
+
+
+def close(out, ref):
+    atol, rtol = TOL[ref.dtype]
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
+
+
+def check_norms(rows, dim, dtype, device):
+    x, res = rand(*rows, dim, dtype=dtype, device=device, seed=1), rand(*rows, dim, dtype=dtype, device=device, seed=2)
+    w, b = rand(dim, device=device, seed=3), rand(dim, device=device, seed=4)
+    close(norm.layer_norm(x, w, b, 1e-5), ops.norm.layer_norm_reference(x, w, b, 1e-5))
+    out, h = norm.add_layer_norm(x, res, w, b, 1e-5)
+    ref_out, ref_h = ops.norm.add_layer_norm_reference(x, res, w, b, 1e-5)
+    assert torch.equal(h, ref_h)
+    close(out, ref_out)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("rows,dim", [((1,), 1), ((3,), 7), ((2, 5), 97), ((17,), 768)])
+def test_layer_norms(rows, dim, dtype):
+    check_norms(rows, dim, dtype, "cpu")
+
+
+def check_bias_gelu(shape, approximate, dtype, device):
+    x = 3 * rand(*shape, dtype=dtype, device=device, seed=5)
+    b = rand(shape[-1], dtype=dtype, device=device, seed=6)
+    close(activation.bias_gelu(x, b, approximate), ops.activation.bias_gelu_reference(x, b, approximate))
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 97), (2, 5, 1031)])
+def test_bias_gelu(shape, approximate, dtype):
+    check_bias_gelu(shape, approximate, dtype, "cpu")
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_bias_gelu_tails_are_exact():
+    x = torch.tensor([[-1e4, -100.0, -20.0, 0.0, 20.0, 100.0, 1e4]])
+    for approximate in ("none", "tanh"):
+        out = activation.bias_gelu(x, torch.zeros(7), approximate)
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(out, torch.nn.functional.gelu(x, approximate=approximate))
+
+
+def check_embedding(shape, vocab, dim, with_ln, dtype, device):
+    g = torch.Generator().manual_seed(7)
+    tokens = torch.randint(0, vocab, shape, generator=g).to(device)
+    positions = torch.randint(0, 13, shape, generator=g).to(device)
+    wte, wpe = rand(vocab, dim, dtype=dtype, device=device, seed=8), rand(13, dim, dtype=dtype, device=device, seed=9)
+    ln = (rand(dim, device=device, seed=10), rand(dim, device=device, seed=11)) if with_ln else (None, None)
+    close(embedding.embedding(tokens, positions, wte, wpe, *ln, 1e-5),
+          embedding_reference(tokens, positions, wte, wpe, *ln, 1e-5))
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("with_ln", [False, True])
+@pytest.mark.parametrize("shape,vocab,dim", [((1,), 1, 1), ((3,), 97, 24), ((2, 7), 1001, 64)])
+def test_embedding(shape, vocab, dim, with_ln, dtype):
+    check_embedding(shape, vocab, dim, with_ln, dtype, "cpu")
+
+
+def check_decode_attention(b, h, s, d, dtype, device, lengths=None, fused_write=False):
+    g = torch.Generator().manual_seed(b * 1000 + s)
+    q = rand(b, h, d, dtype=dtype, device=device, seed=12)
+    k, v = rand(b, h, s, d, dtype=dtype, device=device, seed=13), rand(b, h, s, d, dtype=dtype, device=device, seed=14)
+    if lengths is None:
+        lengths = torch.randint(1, s + 1, (b,), generator=g)
+    lengths = lengths.to(device)
+    scale = 1 / math.sqrt(d)
+    new = (rand(b, h, d, dtype=dtype, device=device, seed=15), rand(b, h, d, dtype=dtype, device=device, seed=16)) \
+        if fused_write else (None, None)
+    k2, v2 = k.clone(), v.clone()
+    out = decode_attention.decode_attention(q, k2, v2, lengths, scale, *new)
+    ref = decode_attention_reference(q, k, v, lengths, scale, *new)  # writes into k, v too
+    close(out, ref)
+    if fused_write:
+        assert torch.equal(k2, k) and torch.equal(v2, v)
+    return out, ref, (q, k, v, lengths, scale)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("fused_write", [False, True])
+@pytest.mark.parametrize("b,h,s,d", [(1, 1, 1, 8), (3, 5, 7, 24), (2, 3, 97, 64), (1, 2, 300, 16)])
+def test_decode_attention(b, h, s, d, fused_write, dtype):
+    check_decode_attention(b, h, s, d, dtype, "cpu", fused_write=fused_write)
+
+
+def test_decode_attention_lengths_at_the_edges_and_strided_views():
+    # lengths 1 and the full cache, in a row each; k/v are views of a larger cache (the span)
+    check_decode_attention(2, 3, 130, 32, torch.float32, "cpu", lengths=torch.tensor([1, 130]))
+    q = rand(2, 3, 32, seed=1)
+    cache_k, cache_v = rand(2, 3, 200, 32, seed=2), rand(2, 3, 200, 32, seed=3)
+    lengths = torch.tensor([5, 97])
+    out = decode_attention.decode_attention(q, cache_k[:, :, :100], cache_v[:, :, :100], lengths, 0.2)
+    close(out, decode_attention_reference(q, cache_k[:, :, :100], cache_v[:, :, :100], lengths, 0.2))
+
+
+def test_ops_dispatch_to_the_triton_kernels_when_forced(monkeypatch):
+    monkeypatch.setenv("MMGEN_BACKEND", "triton")
+    x = rand(3, 16)
+    assert ops.registry.dispatch("layer_norm", x) is norm.layer_norm
+    assert ops.registry.dispatch("decode_attention", x) is decode_attention.decode_attention
+    close(ops.bias_gelu(x, rand(16), "tanh"), ops.activation.bias_gelu_reference(x, rand(16), "tanh"))
+    monkeypatch.delenv("MMGEN_BACKEND")
+    assert ops.registry.dispatch("layer_norm", x) is ops.norm.layer_norm_reference  # never by default on CPU
+
+
+# ---- GPU: the same comparisons at real sizes --------------------------------------------------
+
+@gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+def test_gpu_elementwise_kernels(dtype):
+    for rows, dim in [((1,), 768), ((16,), 768), ((4, 197), 768), ((3,), 1031)]:
+        check_norms(rows, dim, dtype, "cuda")
+    for approximate in ("none", "tanh"):
+        check_bias_gelu((16, 3072), approximate, dtype, "cuda")
+        check_bias_gelu((4, 197, 3072), approximate, dtype, "cuda")
+    check_embedding((16,), 50257, 768, False, dtype, "cuda")
+    check_embedding((4, 35), 30524, 768, True, dtype, "cuda")
+
+
+def rel_err(x, ref):
+    return float((x.double() - ref).norm() / ref.norm())
+
+
+@gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("b,h,s,d", [(1, 12, 1024, 64), (16, 12, 197, 64), (16, 12, 4096, 64), (3, 5, 97, 24)])
+def test_gpu_decode_attention_error_at_most_twice_torch(b, h, s, d, dtype):
+    _, _, (q, k, v, lengths, scale) = check_decode_attention(b, h, s, d, dtype, "cuda", fused_write=True)
+    ours = decode_attention.decode_attention(q, k, v, lengths, scale)
+    mask = (torch.arange(s, device="cuda")[None, :] < lengths[:, None])[:, None, None, :]
+    exact = torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, None].double(), k.double(), v.double(), attn_mask=mask, scale=scale)[:, :, 0]
+    naive = torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, scale=scale)[:, :, 0]
+    assert rel_err(ours, exact) <= 2 * rel_err(naive, exact) + 1e-6
