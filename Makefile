@@ -7,6 +7,8 @@ PYTHON ?= python3
 # Pinned: on the project's machines pip takes this version's CPU build from local disk, while an
 # unpinned torch would pull a multi-GB CUDA build. Override TORCH to install another build.
 TORCH ?= torch==2.13.0
+# Triton's CPU interpreter (the CI tests of the Triton kernels) works with this version and numpy 2.4.
+TRITON ?= triton==3.8.0
 VENV := .venv
 VPY := $(VENV)/bin/python
 
@@ -20,7 +22,7 @@ venv: $(VENV)/.venv-ready
 $(VENV)/.venv-ready:
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install --upgrade pip
-	$(VPY) -m pip install "$(TORCH)"
+	$(VPY) -m pip install "$(TORCH)" "$(TRITON)"
 	$(VPY) -m pip install setuptools wheel pybind11
 	touch $@
 

@@ -167,12 +167,23 @@ def bench_dtype(dtype: str, engine_dir: Path, hf_dir: Path, args) -> tuple[list[
         row = {"device": device, "dtype": dtype, "batch": batch}
         log(f"timing engine {dtype} batch {batch} ...")
         eng, eng_ids = time_impl("engine", run_engine, device, args)
+        timed = [eng]
+        if pipe.use_cuda_graphs:  # the same engine without graphs, to show what the graphs buy
+            pipe.use_cuda_graphs = False
+            log(f"timing engine (eager) {dtype} batch {batch} ...")
+            eager, eager_ids = time_impl("engine-eager", run_engine, device, args)
+            pipe.use_cuda_graphs = True
+            if not torch.equal(eager_ids, eng_ids):
+                print(f"WARNING: graph and eager ids differ ({device} {dtype} batch {batch})", flush=True)
+            eager["ids_equal_graph"] = torch.equal(eager_ids, eng_ids)
+            timed.append(eager)
         log(f"timing HF {dtype} batch {batch} ...")
         ref, ref_ids = time_impl("HF", run_hf, device, args)
-        for rec in (eng, ref):
+        timed.append(ref)
+        for rec in timed:
             rec["decoder_weight_bytes"] = step_bytes
             rec["weight_GBps"] = step_bytes / rec["ms_per_token"] / 1e6
-        results += [{**row, **eng}, {**row, **ref}]
+        results += [{**row, **rec} for rec in timed]
 
         same = eng_ids.shape == ref_ids.shape and bool((eng_ids == ref_ids).all())
         agree = float((eng_ids == ref_ids).float().mean()) if eng_ids.shape == ref_ids.shape else 0.0

@@ -39,12 +39,15 @@ def _device(device) -> torch.device:
     return dev
 
 
-def load(path, device="cpu", dtype=None):
+def load(path, device="cpu", dtype=None, cuda_graphs=True):
     """Load a converted checkpoint directory as its task's pipeline.
 
     ``device`` "cpu" | "cuda" | "cuda:N"; ``dtype`` "float32" | "float16" | "bfloat16" casts the
-    weights (None keeps the checkpoint's). Returns e.g. a :class:`CaptioningPipeline`.
+    weights (None keeps the checkpoint's); ``cuda_graphs`` replays decode steps from CUDA graphs on
+    a CUDA device (False: eager steps, the same tokens). Returns e.g. a :class:`CaptioningPipeline`.
     """
+    if not isinstance(cuda_graphs, bool):
+        raise InputError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
     path = Path(path)
     dev = _device(device)
     try:
@@ -52,7 +55,9 @@ def load(path, device="cpu", dtype=None):
     except CheckpointError as e:
         raise InputError(str(e)) from None
     config = read_config(path)
-    return PIPELINES[config.task].from_checkpoint(path, config, dev, target)
+    pipe = PIPELINES[config.task].from_checkpoint(path, config, dev, target)
+    pipe.use_cuda_graphs = cuda_graphs and dev.type == "cuda"
+    return pipe
 
 
 def build_info() -> dict:

@@ -1,4 +1,9 @@
-"""Sampler: greedy, top-k (ties kept), top-p mass, temperature, seeding, parameter validation."""
+"""Sampler and the reference ``sample`` op: greedy, top-k (ties kept), top-p mass, temperature,
+guidance, vocab_limit, seeding and offsets, Philox known answers, parameter validation.
+
+The statistics run on the reference (the spec); tests/test_kernels_sampling.py shows the Triton
+kernel picks the same tokens.
+"""
 from __future__ import annotations
 
 import math
@@ -8,8 +13,15 @@ import torch
 
 from mmgen_engine import InputError, SamplingParams
 from mmgen_engine.ops import sample
+from mmgen_engine.ops.random import philox4x32, uniform
 from mmgen_engine.ops.sampling import filter_logits
 from mmgen_engine.runtime import Sampler
+
+
+@pytest.fixture(autouse=True)
+def reference_backend(monkeypatch):
+    """Thousands of rows per draw: too many for the Triton interpreter."""
+    monkeypatch.setenv("MMGEN_BACKEND", "reference")
 
 
 def rows(b, value, dtype=torch.float32):
@@ -20,6 +32,10 @@ def draw(logits, params: SamplingParams, n: int) -> torch.Tensor:
     """``n`` independent tokens from one row of logits."""
     sampler = Sampler(params, n, logits.device)
     return sampler(logits.expand(n, -1).contiguous())
+
+
+def kept(logits, top_k=0, top_p=1.0):
+    return torch.isfinite(filter_logits(logits, rows(1, 1.0), rows(1, top_k, torch.int64), rows(1, top_p)))[0].tolist()
 
 
 def test_greedy_is_argmax_first_on_ties():
@@ -37,22 +53,37 @@ def test_top_k_never_leaves_top_k():
 
 
 def test_top_k_keeps_ties_at_the_boundary():
-    logits = torch.tensor([[4.0, 1.0, 3.0, 3.0, 3.0, 0.0]])
-    kept = filter_logits(logits, rows(1, 1.0), rows(1, 2, torch.int64), rows(1, 1.0))
-    assert torch.isfinite(kept[0]).tolist() == [True, False, True, True, True, False]
+    assert kept(torch.tensor([[4.0, 1.0, 3.0, 3.0, 3.0, 0.0]]), top_k=2) == [True, False, True, True, True, False]
+    # -0.0 == 0.0 is a tie too
+    assert kept(torch.tensor([[1.0, 0.0, -0.0, -1.0]]), top_k=2) == [True, True, True, False]
 
 
 def test_top_p_keeps_smallest_set_reaching_mass():
     probs = torch.tensor([[0.5, 0.25, 0.15, 0.07, 0.03]])
     logits = probs.log()
-    for p, expect in [(0.5, 1), (0.6, 2), (0.75, 2), (0.8, 3), (0.9, 3), (0.95, 4), (1.0, 5)]:
-        kept = filter_logits(logits, rows(1, 1.0), rows(1, 0, torch.int64), rows(1, p))
-        assert int(torch.isfinite(kept).sum()) == expect, p
+    for p, expect in [(0.3, 1), (0.6, 2), (0.7, 2), (0.8, 3), (0.85, 3), (0.95, 4), (0.99, 5), (1.0, 5)]:
+        assert sum(kept(logits, top_p=p)) == expect, p
     tokens = draw(logits, SamplingParams(do_sample=True, top_p=0.8, seed=3), 4000)
     assert set(tokens.tolist()) == {0, 1, 2}
     freq = torch.bincount(tokens, minlength=5).float() / 4000
     renorm = probs[0, :3] / probs[0, :3].sum()
     assert torch.allclose(freq[:3], renorm, atol=0.03)
+
+
+def test_top_p_keeps_or_removes_ties_together():
+    logits = torch.tensor([[2.0, 1.0, 1.0, 0.0]])
+    top = torch.softmax(logits, -1)[0, 0].item()
+    assert kept(logits, top_p=top + 0.01) == [True, True, True, False]  # mass above the ties < top_p
+    assert kept(logits, top_p=top - 0.01) == [True, False, False, False]
+    # the most likely tokens are always kept, also when they tie
+    assert kept(torch.tensor([[1.0, 1.0, 0.0]]), top_p=0.01) == [True, True, False]
+
+
+def test_top_p_applies_to_the_top_k_survivors():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
+    # over the two survivors token 0 has ~0.73 of the mass, so top_p 0.75 needs token 1 as well
+    assert kept(logits, top_k=2, top_p=0.75) == [True, True, False, False]
+    assert kept(logits, top_k=2, top_p=0.7) == [True, False, False, False]
 
 
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
@@ -76,16 +107,89 @@ def test_same_seed_same_tokens_and_different_seed_differs():
     seq_c = torch.stack([c(logits) for _ in range(5)])
     assert torch.equal(seq_a, seq_b)
     assert not torch.equal(seq_a, seq_c)
+    assert a.offset.tolist() == [5]
+    assert len({tuple(step) for step in seq_a.tolist()}) > 1  # each call draws with the next offset
+
+
+def test_unseeded_samplers_differ():
+    logits = torch.zeros(16, 1000)
+    params = SamplingParams(do_sample=True)
+    assert not torch.equal(Sampler(params, 16, logits.device)(logits), Sampler(params, 16, logits.device)(logits))
 
 
 def test_per_row_do_sample_mixes_greedy_and_sampled():
+    """Sampled rows are the Gumbel-max of the spec: argmax(l - log(-log u)) with Philox's u."""
     logits = torch.randn(4, 30, generator=torch.Generator().manual_seed(1))
-    noise = torch.empty(4, 30).exponential_(generator=torch.Generator().manual_seed(2))
     do_sample = torch.tensor([True, False, True, False])
-    out = sample(logits, rows(4, 1.0), rows(4, 0, torch.int64), rows(4, 1.0), do_sample, noise)
+    seeds, offset = torch.tensor([5, 6, 2**40 + 7, 8]), torch.tensor([2**33 + 3])
+    out = sample(logits, rows(4, 1.0), rows(4, 0, torch.int64), rows(4, 1.0), do_sample, seeds, offset)
     greedy = logits.argmax(-1)
     assert out[1] == greedy[1] and out[3] == greedy[3]
-    assert torch.equal(out[[0, 2]], (logits.softmax(-1) / noise).argmax(-1)[[0, 2]])
+    u = uniform(seeds, offset, torch.arange(4), 30)
+    assert torch.equal(out[[0, 2]], (logits - torch.log(-torch.log(u))).argmax(-1)[[0, 2]])
+
+
+def test_guidance_combines_unconditioned_and_conditioned_rows():
+    g = torch.Generator().manual_seed(2)
+    uncond, cond = torch.randn(3, 40, generator=g), torch.randn(3, 40, generator=g)
+    sampler = Sampler(SamplingParams(guidance_scale=4.0), 3, uncond.device, guidance=True)
+    tokens = sampler(torch.cat([uncond, cond]))
+    assert torch.equal(tokens, (uncond * (1 - 4.0) + cond * 4.0).argmax(-1))
+
+
+def test_vocab_limit_restricts_tokens():
+    logits = torch.zeros(64, 100)
+    logits[:, 90:] = 10.0  # the best tokens lie outside the limit
+    for params in [SamplingParams(), SamplingParams(do_sample=True, seed=0)]:
+        tokens = Sampler(params, 64, logits.device, vocab_limit=90)(logits)
+        assert int(tokens.max()) < 90
+
+
+def test_philox_known_answers():
+    """Random123's kat_vectors for philox4x32_R(10): (counter, key) -> output."""
+    for ctr, key, out in [
+        ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+        ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+        ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+         (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+    ]:
+        assert [int(w) for w in philox4x32(*key, *ctr)] == list(out)
+
+
+def test_uniform_is_strictly_inside_the_unit_interval():
+    u = uniform(torch.tensor([0, 2**62 + 1]), torch.tensor([0]), torch.tensor([0, 1]), 100_000)
+    assert u.dtype == torch.float32 and u.shape == (2, 100_000)
+    assert 0 < float(u.min()) and float(u.max()) < 1
+    assert abs(float(u.mean()) - 0.5) < 0.005
+    assert not torch.equal(u[0], u[1])
+
+
+def test_sample_rejects_bad_shapes():
+    logits, b = torch.randn(2, 10), 2
+    args = dict(temperature=rows(b, 1.0), top_k=rows(b, 0, torch.int64), top_p=rows(b, 1.0),
+                do_sample=rows(b, True, torch.bool), seeds=rows(b, 0, torch.int64),
+                offset=torch.zeros(1, dtype=torch.int64))
+    with pytest.raises(ValueError, match="2B rows"):
+        sample(logits, **args, guidance=rows(b, 1.0))
+    with pytest.raises(ValueError, match="B rows"):
+        sample(torch.randn(3, 10), **args)
+    with pytest.raises(ValueError, match="vocab_limit"):
+        sample(logits, **args, vocab_limit=11)
+    with pytest.raises(ValueError, match="vocab_limit"):
+        sample(logits, **args, vocab_limit=0)
+    with pytest.raises(ValueError, match="offset"):
+        sample(logits, **{**args, "offset": torch.zeros((), dtype=torch.int64)})
+    with pytest.raises(ValueError, match="offset"):
+        sample(logits, **{**args, "offset": torch.zeros(1, dtype=torch.int32)})
+    with pytest.raises(ValueError, match="top_p"):
+        sample(logits, **{**args, "top_p": rows(3, 1.0)})
+
+
+def test_guidance_scale_needs_a_guided_task_and_vice_versa():
+    with pytest.raises(InputError, match="guidance_scale is not supported"):
+        Sampler(SamplingParams(guidance_scale=2.0), 1, torch.device("cpu"))
+    with pytest.raises(InputError, match="guidance_scale"):
+        Sampler(SamplingParams(), 1, torch.device("cpu"), guidance=True)
 
 
 @pytest.mark.parametrize("kwargs", [

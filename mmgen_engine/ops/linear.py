@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .registry import dispatch, register
+from .registry import TRITON_DEVICES, dispatch, register, register_lazy
 
 # above this many rows the product is a matrix-matrix product that BLAS already spreads over threads
 SPLIT_MAX_ROWS = 16
@@ -34,6 +34,9 @@ def linear_reference(x, weight, bias):
     if bias is not None:
         out += bias
     return out.view(*x.shape[:-1], n)
+
+
+register_lazy("linear", "triton", "mmgen_engine.kernels.linear:linear", TRITON_DEVICES)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

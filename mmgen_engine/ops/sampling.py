@@ -1,50 +1,111 @@
-"""Batched per-row token sampling.
+"""Batched per-row token sampling with a counter-based random stream.
 
-For each row ``b`` of ``logits [B, V]`` (processing order as in Hugging Face's logits warpers):
+``sample(logits, temperature, top_k, top_p, do_sample, seeds, offset, guidance=None, vocab_limit=None)
+-> tokens [B] int64``
 
-1. ``do_sample[b]`` false: ``argmax(logits[b])`` (first index on ties, like ``torch.argmax``).
-2. otherwise ``l = logits[b] / temperature[b]``; top-k keeps every token whose logit is >= the k-th
-   largest (ties at the boundary are kept; ``top_k[b] == 0`` disables it); top-p removes the
-   smallest-probability tokens whose cumulative probability (ascending) is <= ``1 - top_p[b]``,
-   always keeping the most likely token; then the token is ``argmax(softmax(l) / noise[b])`` with
-   ``noise`` i.i.d. Exponential(1) - an exact draw from the categorical distribution (the
-   exponential race), which makes the randomness an explicit input so every backend given the same
-   noise picks the same token.
+- ``logits [R, V]`` fp32/fp16/bf16. Per-row ``temperature [B]`` f32, ``top_k [B]`` int64 (0 = off),
+  ``top_p [B]`` f32 in (0, 1], ``do_sample [B]`` bool, ``seeds [B]`` int64; ``offset [1]`` int64 on
+  the logits' device is the step counter, read on the device so the op can be captured in a CUDA
+  graph and replayed with a new offset without a host sync.
+- ``guidance``: None (then R == B) or ``[B]`` f32 (then R == 2B, rows ``[uncond_0..uncond_{B-1};
+  cond_0..cond_{B-1}]``, combined ``z_b = uncond_b * (1 - g_b) + cond_b * g_b`` in fp32: min-dalle's
+  supercondition formula).
+- ``vocab_limit``: None or n: only columns ``0..n-1`` take part (e.g. the image-code slice of a
+  text+image vocabulary); tokens are < n.
+
+Per row b, in fp32: the combined logits ``z`` over the sliced vocabulary. ``do_sample[b]`` false:
+``argmax z`` (first index on ties). Otherwise ``l = z * inv_t`` with ``inv_t = 1 / temperature[b]``
+(one fp32 reciprocal computed with torch, so every backend multiplies by the same number); top-k
+keeps every token with ``l >=`` the k-th largest ``l`` (ties at the boundary kept); then top-p over
+the softmax of the tokens kept so far keeps token i iff the probability mass of kept tokens with
+strictly greater ``l`` is ``< top_p`` (ties are kept or removed together; for distinct values this is
+Hugging Face's TopPLogitsWarper; the most likely token is always kept). The token is the argmax over
+kept i of ``l_i + gumbel_i``, ``gumbel_i = -log(-log(u_i))``: Gumbel-max, an exact draw from the
+categorical distribution.
+
+Randomness: ``u[b, i]`` is :func:`mmgen_engine.ops.random.uniform` - Philox4x32-10 with key
+``(seed_b & 0xffffffff, seed_b >> 32)`` and counter ``(i, b, offset & 0xffffffff, offset >> 32)``
+(what ``triton.language.philox`` computes), first word ``x0``, ``u = ((x0 >> 9) + 0.5) * 2**-23``.
+``i`` is the vocabulary index and ``b`` the output row (after the guidance combine).
 """
 from __future__ import annotations
 
 import torch
 
-from .registry import dispatch, register
+from .random import uniform
+from .registry import TRITON_DEVICES, dispatch, register, register_lazy
+
+
+def combine(logits, guidance, vocab_limit):
+    """The fp32 logits ``z [B, n]`` of the spec: the vocabulary slice, guidance-combined."""
+    n = logits.shape[-1] if vocab_limit is None else vocab_limit
+    logits = logits[:, :n].float()
+    if guidance is None:
+        return logits
+    uncond, cond = logits.chunk(2)
+    g = guidance.float()[:, None]
+    return uncond * (1 - g) + cond * g
 
 
 def filter_logits(logits, temperature, top_k, top_p):
-    """Temperature, top-k and top-p of the sampling spec above; removed tokens become ``-inf``."""
-    logits = logits.float() / temperature[:, None]
-    vocab = logits.shape[-1]
+    """``l = logits * (1 / temperature)`` with the tokens that top-k and top-p remove set to ``-inf``."""
+    logits = logits.float() * temperature.float().reciprocal()[:, None]
+    rows, vocab = logits.shape
+    ninf = torch.tensor(float("-inf"), device=logits.device)
+    # top-k: everything >= the k-th largest value
     k = top_k.clamp(min=0, max=vocab)
     kth = torch.sort(logits, dim=-1, descending=True).values.gather(1, (k - 1).clamp(min=0)[:, None])
-    logits = logits.masked_fill((logits < kth) & (k[:, None] > 0), float("-inf"))
-    sorted_logits, order = torch.sort(logits, dim=-1)  # ascending
-    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    remove_sorted = cum <= (1 - top_p)[:, None]
-    remove_sorted[:, -1] = False
-    remove = remove_sorted.scatter(1, order, remove_sorted)
-    return logits.masked_fill(remove, float("-inf"))
+    logits = torch.where((logits < kth) & (k[:, None] > 0), ninf, logits)
+    # top-p: keep i iff the mass strictly above l_i is < top_p (ties share their group's mass above)
+    e = torch.exp(logits - logits.max(dim=-1, keepdim=True).values)
+    probs = e / e.sum(dim=-1, keepdim=True)
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    cum = probs.gather(1, order).cumsum(dim=-1)
+    before = torch.cat([torch.zeros_like(cum[:, :1]), cum[:, :-1]], dim=-1)  # mass of earlier positions
+    position = torch.arange(vocab, device=logits.device).expand(rows, vocab)
+    starts = torch.ones_like(sorted_logits, dtype=torch.bool)
+    starts[:, 1:] = sorted_logits[:, 1:] != sorted_logits[:, :-1]
+    group_start = torch.where(starts, position, 0).cummax(dim=-1).values
+    keep_sorted = before.gather(1, group_start) < top_p.float()[:, None]
+    keep = keep_sorted.scatter(1, order, keep_sorted)
+    return torch.where(keep, logits, ninf)
 
 
 @register("sample", "reference")
-def sample_reference(logits, temperature, top_k, top_p, do_sample, noise):
-    greedy = logits.argmax(dim=-1)
-    if noise is None:
-        return greedy
-    probs = filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
-    sampled = (probs / noise).argmax(dim=-1)
-    return torch.where(do_sample, sampled, greedy)
+def sample_reference(logits, temperature, top_k, top_p, do_sample, seeds, offset, guidance=None, vocab_limit=None):
+    z = combine(logits, guidance, vocab_limit)
+    rows = torch.arange(z.shape[0], device=z.device)
+    gumbel = -torch.log(-torch.log(uniform(seeds, offset, rows, z.shape[1])))
+    sampled = (filter_logits(z, temperature, top_k, top_p) + gumbel).argmax(dim=-1)
+    return torch.where(do_sample, sampled, z.argmax(dim=-1))
+
+
+register_lazy("sample", "triton", "mmgen_engine.kernels.sampling:sample", TRITON_DEVICES)
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-           do_sample: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
-    """Next tokens ``[B]`` from ``logits [B, V]`` and per-row ``temperature, top_k, top_p,
-    do_sample [B]``; ``noise [B, V]`` Exponential(1) draws, or None when no row samples."""
-    return dispatch("sample", logits)(logits, temperature, top_k, top_p, do_sample, noise)
+           do_sample: torch.Tensor, seeds: torch.Tensor, offset: torch.Tensor, guidance: torch.Tensor | None = None,
+           vocab_limit: int | None = None) -> torch.Tensor:
+    """Next tokens ``[B]`` from ``logits [R, V]`` (R == B, or 2B with ``guidance [B]``), see the
+    module docstring. Shapes are checked here; values are not (that would sync with the device)."""
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [R, V], got shape {tuple(logits.shape)}")
+    batch = seeds.shape[0] if seeds.dim() == 1 else -1
+    for name, t in [("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("do_sample", do_sample),
+                    ("guidance", guidance)]:
+        if t is not None and tuple(t.shape) != (batch,):
+            raise ValueError(f"{name} must have shape [B] = seeds' shape {tuple(seeds.shape)}, got {tuple(t.shape)}")
+    rows = batch if guidance is None else 2 * batch
+    if batch < 1 or logits.shape[0] != rows:
+        raise ValueError(f"logits must have {'2B' if guidance is not None else 'B'} rows for B = {batch} "
+                         f"{'with' if guidance is not None else 'without'} guidance, got {logits.shape[0]}")
+    vocab = logits.shape[1]
+    if vocab < 1:
+        raise ValueError("logits has an empty vocabulary")
+    if vocab_limit is not None and (type(vocab_limit) is not int or not 1 <= vocab_limit <= vocab):
+        raise ValueError(f"vocab_limit must be an integer in [1, {vocab}], got {vocab_limit!r}")
+    if tuple(offset.shape) != (1,) or offset.dtype != torch.int64 or offset.device != logits.device:
+        raise ValueError(f"offset must be a [1] int64 tensor on {logits.device}, got {tuple(offset.shape)} "
+                         f"{offset.dtype} on {offset.device}")
+    return dispatch("sample", logits)(logits, temperature, top_k, top_p, do_sample, seeds, offset, guidance,
+                                      vocab_limit)

@@ -18,7 +18,7 @@ from ..checkpoint import assign_weights, load_weights, torch_dtype
 from ..config import CaptioningConfig
 from ..errors import CheckpointError, InputError, one_line
 from ..models import ARCHITECTURES
-from ..runtime import SamplingParams, generate
+from ..runtime import CUDAGraphs, SamplingParams, generate
 from ..runtime.layout import column_major_weights
 
 def load_image(image) -> PIL.Image.Image:
@@ -51,6 +51,10 @@ class CaptioningPipeline:
     def __init__(self, model, tokenizer: Tokenizer, config: CaptioningConfig, device: torch.device):
         self.model, self.tokenizer, self.config, self.device = model, tokenizer, config, device
         self.dtype = model.decoder.wte.dtype
+        # on CUDA, decode steps are captured as CUDA graphs per batch bucket and replayed
+        # (set False to decode eagerly; both give the same tokens)
+        self.use_cuda_graphs = device.type == "cuda"
+        self._graphs = CUDAGraphs(model.decoder, self.dtype, device) if device.type == "cuda" else None
         p = config.preprocess
         self._mean = np.array(p.image_mean, dtype=np.float32)[:, None, None]
         self._std = np.array(p.image_std, dtype=np.float32)[:, None, None]
@@ -116,7 +120,8 @@ class CaptioningPipeline:
             prompt = torch.full((batch, 1), gen.decoder_start_token_id, dtype=torch.int64, device=self.device)
             return generate(self.model.decoder, prompt, states, lengths, max_new_tokens,
                             eos_token_id=gen.eos_token_id, pad_token_id=gen.pad_token_id,
-                            min_new_tokens=min_new_tokens, sampling=sampling)
+                            min_new_tokens=min_new_tokens, sampling=sampling,
+                            graphs=self._graphs if self.use_cuda_graphs else None)
 
     def caption(self, images, max_new_tokens: int = 20, sampling: SamplingParams | None = None) -> list[str]:
         """Captions of ``images`` (a list of paths, PIL images or HxWx3 uint8 arrays)."""

@@ -1,6 +1,7 @@
 """Runtime: caches, sampler and the decode loop; models know nothing about scheduling."""
-from .generate import generate
+from .generate import DecodeState, decode_step, generate
+from .graphs import CUDAGraphs
 from .kv_cache import CrossKVCache, KVCache
 from .sampler import Sampler, SamplingParams
 
-__all__ = ["CrossKVCache", "generate", "KVCache", "Sampler", "SamplingParams"]
+__all__ = ["CrossKVCache", "CUDAGraphs", "DecodeState", "decode_step", "generate", "KVCache", "Sampler", "SamplingParams"]

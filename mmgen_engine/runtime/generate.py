@@ -1,9 +1,17 @@
 """The decode loop shared by every autoregressive pipeline.
 
-``prefill`` (cross-attention K/V + prompt) once, then ``decode_step`` one token per row until every
-row has produced ``eos`` or ``max_new_tokens`` are out. Rows that finished are padded.
+``prefill`` (cross-attention K/V + prompt) once, eagerly; then one :func:`decode_step` per token
+until every row has produced ``eos`` or ``max_new_tokens`` are out; rows that finished are padded.
+
+A decode step reads and writes only the device tensors of a :class:`DecodeState` (tokens, positions,
+caches, sampler counters, the output buffer, done flags) and never syncs with the host, so on CUDA
+it can be captured once per batch bucket as a graph and replayed (:mod:`.graphs`). Eager and graph
+decoding run the same step on the same shapes: on CUDA a batch is padded to its bucket in both modes
+(padding rows are marked done from the start), so both give identical tokens.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -11,20 +19,83 @@ from ..errors import InputError
 from .kv_cache import CrossKVCache, KVCache
 from .sampler import Sampler, SamplingParams
 
+# on CUDA, host reads of "all rows done?" happen every this many steps (each read is a sync)
+CHECK_EVERY = 8
+
+
+def batch_bucket(batch: int) -> int:
+    """The padded batch a CUDA decode runs at: the next power of two."""
+    return 1 << (batch - 1).bit_length()
+
+
+@dataclass
+class DecodeState:
+    """Every tensor a decode step touches, for ``batch`` rows (a bucket on CUDA)."""
+
+    cache: KVCache
+    cross: CrossKVCache
+    sampler: Sampler
+    tokens: torch.Tensor     # (B,) the tokens fed to the next step
+    positions: torch.Tensor  # (B,) their positions
+    done: torch.Tensor       # (B,) bool
+    step: torch.Tensor       # (1,) index of the next output token
+    min_new: torch.Tensor    # (1,) eos is suppressed while step < min_new
+    out: torch.Tensor        # (B, N) output tokens
+    eos: int
+    pad: int
+
+    @classmethod
+    def allocate(cls, decoder, batch: int, cache_len: int, enc_len: int, out_len: int, dtype, device,
+                 eos: int, pad: int) -> "DecodeState":
+        layers, heads, head_dim, _ = decoder.cache_geometry()
+
+        def ints(*shape):
+            return torch.zeros(shape, dtype=torch.int64, device=device)
+
+        lengths = torch.ones(batch, dtype=torch.int64, device=device)
+        return cls(KVCache.allocate(layers, batch, heads, cache_len, head_dim, dtype, device),
+                   CrossKVCache.allocate(layers, lengths, heads, enc_len, head_dim, dtype, device),
+                   Sampler(None, batch, device), ints(batch), ints(batch),
+                   torch.zeros(batch, dtype=torch.bool, device=device), ints(1), ints(1), ints(batch, out_len),
+                   eos, pad)
+
+
+def pick(logits: torch.Tensor, st: DecodeState) -> None:
+    """Choose the next token of every row from ``logits [B, V]`` and record it (device ops only)."""
+    logits[:, st.eos].masked_fill_(st.step < st.min_new, float("-inf"))
+    tokens = torch.where(st.done, st.pad, st.sampler(logits))
+    st.out.scatter_(1, st.step.expand(tokens.shape[0], 1), tokens[:, None])
+    st.done |= tokens == st.eos
+    st.tokens.copy_(tokens)
+    st.step += 1
+
+
+def decode_step(decoder, st: DecodeState) -> None:
+    """Feed ``st.tokens`` at ``st.positions``, pick the next tokens; what a CUDA graph captures."""
+    pick(decoder.decode_step(st.tokens, st.positions, st.cache, st.cross), st)
+    st.positions += 1
+
+
+def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """``x`` with rows appended (copies of row 0, so padding rows compute on real data) up to ``rows``."""
+    extra = rows - x.shape[0]
+    return x if extra == 0 else torch.cat([x, x[:1].expand(extra, *x.shape[1:])])
+
 
 @torch.inference_mode()
 def generate(decoder, prompt: torch.Tensor, encoder_states: torch.Tensor, encoder_lengths: torch.Tensor,
              max_new_tokens: int, *, eos_token_id: int, pad_token_id: int, min_new_tokens: int = 0,
-             sampling: SamplingParams | None = None) -> torch.Tensor:
+             sampling: SamplingParams | None = None, graphs=None) -> torch.Tensor:
     """Generate ``[B, max_new_tokens]`` token ids after ``prompt [B, T]`` (prompt excluded).
 
     ``decoder`` exposes ``cache_geometry()``, ``prefill(tokens, encoder_states, cache, cross)`` and
     ``decode_step(tokens, positions, cache, cross)``. ``encoder_states [B, S, D]`` with valid lengths
     ``encoder_lengths [B]``. ``eos_token_id`` is suppressed until ``min_new_tokens`` tokens exist;
-    after a row emits it the row continues with ``pad_token_id``.
+    after a row emits it the row continues with ``pad_token_id``. ``graphs``: a
+    :class:`~mmgen_engine.runtime.graphs.CUDAGraphs` of this decoder to replay steps from (CUDA only).
     """
     batch, prompt_len = prompt.shape
-    num_layers, num_heads, head_dim, max_positions = decoder.cache_geometry()
+    _, _, _, max_positions = decoder.cache_geometry()
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if not isinstance(min_new_tokens, int) or not 0 <= min_new_tokens <= max_new_tokens:
@@ -35,24 +106,37 @@ def generate(decoder, prompt: torch.Tensor, encoder_states: torch.Tensor, encode
         raise InputError(f"prompt of {prompt_len} + max_new_tokens {max_new_tokens} exceeds the model's "
                          f"{max_positions} positions")
     device, dtype = encoder_states.device, encoder_states.dtype
-    cache = KVCache.allocate(num_layers, batch, num_heads, fed, head_dim, dtype, device)
-    cross = CrossKVCache.allocate(num_layers, encoder_lengths, num_heads, encoder_states.shape[1], head_dim,
-                                  dtype, device)
-    sampler = Sampler(sampling, batch, device)
+    cuda = device.type == "cuda"
+    rows = batch_bucket(batch) if cuda else batch
+    if graphs is not None:
+        st, replay = graphs.get(rows, encoder_states.shape[1], eos_token_id, pad_token_id)
+    else:
+        st = DecodeState.allocate(decoder, rows, fed, encoder_states.shape[1], max_new_tokens, dtype, device,
+                                  eos_token_id, pad_token_id)
+        replay = None
+    # CUDA steps see the whole cache (static shapes for graphs; the kernels stop at each row's length);
+    # CPU steps read only the slots in use, set per step below
+    st.cache.span = st.cache.k.shape[3]
+    fresh = Sampler(sampling, rows, device)
+    for name in ("temperature", "top_k", "top_p", "do_sample", "seeds"):
+        getattr(st.sampler, name).copy_(getattr(fresh, name))
+    st.sampler.offset.zero_()
+    st.done.zero_()
+    st.done[batch:] = True
+    st.step.zero_()
+    st.min_new.fill_(min_new_tokens)
+    st.positions.fill_(prompt_len)
+    st.out.fill_(pad_token_id)
+    st.cross.lengths.copy_(_pad_rows(encoder_lengths.to(device), rows))
 
-    out = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.int64, device=device)
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    positions = torch.full((batch,), prompt_len, dtype=torch.int64, device=device)
-    logits = decoder.prefill(prompt, encoder_states, cache, cross)
-    for step in range(max_new_tokens):
-        if step < min_new_tokens:
-            logits[:, eos_token_id] = float("-inf")
-        tokens = torch.where(done, pad_token_id, sampler(logits))
-        out[:, step] = tokens
-        done |= tokens == eos_token_id
-        if step == max_new_tokens - 1 or bool(done.all()):
+    pick(decoder.prefill(_pad_rows(prompt, rows), _pad_rows(encoder_states, rows), st.cache, st.cross), st)
+    for step in range(1, max_new_tokens):
+        if (not cuda or step % CHECK_EVERY == 0) and bool(st.done.all()):
             break
-        cache.span = prompt_len + step + 1
-        logits = decoder.decode_step(tokens, positions, cache, cross)
-        positions += 1
-    return out
+        if replay is not None:
+            replay()
+        else:
+            if not cuda:
+                st.cache.span = prompt_len + step
+            decode_step(decoder, st)
+    return st.out[:batch, :max_new_tokens].clone()

@@ -36,5 +36,6 @@ class CrossKVCache:
     @classmethod
     def allocate(cls, num_layers, lengths, num_heads, enc_len, head_dim, dtype, device) -> "CrossKVCache":
         shape = (num_layers, lengths.shape[0], num_heads, enc_len, head_dim)
-        return cls(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device),
+        # zeros, not empty: rows padded to a batch bucket read slot 0 and must see finite values
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
                    lengths.to(device=device, dtype=torch.int64))

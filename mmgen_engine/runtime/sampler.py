@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import secrets
 from dataclasses import dataclass
 
 import torch
@@ -53,29 +54,39 @@ def _is_number(x) -> bool:
 
 
 class Sampler:
-    """Turns logits ``[B, V]`` into next tokens ``[B]`` for one request of ``batch`` rows.
+    """Turns logits ``[B, V]`` (``[2B, V]`` with guidance: unconditioned rows, then conditioned) into
+    next tokens ``[B]`` for one request of ``batch`` rows.
 
-    The random stream is a ``torch.Generator`` on the logits' device seeded from ``params.seed``
-    (fresh entropy when None): the same seed, batch and model give the same tokens.
+    The random stream is Philox keyed by ``params.seed`` (a fresh 63-bit seed from OS entropy when
+    None) and counted by the row and ``offset``, a ``[1]`` device tensor advanced in place after each
+    call: the same seed, batch and model give the same tokens, and a CUDA graph that captured a call
+    replays with the next offset. ``guidance`` says whether the task combines guided rows (then
+    ``params.guidance_scale`` is required, otherwise rejected); ``vocab_limit`` restricts tokens to
+    ``0..vocab_limit-1``.
     """
 
-    def __init__(self, params: SamplingParams | None, batch: int, device: torch.device):
+    def __init__(self, params: SamplingParams | None, batch: int, device: torch.device, guidance: bool = False,
+                 vocab_limit: int | None = None):
         params = params or SamplingParams()
-        self.temperature = torch.full((batch,), float(params.temperature), device=device)
-        self.top_k = torch.full((batch,), params.top_k, dtype=torch.int64, device=device)
-        self.top_p = torch.full((batch,), float(params.top_p), device=device)
-        self.do_sample = torch.full((batch,), params.do_sample, dtype=torch.bool, device=device)
-        self.generator = None
-        if params.do_sample:
-            self.generator = torch.Generator(device=device)
-            if params.seed is None:
-                self.generator.seed()
-            else:
-                self.generator.manual_seed(params.seed)
+        if guidance and params.guidance_scale is None:
+            raise InputError("this task needs guidance_scale")
+        if not guidance and params.guidance_scale is not None:
+            raise InputError("guidance_scale is not supported by this task")
+
+        def rows(value, dtype):
+            return torch.full((batch,), value, dtype=dtype, device=device)
+
+        self.temperature = rows(float(params.temperature), torch.float32)
+        self.top_k = rows(params.top_k, torch.int64)
+        self.top_p = rows(float(params.top_p), torch.float32)
+        self.do_sample = rows(params.do_sample, torch.bool)
+        self.seeds = rows(secrets.randbits(63) if params.seed is None else params.seed, torch.int64)
+        self.offset = torch.zeros(1, dtype=torch.int64, device=device)
+        self.guidance = rows(float(params.guidance_scale), torch.float32) if guidance else None
+        self.vocab_limit = vocab_limit
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        noise = None
-        if self.generator is not None:
-            noise = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
-            noise.exponential_(generator=self.generator)
-        return ops.sample(logits, self.temperature, self.top_k, self.top_p, self.do_sample, noise)
+        tokens = ops.sample(logits, self.temperature, self.top_k, self.top_p, self.do_sample, self.seeds,
+                            self.offset, self.guidance, self.vocab_limit)
+        self.offset += 1  # a tensor op, so a captured graph advances it too
+        return tokens

@@ -1,0 +1,117 @@
+#!/usr/bin/env python3
+"""Per-kernel benchmark on CUDA: every Triton kernel of the decode path against the reference
+(plain torch) on the same inputs, at the shapes of ViT-B/16 + GPT-2 small captioning.
+
+Each case reports µs per call (median of CUDA-graph replays, ``triton.testing.do_bench_cudagraph``,
+so launch gaps are not counted, as in the engine's captured decode step), the bytes the op must move at least (each input read once, each
+output written once), GB/s, and the fraction of the copy bandwidth measured in the same run (a
+device-to-device copy of 1 GiB, bytes read + written). A markdown table is printed last; all
+figures go to ``--json``.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import format_table, machine_info, write_json  # noqa: E402
+
+from mmgen_engine.ops import registry  # noqa: E402
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def bench_us(fn) -> float:
+    """Median µs of ``fn`` replayed from a CUDA graph."""
+    from triton.testing import do_bench_cudagraph
+    return do_bench_cudagraph(fn, rep=50, return_mode="median") * 1000
+
+
+def copy_gbps(device) -> float:
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    us = bench_us(lambda: dst.copy_(src))
+    return 2 * src.numel() / us / 1e3
+
+
+def nbytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def cases(dtype, device, quick: bool):
+    """(name, shape label, op, args builder, bytes) per case; args are built once per case."""
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def rnd(*shape, dt=dtype):
+        return torch.randn(*shape, generator=g, device=device, dtype=torch.float32).to(dt)
+
+    d, h, dh, ff, vocab = 768, 12, 64, 3072, 50257
+    for rows in (1, 16):
+        x, r = rnd(rows, d), rnd(rows, d)
+        w, b = rnd(d, dt=dtype), rnd(d, dt=dtype)
+        yield "add_layer_norm", f"{rows}x{d}", (x, r, w, b, 1e-5), nbytes(x, r) * 2
+        hid, bias = rnd(rows, ff), rnd(ff)
+        yield "bias_gelu", f"{rows}x{ff} tanh", (hid, bias, "tanh"), nbytes(hid) * 2
+        tok = torch.randint(0, vocab, (rows,), device=device)
+        wte, wpe = rnd(vocab, d), rnd(1024, d)
+        yield "embedding", f"{rows}x{d}", (tok, tok % 1024, wte, wpe), 3 * rows * d * wte.element_size()
+    for b, s in ((1, 1024), (16, 197), (16, 4096)) if not quick else ((1, 256),):
+        q, k, v = rnd(b, h, dh), rnd(b, h, s, dh), rnd(b, h, s, dh)
+        lengths = torch.full((b,), s, device=device)
+        yield "decode_attention", f"B{b} H{h} L{s} D{dh}", (q, k, v, lengths, dh ** -0.5), nbytes(k, v, q) * 1 + nbytes(q)
+    for b in (1, 16):
+        logits = rnd(b, vocab, dt=torch.float32)
+        ones = torch.ones(b, device=device)
+        greedy = (logits, ones, torch.zeros(b, dtype=torch.int64, device=device), ones,
+                  torch.zeros(b, dtype=torch.bool, device=device), torch.zeros(b, dtype=torch.int64, device=device),
+                  torch.zeros(1, dtype=torch.int64, device=device))
+        yield "sample", f"B{b} V{vocab} greedy", greedy, nbytes(logits)
+        topk = (logits, ones, torch.full((b,), 50, dtype=torch.int64, device=device), 0.9 * ones,
+                torch.ones(b, dtype=torch.bool, device=device), torch.zeros(b, dtype=torch.int64, device=device),
+                torch.zeros(1, dtype=torch.int64, device=device))
+        yield "sample", f"B{b} V{vocab} top-k 50 top-p 0.9", topk, nbytes(logits)
+    for rows in (1, 16):
+        for n, kdim in ((2304, d), (d, d), (ff, d), (d, ff), (vocab, d)):
+            x, w, bias = rnd(rows, kdim), rnd(n, kdim), rnd(n)
+            yield "linear", f"{rows}x{kdim}->{n}", (x, w, bias), nbytes(x, w, bias) + rows * n * x.element_size()
+    q, k, v = (rnd(4, h, 197, dh) for _ in range(3))
+    yield "attention", "B4 H12 T197 D64 (ViT)", (q, k, v, dh ** -0.5, False, None), nbytes(q, k, v) * 4 // 3
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["float16"])
+    ap.add_argument("--quick", action="store_true", help="fewer, smaller cases")
+    ap.add_argument("--json", type=Path, default=Path("build/bench_kernels.json"))
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        ap.error("bench_kernels needs a CUDA GPU")
+    device = torch.device("cuda")
+    ceiling = copy_gbps(device)
+    rows = []
+    for dtype_name in args.dtype:
+        for op, shape, op_args, moved in cases(DTYPES[dtype_name], device, args.quick):
+            for backend in ("triton", "reference"):
+                fn = registry._load(registry._TABLE[op][backend].fn)
+                try:
+                    us = bench_us(lambda: fn(*op_args))
+                except Exception as e:  # report, keep going: one failing case must not hide the rest
+                    print(f"FAILED {op} {backend} {shape}: {type(e).__name__}: {e}", flush=True)
+                    us = math.nan
+                gbps = moved / us / 1e3
+                rows.append({"op": op, "backend": backend, "dtype": dtype_name, "shape": shape, "us": us,
+                             "MB": moved / 1e6, "GBps": gbps, "of_copy_bw": gbps / ceiling})
+    write_json(args.json, {"benchmark": "kernels", "machine": machine_info(device), "copy_GBps": ceiling,
+                           "results": rows})
+    print(f"\nkernel benchmark on {torch.cuda.get_device_name(device)}; copy bandwidth {ceiling:.0f} GB/s "
+          f"(read + write); µs = median of CUDA-graph replays")
+    print(format_table(rows, ["op", "backend", "dtype", "shape", "us", "MB", "GBps", "of_copy_bw"]))
+    return 1 if any(math.isnan(r["us"]) for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# One call on a lent GPU (see ../shared/GPU.md): build the CUDA extension in place, run the GPU
+# tests, the per-kernel benchmark and the end-to-end captioning benchmark against transformers in
+# the same run, and print a short table last. Full logs and JSON go to $OUT (or build/gpu_check).
+# Budget: under 8 minutes on an H100/H200.
+#   usage: bash benchmarks/gpu_check.sh [--quick]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-build/gpu_check}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+QUICK="${1:-}"
+export PYTHONUNBUFFERED=1
+status=0
+step() { echo; echo "=== $1 ($(date +%T))"; }
+
+step "machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/machine.txt"
+"$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/machine.txt"
+
+step "build (CUDA extension in place)"
+# pip's editable install maps kernels/ to mmgen_engine.kernels; --no-deps/--no-build-isolation:
+# the machine has no network and already has torch
+"$PY" -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/build.log" 2>&1 \
+  || { echo "build failed, see build.log"; tail -20 "$OUT/build.log"; exit 1; }
+"$PY" -c "import mmgen_engine as mm, json; i = mm.build_info(); print(json.dumps({k: i[k] for k in ('version', 'cuda', 'cuda_archs', 'triton')}))"
+
+step "pytest -m gpu"
+timeout 240 "$PY" -m pytest -m gpu -q -x -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest_gpu.log" | tail -25
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+
+step "kernel benchmark"
+timeout 150 "$PY" benchmarks/bench_kernels.py ${QUICK:+--quick} --json "$OUT/bench_kernels.json" \
+  >"$OUT/bench_kernels.log" 2>&1 || status=1
+tail -5 "$OUT/bench_kernels.log"
+
+step "captioning benchmark: engine vs transformers, ViT-B/16 + GPT-2 small, fp16"
+timeout 200 "$PY" benchmarks/bench_caption.py --device cuda --dtype float16 --batch 1 16 --new-tokens 32 \
+  --repeats 5 --warmup 3 --cache-dir build/bench_caption --json "$OUT/bench_caption.json" \
+  >"$OUT/bench_caption.log" 2>&1 || status=1
+
+step "results"
+sed -n '/^kernel benchmark/,$p' "$OUT/bench_kernels.log"
+sed -n '/^caption benchmark/,$p' "$OUT/bench_caption.log"
+grep -E "WARNING|FAILED|Error" "$OUT"/bench_*.log | head -10
+grep -E "passed|failed" "$OUT/pytest_gpu.log" | tail -1
+echo "gpu_check status $status"
+exit $status

@@ -1,0 +1,55 @@
+"""Counter-based random numbers: Philox4x32-10 in plain torch (the reference for the kernels).
+
+Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011; Random123)
+maps a 128-bit counter ``(c0, c1, c2, c3)`` and a 64-bit key ``(k0, k1)`` to four 32-bit words by
+ten rounds of::
+
+    hi0, lo0 = mulhilo(0xD2511F53, c0);  hi1, lo1 = mulhilo(0xCD9E8D57, c2)
+    c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    k0, k1 = k0 + 0x9E3779B9, k1 + 0xBB67AE85            (mod 2**32)
+
+which is what ``triton.language.philox(seed, c0, c1, c2, c3)`` computes with ``k0 = seed & 0xffffffff``
+and ``k1 = seed >> 32``. Words are held in int64 tensors; products are split into 16-bit halves so
+nothing overflows int64.
+
+``uniform`` draws ``u[b, i]`` with key ``(seed_b & 0xffffffff, seed_b >> 32)``, counter
+``(i, row_b, offset & 0xffffffff, offset >> 32)``, first output word ``x0`` and
+``u = ((x0 >> 9) + 0.5) * 2**-23``: 23 random bits, exact in fp32 and strictly inside (0, 1)
+(``((x0 >> 8) + 0.5) * 2**-24`` would need 25 significant bits and rounds up to 1.0).
+"""
+from __future__ import annotations
+
+import torch
+
+MASK32 = 0xFFFFFFFF
+ROUND_A, ROUND_B = 0xD2511F53, 0xCD9E8D57
+KEY_A, KEY_B = 0x9E3779B9, 0xBB67AE85
+
+
+def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(a * b) >> 32, (a * b) & 0xffffffff`` for a 32-bit constant ``a`` and 32-bit words ``b``."""
+    low = a * (b & 0xFFFF)   # < 2**48
+    high = a * (b >> 16)     # < 2**48; the product is low + high * 2**16
+    t = low + ((high & 0xFFFF) << 16)
+    return (high >> 16) + (t >> 32), t & MASK32
+
+
+def philox4x32(key0, key1, c0, c1, c2, c3) -> tuple[torch.Tensor, ...]:
+    """Philox4x32-10 of counter ``(c0, c1, c2, c3)`` under key ``(key0, key1)``: four uint32 words in
+    int64 tensors. Arguments are ints or int64 tensors of values in [0, 2**32), broadcast together."""
+    k0, k1, c0, c1, c2, c3 = (torch.as_tensor(w, dtype=torch.int64) for w in (key0, key1, c0, c1, c2, c3))
+    for _ in range(10):
+        hi0, lo0 = _mulhilo(ROUND_A, c0)
+        hi1, lo1 = _mulhilo(ROUND_B, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + KEY_A) & MASK32, (k1 + KEY_B) & MASK32
+    return c0, c1, c2, c3
+
+
+def uniform(seeds: torch.Tensor, offset: torch.Tensor, rows: torch.Tensor, cols: int) -> torch.Tensor:
+    """``u [B, cols]`` fp32 in (0, 1) for ``seeds [B]`` int64 (>= 0), the step counter ``offset [1]``
+    int64 and the row indices ``rows [B]`` (counter word 1); column ``i`` is counter word 0."""
+    col = torch.arange(cols, dtype=torch.int64, device=seeds.device)[None, :]
+    x0 = philox4x32((seeds & MASK32)[:, None], (seeds >> 32)[:, None], col, rows.to(torch.int64)[:, None],
+                    offset & MASK32, offset >> 32)[0]
+    return ((x0 >> 9).float() + 0.5) * 2.0**-23
