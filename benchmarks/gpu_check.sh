@@ -26,16 +26,16 @@ step "build (CUDA extension in place)"
 "$PY" -c "import mmgen_engine as mm, json; i = mm.build_info(); print(json.dumps({k: i[k] for k in ('version', 'cuda', 'cuda_archs', 'triton')}))"
 
 step "pytest -m gpu"
-timeout 200 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest_gpu.log" | tail -25
+timeout 150 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest_gpu.log" | tail -25
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 
 step "kernel benchmark"
-timeout 100 "$PY" benchmarks/bench_kernels.py ${QUICK:+--quick} --json "$OUT/bench_kernels.json" \
+timeout 80 "$PY" benchmarks/bench_kernels.py ${QUICK:+--quick} --json "$OUT/bench_kernels.json" \
   >"$OUT/bench_kernels.log" 2>&1 || status=1
 tail -5 "$OUT/bench_kernels.log"
 
 step "captioning benchmark: engine vs transformers, ViT-B/16 + GPT-2 small, fp16"
-timeout 150 "$PY" benchmarks/bench_caption.py --device cuda --dtype float16 --batch 1 16 --new-tokens 32 \
+timeout 120 "$PY" benchmarks/bench_caption.py --device cuda --dtype float16 --batch 1 16 --new-tokens 32 \
   --repeats 5 --warmup 3 --cache-dir build/bench_caption --json "$OUT/bench_caption.json" \
   >"$OUT/bench_caption.log" 2>&1 || status=1
 

@@ -1,10 +1,12 @@
 """Fused sampling: guidance combine, temperature, top-k, top-p and a Gumbel-max draw in one kernel.
 
-Computes :func:`mmgen_engine.ops.sample` (spec in :mod:`mmgen_engine.ops.sampling`) with one program
-per output row, looping over the row in blocks of ``BLOCK`` columns. Every pass reads the row once
-(``n`` logits, twice that with guidance) and nothing else is written but the token:
+Computes :func:`mmgen_engine.ops.sample` (spec in :mod:`mmgen_engine.ops.sampling`). Pass 1 (max
+and first argmax of ``z``, which is the greedy token) is split over slices of ``CHUNK`` columns so
+that a row is read by many SMs; the rest runs one program per output row, looping over the row in
+blocks of ``BLOCK`` columns. Every pass reads the row once (``n`` logits, twice that with guidance)
+and nothing else is written but the token and pass 1's per-slice partials:
 
-- greedy rows: 1 pass (max and first argmax of ``z``);
+- greedy rows: pass 1 only;
 - sampling rows: pass 1, then 8 passes for the top-k threshold (when ``0 < top_k < n``), 1 + 8 for
   the top-p threshold (when ``top_p < 1``: sum of exp, then the search), and 1 for the Gumbel
   argmax - 2 to 19 passes; after the first the row is usually served from L2.
@@ -30,6 +32,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 BLOCK = 1024  # columns per step; the radix passes hold [BLOCK, 16] comparisons
+CHUNK = 2048  # columns per program of pass 1 (25 programs per row for GPT-2's 50257)
 
 
 @triton.jit
@@ -96,19 +99,19 @@ def _threshold(logits_ptr, stride, b, B, g, n, inv_t, floor, m, s, target,
 
 
 @triton.jit
-def _sample_kernel(logits_ptr, stride, inv_t_ptr, top_k_ptr, top_p_ptr, do_sample_ptr, seeds_ptr, offset_ptr,
-                   guidance_ptr, out_ptr, B, n,
-                   HAS_GUIDANCE: tl.constexpr, CUDA_MATH: tl.constexpr, BLOCK: tl.constexpr):
+def _max_kernel(logits_ptr, stride, guidance_ptr, part_max_ptr, part_arg_ptr, B, n, chunk,
+                HAS_GUIDANCE: tl.constexpr, BLOCK: tl.constexpr):
+    """Pass 1, split over ``num_programs(1)`` slices of ``chunk`` columns per row so that even one
+    row is read by many SMs: each slice's max of z and its first index."""
     b = tl.program_id(0)
+    part = tl.program_id(1)
     offs = tl.arange(0, BLOCK)
     g = 0.0
     if HAS_GUIDANCE:
         g = tl.load(guidance_ptr + b)
-
-    # pass 1: max of z and its first index (the greedy token)
     z_max = tl.full((), float("-inf"), tl.float32)
     token = tl.full((), 0, tl.int32)
-    for start in range(0, n, BLOCK):
+    for start in range(part * chunk, tl.minimum(part * chunk + chunk, n), BLOCK):
         cols = start + offs
         mask = cols < n
         z = _load_z(logits_ptr, stride, b, B, g, cols, mask, HAS_GUIDANCE)
@@ -116,7 +119,27 @@ def _sample_kernel(logits_ptr, stride, inv_t_ptr, top_k_ptr, top_p_ptr, do_sampl
         block_first = tl.min(tl.where(z == block_max, cols, n), axis=0)
         token = tl.where(block_max > z_max, block_first, token)
         z_max = tl.maximum(block_max, z_max)
+    tl.store(part_max_ptr + b * tl.num_programs(1) + part, z_max)
+    tl.store(part_arg_ptr + b * tl.num_programs(1) + part, token)
 
+
+@triton.jit
+def _sample_kernel(logits_ptr, stride, inv_t_ptr, top_k_ptr, top_p_ptr, do_sample_ptr, seeds_ptr, offset_ptr,
+                   guidance_ptr, part_max_ptr, part_arg_ptr, out_ptr, B, n, parts,
+                   HAS_GUIDANCE: tl.constexpr, CUDA_MATH: tl.constexpr, BLOCK: tl.constexpr,
+                   BLOCK_P: tl.constexpr):
+    b = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    g = 0.0
+    if HAS_GUIDANCE:
+        g = tl.load(guidance_ptr + b)
+
+    # max of z and its first index (the greedy token) from pass 1's slices, taken in column order
+    p = tl.arange(0, BLOCK_P)
+    part_max = tl.load(part_max_ptr + b * parts + p, mask=p < parts, other=float("-inf"))
+    part_arg = tl.load(part_arg_ptr + b * parts + p, mask=p < parts, other=n)
+    z_max = tl.max(part_max, axis=0)
+    token = tl.min(tl.where(part_max == z_max, part_arg, n), axis=0)
     if tl.load(do_sample_ptr + b) != 0:
         inv_t = tl.load(inv_t_ptr + b)
         m = z_max * inv_t  # max of l: multiplying by inv_t > 0 is monotone
@@ -167,8 +190,13 @@ def sample(logits, temperature, top_k, top_p, do_sample, seeds, offset, guidance
     inv_t = temperature.float().reciprocal()
     has_guidance = guidance is not None
     guidance = guidance.float() if has_guidance else inv_t  # without guidance the pointer is never read
+    parts = triton.cdiv(n, CHUNK)
+    part_max = torch.empty(batch, parts, dtype=torch.float32, device=logits.device)
+    part_arg = torch.empty(batch, parts, dtype=torch.int32, device=logits.device)
+    _max_kernel[(batch, parts)](logits, logits.stride(0), guidance, part_max, part_arg, batch, n, CHUNK,
+                                HAS_GUIDANCE=has_guidance, BLOCK=BLOCK, num_warps=4)
     _sample_kernel[(batch,)](
-        logits, logits.stride(0), inv_t, top_k, top_p.float(), do_sample, seeds, offset, guidance, out, batch, n,
-        HAS_GUIDANCE=has_guidance, CUDA_MATH=logits.is_cuda, BLOCK=BLOCK,
-        num_warps=8, enable_fp_fusion=False)
+        logits, logits.stride(0), inv_t, top_k, top_p.float(), do_sample, seeds, offset, guidance, part_max,
+        part_arg, out, batch, n, parts, HAS_GUIDANCE=has_guidance, CUDA_MATH=logits.is_cuda, BLOCK=BLOCK,
+        BLOCK_P=triton.next_power_of_2(parts), num_warps=8, enable_fp_fusion=False)
     return out

@@ -47,6 +47,41 @@ def test_eos_suppression_and_padding_are_on_device(checkpoint):
             assert set(row[row.index(eos) + 1:]) <= {pad}
 
 
+def test_graph_bookkeeping_gives_the_eager_tokens(checkpoint, monkeypatch):
+    """The CUDAGraphs path (capture before the state is reset, static inputs copied in, the prefill
+    and the step replayed, the encoder's static output) with capture replaced by re-running the
+    captured function, on CPU: the same tokens as plain eager decoding, over reused buckets."""
+    from mmgen_engine.runtime import CUDAGraphs, GraphedCall, generate, graphs
+
+    def rerun_capture(fn, device):
+        for _ in range(graphs.WARMUP_CALLS):
+            fn()
+        out = fn()
+
+        def replay():
+            new = fn()
+            if isinstance(out, torch.Tensor):
+                out.copy_(new)
+        return replay, out
+
+    monkeypatch.setattr(graphs, "capture", rerun_capture)
+    pipe = mm.load(checkpoint)
+    gen = pipe.config.generation
+    pool, encode = CUDAGraphs(pipe.model.decoder, torch.float32, "cpu"), GraphedCall(pipe.model.encode)
+    for batch, seed, sampling in ((2, 0, None), (2, 1, SAMPLED), (3, 2, None), (2, 3, SAMPLED)):
+        px = pixels(batch, seed)
+        states = pipe.model.encode(px)
+        assert torch.equal(encode(px), states)
+        lengths = torch.full((batch,), states.shape[1])
+        prompt = torch.full((batch, 1), gen.decoder_start_token_id)
+        kw = dict(eos_token_id=gen.eos_token_id, pad_token_id=gen.pad_token_id, min_new_tokens=seed,
+                  sampling=sampling)
+        eager = generate(pipe.model.decoder, prompt, states, lengths, 15, **kw)
+        graphed = generate(pipe.model.decoder, prompt, encode(px), lengths, 15, graphs=pool, **kw)
+        assert torch.equal(graphed, eager), (batch, seed)
+    assert len(pool) == 2
+
+
 # ---- CUDA: graphs against eager steps ---------------------------------------------------------
 
 @pytest.mark.gpu

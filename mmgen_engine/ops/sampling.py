@@ -51,7 +51,7 @@ def filter_logits(logits, temperature, top_k, top_p):
     """``l = logits * (1 / temperature)`` with the tokens that top-k and top-p remove set to ``-inf``."""
     logits = logits.float() * temperature.float().reciprocal()[:, None]
     rows, vocab = logits.shape
-    ninf = torch.tensor(float("-inf"), device=logits.device)
+    ninf = torch.full((), float("-inf"), device=logits.device)  # no host copy: capturable in a CUDA graph
     # top-k: everything >= the k-th largest value
     k = top_k.clamp(min=0, max=vocab)
     kth = torch.sort(logits, dim=-1, descending=True).values.gather(1, (k - 1).clamp(min=0)[:, None])

@@ -18,7 +18,7 @@ from ..checkpoint import assign_weights, load_weights, torch_dtype
 from ..config import CaptioningConfig
 from ..errors import CheckpointError, InputError, one_line
 from ..models import ARCHITECTURES
-from ..runtime import CUDAGraphs, SamplingParams, generate
+from ..runtime import CUDAGraphs, GraphedCall, SamplingParams, generate
 from ..runtime.layout import column_major_weights
 
 def load_image(image) -> PIL.Image.Image:
@@ -51,10 +51,12 @@ class CaptioningPipeline:
     def __init__(self, model, tokenizer: Tokenizer, config: CaptioningConfig, device: torch.device):
         self.model, self.tokenizer, self.config, self.device = model, tokenizer, config, device
         self.dtype = model.decoder.wte.dtype
-        # on CUDA, decode steps are captured as CUDA graphs per batch bucket and replayed
-        # (set False to decode eagerly; both give the same tokens)
+        # on CUDA the encoder (per batch size), the prefill and the decode steps (per batch bucket)
+        # are captured as CUDA graphs and replayed; set False to run them eagerly (same tokens)
         self.use_cuda_graphs = device.type == "cuda"
-        self._graphs = CUDAGraphs(model.decoder, self.dtype, device) if device.type == "cuda" else None
+        if device.type == "cuda":
+            self._graphs = CUDAGraphs(model.decoder, self.dtype, device)
+            self._graphed_encode = GraphedCall(model.encode)
         p = config.preprocess
         self._mean = np.array(p.image_mean, dtype=np.float32)[:, None, None]
         self._std = np.array(p.image_std, dtype=np.float32)[:, None, None]
@@ -114,7 +116,8 @@ class CaptioningPipeline:
             raise InputError("guidance_scale is not supported for captioning")
         gen = self.config.generation
         with torch.inference_mode():
-            states = self.model.encode(pixel_values.to(self.device, self.dtype))
+            encode = self._graphed_encode if self.use_cuda_graphs else self.model.encode
+            states = encode(pixel_values.to(self.device, self.dtype))
             batch = states.shape[0]
             lengths = torch.full((batch,), states.shape[1], dtype=torch.int64, device=self.device)
             prompt = torch.full((batch, 1), gen.decoder_start_token_id, dtype=torch.int64, device=self.device)

@@ -1,12 +1,12 @@
 """The decode loop shared by every autoregressive pipeline.
 
-``prefill`` (cross-attention K/V + prompt) once, eagerly; then one :func:`decode_step` per token
+``prefill`` (cross-attention K/V + prompt) once; then one :func:`decode_step` per token
 until every row has produced ``eos`` or ``max_new_tokens`` are out; rows that finished are padded.
 
 A decode step reads and writes only the device tensors of a :class:`DecodeState` (tokens, positions,
 caches, sampler counters, the output buffer, done flags) and never syncs with the host, so on CUDA
-it can be captured once per batch bucket as a graph and replayed (:mod:`.graphs`). Eager and graph
-decoding run the same step on the same shapes: on CUDA a batch is padded to its bucket in both modes
+it can be captured once per batch bucket as a graph and replayed, and so can the prefill with the
+first pick (:mod:`.graphs`). Eager and graph decoding run the same calls on the same shapes: on CUDA a batch is padded to its bucket in both modes
 (padding rows are marked done from the start), so both give identical tokens.
 """
 from __future__ import annotations
@@ -92,7 +92,8 @@ def generate(decoder, prompt: torch.Tensor, encoder_states: torch.Tensor, encode
     ``decode_step(tokens, positions, cache, cross)``. ``encoder_states [B, S, D]`` with valid lengths
     ``encoder_lengths [B]``. ``eos_token_id`` is suppressed until ``min_new_tokens`` tokens exist;
     after a row emits it the row continues with ``pad_token_id``. ``graphs``: a
-    :class:`~mmgen_engine.runtime.graphs.CUDAGraphs` of this decoder to replay steps from (CUDA only).
+    :class:`~mmgen_engine.runtime.graphs.CUDAGraphs` of this decoder to replay the prefill and the
+    steps from (CUDA only).
     """
     batch, prompt_len = prompt.shape
     _, _, _, max_positions = decoder.cache_geometry()
@@ -108,12 +109,15 @@ def generate(decoder, prompt: torch.Tensor, encoder_states: torch.Tensor, encode
     device, dtype = encoder_states.device, encoder_states.dtype
     cuda = device.type == "cuda"
     rows = batch_bucket(batch) if cuda else batch
-    if graphs is not None:
-        st, replay = graphs.get(rows, encoder_states.shape[1], eos_token_id, pad_token_id)
+    prompt, encoder_states = _pad_rows(prompt, rows), _pad_rows(encoder_states, rows)
+    bucket = None
+    if graphs is not None:  # get (capture on first use) the graphs before the state is reset
+        bucket = graphs.get(rows, encoder_states.shape[1], eos_token_id, pad_token_id)
+        run_prefill = bucket.prefill(prompt, encoder_states)
+        st = bucket.state
     else:
         st = DecodeState.allocate(decoder, rows, fed, encoder_states.shape[1], max_new_tokens, dtype, device,
                                   eos_token_id, pad_token_id)
-        replay = None
     # CUDA steps see the whole cache (static shapes for graphs; the kernels stop at each row's length);
     # CPU steps read only the slots in use, set per step below
     st.cache.span = st.cache.k.shape[3]
@@ -129,12 +133,15 @@ def generate(decoder, prompt: torch.Tensor, encoder_states: torch.Tensor, encode
     st.out.fill_(pad_token_id)
     st.cross.lengths.copy_(_pad_rows(encoder_lengths.to(device), rows))
 
-    pick(decoder.prefill(_pad_rows(prompt, rows), _pad_rows(encoder_states, rows), st.cache, st.cross), st)
+    if bucket is not None:
+        run_prefill()
+    else:
+        pick(decoder.prefill(prompt, encoder_states, st.cache, st.cross), st)
     for step in range(1, max_new_tokens):
         if (not cuda or step % CHECK_EVERY == 0) and bool(st.done.all()):
             break
-        if replay is not None:
-            replay()
+        if bucket is not None:
+            bucket.step()
         else:
             if not cuda:
                 st.cache.span = prompt_len + step
