@@ -149,7 +149,9 @@ def test_caption_decodes_with_tokenizer(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [None, "float16", "bfloat16"])
 def test_cuda_greedy_ids_match(tmp_path, dtype):
-    model = make_model(seed=8)
+    # half precision: a milder init (at 0.5 this tiny model's activations are large enough that even
+    # CPU bf16 picks tokens 23% of the largest |logit| below the fp32 best; at 0.2, 0.8%)
+    model = make_model(seed=8, init=0.5 if dtype is None else 0.2)
     src = save(model, tmp_path / "hf")
     out = mm.convert(src, tmp_path / "engine")
     px = torch.randn(4, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(9))
@@ -163,12 +165,10 @@ def test_cuda_greedy_ids_match(tmp_path, dtype):
         logits = engine_logits(mm.load(out), px, tokens)  # (B, T, V) fp32 on CPU
         picked = logits.gather(2, gpu[:, :, None])[..., 0]
         best = logits.max(dim=2).values
-        # (this tiny random model has large activations: CPU half precision lands up to 7% (fp16) and
-        # 23% (bf16) of the row's largest |logit| below the fp32 best; a wrong kernel lands anywhere)
-        tol = {"float16": 0.1, "bfloat16": 0.3}[dtype] * logits.abs().amax(dim=2)
+        tol = {"float16": 0.03, "bfloat16": 0.05}[dtype] * logits.abs().amax(dim=2)
         live = torch.cumsum((tokens == EOS).long(), dim=1) == 0  # steps before this row's eos
         assert ((best - picked <= tol) | ~live).all()
-        assert (gpu[:, 0] == logits[:, 0].argmax(dim=1)).float().mean() >= 0.5
+        assert (gpu[:, 0] == logits[:, 0].argmax(dim=1)).float().mean() >= 0.75
 
 
 def test_source_variants_legacy_bin_sharded_vocab_merges_and_no_bos(tmp_path):

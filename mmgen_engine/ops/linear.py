@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .registry import TRITON_DEVICES, dispatch, register, register_lazy
+from .registry import TRITON_DEVICES, dispatch, register
 
 # above this many rows the product is a matrix-matrix product that BLAS already spreads over threads
 SPLIT_MAX_ROWS = 16
@@ -36,7 +36,24 @@ def linear_reference(x, weight, bias):
     return out.view(*x.shape[:-1], n)
 
 
-register_lazy("linear", "triton", "mmgen_engine.kernels.linear:linear", TRITON_DEVICES)
+# Few-row products with small weights (K <= 1024 and N <= 4096: GPT-2's qkv, attention outputs and
+# fc1) run faster through cuBLAS on CUDA: one launch, where the Triton split-K path needs two (H200,
+# fp16, graph replays: 3.5-3.9 us against 4.3-4.8 us; Triton wins fc2's K=3072, 5.2 against 6.5 us,
+# and the LM head, 21.5 against 31.1 us; benchmarks/RESULTS.md). The `triton` backend takes that
+# route for them; the Triton kernel serves everything else (and every shape in the interpreter).
+CUBLAS_MAX_K, CUBLAS_MAX_N = 1024, 4096
+
+
+def linear_triton(x, weight, bias):
+    n, k = weight.shape
+    if x.is_cuda and x.numel() // k <= SPLIT_MAX_ROWS and k <= CUBLAS_MAX_K and n <= CUBLAS_MAX_N:
+        return F.linear(x, weight, bias)
+    from ..kernels.linear import linear
+    return linear(x, weight, bias)
+
+
+if TRITON_DEVICES:
+    register("linear", "triton", TRITON_DEVICES)(linear_triton)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
