@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .norm import normalize
+
 
 @triton.jit
 def _embedding_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr, lnw_ptr, lnb_ptr, out_ptr, n_rows, D,
@@ -27,13 +29,7 @@ def _embedding_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr, lnw_ptr, lnb_ptr, out_
     x = tl.load(wte_ptr + tok[:, None] * stride_wte + cols[None, :], mask=mask, other=0.0)
     x += tl.load(wpe_ptr + pos[:, None] * stride_wpe + cols[None, :], mask=mask, other=0.0)
     if HAS_LN:
-        xf = x.to(tl.float32)
-        mean = tl.sum(xf, axis=1) / D
-        diff = tl.where(mask, xf - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=1) / D + eps)
-        w = tl.load(lnw_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
-        b = tl.load(lnb_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
-        x = diff * rstd[:, None] * w[None, :] + b[None, :]
+        x = normalize(x, mask, cols, lnw_ptr, lnb_ptr, D, eps)
     tl.store(out_ptr + rows[:, None] * D + cols[None, :], x.to(out_ptr.dtype.element_ty), mask=mask)
 
 

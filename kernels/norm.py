@@ -17,6 +17,18 @@ import triton.language as tl
 
 
 @triton.jit
+def normalize(x, mask, cols, w_ptr, b_ptr, D, eps):
+    """LayerNorm of the rows of ``x [ROWS, BLOCK_D]`` (``mask`` marks the real elements) in fp32."""
+    x = x.to(tl.float32)
+    mean = tl.sum(x, axis=1) / D
+    diff = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=1) / D + eps)
+    w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
+    return diff * rstd[:, None] * w[None, :] + b[None, :]
+
+
+@triton.jit
 def _layer_norm_kernel(x_ptr, res_ptr, out_ptr, h_ptr, w_ptr, b_ptr, n_rows, D, eps,
                        HAS_RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -28,13 +40,7 @@ def _layer_norm_kernel(x_ptr, res_ptr, out_ptr, h_ptr, w_ptr, b_ptr, n_rows, D, 
         h = x + tl.load(res_ptr + offs, mask=mask, other=0.0)  # in the input dtype, like the reference
         tl.store(h_ptr + offs, h, mask=mask)
         x = h
-    x = x.to(tl.float32)
-    mean = tl.sum(x, axis=1) / D
-    diff = tl.where(mask, x - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=1) / D + eps)
-    w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
-    y = diff * rstd[:, None] * w[None, :] + b[None, :]
+    y = normalize(x, mask, cols, w_ptr, b_ptr, D, eps)
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
