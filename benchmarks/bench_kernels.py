@@ -86,6 +86,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["float16"])
     ap.add_argument("--quick", action="store_true", help="fewer, smaller cases")
+    ap.add_argument("--ops", nargs="+", help="only these ops (default: all)")
     ap.add_argument("--json", type=Path, default=Path("build/bench_kernels.json"))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -95,6 +96,8 @@ def main(argv=None) -> int:
     rows = []
     for dtype_name in args.dtype:
         for op, shape, op_args, moved in cases(DTYPES[dtype_name], device, args.quick):
+            if args.ops and op not in args.ops:
+                continue
             for backend in ("triton", "reference"):
                 fn = registry._load(registry._TABLE[op][backend].fn)
                 try:
