@@ -80,6 +80,7 @@ def test_graph_bookkeeping_gives_the_eager_tokens(checkpoint, monkeypatch):
         graphed = generate(pipe.model.decoder, prompt, encode(px), lengths, 15, graphs=pool, **kw)
         assert torch.equal(graphed, eager), (batch, seed)
     assert len(pool) == 2
+    assert len(pool.get(2, states.shape[1], gen.eos_token_id, gen.pad_token_id)._steps) == 2  # greedy, sampling
 
 
 # ---- CUDA: graphs against eager steps ---------------------------------------------------------

@@ -2,8 +2,9 @@
 
 On CPU the kernel runs in Triton's interpreter (conftest sets TRITON_INTERPRET=1), so shapes are
 small and awkward: one-column and odd vocabularies, guidance, vocab_limit, every top-k / top-p kind
-per row, -inf rows, ties, fp16; one GPT-2-sized row. Philox is checked against Random123's known
-answers and ``tl.philox``. The ``gpu`` tests run real sizes and a CUDA-graph replay.
+per row, -inf rows, ties, fp16; one GPT-2-sized row; rows split over several programs, and over many
+small ones (CHUNK and BLOCK patched). Philox is checked against Random123's known answers and
+``tl.philox``. The ``gpu`` tests run real sizes and a CUDA-graph replay.
 """
 from __future__ import annotations
 
@@ -75,6 +76,20 @@ def test_matches_reference(batch, vocab, guided, vocab_limit, kind, dtype):
         assert torch.equal(out, ref), (offset, out.tolist(), ref.tolist())
 
 
+@pytest.mark.parametrize("guided,vocab_limit", [(False, None), (True, 3000)])
+def test_greedy_requests_take_the_argmax_only(guided, vocab_limit):
+    """``greedy=True`` (no row samples, known on the host): only pass 1 and the combine run; the
+    tokens are the first argmax of the combined logits, as with ``do_sample`` all False."""
+    batch, vocab = 3, 2 * sampling_kernel.CHUNK + 999
+    g = torch.Generator().manual_seed(vocab)
+    logits = make_logits(2 * batch if guided else batch, vocab, "ties", torch.float32, g)
+    temperature, top_k, top_p, _, seeds = grid_params(batch, vocab, g)
+    args = (logits, temperature, top_k, top_p, torch.zeros(batch, dtype=torch.bool), seeds, torch.tensor([3]),
+            torch.rand(batch, generator=g) * 2 if guided else None, vocab_limit)
+    out, ref = sampling_kernel.sample(*args, greedy=True), sample_reference(*args, greedy=True)
+    assert torch.equal(out, ref) and torch.equal(out, sample_reference(*args))
+
+
 def test_gpt2_vocabulary_row():
     """One 50257-column row through every pass (top-k and top-p both active)."""
     g = torch.Generator().manual_seed(0)
@@ -83,6 +98,40 @@ def test_gpt2_vocabulary_row():
             torch.tensor([123, 4]), torch.tensor([7]))
     out, ref = both(logits, *args)
     assert torch.equal(out, ref)
+
+
+def test_several_parts_mixed_rows_guidance_and_vocab_limit():
+    """A vocabulary of 3 * CHUNK + 5 columns cut to 3 * CHUNK + 1 (4 programs per row, the last with one
+    column), guided: rows with a top-k whose boundary (a tie group) spans parts, then top-p; greedy
+    with both filters set (which it ignores); top-p alone."""
+    vocab = 3 * sampling_kernel.CHUNK + 5
+    g = torch.Generator().manual_seed(vocab)
+    logits = make_logits(6, vocab, "ties", torch.float32, g)
+    args = (torch.tensor([0.9, 1.0, 1.5]), torch.tensor([2 * sampling_kernel.CHUNK + 3, 50, 0]),
+            torch.tensor([0.95, 0.9, 0.5]), torch.tensor([True, False, True]),
+            torch.randint(0, 2**63 - 1, (3,), generator=g), torch.tensor([11]), torch.rand(3, generator=g) * 3)
+    out, ref = both(logits, *args, vocab - 4)
+    assert torch.equal(out, ref), (out.tolist(), ref.tolist())
+
+
+def test_many_small_parts_match_the_reference_and_each_other(monkeypatch):
+    """With 32-column blocks and slices of 1, 2 or all blocks, the cross-part combines (max and first
+    index, radix digits, exp and mass sums) run over many parts at a small vocabulary; the fp32 sums
+    are over blocks, so the tokens cannot depend on the number of parts."""
+    monkeypatch.setattr(sampling_kernel, "BLOCK", 32)
+    g = torch.Generator().manual_seed(6)
+    batch, vocab = 4, 150
+    logits = make_logits(2 * batch, vocab, "ties", torch.float16, g)
+    args = (torch.tensor([1.0, 0.7, 1.3, 2.0]), torch.tensor([40, 5, 0, 150]), torch.tensor([0.8, 1.0, 0.6, 0.3]),
+            torch.tensor([True, True, True, False]), torch.randint(0, 2**63 - 1, (batch,), generator=g),
+            torch.tensor([3]), torch.rand(batch, generator=g) * 2, 148)
+    tokens = []
+    for chunk in [32, 64, 4096]:  # 5, 3 and 1 parts
+        monkeypatch.setattr(sampling_kernel, "CHUNK", chunk)
+        out, ref = both(logits, *args)
+        assert torch.equal(out, ref), (chunk, out.tolist(), ref.tolist())
+        tokens.append(out)
+    assert all(torch.equal(t, tokens[0]) for t in tokens)
 
 
 def test_high_temperature_draws_cover_exactly_the_kept_set():

@@ -72,8 +72,11 @@ def filter_logits(logits, temperature, top_k, top_p):
 
 
 @register("sample", "reference")
-def sample_reference(logits, temperature, top_k, top_p, do_sample, seeds, offset, guidance=None, vocab_limit=None):
+def sample_reference(logits, temperature, top_k, top_p, do_sample, seeds, offset, guidance=None, vocab_limit=None,
+                     greedy=False):
     z = combine(logits, guidance, vocab_limit)
+    if greedy:
+        return z.argmax(dim=-1)
     rows = torch.arange(z.shape[0], device=z.device)
     gumbel = -torch.log(-torch.log(uniform(seeds, offset, rows, z.shape[1])))
     sampled = (filter_logits(z, temperature, top_k, top_p) + gumbel).argmax(dim=-1)
@@ -85,9 +88,11 @@ register_lazy("sample", "triton", "mmgen_engine.kernels.sampling:sample", TRITON
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
            do_sample: torch.Tensor, seeds: torch.Tensor, offset: torch.Tensor, guidance: torch.Tensor | None = None,
-           vocab_limit: int | None = None) -> torch.Tensor:
+           vocab_limit: int | None = None, greedy: bool = False) -> torch.Tensor:
     """Next tokens ``[B]`` from ``logits [R, V]`` (R == B, or 2B with ``guidance [B]``), see the
-    module docstring. Shapes are checked here; values are not (that would sync with the device)."""
+    module docstring. Shapes are checked here; values are not (that would sync with the device).
+    ``greedy=True`` is the caller's promise that no row samples (``do_sample`` all False, known on
+    the host): only the argmax is computed."""
     if logits.dim() != 2:
         raise ValueError(f"logits must be [R, V], got shape {tuple(logits.shape)}")
     batch = seeds.shape[0] if seeds.dim() == 1 else -1
@@ -108,4 +113,4 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
         raise ValueError(f"offset must be a [1] int64 tensor on {logits.device}, got {tuple(offset.shape)} "
                          f"{offset.dtype} on {offset.device}")
     return dispatch("sample", logits)(logits, temperature, top_k, top_p, do_sample, seeds, offset, guidance,
-                                      vocab_limit)
+                                      vocab_limit, greedy)

@@ -6,8 +6,9 @@ until every row has produced ``eos`` or ``max_new_tokens`` are out; rows that fi
 A decode step reads and writes only the device tensors of a :class:`DecodeState` (tokens, positions,
 caches, sampler counters, the output buffer, done flags) and never syncs with the host, so on CUDA
 it can be captured once per batch bucket as a graph and replayed, and so can the prefill with the
-first pick (:mod:`.graphs`). Eager and graph decoding run the same calls on the same shapes: on CUDA a batch is padded to its bucket in both modes
-(padding rows are marked done from the start), so both give identical tokens.
+first pick (:mod:`.graphs`). Eager and graph decoding run the same calls on the same shapes: on CUDA
+a batch is padded to its bucket in both modes (padding rows are marked done from the start), so both
+give identical tokens.
 """
 from __future__ import annotations
 
@@ -110,18 +111,25 @@ def generate(decoder, prompt: torch.Tensor, encoder_states: torch.Tensor, encode
     cuda = device.type == "cuda"
     rows = batch_bucket(batch) if cuda else batch
     prompt, encoder_states = _pad_rows(prompt, rows), _pad_rows(encoder_states, rows)
-    bucket = None
+    fresh = Sampler(sampling, rows, device)
     if graphs is not None:  # get (capture on first use) the graphs before the state is reset
         bucket = graphs.get(rows, encoder_states.shape[1], eos_token_id, pad_token_id)
-        run_prefill = bucket.prefill(prompt, encoder_states)
         st = bucket.state
+        st.sampler.greedy = fresh.greedy  # picks the graphs' variant
+        run_prefill, run_step = bucket.prefill(prompt, encoder_states), bucket.step()
     else:
         st = DecodeState.allocate(decoder, rows, fed, encoder_states.shape[1], max_new_tokens, dtype, device,
                                   eos_token_id, pad_token_id)
+        st.sampler.greedy = fresh.greedy
+
+        def run_prefill():
+            pick(decoder.prefill(prompt, encoder_states, st.cache, st.cross), st)
+
+        def run_step():
+            decode_step(decoder, st)
     # CUDA steps see the whole cache (static shapes for graphs; the kernels stop at each row's length);
     # CPU steps read only the slots in use, set per step below
     st.cache.span = st.cache.k.shape[3]
-    fresh = Sampler(sampling, rows, device)
     for name in ("temperature", "top_k", "top_p", "do_sample", "seeds"):
         getattr(st.sampler, name).copy_(getattr(fresh, name))
     st.sampler.offset.zero_()
@@ -133,17 +141,11 @@ def generate(decoder, prompt: torch.Tensor, encoder_states: torch.Tensor, encode
     st.out.fill_(pad_token_id)
     st.cross.lengths.copy_(_pad_rows(encoder_lengths.to(device), rows))
 
-    if bucket is not None:
-        run_prefill()
-    else:
-        pick(decoder.prefill(prompt, encoder_states, st.cache, st.cross), st)
+    run_prefill()
     for step in range(1, max_new_tokens):
         if (not cuda or step % CHECK_EVERY == 0) and bool(st.done.all()):
             break
-        if bucket is not None:
-            bucket.step()
-        else:
-            if not cuda:
-                st.cache.span = prompt_len + step
-            decode_step(decoder, st)
+        if not cuda:
+            st.cache.span = prompt_len + step
+        run_step()
     return st.out[:batch, :max_new_tokens].clone()

@@ -64,23 +64,39 @@ class GraphedCall:
 
 
 class DecodeGraphs:
-    """One bucket: its state, its captured decode step and its captured prefills."""
+    """One bucket: its state and its captured decode steps and prefills. Each exists in two variants,
+    for greedy requests (the sampler only takes argmaxes) and for sampling ones, chosen by the state's
+    ``sampler.greedy`` when called."""
 
     def __init__(self, decoder, state: DecodeState, device: torch.device):
         self.decoder, self.state, self.device = decoder, state, device
-        self.step, _ = capture(lambda: decode_step(decoder, state), device)
+        self._steps: dict = {}
         self._prefills: dict = {}
+
+    def _capture(self, fn, greedy: bool):
+        self.state.sampler.greedy = greedy
+        self.state.cache.span = self.state.cache.k.shape[3]  # static: the whole cache
+        return capture(fn, self.device)[0]
+
+    def step(self) -> Callable[[], None]:
+        """A function replaying one captured decode step (captured on first use of the mode)."""
+        greedy = self.state.sampler.greedy
+        if greedy not in self._steps:
+            self._steps[greedy] = self._capture(lambda: decode_step(self.decoder, self.state), greedy)
+        return self._steps[greedy]
 
     def prefill(self, prompt: torch.Tensor, encoder_states: torch.Tensor) -> Callable[[], None]:
         """A function replaying the captured ``pick(prefill(prompt, encoder_states))`` on the state for
-        these inputs (padded to the bucket already). Capture, on first use of the shapes, writes into
-        the state: call this before resetting the state, and the returned function after."""
-        key = (tuple(prompt.shape), tuple(encoder_states.shape))
+        these inputs (padded to the bucket already). Capture, on first use of the shapes and mode,
+        writes into the state: call this and :meth:`step` before resetting the state, and the
+        returned functions after."""
+        greedy = self.state.sampler.greedy
+        key = (tuple(prompt.shape), tuple(encoder_states.shape), greedy)
         if key not in self._prefills:
             st = self.state
             tokens, states = prompt.clone(), encoder_states.clone()
-            replay, _ = capture(lambda: pick(self.decoder.prefill(tokens, states, st.cache, st.cross), st),
-                                self.device)
+            replay = self._capture(lambda: pick(self.decoder.prefill(tokens, states, st.cache, st.cross), st),
+                                   greedy)
             self._prefills[key] = (tokens, states, replay)
         tokens, states, replay = self._prefills[key]
 
@@ -110,6 +126,5 @@ class CUDAGraphs:
             max_positions = self.decoder.cache_geometry()[3]
             st = DecodeState.allocate(self.decoder, batch, max_positions, enc_len, max_positions, self.dtype,
                                       self.device, eos, pad)
-            st.cache.span = max_positions
             self._buckets[key] = DecodeGraphs(self.decoder, st, self.device)
         return self._buckets[key]

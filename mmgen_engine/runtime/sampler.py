@@ -84,9 +84,10 @@ class Sampler:
         self.offset = torch.zeros(1, dtype=torch.int64, device=device)
         self.guidance = rows(float(params.guidance_scale), torch.float32) if guidance else None
         self.vocab_limit = vocab_limit
+        self.greedy = not params.do_sample  # host-known: no row samples, the sampler only takes argmaxes
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         tokens = ops.sample(logits, self.temperature, self.top_k, self.top_p, self.do_sample, self.seeds,
-                            self.offset, self.guidance, self.vocab_limit)
+                            self.offset, self.guidance, self.vocab_limit, self.greedy)
         self.offset += 1  # a tensor op, so a captured graph advances it too
         return tokens
