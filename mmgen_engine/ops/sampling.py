@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from .random import uniform
+from .random import uniform, uniform_at
 from .registry import TRITON_DEVICES, dispatch, register, register_lazy
 
 
@@ -52,10 +52,20 @@ def filter_logits(logits, temperature, top_k, top_p):
     logits = logits.float() * temperature.float().reciprocal()[:, None]
     rows, vocab = logits.shape
     ninf = torch.full((), float("-inf"), device=logits.device)  # no host copy: capturable in a CUDA graph
+    # On CPU a filter no row uses is skipped (the checks wait for their values: CUDA graphs forbid them)
+    cpu = logits.device.type == "cpu"
     # top-k: everything >= the k-th largest value
     k = top_k.clamp(min=0, max=vocab)
-    kth = torch.sort(logits, dim=-1, descending=True).values.gather(1, (k - 1).clamp(min=0)[:, None])
-    logits = torch.where((logits < kth) & (k[:, None] > 0), ninf, logits)
+    if not cpu or bool((k > 0).any()):
+        # on CPU only the largest max(k) values are sorted out; a graph needs a fixed-size sort
+        if cpu:
+            top = torch.topk(logits, int(k.max()), dim=-1).values
+        else:
+            top = torch.sort(logits, dim=-1, descending=True).values
+        kth = top.gather(1, (k - 1).clamp(min=0)[:, None])
+        logits = torch.where((logits < kth) & (k[:, None] > 0), ninf, logits)
+    if cpu and not bool((top_p < 1).any()):
+        return logits
     # top-p: keep i iff the mass strictly above l_i is < top_p (ties share their group's mass above)
     e = torch.exp(logits - logits.max(dim=-1, keepdim=True).values)
     probs = e / e.sum(dim=-1, keepdim=True)
@@ -77,10 +87,17 @@ def sample_reference(logits, temperature, top_k, top_p, do_sample, seeds, offset
     z = combine(logits, guidance, vocab_limit)
     if greedy:
         return z.argmax(dim=-1)
-    rows = torch.arange(z.shape[0], device=z.device)
-    gumbel = -torch.log(-torch.log(uniform(seeds, offset, rows, z.shape[1])))
-    sampled = (filter_logits(z, temperature, top_k, top_p) + gumbel).argmax(dim=-1)
-    return torch.where(do_sample, sampled, z.argmax(dim=-1))
+    l = filter_logits(z, temperature, top_k, top_p)
+    if z.device.type == "cpu":
+        # the same scores, with the random words drawn only where a token is kept (removed tokens
+        # stay -inf either way); nonzero() waits for its result, so CPU only: CUDA graphs forbid it
+        b, i = torch.isfinite(l).nonzero(as_tuple=True)
+        scores = torch.full_like(l, float("-inf"))
+        scores[b, i] = l[b, i] - torch.log(-torch.log(uniform_at(seeds[b], offset, b, i)))
+    else:
+        rows = torch.arange(z.shape[0], device=z.device)
+        scores = l - torch.log(-torch.log(uniform(seeds, offset, rows, z.shape[1])))
+    return torch.where(do_sample, scores.argmax(dim=-1), z.argmax(dim=-1))
 
 
 register_lazy("sample", "triton", "mmgen_engine.kernels.sampling:sample", TRITON_DEVICES)
