@@ -13,6 +13,8 @@ import torch.nn.functional as F
 
 from mmgen_engine import BackendError, ops
 
+from test_ops import linear_operands
+
 pytest.importorskip("triton")
 from mmgen_engine.kernels import linear as linear_kernel  # noqa: E402  (needs triton)
 
@@ -23,13 +25,7 @@ TOL = {torch.float32: (1e-6, 1e-5), torch.float16: (1e-3, 1e-3)}
 
 
 def operands(m, n, k, dtype, layout, device=DEVICE):
-    g = torch.Generator().manual_seed(m * n + k)
-    x = torch.randn(m, k, generator=g).to(dtype)
-    w = torch.randn(n, k, generator=g).to(dtype)
-    b = torch.randn(n, generator=g).to(dtype)
-    if layout == "column-major":
-        w = w.t().contiguous().t()
-    return x.to(device), w.to(device), b.to(device)
+    return linear_operands(m, n, k, dtype, layout, device)
 
 
 def check(out, ref, dtype, k):

@@ -13,6 +13,17 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 4e-2}
 
 
+def linear_operands(m, n, k, dtype, layout, device="cpu"):
+    """Seeded ``x [m, k], W [n, k], b [n]``; W row-major or column-major (``W^T`` contiguous)."""
+    g = torch.Generator().manual_seed(m * n + k)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype)
+    if layout == "column-major":
+        w = w.t().contiguous().t()
+    return x.to(device), w.to(device), b.to(device)
+
+
 def naive_attention(q, k, v, scale, mask):
     s = (q.double() @ k.double().transpose(-1, -2)) * scale
     s = s.masked_fill(~mask, float("-inf"))
@@ -135,12 +146,7 @@ def test_unsupported_device_or_dtype_is_an_error():
 def test_linear_matches_x_wT_plus_b(dtype, rows, n, k, layout):
     """Both paths of the reference (BLAS, and the per-thread split over K for few rows of a
     column-major weight) compute x W^T + b."""
-    g = torch.Generator().manual_seed(n * k + rows)
-    x = torch.randn(rows, k, generator=g).to(dtype)
-    w = torch.randn(n, k, generator=g).to(dtype)
-    b = torch.randn(n, generator=g).to(dtype)
-    if layout == "column-major":
-        w = w.t().contiguous().t()
+    x, w, b = linear_operands(rows, n, k, dtype, layout)
     ref = x.double() @ w.double().t() + b.double()
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
