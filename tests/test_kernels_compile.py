@@ -17,6 +17,9 @@ import pytest
 import torch
 
 triton = pytest.importorskip("triton")
+if os.environ.get("TRITON_INTERPRET") != "1":  # conftest sets it where there is no GPU
+    pytest.skip("records launches in Triton's interpreter; a GPU machine compiles by running the kernels",
+                allow_module_level=True)
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from mmgen_engine import ops  # noqa: E402
