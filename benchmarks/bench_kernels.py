@@ -23,6 +23,9 @@ from timing import format_table, machine_info, write_json  # noqa: E402
 from mmgen_engine.ops import registry  # noqa: E402
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+# the triton backend of linear routes small few-row products to cuBLAS (ops/linear.py): time the
+# Triton kernel itself too, so the table shows the comparison behind that rule
+KERNEL_ONLY = {"linear": {"triton kernel": "mmgen_engine.kernels.linear:linear"}}
 
 
 def bench_us(fn) -> float:
@@ -53,34 +56,37 @@ def cases(dtype, device, quick: bool):
     for rows in (1, 16):
         x, r = rnd(rows, d), rnd(rows, d)
         w, b = rnd(d, dt=dtype), rnd(d, dt=dtype)
+        yield "layer_norm", f"{rows}x{d}", (x, w, b, 1e-5), nbytes(x) * 2
         yield "add_layer_norm", f"{rows}x{d}", (x, r, w, b, 1e-5), nbytes(x, r) * 2
         hid, bias = rnd(rows, ff), rnd(ff)
         yield "bias_gelu", f"{rows}x{ff} tanh", (hid, bias, "tanh"), nbytes(hid) * 2
         tok = torch.randint(0, vocab, (rows,), device=device)
         wte, wpe = rnd(vocab, d), rnd(1024, d)
         yield "embedding", f"{rows}x{d}", (tok, tok % 1024, wte, wpe), 3 * rows * d * wte.element_size()
+        yield "embedding", f"{rows}x{d} + LayerNorm", (tok, tok % 1024, wte, wpe, w, b), \
+            3 * rows * d * wte.element_size()
     for b, s in ((1, 1024), (16, 197), (16, 4096)) if not quick else ((1, 256),):
         q, k, v = rnd(b, h, dh), rnd(b, h, s, dh), rnd(b, h, s, dh)
         lengths = torch.full((b,), s, device=device)
-        yield "decode_attention", f"B{b} H{h} L{s} D{dh}", (q, k, v, lengths, dh ** -0.5), nbytes(k, v, q) * 1 + nbytes(q)
+        # q, k, v read once, the output written once
+        yield "decode_attention", f"B{b} H{h} L{s} D{dh}", (q, k, v, lengths, dh ** -0.5), nbytes(q, k, v, q)
     for b in (1, 16):
         logits = rnd(b, vocab, dt=torch.float32)
         ones = torch.ones(b, device=device)
+        seeds, offset = torch.zeros(b, dtype=torch.int64, device=device), torch.zeros(1, dtype=torch.int64, device=device)
+        # a request without sampling: the engine tells the sampler (greedy=True, two launches)
         greedy = (logits, ones, torch.zeros(b, dtype=torch.int64, device=device), ones,
-                  torch.zeros(b, dtype=torch.bool, device=device), torch.zeros(b, dtype=torch.int64, device=device),
-                  torch.zeros(1, dtype=torch.int64, device=device))
+                  torch.zeros(b, dtype=torch.bool, device=device), seeds, offset, None, None, True)
         yield "sample", f"B{b} V{vocab} greedy", greedy, nbytes(logits)
         topk = (logits, ones, torch.full((b,), 50, dtype=torch.int64, device=device), 0.9 * ones,
-                torch.ones(b, dtype=torch.bool, device=device), torch.zeros(b, dtype=torch.int64, device=device),
-                torch.zeros(1, dtype=torch.int64, device=device))
+                torch.ones(b, dtype=torch.bool, device=device), seeds, offset)
         yield "sample", f"B{b} V{vocab} top-k 50 top-p 0.9", topk, nbytes(logits)
     for rows in (1, 16):
         for n, kdim in ((2304, d), (d, d), (ff, d), (d, ff), (vocab, d)):
             x, w, bias = rnd(rows, kdim), rnd(n, kdim), rnd(n)
             yield "linear", f"{rows}x{kdim}->{n}", (x, w, bias), nbytes(x, w, bias) + rows * n * x.element_size()
     q, k, v = (rnd(4, h, 197, dh) for _ in range(3))
-    yield "attention", "B4 H12 T197 D64 (ViT)", (q, k, v, dh ** -0.5, False, None), nbytes(q, k, v) * 4 // 3
-
+    yield "attention", "B4 H12 T197 D64 (ViT)", (q, k, v, dh ** -0.5, False, None), nbytes(q, k, v, q)
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -98,8 +104,10 @@ def main(argv=None) -> int:
         for op, shape, op_args, moved in cases(DTYPES[dtype_name], device, args.quick):
             if args.ops and op not in args.ops:
                 continue
-            for backend in ("triton", "reference"):
-                fn = registry._load(registry._TABLE[op][backend].fn)
+            impls = {b: registry._TABLE[op][b].fn for b in ("triton", "reference")}
+            impls.update(KERNEL_ONLY.get(op, {}))
+            for backend, target in impls.items():
+                fn = registry._load(target)
                 try:
                     us = bench_us(lambda: fn(*op_args))
                 except Exception as e:  # report, keep going: one failing case must not hide the rest

@@ -4,9 +4,10 @@ Computes :func:`mmgen_engine.ops.sample` (spec in :mod:`mmgen_engine.ops.samplin
 a row is split over ``parts = cdiv(n, CHUNK)`` programs (grid ``(B, parts)``), each reading one slice
 of ``CHUNK`` columns in blocks of ``BLOCK``, so that even one row is read by many SMs. A pass's
 programs cannot see each other's results, so each pass writes per-block partials and the next launch
-reduces them. The launch sequence is fixed (it can be captured in a CUDA graph; nothing is read on
-the host), 20 launches per call; every kernel reads the row's parameters and returns at once for
-rows that do not need it:
+reduces them. The launch sequence depends on host-known values only (it can be captured in a CUDA
+graph; nothing is read back from the device): 20 launches per call, or 2 (passes 1 and 6) when the
+caller promises that no row samples (``greedy=True``). Every kernel reads the row's parameters and
+returns at once for rows that do not need it:
 
 1. ``_max_kernel``: every row. Each slice's max of z and its first index (the greedy token).
 2. ``_radix_kernel`` x 8, top-k (rows with ``do_sample`` and ``0 < top_k < n``).
@@ -57,6 +58,8 @@ captured in a CUDA graph. Launched with ``enable_fp_fusion=False`` (no FMA contr
 libdevice's ``logf``/``expf``, the functions torch's CUDA ``log``/``exp`` call, and IEEE division.
 """
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 import triton
@@ -301,32 +304,33 @@ def sample(logits, temperature, top_k, top_p, do_sample, seeds, offset, guidance
     batch = seeds.shape[0]
     n = logits.shape[1] if vocab_limit is None else vocab_limit
     parts, nblocks = triton.cdiv(n, CHUNK), triton.cdiv(n, BLOCK)
-    inv_t = temperature.float().reciprocal()
-    top_p = top_p.float()
     has_guidance = guidance is not None
-    guidance = guidance.float() if has_guidance else inv_t  # without guidance the pointer is never read
-
+    guidance = guidance.float() if has_guidance else logits  # without guidance the pointer is never read
     out = torch.empty(batch, dtype=torch.int64, device=device)
     part_max = torch.empty(batch, parts, dtype=torch.float32, device=device)
     part_arg = torch.empty(batch, parts, dtype=torch.int32, device=device)
+    grid = (batch, parts)
+    _max_kernel[grid](logits, logits.stride(0), guidance, part_max, part_arg, batch, n, CHUNK,
+                      HAS_GUIDANCE=has_guidance, BLOCK=BLOCK, num_warps=4, enable_fp_fusion=False)
+    combine = partial(_combine_kernel[(batch,)], part_max, part_arg, out, n, parts,
+                      BLOCK_P=triton.next_power_of_2(parts), num_warps=1)
+    if greedy:  # no row samples (known on the host): pass 1's argmax is the answer
+        combine()
+        return out
+
+    inv_t = temperature.float().reciprocal()
+    top_p = top_p.float()
     prefix = torch.empty(batch, _SLOTS.value, dtype=torch.int32, device=device)
     counts = torch.empty(2, batch, nblocks, 16, dtype=torch.int32, device=device)  # top-k partials, by step % 2
     mass = torch.empty(2, batch, nblocks, 16, dtype=torch.float32, device=device)  # top-p partials
     exp_sum = torch.empty(batch, nblocks, dtype=torch.float32, device=device)
 
-    grid = (batch, parts)
     row = (logits, logits.stride(0), guidance, inv_t)
     params = (top_k, top_p, do_sample)
     sizes = (batch, n, CHUNK, parts, nblocks)
     flags = dict(HAS_GUIDANCE=has_guidance, CUDA_MATH=logits.is_cuda, BLOCK=BLOCK,
                  BLOCK_P=triton.next_power_of_2(parts), NB_P=triton.next_power_of_2(nblocks), num_warps=8,
                  enable_fp_fusion=False)
-    _max_kernel[grid](logits, logits.stride(0), guidance, part_max, part_arg, batch, n, CHUNK,
-                      HAS_GUIDANCE=has_guidance, BLOCK=BLOCK, num_warps=4, enable_fp_fusion=False)
-    if greedy:  # no row samples (known on the host): pass 1's argmax is the answer
-        _combine_kernel[(batch,)](part_max, part_arg, out, n, parts, BLOCK_P=triton.next_power_of_2(parts),
-                                  num_warps=1)
-        return out
     for step in range(STEPS):
         _radix_kernel[grid](*row, *params, part_max, part_arg, exp_sum, prefix, counts, *sizes, step,
                             TOP_P=False, **flags)
@@ -337,5 +341,5 @@ def sample(logits, temperature, top_k, top_p, do_sample, seeds, offset, guidance
     _gumbel_kernel[grid](*row, top_p, do_sample, seeds, offset, part_max, part_arg, prefix, mass, batch, n, CHUNK,
                          nblocks, HAS_GUIDANCE=has_guidance, CUDA_MATH=logits.is_cuda, BLOCK=BLOCK,
                          NB_P=triton.next_power_of_2(nblocks), num_warps=8, enable_fp_fusion=False)
-    _combine_kernel[(batch,)](part_max, part_arg, out, n, parts, BLOCK_P=triton.next_power_of_2(parts), num_warps=1)
+    combine()
     return out

@@ -15,6 +15,8 @@ from mmgen_engine import ops
 from mmgen_engine.ops.attention import decode_attention_reference
 from mmgen_engine.ops.embedding import embedding_reference
 
+from test_ops import relative_error
+
 triton = pytest.importorskip("triton")
 from mmgen_engine.kernels import activation, decode_attention, embedding, norm  # noqa: E402
 
@@ -151,10 +153,6 @@ def test_gpu_elementwise_kernels(dtype):
     check_embedding((4, 35), 30524, 768, True, dtype, "cuda")
 
 
-def rel_err(x, ref):
-    return float((x.double() - ref).norm() / ref.norm())
-
-
 @gpu
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("b,h,s,d", [(1, 12, 1024, 64), (16, 12, 197, 64), (16, 12, 4096, 64), (3, 5, 97, 24)])
@@ -165,4 +163,4 @@ def test_gpu_decode_attention_error_at_most_twice_torch(b, h, s, d, dtype):
     exact = torch.nn.functional.scaled_dot_product_attention(
         q[:, :, None].double(), k.double(), v.double(), attn_mask=mask, scale=scale)[:, :, 0]
     naive = torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, scale=scale)[:, :, 0]
-    assert rel_err(ours, exact) <= 2 * rel_err(naive, exact) + 1e-6
+    assert relative_error(ours, exact) <= 2 * relative_error(naive, exact) + 1e-6

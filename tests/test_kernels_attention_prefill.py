@@ -14,6 +14,8 @@ import torch
 
 from mmgen_engine import BackendError, ops
 
+from test_ops import relative_error
+
 pytest.importorskip("triton")
 from mmgen_engine.kernels import flash_attention  # noqa: E402  (needs triton)
 from mmgen_engine.ops.attention import attention_reference  # noqa: E402
@@ -98,10 +100,6 @@ def test_head_dim_above_128_is_rejected():
     q, k, v = qkv(1, 1, 3, 3, 160, torch.float32)
     with pytest.raises(ValueError, match="head dims up to 128"):
         flash_attention.attention(q, k, v, 0.1, False, None)
-
-
-def relative_error(x, ref):
-    return ((x.double() - ref).norm() / ref.norm()).item()
 
 
 @pytest.mark.gpu

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from mmgen_engine import BackendError, ops
 
-from test_ops import linear_operands
+from test_ops import linear_operands, relative_error
 
 pytest.importorskip("triton")
 from mmgen_engine.kernels import linear as linear_kernel  # noqa: E402  (needs triton)
@@ -84,10 +84,6 @@ def test_registered_as_the_triton_backend(monkeypatch):
     monkeypatch.setenv("MMGEN_BACKEND", "triton")
     x, w, b = operands(3, 64, 97, torch.float16, "column-major")
     check(ops.linear(x, w, b), x.double() @ w.double().t() + b.double(), torch.float16, 97)
-
-
-def relative_error(x, ref):
-    return ((x.double() - ref).norm() / ref.norm()).item()
 
 
 @pytest.mark.gpu

@@ -181,10 +181,9 @@ def test_registered_as_the_triton_backend(monkeypatch):
     monkeypatch.setenv("MMGEN_BACKEND", "triton")
     sampler = Sampler(SamplingParams(do_sample=True, top_k=5, seed=11), 2, torch.device("cpu"))
     logits = torch.randn(2, 97, generator=torch.Generator().manual_seed(4))
-    first = sampler(logits)
+    first = sampler(logits, torch.tensor([3]))
     monkeypatch.setenv("MMGEN_BACKEND", "reference")
-    sampler.offset.zero_()
-    assert torch.equal(first, sampler(logits))
+    assert torch.equal(first, sampler(logits, torch.tensor([3])))
 
 
 @triton.jit
@@ -244,22 +243,23 @@ def test_cuda_graph_replay_matches_eager_calls(monkeypatch):
     logits = (torch.randn(batch, 50257, generator=torch.Generator().manual_seed(2)) * 3).half().to(device)
 
     eager = Sampler(params, batch, device)
-    expect = torch.stack([eager(logits) for _ in range(steps)])
+    expect = torch.stack([eager(logits, torch.tensor([i], device=device)) for i in range(steps)])
 
     graphed = Sampler(params, batch, device)
+    offset = torch.zeros(1, dtype=torch.int64, device=device)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        graphed(logits)  # compiles the kernel outside the capture
+        graphed(logits, offset)  # compiles the kernels outside the capture
     torch.cuda.current_stream().wait_stream(stream)
-    graphed.offset.zero_()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        tokens = graphed(logits)
+        tokens = graphed(logits, offset)
+        offset += 1  # the caller's step counter, advanced on the device
     got = []
     for _ in range(steps):
         graph.replay()
         got.append(tokens.clone())
     assert torch.equal(torch.stack(got), expect)
-    assert graphed.offset.item() == steps
+    assert offset.item() == steps
     assert len({tuple(step) for step in expect.tolist()}) > 1  # the offset moved on every replay

@@ -13,6 +13,11 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 4e-2}
 
 
+def relative_error(x, ref) -> float:
+    """``|x - ref| / |ref|`` (Frobenius norms), ``ref`` in float64."""
+    return float((x.double() - ref).norm() / ref.norm())
+
+
 def linear_operands(m, n, k, dtype, layout, device="cpu"):
     """Seeded ``x [m, k], W [n, k], b [n]``; W row-major or column-major (``W^T`` contiguous)."""
     g = torch.Generator().manual_seed(m * n + k)

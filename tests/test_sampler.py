@@ -28,10 +28,15 @@ def rows(b, value, dtype=torch.float32):
     return torch.full((b,), value, dtype=dtype)
 
 
+def step(i: int) -> torch.Tensor:
+    """The step counter (Philox offset) a caller hands the sampler."""
+    return torch.tensor([i])
+
+
 def draw(logits, params: SamplingParams, n: int) -> torch.Tensor:
     """``n`` independent tokens from one row of logits."""
     sampler = Sampler(params, n, logits.device)
-    return sampler(logits.expand(n, -1).contiguous())
+    return sampler(logits.expand(n, -1).contiguous(), step(0))
 
 
 def kept(logits, top_k=0, top_p=1.0):
@@ -40,7 +45,7 @@ def kept(logits, top_k=0, top_p=1.0):
 
 def test_greedy_is_argmax_first_on_ties():
     logits = torch.tensor([[0.0, 3.0, 3.0, 1.0], [5.0, -1.0, 2.0, 5.0]])
-    assert Sampler(None, 2, logits.device)(logits).tolist() == [1, 0]
+    assert Sampler(None, 2, logits.device)(logits, step(0)).tolist() == [1, 0]
 
 
 def test_top_k_never_leaves_top_k():
@@ -102,19 +107,19 @@ def test_same_seed_same_tokens_and_different_seed_differs():
     a = Sampler(SamplingParams(do_sample=True, seed=42), 8, logits.device)
     b = Sampler(SamplingParams(do_sample=True, seed=42), 8, logits.device)
     c = Sampler(SamplingParams(do_sample=True, seed=43), 8, logits.device)
-    seq_a = torch.stack([a(logits) for _ in range(5)])
-    seq_b = torch.stack([b(logits) for _ in range(5)])
-    seq_c = torch.stack([c(logits) for _ in range(5)])
+    seq_a = torch.stack([a(logits, step(i)) for i in range(5)])
+    seq_b = torch.stack([b(logits, step(i)) for i in range(5)])
+    seq_c = torch.stack([c(logits, step(i)) for i in range(5)])
     assert torch.equal(seq_a, seq_b)
     assert not torch.equal(seq_a, seq_c)
-    assert a.offset.tolist() == [5]
-    assert len({tuple(step) for step in seq_a.tolist()}) > 1  # each call draws with the next offset
+    assert len({tuple(step) for step in seq_a.tolist()}) > 1  # each step draws with its own offset
 
 
 def test_unseeded_samplers_differ():
     logits = torch.zeros(16, 1000)
     params = SamplingParams(do_sample=True)
-    assert not torch.equal(Sampler(params, 16, logits.device)(logits), Sampler(params, 16, logits.device)(logits))
+    assert not torch.equal(Sampler(params, 16, logits.device)(logits, step(0)),
+                           Sampler(params, 16, logits.device)(logits, step(0)))
 
 
 def test_per_row_do_sample_mixes_greedy_and_sampled():
@@ -133,7 +138,7 @@ def test_guidance_combines_unconditioned_and_conditioned_rows():
     g = torch.Generator().manual_seed(2)
     uncond, cond = torch.randn(3, 40, generator=g), torch.randn(3, 40, generator=g)
     sampler = Sampler(SamplingParams(guidance_scale=4.0), 3, uncond.device, guidance=True)
-    tokens = sampler(torch.cat([uncond, cond]))
+    tokens = sampler(torch.cat([uncond, cond]), step(0))
     assert torch.equal(tokens, (uncond * (1 - 4.0) + cond * 4.0).argmax(-1))
 
 
@@ -141,7 +146,7 @@ def test_vocab_limit_restricts_tokens():
     logits = torch.zeros(64, 100)
     logits[:, 90:] = 10.0  # the best tokens lie outside the limit
     for params in [SamplingParams(), SamplingParams(do_sample=True, seed=0)]:
-        tokens = Sampler(params, 64, logits.device, vocab_limit=90)(logits)
+        tokens = Sampler(params, 64, logits.device, vocab_limit=90)(logits, step(0))
         assert int(tokens.max()) < 90
 
 

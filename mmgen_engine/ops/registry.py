@@ -33,7 +33,6 @@ PREFERENCE = ("cuda", "triton", "reference")
 ENV_VAR = "MMGEN_BACKEND"
 
 
-
 def _triton_devices() -> tuple[str, ...]:
     if importlib.util.find_spec("triton") is None:
         return ()

@@ -1,7 +1,7 @@
 """Batched per-row token sampling with a counter-based random stream.
 
-``sample(logits, temperature, top_k, top_p, do_sample, seeds, offset, guidance=None, vocab_limit=None)
--> tokens [B] int64``
+``sample(logits, temperature, top_k, top_p, do_sample, seeds, offset, guidance=None, vocab_limit=None,
+greedy=False) -> tokens [B] int64``
 
 - ``logits [R, V]`` fp32/fp16/bf16. Per-row ``temperature [B]`` f32, ``top_k [B]`` int64 (0 = off),
   ``top_p [B]`` f32 in (0, 1], ``do_sample [B]`` bool, ``seeds [B]`` int64; ``offset [1]`` int64 on
@@ -12,6 +12,8 @@
   supercondition formula).
 - ``vocab_limit``: None or n: only columns ``0..n-1`` take part (e.g. the image-code slice of a
   text+image vocabulary); tokens are < n.
+- ``greedy``: the caller's host-side promise that ``do_sample`` is False in every row (a request
+  without sampling), so only the argmax is computed.
 
 Per row b, in fp32: the combined logits ``z`` over the sliced vocabulary. ``do_sample[b]`` false:
 ``argmax z`` (first index on ties). Otherwise ``l = z * inv_t`` with ``inv_t = 1 / temperature[b]``

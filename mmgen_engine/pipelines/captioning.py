@@ -112,8 +112,6 @@ class CaptioningPipeline:
             raise InputError(f"pixel_values must be [B, {want[0]}, {want[1]}, {want[2]}], got {shape}")
         if pixel_values.shape[0] == 0:
             raise InputError("pixel_values has an empty batch")
-        if sampling is not None and sampling.guidance_scale is not None:
-            raise InputError("guidance_scale is not supported for captioning")
         gen = self.config.generation
         with torch.inference_mode():
             encode = self._graphed_encode if self.use_cuda_graphs else self.model.encode

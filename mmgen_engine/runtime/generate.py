@@ -39,7 +39,7 @@ class DecodeState:
     tokens: torch.Tensor     # (B,) the tokens fed to the next step
     positions: torch.Tensor  # (B,) their positions
     done: torch.Tensor       # (B,) bool
-    step: torch.Tensor       # (1,) index of the next output token
+    step: torch.Tensor       # (1,) index of the next output token; the sampler's Philox offset
     min_new: torch.Tensor    # (1,) eos is suppressed while step < min_new
     out: torch.Tensor        # (B, N) output tokens
     eos: int
@@ -64,7 +64,7 @@ class DecodeState:
 def pick(logits: torch.Tensor, st: DecodeState) -> None:
     """Choose the next token of every row from ``logits [B, V]`` and record it (device ops only)."""
     logits[:, st.eos].masked_fill_(st.step < st.min_new, float("-inf"))
-    tokens = torch.where(st.done, st.pad, st.sampler(logits))
+    tokens = torch.where(st.done, st.pad, st.sampler(logits, st.step))
     st.out.scatter_(1, st.step.expand(tokens.shape[0], 1), tokens[:, None])
     st.done |= tokens == st.eos
     st.tokens.copy_(tokens)
@@ -111,17 +111,16 @@ def generate(decoder, prompt: torch.Tensor, encoder_states: torch.Tensor, encode
     cuda = device.type == "cuda"
     rows = batch_bucket(batch) if cuda else batch
     prompt, encoder_states = _pad_rows(prompt, rows), _pad_rows(encoder_states, rows)
-    fresh = Sampler(sampling, rows, device)
-    if graphs is not None:  # get (capture on first use) the graphs before the state is reset
+    if graphs is not None:
         bucket = graphs.get(rows, encoder_states.shape[1], eos_token_id, pad_token_id)
         st = bucket.state
-        st.sampler.greedy = fresh.greedy  # picks the graphs' variant
-        run_prefill, run_step = bucket.prefill(prompt, encoder_states), bucket.step()
     else:
         st = DecodeState.allocate(decoder, rows, fed, encoder_states.shape[1], max_new_tokens, dtype, device,
                                   eos_token_id, pad_token_id)
-        st.sampler.greedy = fresh.greedy
-
+    st.sampler.load(sampling)  # on the graph path its greedy flag picks the graphs' variant
+    if graphs is not None:  # get (capture on first use) the graphs before the state is reset
+        run_prefill, run_step = bucket.prefill(prompt, encoder_states), bucket.step()
+    else:
         def run_prefill():
             pick(decoder.prefill(prompt, encoder_states, st.cache, st.cross), st)
 
@@ -130,9 +129,6 @@ def generate(decoder, prompt: torch.Tensor, encoder_states: torch.Tensor, encode
     # CUDA steps see the whole cache (static shapes for graphs; the kernels stop at each row's length);
     # CPU steps read only the slots in use, set per step below
     st.cache.span = st.cache.k.shape[3]
-    for name in ("temperature", "top_k", "top_p", "do_sample", "seeds"):
-        getattr(st.sampler, name).copy_(getattr(fresh, name))
-    st.sampler.offset.zero_()
     st.done.zero_()
     st.done[batch:] = True
     st.step.zero_()

@@ -73,8 +73,7 @@ class DecodeGraphs:
         self._steps: dict = {}
         self._prefills: dict = {}
 
-    def _capture(self, fn, greedy: bool):
-        self.state.sampler.greedy = greedy
+    def _capture(self, fn):
         self.state.cache.span = self.state.cache.k.shape[3]  # static: the whole cache
         return capture(fn, self.device)[0]
 
@@ -82,7 +81,7 @@ class DecodeGraphs:
         """A function replaying one captured decode step (captured on first use of the mode)."""
         greedy = self.state.sampler.greedy
         if greedy not in self._steps:
-            self._steps[greedy] = self._capture(lambda: decode_step(self.decoder, self.state), greedy)
+            self._steps[greedy] = self._capture(lambda: decode_step(self.decoder, self.state))
         return self._steps[greedy]
 
     def prefill(self, prompt: torch.Tensor, encoder_states: torch.Tensor) -> Callable[[], None]:
@@ -95,8 +94,7 @@ class DecodeGraphs:
         if key not in self._prefills:
             st = self.state
             tokens, states = prompt.clone(), encoder_states.clone()
-            replay = self._capture(lambda: pick(self.decoder.prefill(tokens, states, st.cache, st.cross), st),
-                                   greedy)
+            replay = self._capture(lambda: pick(self.decoder.prefill(tokens, states, st.cache, st.cross), st))
             self._prefills[key] = (tokens, states, replay)
         tokens, states, replay = self._prefills[key]
 

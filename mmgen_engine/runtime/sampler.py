@@ -55,39 +55,45 @@ def _is_number(x) -> bool:
 
 class Sampler:
     """Turns logits ``[B, V]`` (``[2B, V]`` with guidance: unconditioned rows, then conditioned) into
-    next tokens ``[B]`` for one request of ``batch`` rows.
+    next tokens ``[B]`` for ``batch`` rows, with one request's :class:`SamplingParams` held as per-row
+    device tensors (:meth:`load` puts another request's in place, so a captured CUDA graph sees them).
 
     The random stream is Philox keyed by ``params.seed`` (a fresh 63-bit seed from OS entropy when
-    None) and counted by the row and ``offset``, a ``[1]`` device tensor advanced in place after each
-    call: the same seed, batch and model give the same tokens, and a CUDA graph that captured a call
-    replays with the next offset. ``guidance`` says whether the task combines guided rows (then
-    ``params.guidance_scale`` is required, otherwise rejected); ``vocab_limit`` restricts tokens to
-    ``0..vocab_limit-1``.
+    None) and counted by the row and the caller's step counter ``offset``, a ``[1]`` int64 device
+    tensor: the same seed, offset, batch and model give the same tokens, also when a CUDA graph
+    replays the call after the caller advanced ``offset`` on the device. ``guidance`` says whether
+    the task combines guided rows (then ``params.guidance_scale`` is required, otherwise rejected);
+    ``vocab_limit`` restricts tokens to ``0..vocab_limit-1``.
     """
 
     def __init__(self, params: SamplingParams | None, batch: int, device: torch.device, guidance: bool = False,
                  vocab_limit: int | None = None):
-        params = params or SamplingParams()
-        if guidance and params.guidance_scale is None:
-            raise InputError("this task needs guidance_scale")
-        if not guidance and params.guidance_scale is not None:
-            raise InputError("guidance_scale is not supported by this task")
+        def rows(dtype):
+            return torch.empty(batch, dtype=dtype, device=device)
 
-        def rows(value, dtype):
-            return torch.full((batch,), value, dtype=dtype, device=device)
-
-        self.temperature = rows(float(params.temperature), torch.float32)
-        self.top_k = rows(params.top_k, torch.int64)
-        self.top_p = rows(float(params.top_p), torch.float32)
-        self.do_sample = rows(params.do_sample, torch.bool)
-        self.seeds = rows(secrets.randbits(63) if params.seed is None else params.seed, torch.int64)
-        self.offset = torch.zeros(1, dtype=torch.int64, device=device)
-        self.guidance = rows(float(params.guidance_scale), torch.float32) if guidance else None
+        self.temperature, self.top_p = rows(torch.float32), rows(torch.float32)
+        self.top_k, self.seeds = rows(torch.int64), rows(torch.int64)
+        self.do_sample = rows(torch.bool)
+        self.guidance = rows(torch.float32) if guidance else None
         self.vocab_limit = vocab_limit
+        self.load(params)
+
+    def load(self, params: SamplingParams | None) -> None:
+        """Take ``params`` (None: greedy) for every row, in place."""
+        params = params or SamplingParams()
+        if self.guidance is not None and params.guidance_scale is None:
+            raise InputError("this task needs guidance_scale")
+        if self.guidance is None and params.guidance_scale is not None:
+            raise InputError("guidance_scale is not supported by this task")
+        self.temperature.fill_(float(params.temperature))
+        self.top_k.fill_(params.top_k)
+        self.top_p.fill_(float(params.top_p))
+        self.do_sample.fill_(params.do_sample)
+        self.seeds.fill_(secrets.randbits(63) if params.seed is None else params.seed)
+        if self.guidance is not None:
+            self.guidance.fill_(float(params.guidance_scale))
         self.greedy = not params.do_sample  # host-known: no row samples, the sampler only takes argmaxes
 
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        tokens = ops.sample(logits, self.temperature, self.top_k, self.top_p, self.do_sample, self.seeds,
-                            self.offset, self.guidance, self.vocab_limit, self.greedy)
-        self.offset += 1  # a tensor op, so a captured graph advances it too
-        return tokens
+    def __call__(self, logits: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        return ops.sample(logits, self.temperature, self.top_k, self.top_p, self.do_sample, self.seeds, offset,
+                          self.guidance, self.vocab_limit, self.greedy)
