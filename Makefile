@@ -9,6 +9,10 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 # Triton's CPU interpreter (the CI tests of the Triton kernels) works with this version and numpy 2.4.
 TRITON ?= triton==3.8.0
+# Upstream packages the parity tests build tiny random models with. Their declared dependencies
+# (torchvision, pytorch-lightning, ...) would replace the pinned torch and are not needed for the
+# modules the tests import, so they are installed without them (attrs, from the test extra, is).
+UPSTREAM_NODEPS ?= dall-e==0.1 taming-transformers==0.0.1
 VENV := .venv
 VPY := $(VENV)/bin/python
 
@@ -38,6 +42,7 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: $(VENV)/.build-config $(NATIVE_INPUTS)
 	$(VPY) -m pip install --no-build-isolation -e ".[test]"
+	$(VPY) -m pip install --no-deps $(UPSTREAM_NODEPS)
 	touch $@
 
 demo: install
