@@ -1,7 +1,8 @@
 """Converters from upstream checkpoint formats to the engine format, registered by name.
 
-Each converter module has ``NAME``, ``detect(src) -> bool`` (from the source's own config, never
-from file names) and ``convert(src, dtype, workdir) -> (config, tensors, files)``.
+Each converter module has ``NAME``, ``detect(src) -> bool`` (from the source's own contents, never
+from file names) and ``convert(src, dtype, workdir, trust_pickle) -> (config, tensors, files)``.
+``src`` is a directory or, for formats that are one file (a state dict), a file.
 """
 from __future__ import annotations
 
@@ -30,14 +31,14 @@ def convert(src, out, source_format: str | None = None, dtype: str | None = None
     """Convert the upstream checkpoint at ``src`` into an engine checkpoint directory ``out``.
 
     ``source_format`` None detects it; ``dtype`` "float32" | "float16" | "bfloat16" casts floating
-    weights (None keeps the source's). ``trust_pickle`` will allow the few sources that can only be
-    read by full unpickling (OpenAI's dVAE pickle); none of the formats registered now needs it, and
-    ``torch.load`` is always called with ``weights_only=True``. ``out`` is written atomically;
+    weights (None keeps the source's). ``trust_pickle`` allows the few sources that can only be read
+    by full unpickling (OpenAI's ``decoder.pkl``); without it ``torch.load`` is always called with
+    ``weights_only=True``. ``out`` is written atomically;
     an existing non-empty ``out`` is replaced only with ``overwrite``.
     """
     src, out = Path(src), Path(out)
-    if not src.is_dir():
-        raise ConversionError(f"{src}: source model directory not found")
+    if not src.exists():
+        raise ConversionError(f"{src}: source model not found")
     if source_format is None:
         source_format = detect_format(src)
     elif source_format not in CONVERTERS:
@@ -47,7 +48,7 @@ def convert(src, out, source_format: str | None = None, dtype: str | None = None
     if out.resolve() == src.resolve() or out.resolve() in src.resolve().parents:
         raise ConversionError(f"{out}: the output would replace the source model {src}")
     with tempfile.TemporaryDirectory() as workdir:
-        config, tensors, files = CONVERTERS[source_format].convert(src, dtype, Path(workdir))
+        config, tensors, files = CONVERTERS[source_format].convert(src, dtype, Path(workdir), trust_pickle)
         try:
             return save_checkpoint(out, config, tensors, files, overwrite=overwrite)
         except CheckpointError as e:

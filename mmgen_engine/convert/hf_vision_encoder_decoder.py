@@ -84,6 +84,8 @@ IGNORED = [r"encoder\.pooler\..*", r"decoder\.transformer\.h\.\d+\.(attn|crossat
 
 
 def detect(src: Path) -> bool:
+    if not src.is_dir():
+        return False
     cfg = src / "config.json"
     if not cfg.is_file():
         return False
@@ -138,8 +140,11 @@ def _preprocess(src: Path) -> dict:
             "image_mean": p.get("image_mean", [0.5, 0.5, 0.5]), "image_std": p.get("image_std", [0.5, 0.5, 0.5])}
 
 
-def convert(src: Path, dtype: str | None, workdir: Path):
-    """Returns ``(config dict, tensors, files to copy)`` for the checkpoint writer."""
+def convert(src: Path, dtype: str | None, workdir: Path, trust_pickle: bool = False):
+    """Returns ``(config dict, tensors, files to copy)`` for the checkpoint writer (never unpickles:
+    ``trust_pickle`` is not needed by this format)."""
+    if not src.is_dir():
+        raise ConversionError(f"{src}: expected a Hugging Face model directory")
     top = hf.read_json(src / "config.json")
     where = str(src / "config.json")
     enc, dec = top.get("encoder"), top.get("decoder")
