@@ -1,7 +1,9 @@
-"""Fused bias + GELU: ``out = gelu(x + bias)``, erf form or tanh form (see ``ops.activation``).
+"""Fused bias + GELU: ``out = gelu(x + bias)``, erf form or tanh form, and the gated GELU
+``gelu(x[..., :H]) * x[..., H:]`` (see ``ops.activation``).
 
 Elementwise over ``x [..., N]`` with ``bias [N]`` broadcast: reads x once and writes out once
-(2·numel·e bytes) instead of the add's and the GELU's two passes. Math in fp32.
+(2·numel·e bytes) instead of the add's and the GELU's two passes. The gated form reads ``2H`` and
+writes ``H`` per row, where unfused it would write and re-read the GELU's output. Math in fp32.
 """
 from __future__ import annotations
 
@@ -25,6 +27,26 @@ def _bias_gelu_kernel(x_ptr, b_ptr, out_ptr, numel, N, TANH: tl.constexpr, BLOCK
     else:
         y = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gelu_mul_kernel(x_ptr, out_ptr, numel, H, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    src = (offs // H) * 2 * H + offs % H  # row r, column c of the output reads x[r, c] and x[r, H + c]
+    a = tl.load(x_ptr + src, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(x_ptr + src + H, mask=mask, other=0.0).to(tl.float32)
+    y = 0.5 * a * (1.0 + tl.erf(a * 0.7071067811865476)) * b
+    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def gelu_mul(x: torch.Tensor) -> torch.Tensor:
+    x = x.contiguous()
+    h = x.shape[-1] // 2
+    out = torch.empty(*x.shape[:-1], h, dtype=x.dtype, device=x.device)
+    numel = out.numel()
+    _gelu_mul_kernel[(triton.cdiv(numel, BLOCK),)](x, out, numel, h, BLOCK=BLOCK)
+    return out
 
 
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor, approximate: str) -> torch.Tensor:

@@ -5,6 +5,7 @@ import argparse
 import json
 import runpy
 import sys
+import warnings
 from pathlib import Path
 
 from .config import DTYPES
@@ -31,6 +32,25 @@ def _caption(args) -> None:
     else:
         for image, caption in zip(args.images, captions):
             print(f"{image}: {caption}" if len(args.images) > 1 else caption)
+
+
+def _txt2img(args) -> None:
+    from . import SamplingParams, load
+    from .pipelines.text_to_image import image_grid
+
+    if args.grid < 1:
+        raise MMGenError(f"--grid must be a positive integer, got {args.grid}")
+    out = Path(args.output)
+    if out.suffix.lower() != ".png":
+        raise MMGenError(f"{out}: the output must be a .png file")
+    pipe = load(args.model, device=args.device, dtype=args.dtype)
+    if pipe.task != "text-to-image":
+        raise MMGenError(f"{args.model}: a {pipe.task} checkpoint, not a text-to-image one")
+    sampling = SamplingParams(do_sample=True, temperature=args.temperature, top_k=args.top_k,
+                              guidance_scale=args.guidance, seed=args.seed)
+    images = pipe.generate(args.prompt, images_per_prompt=args.grid ** 2, sampling=sampling)
+    image_grid(images, args.grid).save(out)
+    print(f"{out}: {args.grid}x{args.grid} grid of {images[0].size[0]}x{images[0].size[1]} images")
 
 
 def _demo(args) -> None:
@@ -80,6 +100,22 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="print JSON instead of plain text")
     c.set_defaults(func=_caption)
 
+    from .pipelines.text_to_image import DEFAULT_SAMPLING
+
+    c = sub.add_parser("txt2img", help="generate images from a prompt (text-to-image checkpoint)")
+    c.add_argument("prompt")
+    c.add_argument("--model", required=True, help="converted checkpoint directory")
+    c.add_argument("-o", "--output", required=True, help="output PNG (a grid of the images)")
+    c.add_argument("--grid", type=int, default=1, help="N: generate an NxN grid (default 1)")
+    c.add_argument("--top-k", type=int, default=DEFAULT_SAMPLING.top_k)
+    c.add_argument("--guidance", type=float, default=DEFAULT_SAMPLING.guidance_scale,
+                   help="supercondition factor (min-dalle's default 16)")
+    c.add_argument("--temperature", type=float, default=DEFAULT_SAMPLING.temperature)
+    c.add_argument("--seed", type=int, default=None)
+    c.add_argument("--device", default="cpu")
+    c.add_argument("--dtype", choices=DTYPES, default=None)
+    c.set_defaults(func=_txt2img)
+
     c = sub.add_parser("demo", help="run every bundled demo model")
     c.add_argument("--out", default="out/demo", help="directory for the demo outputs")
     c.set_defaults(func=_demo)
@@ -93,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    warnings.formatwarning = lambda message, *_, **__: f"mmgen: warning: {message}\n"
     try:
         args.func(args)
     except (MMGenError, OSError) as e:  # OSError: an unwritable output, a full disk, ...

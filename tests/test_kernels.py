@@ -67,6 +67,24 @@ def test_bias_gelu(shape, approximate, dtype):
     check_bias_gelu(shape, approximate, dtype, "cpu")
 
 
+def check_gelu_mul(shape, dtype, device):
+    x = 3 * rand(*shape, dtype=dtype, device=device, seed=8)
+    close(activation.gelu_mul(x), ops.activation.gelu_mul_reference(x))
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("shape", [(1, 2), (3, 194), (2, 5, 2062)])
+def test_gelu_mul(shape, dtype):
+    check_gelu_mul(shape, dtype, "cpu")
+
+
+def test_gelu_mul_reference_is_gated_gelu():
+    x = rand(4, 10)
+    torch.testing.assert_close(ops.gelu_mul(x), torch.nn.functional.gelu(x[:, :5]) * x[:, 5:])
+    with pytest.raises(ValueError, match="even"):
+        ops.gelu_mul(rand(2, 3))
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 def test_bias_gelu_tails_are_exact():
     x = torch.tensor([[-1e4, -100.0, -20.0, 0.0, 20.0, 100.0, 1e4]])
@@ -149,6 +167,7 @@ def test_gpu_elementwise_kernels(dtype):
     for approximate in ("none", "tanh"):
         check_bias_gelu((16, 3072), approximate, dtype, "cuda")
         check_bias_gelu((4, 197, 3072), approximate, dtype, "cuda")
+    check_gelu_mul((32, 2 * 2730), dtype, "cuda")
     check_embedding((16,), 50257, 768, False, dtype, "cuda")
     check_embedding((4, 35), 30524, 768, True, dtype, "cuda")
 

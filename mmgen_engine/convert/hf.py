@@ -50,7 +50,7 @@ def read_weights(src: Path) -> dict[str, torch.Tensor]:
             tensors.update(_load_safetensors(src / name))
         return tensors
     if pt.is_file():
-        return _load_torch(pt)
+        return load_torch(pt)
     raise ConversionError(f"{src}: no weights (model.safetensors, model.safetensors.index.json or "
                           f"pytorch_model.bin)")
 
@@ -64,7 +64,8 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise ConversionError(f"{path}: corrupt or truncated safetensors file ({one_line(e)})") from None
 
 
-def _load_torch(path: Path) -> dict[str, torch.Tensor]:
+def load_torch(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict in a PyTorch file, read with ``weights_only=True`` (never arbitrary pickles)."""
     try:
         try:
             data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)

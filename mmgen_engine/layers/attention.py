@@ -27,10 +27,11 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
 class SelfAttention(nn.Module):
     """``out(attn(x))`` with fused qkv; ``prefill`` and ``decode`` also fill a KV cache."""
 
-    def __init__(self, dim: int, num_heads: int, scale: float, qkv_bias: bool = True, device=None):
+    def __init__(self, dim: int, num_heads: int, scale: float, qkv_bias: bool = True, out_bias: bool = True,
+                 device=None):
         super().__init__()
         self.qkv = Linear(dim, 3 * dim, bias=qkv_bias, device=device)
-        self.out = Linear(dim, dim, device=device)
+        self.out = Linear(dim, dim, bias=out_bias, device=device)
         self.num_heads = num_heads
         self.scale = scale
         self.requires_grad_(False)
@@ -39,10 +40,11 @@ class SelfAttention(nn.Module):
         q, k, v = self.qkv(x).split(self.out.in_features, dim=-1)
         return split_heads(q, self.num_heads), split_heads(k, self.num_heads), split_heads(v, self.num_heads)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Bidirectional attention over ``x [B, T, D]`` (no cache)."""
+    def forward(self, x: torch.Tensor, key_lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Bidirectional attention over ``x [B, T, D]`` (no cache); row ``b`` attends to its first
+        ``key_lengths[b]`` tokens (all when None)."""
         q, k, v = self._qkv(x)
-        return self.out(merge_heads(ops.attention(q, k, v, self.scale, causal=False)))
+        return self.out(merge_heads(ops.attention(q, k, v, self.scale, causal=False, key_lengths=key_lengths)))
 
     def prefill(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         """Causal attention over the prompt ``x [B, T, D]``; its K/V go to cache slots ``0..T-1``."""
@@ -66,11 +68,11 @@ class SelfAttention(nn.Module):
 class CrossAttention(nn.Module):
     """Attention from decoder tokens to encoder states whose K/V are computed once per request."""
 
-    def __init__(self, dim: int, num_heads: int, scale: float, device=None):
+    def __init__(self, dim: int, num_heads: int, scale: float, bias: bool = True, device=None):
         super().__init__()
-        self.q = Linear(dim, dim, device=device)
-        self.kv = Linear(dim, 2 * dim, device=device)
-        self.out = Linear(dim, dim, device=device)
+        self.q = Linear(dim, dim, bias=bias, device=device)
+        self.kv = Linear(dim, 2 * dim, bias=bias, device=device)
+        self.out = Linear(dim, dim, bias=bias, device=device)
         self.num_heads = num_heads
         self.scale = scale
         self.requires_grad_(False)

@@ -1,4 +1,10 @@
-"""Two-layer feed-forward block: ``fc2(gelu(fc1(x)))`` with the fc1 bias fused into the GELU."""
+"""Feed-forward blocks.
+
+``MLP``: ``fc2(gelu(fc1(x)))`` with the fc1 bias fused into the GELU (GPT-2, ViT).
+``GLU``: min-dalle's gated block ``fc2(ln1(gelu(fc0(x)) * fc1(x)))``, bias-free, with ``fc0`` and
+``fc1`` fused into one ``fc01 [2H, D]`` product (rows of fc0, then fc1). Its input LayerNorm ``ln0``
+is held here but applied by the caller, which fuses it with the residual add.
+"""
 from __future__ import annotations
 
 import torch
@@ -6,6 +12,7 @@ from torch import nn
 
 from .. import ops
 from .linear import Linear
+from .norm import LayerNorm
 
 # config activation name -> ops.bias_gelu approximation
 GELU_FORMS = {"gelu": "none", "gelu_tanh": "tanh"}
@@ -22,3 +29,17 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = ops.bias_gelu(ops.linear(x, self.fc1.weight, None), self.fc1.bias, self.approximate)
         return self.fc2(h)
+
+
+class GLU(nn.Module):
+    def __init__(self, dim: int, hidden: int, eps: float, device=None):
+        super().__init__()
+        self.ln0 = LayerNorm(dim, eps, device)
+        self.fc01 = Linear(dim, 2 * hidden, bias=False, device=device)
+        self.ln1 = LayerNorm(hidden, eps, device)
+        self.fc2 = Linear(hidden, dim, bias=False, device=device)
+        self.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The block on ``x`` already normalized by ``ln0``."""
+        return self.fc2(self.ln1(ops.gelu_mul(self.fc01(x))))

@@ -3,7 +3,7 @@
 See :mod:`mmgen_engine.ops.registry` for how an implementation is chosen and each op's module
 docstring for its math.
 """
-from .activation import bias_gelu
+from .activation import bias_gelu, gelu_mul
 from .attention import attention, decode_attention
 from .conv import conv2d, group_norm
 from .embedding import embedding
@@ -13,4 +13,4 @@ from .registry import BackendError, available_backends, forced_backend
 from .sampling import sample
 
 __all__ = ["add_layer_norm", "attention", "available_backends", "BackendError", "bias_gelu", "conv2d",
-           "decode_attention", "embedding", "forced_backend", "group_norm", "layer_norm", "linear", "sample"]
+           "decode_attention", "embedding", "forced_backend", "gelu_mul", "group_norm", "layer_norm", "linear", "sample"]

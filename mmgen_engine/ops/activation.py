@@ -2,6 +2,10 @@
 
 ``approximate="none"`` is the exact form ``0.5 x (1 + erf(x / sqrt 2))`` (ViT's "gelu");
 ``approximate="tanh"`` is ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`` (GPT-2's "gelu_new").
+
+Gated GELU: ``gelu_mul(x) = gelu(x[..., :H]) * x[..., H:]`` for ``x [..., 2H]`` (the exact erf
+GELU; the GLU feed-forward of min-dalle's BART, whose two input projections are fused into one
+``[2H, D]`` product). Math in fp32.
 """
 from __future__ import annotations
 
@@ -19,6 +23,22 @@ def bias_gelu_reference(x, bias, approximate):
 
 
 register_lazy("bias_gelu", "triton", "mmgen_engine.kernels.activation:bias_gelu", TRITON_DEVICES)
+
+
+@register("gelu_mul", "reference")
+def gelu_mul_reference(x):
+    a, b = x.float().chunk(2, dim=-1)
+    return (F.gelu(a) * b).to(x.dtype)
+
+
+register_lazy("gelu_mul", "triton", "mmgen_engine.kernels.activation:gelu_mul", TRITON_DEVICES)
+
+
+def gelu_mul(x: torch.Tensor) -> torch.Tensor:
+    """``gelu(a) * b`` where ``a, b = x.chunk(2, -1)``; ``x [..., 2H]`` -> ``[..., H]``."""
+    if x.shape[-1] % 2:
+        raise ValueError(f"gelu_mul needs an even last dimension, got {x.shape[-1]}")
+    return dispatch("gelu_mul", x)(x)
 
 
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor, approximate: str) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Runtime: caches, sampler and the decode loop; models know nothing about scheduling."""
-from .generate import DecodeState, decode_step, generate
+from .generate import DecodeState, decode_step, generate, generate_stream
 from .graphs import CUDAGraphs, GraphedCall
 from .kv_cache import CrossKVCache, KVCache
 from .sampler import Sampler, SamplingParams
 
-__all__ = ["CrossKVCache", "CUDAGraphs", "DecodeState", "GraphedCall", "decode_step", "generate", "KVCache", "Sampler", "SamplingParams"]
+__all__ = ["CrossKVCache", "CUDAGraphs", "DecodeState", "GraphedCall", "decode_step", "generate", "generate_stream", "KVCache", "Sampler", "SamplingParams"]

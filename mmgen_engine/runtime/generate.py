@@ -9,6 +9,10 @@ it can be captured once per batch bucket as a graph and replayed, and so can the
 first pick (:mod:`.graphs`). Eager and graph decoding run the same calls on the same shapes: on CUDA
 a batch is padded to its bucket in both modes (padding rows are marked done from the start), so both
 give identical tokens.
+
+With guidance (classifier-free / min-dalle's supercondition) the decoder runs ``2B`` rows, the
+unconditioned copies of the B requests first, and the sampler combines each pair into one token that
+both rows are fed next.
 """
 from __future__ import annotations
 
@@ -36,38 +40,42 @@ class DecodeState:
     cache: KVCache
     cross: CrossKVCache
     sampler: Sampler
-    tokens: torch.Tensor     # (B,) the tokens fed to the next step
-    positions: torch.Tensor  # (B,) their positions
+    tokens: torch.Tensor     # (R,) the tokens fed to the next step (R = B, or 2B with guidance)
+    positions: torch.Tensor  # (R,) their positions
     done: torch.Tensor       # (B,) bool
     step: torch.Tensor       # (1,) index of the next output token; the sampler's Philox offset
     min_new: torch.Tensor    # (1,) eos is suppressed while step < min_new
     out: torch.Tensor        # (B, N) output tokens
-    eos: int
+    eos: int | None          # None: rows never stop early
     pad: int
 
     @classmethod
     def allocate(cls, decoder, batch: int, cache_len: int, enc_len: int, out_len: int, dtype, device,
-                 eos: int, pad: int) -> "DecodeState":
+                 eos: int | None, pad: int, guided: bool = False, vocab_limit: int | None = None) -> "DecodeState":
         layers, heads, head_dim, _ = decoder.cache_geometry()
+        rows = 2 * batch if guided else batch
 
         def ints(*shape):
             return torch.zeros(shape, dtype=torch.int64, device=device)
 
-        lengths = torch.ones(batch, dtype=torch.int64, device=device)
-        return cls(KVCache.allocate(layers, batch, heads, cache_len, head_dim, dtype, device),
+        lengths = torch.ones(rows, dtype=torch.int64, device=device)
+        sampler = Sampler(SamplingParams(guidance_scale=1.0) if guided else None, batch, device, guided, vocab_limit)
+        return cls(KVCache.allocate(layers, rows, heads, cache_len, head_dim, dtype, device),
                    CrossKVCache.allocate(layers, lengths, heads, enc_len, head_dim, dtype, device),
-                   Sampler(None, batch, device), ints(batch), ints(batch),
+                   sampler, ints(rows), ints(rows),
                    torch.zeros(batch, dtype=torch.bool, device=device), ints(1), ints(1), ints(batch, out_len),
                    eos, pad)
 
 
 def pick(logits: torch.Tensor, st: DecodeState) -> None:
-    """Choose the next token of every row from ``logits [B, V]`` and record it (device ops only)."""
-    logits[:, st.eos].masked_fill_(st.step < st.min_new, float("-inf"))
+    """Choose the next token of every row from ``logits [R, V]`` and record it (device ops only)."""
+    if st.eos is not None:
+        logits[:, st.eos].masked_fill_(st.step < st.min_new, float("-inf"))
     tokens = torch.where(st.done, st.pad, st.sampler(logits, st.step))
     st.out.scatter_(1, st.step.expand(tokens.shape[0], 1), tokens[:, None])
-    st.done |= tokens == st.eos
-    st.tokens.copy_(tokens)
+    if st.eos is not None:
+        st.done |= tokens == st.eos
+    st.tokens.view(-1, tokens.shape[0]).copy_(tokens)  # with guidance: both rows of a pair
     st.step += 1
 
 
@@ -77,26 +85,45 @@ def decode_step(decoder, st: DecodeState) -> None:
     st.positions += 1
 
 
-def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
-    """``x`` with rows appended (copies of row 0, so padding rows compute on real data) up to ``rows``."""
-    extra = rows - x.shape[0]
-    return x if extra == 0 else torch.cat([x, x[:1].expand(extra, *x.shape[1:])])
+def _pad_rows(x: torch.Tensor, rows: int, groups: int = 1) -> torch.Tensor:
+    """``x`` (``groups`` equal blocks of rows) with each block padded to ``rows`` by copies of its
+    first row (so padding rows compute on real data)."""
+    blocks = x.chunk(groups)
+    extra = rows - blocks[0].shape[0]
+    if extra == 0:
+        return x
+    return torch.cat([torch.cat([b, b[:1].expand(extra, *b.shape[1:])]) for b in blocks])
+
+
+def generate(*args, **kwargs) -> torch.Tensor:
+    """The tokens :func:`generate_stream` ends with (no partial results): ``[B, max_new_tokens]``."""
+    for tokens in generate_stream(*args, **kwargs):
+        pass
+    return tokens
 
 
 @torch.inference_mode()
-def generate(decoder, prompt: torch.Tensor, encoder_states: torch.Tensor, encoder_lengths: torch.Tensor,
-             max_new_tokens: int, *, eos_token_id: int, pad_token_id: int, min_new_tokens: int = 0,
-             sampling: SamplingParams | None = None, graphs=None) -> torch.Tensor:
-    """Generate ``[B, max_new_tokens]`` token ids after ``prompt [B, T]`` (prompt excluded).
+def generate_stream(decoder, prompt: torch.Tensor, encoder_states: torch.Tensor, encoder_lengths: torch.Tensor,
+                    max_new_tokens: int, *, eos_token_id: int | None, pad_token_id: int, min_new_tokens: int = 0,
+                    sampling: SamplingParams | None = None, graphs=None, guided: bool = False,
+                    vocab_limit: int | None = None, every: int | None = None):
+    """Generate ``[B, max_new_tokens]`` token ids after ``prompt [R, T]`` (prompt excluded), a generator.
 
     ``decoder`` exposes ``cache_geometry()``, ``prefill(tokens, encoder_states, cache, cross)`` and
-    ``decode_step(tokens, positions, cache, cross)``. ``encoder_states [B, S, D]`` with valid lengths
-    ``encoder_lengths [B]``. ``eos_token_id`` is suppressed until ``min_new_tokens`` tokens exist;
-    after a row emits it the row continues with ``pad_token_id``. ``graphs``: a
-    :class:`~mmgen_engine.runtime.graphs.CUDAGraphs` of this decoder to replay the prefill and the
+    ``decode_step(tokens, positions, cache, cross)``. ``encoder_states [R, S, D]`` with valid lengths
+    ``encoder_lengths [R]``. R = B, or with ``guided`` R = 2B: the unconditioned rows of the B
+    requests, then the conditioned ones (``sampling.guidance_scale`` combines them). ``eos_token_id``
+    (None: no early stop) is suppressed until ``min_new_tokens`` tokens exist; after a row emits it
+    the row continues with ``pad_token_id``. ``vocab_limit``: tokens are drawn from ``0..n-1`` only.
+    Yields the tokens so far ``[B, n]`` after every ``every`` tokens (None: never) and last all
+    ``[B, max_new_tokens]``. ``graphs``: a :class:`~mmgen_engine.runtime.graphs.CUDAGraphs` of
+    this decoder (made with the same ``guided`` and ``vocab_limit``) to replay the prefill and the
     steps from (CUDA only).
     """
-    batch, prompt_len = prompt.shape
+    groups = 2 if guided else 1
+    if prompt.shape[0] % groups:
+        raise InputError(f"guided generation needs an even number of rows, got {prompt.shape[0]}")
+    batch, prompt_len = prompt.shape[0] // groups, prompt.shape[1]
     _, _, _, max_positions = decoder.cache_geometry()
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
@@ -110,13 +137,13 @@ def generate(decoder, prompt: torch.Tensor, encoder_states: torch.Tensor, encode
     device, dtype = encoder_states.device, encoder_states.dtype
     cuda = device.type == "cuda"
     rows = batch_bucket(batch) if cuda else batch
-    prompt, encoder_states = _pad_rows(prompt, rows), _pad_rows(encoder_states, rows)
+    prompt, encoder_states = _pad_rows(prompt, rows, groups), _pad_rows(encoder_states, rows, groups)
     if graphs is not None:
         bucket = graphs.get(rows, encoder_states.shape[1], eos_token_id, pad_token_id)
         st = bucket.state
     else:
         st = DecodeState.allocate(decoder, rows, fed, encoder_states.shape[1], max_new_tokens, dtype, device,
-                                  eos_token_id, pad_token_id)
+                                  eos_token_id, pad_token_id, guided, vocab_limit)
     st.sampler.load(sampling)  # on the graph path its greedy flag picks the graphs' variant
     if graphs is not None:  # get (capture on first use) the graphs before the state is reset
         run_prefill, run_step = bucket.prefill(prompt, encoder_states), bucket.step()
@@ -135,13 +162,15 @@ def generate(decoder, prompt: torch.Tensor, encoder_states: torch.Tensor, encode
     st.min_new.fill_(min_new_tokens)
     st.positions.fill_(prompt_len)
     st.out.fill_(pad_token_id)
-    st.cross.lengths.copy_(_pad_rows(encoder_lengths.to(device), rows))
+    st.cross.lengths.copy_(_pad_rows(encoder_lengths.to(device), rows, groups))
 
     run_prefill()
     for step in range(1, max_new_tokens):
-        if (not cuda or step % CHECK_EVERY == 0) and bool(st.done.all()):
+        if every is not None and step % every == 0:
+            yield st.out[:batch, :step].clone()
+        if eos_token_id is not None and (not cuda or step % CHECK_EVERY == 0) and bool(st.done.all()):
             break
         if not cuda:
             st.cache.span = prompt_len + step
         run_step()
-    return st.out[:batch, :max_new_tokens].clone()
+    yield st.out[:batch, :max_new_tokens].clone()

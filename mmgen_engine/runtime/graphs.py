@@ -108,21 +108,23 @@ class DecodeGraphs:
 class CUDAGraphs:
     """Captured decode steps and prefills of one decoder (weights on one CUDA device, one dtype)."""
 
-    def __init__(self, decoder, dtype: torch.dtype, device: torch.device):
+    def __init__(self, decoder, dtype: torch.dtype, device: torch.device, guided: bool = False,
+                 vocab_limit: int | None = None):
         self.decoder, self.dtype, self.device = decoder, dtype, torch.device(device)
-        self._buckets: dict[tuple[int, int, int, int], DecodeGraphs] = {}
+        self.guided, self.vocab_limit = guided, vocab_limit  # as generate() is called with
+        self._buckets: dict[tuple, DecodeGraphs] = {}
 
     def __len__(self) -> int:
         return len(self._buckets)
 
     @torch.inference_mode()
-    def get(self, batch: int, enc_len: int, eos: int, pad: int) -> DecodeGraphs:
+    def get(self, batch: int, enc_len: int, eos: int | None, pad: int) -> DecodeGraphs:
         """The bucket for ``batch`` rows (a bucket size); ``eos`` and ``pad`` are part of its graphs.
         Capturing writes garbage into the state, which ``generate`` resets before every request."""
         key = (batch, enc_len, eos, pad)
         if key not in self._buckets:
             max_positions = self.decoder.cache_geometry()[3]
             st = DecodeState.allocate(self.decoder, batch, max_positions, enc_len, max_positions, self.dtype,
-                                      self.device, eos, pad)
+                                      self.device, eos, pad, self.guided, self.vocab_limit)
             self._buckets[key] = DecodeGraphs(self.decoder, st, self.device)
         return self._buckets[key]

@@ -1,0 +1,225 @@
+"""Text-to-image (DALL·E Mega / Mini through min-dalle): prompt -> BART encoder -> image tokens
+sampled one by one with supercondition -> VQGAN -> pixels.
+
+Tokenization is min-dalle's ``TextTokenizer``: emoji spelled out (``emoji.demojize``), lower case,
+non-ASCII dropped, words split on single spaces, each word BPE'd from its characters after a leading
+``"Ġ"`` (the pair of lowest merge rank merged first, its first occurrence only), unknown subwords ->
+``<unk>``, then ``<s> ... </s>``. Rows are cut to the 64-token context as min-dalle cuts them and
+padded with ``<pad>`` (1). Each request runs as two decoder rows: the prompt and the unconditioned
+row ``[<s>, last token, pad ...]`` built from the prompt row's first and last real token, combined
+per step as ``uncond * (1 - g) + cond * g`` (``g`` = ``guidance_scale``, min-dalle's supercondition
+factor).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import warnings
+from pathlib import Path
+
+import PIL.Image
+import torch
+
+from ..checkpoint import assign_weights, load_weights, torch_dtype
+from ..config import TextToImageConfig
+from ..errors import CheckpointError, InputError, one_line
+from ..models import ARCHITECTURES
+from ..runtime import CUDAGraphs, SamplingParams, generate_stream
+from ..runtime.layout import column_major_weights
+from .detokenizer import check_image_tokens, to_pil
+
+# min-dalle's defaults (generate_image: top_k 256, supercondition_factor 16, temperature 1)
+DEFAULT_SAMPLING = SamplingParams(do_sample=True, top_k=256, guidance_scale=16.0)
+WORD_START = chr(ord(" ") + 256)  # "Ġ"
+STREAM_EVERY = 32
+
+
+class MinDalleTokenizer:
+    """min-dalle's BPE tokenizer (see the module docstring) over ``vocab.json`` + ``merges.txt``."""
+
+    def __init__(self, vocab: dict[str, int], merges: list[str]):
+        self.vocab = vocab
+        self.ranks = {tuple(m.split()): i for i, m in enumerate(merges)}
+        self.bos, self.eos, self.unk = vocab["<s>"], vocab["</s>"], vocab["<unk>"]
+
+    @classmethod
+    def from_files(cls, vocab_path: Path, merges_path: Path) -> "MinDalleTokenizer":
+        try:
+            vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
+            merges = merges_path.read_text(encoding="utf-8").split("\n")[1:-1]  # header line, final newline
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{vocab_path.parent}: unreadable tokenizer files ({one_line(e)})") from None
+        if not isinstance(vocab, dict) or not all(isinstance(vocab.get(t), int) for t in ("<s>", "</s>", "<unk>")):
+            raise CheckpointError(f"{vocab_path}: not a min-dalle vocabulary (needs ids for <s>, </s>, <unk>)")
+        return cls(vocab, merges)
+
+    @functools.lru_cache(maxsize=4096)
+    def _bpe(self, word: str) -> tuple[str, ...]:
+        parts = [WORD_START, *word]
+        while len(parts) > 1:
+            pairs = list(zip(parts[:-1], parts[1:]))
+            best = min(pairs, key=lambda p: self.ranks.get(p, float("inf")))
+            if best not in self.ranks:
+                break
+            i = pairs.index(best)
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        return tuple(parts)
+
+    def encode(self, text: str) -> list[int]:
+        """``[<s>, ids..., </s>]`` of ``text`` exactly as min-dalle's ``TextTokenizer.tokenize``."""
+        from emoji import demojize
+
+        text = demojize(text, delimiters=("", "")).lower().encode("ascii", errors="ignore").decode()
+        ids = [self.vocab.get(part, self.unk) for word in text.split(" ") if word for part in self._bpe(word)]
+        return [self.bos, *ids, self.eos]
+
+
+class TextToImagePipeline:
+    """Generates images from prompts with a converted min-dalle checkpoint (see :func:`mmgen_engine.load`)."""
+
+    task = "text-to-image"
+
+    def __init__(self, model, tokenizer: MinDalleTokenizer, config: TextToImageConfig, device: torch.device):
+        self.model, self.tokenizer, self.config, self.device = model, tokenizer, config, device
+        self.dtype = model.decoder.wte.dtype
+        gen = config.generation
+        self.text_len = config.encoder.max_positions
+        self.num_tokens = gen.grid_size ** 2
+        # on CUDA the prefill and decode steps are replayed from CUDA graphs (False: eager, same tokens)
+        self.use_cuda_graphs = device.type == "cuda"
+        if device.type == "cuda":
+            self._graphs = CUDAGraphs(model.decoder, self.dtype, device, guided=True,
+                                      vocab_limit=gen.image_vocab_size)
+
+    @classmethod
+    def from_checkpoint(cls, path: Path, config: TextToImageConfig, device: torch.device,
+                        dtype: torch.dtype | None) -> "TextToImagePipeline":
+        tokenizer = MinDalleTokenizer.from_files(path / "vocab.json", path / "merges.txt")
+        model = ARCHITECTURES[config.architecture](config, device="meta")
+        assign_weights(model, load_weights(path, device), str(path), torch_dtype(config.dtype), dtype)
+        if device.type == "cpu":
+            column_major_weights(model.decoder)
+        return cls(model, tokenizer, config, device)
+
+    def tokenize(self, prompts) -> torch.Tensor:
+        """Prompt strings -> text rows ``[B, 64]`` as min-dalle makes them (cut to the context, with a
+        warning, then padded)."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not prompts:
+            raise InputError("no prompts given")
+        pad = self.config.generation.text_pad_token_id
+        rows = torch.full((len(prompts), self.text_len), pad, dtype=torch.int64)
+        for i, prompt in enumerate(prompts):
+            if not isinstance(prompt, str):
+                raise InputError(f"prompts must be strings, got {type(prompt).__name__}")
+            ids = self.tokenizer.encode(prompt)
+            if len(ids) == 2:
+                raise InputError(f"prompt {prompt!r} is empty (no words left after min-dalle's normalization: "
+                                 f"lower-case ASCII)")
+            if len(ids) > self.text_len:
+                warnings.warn(f"prompt {prompt[:40]!r}... has {len(ids)} tokens; cut to the model's "
+                              f"{self.text_len} as min-dalle does", stacklevel=3)
+                ids = ids[:self.text_len]
+            rows[i, :len(ids)] = torch.tensor(ids)
+        return rows
+
+    def _check_text(self, text_tokens) -> torch.Tensor:
+        """Rows ``[B, 64]`` -> their lengths; real tokens first, then only padding."""
+        pad, vocab = self.config.generation.text_pad_token_id, self.config.encoder.vocab_size
+        if (not isinstance(text_tokens, torch.Tensor) or text_tokens.dim() != 2 or text_tokens.is_floating_point()
+                or text_tokens.dtype == torch.bool or text_tokens.shape[1] != self.text_len):
+            shape = tuple(text_tokens.shape) if isinstance(text_tokens, torch.Tensor) else type(text_tokens).__name__
+            raise InputError(f"text_tokens must be an integer tensor [B, {self.text_len}], got {shape}")
+        if text_tokens.shape[0] == 0:
+            raise InputError("text_tokens has an empty batch")
+        if bool(((text_tokens < 0) | (text_tokens >= vocab)).any()):
+            raise InputError(f"text_tokens holds ids outside the vocabulary [0, {vocab})")
+        real = text_tokens != pad
+        lengths = real.sum(dim=1)
+        positions = torch.arange(self.text_len)
+        if bool((real != (positions < lengths[:, None])).any()) or bool((lengths < 2).any()):
+            raise InputError("each text_tokens row must be <s> ... </s> (at least 2 tokens) followed only by "
+                             f"padding ({pad})")
+        return lengths
+
+    def _params(self, sampling: SamplingParams | None) -> SamplingParams:
+        if sampling is None:
+            return DEFAULT_SAMPLING
+        if not isinstance(sampling, SamplingParams):
+            raise InputError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
+        if sampling.guidance_scale is None:  # min-dalle always superconditions
+            return SamplingParams(sampling.do_sample, sampling.temperature, sampling.top_k, sampling.top_p,
+                                  DEFAULT_SAMPLING.guidance_scale, sampling.seed)
+        return sampling
+
+    def generate_tokens_stream(self, text_tokens: torch.Tensor, sampling: SamplingParams | None = None,
+                               every: int | None = STREAM_EVERY):
+        """Like :meth:`generate_tokens`, yielding the tokens so far ``[B, n]`` every ``every`` tokens."""
+        lengths = self._check_text(text_tokens)
+        params = self._params(sampling)
+        gen = self.config.generation
+        batch = text_tokens.shape[0]
+        uncond = torch.full_like(text_tokens, gen.text_pad_token_id)
+        uncond[:, 0] = text_tokens[:, 0]
+        uncond[:, 1] = text_tokens[torch.arange(batch), lengths - 1]
+        rows = torch.cat([uncond, text_tokens]).to(self.device)
+        row_lengths = torch.cat([torch.full_like(lengths, 2), lengths]).to(self.device)
+        with torch.inference_mode():
+            states = self.model.encoder(rows, row_lengths)
+            prompt = torch.full((2 * batch, 1), gen.bos_token_id, dtype=torch.int64, device=self.device)
+            yield from generate_stream(self.model.decoder, prompt, states, row_lengths, self.num_tokens,
+                                       eos_token_id=None, pad_token_id=gen.bos_token_id, sampling=params,
+                                       graphs=self._graphs if self.use_cuda_graphs else None, guided=True,
+                                       vocab_limit=gen.image_vocab_size, every=every)
+
+    def generate_tokens(self, text_tokens: torch.Tensor, sampling: SamplingParams | None = None) -> torch.LongTensor:
+        """Text rows ``[B, 64]`` (min-dalle's tokenizer output, see :meth:`tokenize`) -> image tokens
+        ``[B, grid**2]``, row-major. ``sampling`` None: min-dalle's defaults (top-k 256, guidance 16);
+        a ``guidance_scale`` of None means 16; ``top_k=1`` (or ``do_sample=False``) is deterministic."""
+        for tokens in self.generate_tokens_stream(text_tokens, sampling, every=None):
+            pass
+        return tokens
+
+    def decode_tokens(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        """Image tokens ``[B, h, w]`` or ``[B, h*w]`` -> pixels ``[B, 3, H, W]`` float32 in [0, 1]."""
+        tokens = check_image_tokens(image_tokens, self.config.detokenizer.codebook_size)
+        with torch.inference_mode():
+            return self.model.detokenizer(tokens.to(self.device)).float()
+
+    def _partial(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens so far, the rest of the grid filled as min-dalle fills it (its start token, when it
+        is a code of the detokenizer; else code 0)."""
+        gen = self.config.generation
+        fill = gen.bos_token_id if gen.bos_token_id < self.config.detokenizer.codebook_size else 0
+        full = torch.full((tokens.shape[0], self.num_tokens), fill, dtype=torch.int64, device=tokens.device)
+        full[:, :tokens.shape[1]] = tokens
+        return full
+
+    def generate_stream(self, prompts, images_per_prompt: int = 1, sampling: SamplingParams | None = None,
+                        every: int | None = STREAM_EVERY):
+        """Like :meth:`generate`, yielding the partial images every ``every`` tokens (None: only the
+        final ones), then the final ones."""
+        if not isinstance(images_per_prompt, int) or isinstance(images_per_prompt, bool) or images_per_prompt < 1:
+            raise InputError(f"images_per_prompt must be a positive integer, got {images_per_prompt!r}")
+        if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
+            raise InputError(f"every must be a positive integer or None, got {every!r}")
+        text = self.tokenize(prompts).repeat_interleave(images_per_prompt, dim=0)
+        for tokens in self.generate_tokens_stream(text, sampling, every):
+            yield to_pil(self.decode_tokens(self._partial(tokens)))
+
+    def generate(self, prompts, images_per_prompt: int = 1, sampling: SamplingParams | None = None) -> list:
+        """``images_per_prompt`` images per prompt (a string or a list), as PIL images in prompt order."""
+        for images in self.generate_stream(prompts, images_per_prompt, sampling, every=None):
+            pass
+        return images
+
+
+def image_grid(images: list, columns: int) -> PIL.Image.Image:
+    """Images of one size tiled row by row, ``columns`` per row."""
+    w, h = images[0].size
+    rows = -(-len(images) // columns)
+    grid = PIL.Image.new("RGB", (columns * w, rows * h))
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % columns) * w, (i // columns) * h))
+    return grid
