@@ -5,8 +5,9 @@
 Each case reports µs per call (median of CUDA-graph replays, ``triton.testing.do_bench_cudagraph``,
 so launch gaps are not counted, as in the engine's captured decode step), the bytes the op must move at least (each input read once, each
 output written once), GB/s, and the fraction of the copy bandwidth measured in the same run (a
-device-to-device copy of 1 GiB, bytes read + written). A markdown table is printed last; all
-figures go to ``--json``.
+device-to-device copy of 1 GiB, bytes read + written). The image decoders' convolutions (VQGAN and
+dVAE shapes, every input channels-last; the reference is cuDNN in the same dtype) and GroupNorm are
+timed too, convolutions with TFLOP/s. A markdown table is printed last; all figures go to ``--json``.
 """
 from __future__ import annotations
 
@@ -87,6 +88,40 @@ def cases(dtype, device, quick: bool):
             yield "linear", f"{rows}x{kdim}->{n}", (x, w, bias), nbytes(x, w, bias) + rows * n * x.element_size()
     q, k, v = (rnd(4, h, 197, dh) for _ in range(3))
     yield "attention", "B4 H12 T197 D64 (ViT)", (q, k, v, dh ** -0.5, False, None), nbytes(q, k, v, q)
+    yield from conv_cases(rnd, quick)
+
+
+def conv_cases(rnd, quick: bool):
+    """conv2d and group_norm at the shapes of the VQGAN decoder (f16, ch 128, widths 128..512) and the
+    OpenAI dVAE decoder (n_hid 256: 2048 channels at 32x32, bottleneck blocks of width 512); conv
+    cases carry their FLOPs as a fifth item."""
+    cl = torch.channels_last
+    # (Cin, Cout, input H = W, k, upsample, GroupNorm in, activation in, residual out, label)
+    shapes = [(512, 512, 16, 3, False, True, "silu", True, "VQGAN mid"),
+              (512, 1536, 16, 1, False, True, None, False, "VQGAN attn qkv"),
+              (256, 256, 32, 3, True, False, None, False, "VQGAN upsample"),
+              (128, 128, 256, 3, False, True, "silu", False, "VQGAN top"),
+              (2048, 512, 32, 3, False, False, "relu", False, "dVAE block in"),
+              (512, 512, 32, 3, False, False, "relu", False, "dVAE block"),
+              (512, 2048, 32, 1, False, False, "relu", True, "dVAE block out")]
+    for b in (1,) if quick else (1, 8):
+        for cin, cout, hw, k, upsample, norm, act, residual, label in shapes[:2] if quick else shapes:
+            ho = 2 * hw if upsample else hw
+            x = rnd(b, cin, hw, hw).contiguous(memory_format=cl)
+            w = (rnd(cout, cin, k, k) * (cin * k * k) ** -0.5).contiguous(memory_format=cl)
+            bias = rnd(cout)
+            gn = (rnd(cin), rnd(cin), 32, 1e-6) if norm else None
+            res = rnd(b, cout, ho, ho).contiguous(memory_format=cl) if residual else None
+            out_bytes = b * cout * ho * ho * x.element_size()
+            stages = "".join([" up" if upsample else "", " GN" if norm else "", f" {act}" if act else "",
+                              " +res" if residual else ""])
+            yield ("conv2d", f"B{b} {cin}->{cout} {ho}x{ho} {k}x{k}{stages} ({label})",
+                   (x, w, bias, k // 2, upsample, gn, act, res, 0.5 if residual else 1.0),
+                   nbytes(x, w, bias, *([res] if residual else [])) + out_bytes, 2 * b * ho * ho * cout * cin * k * k)
+        for c, hw in ((512, 16), (128, 256)):
+            x = rnd(b, c, hw, hw).contiguous(memory_format=cl)
+            yield "group_norm", f"B{b} {c}x{hw}x{hw} G32 SiLU", (x, rnd(c), rnd(c), 32, 1e-6, "silu"), 2 * nbytes(x)
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -101,7 +136,7 @@ def main(argv=None) -> int:
     ceiling = copy_gbps(device)
     rows = []
     for dtype_name in args.dtype:
-        for op, shape, op_args, moved in cases(DTYPES[dtype_name], device, args.quick):
+        for op, shape, op_args, moved, *flops in cases(DTYPES[dtype_name], device, args.quick):
             if args.ops and op not in args.ops:
                 continue
             impls = {b: registry._TABLE[op][b].fn for b in ("triton", "reference")}
@@ -115,12 +150,13 @@ def main(argv=None) -> int:
                     us = math.nan
                 gbps = moved / us / 1e3
                 rows.append({"op": op, "backend": backend, "dtype": dtype_name, "shape": shape, "us": us,
-                             "MB": moved / 1e6, "GBps": gbps, "of_copy_bw": gbps / ceiling})
+                             "MB": moved / 1e6, "GBps": gbps, "of_copy_bw": gbps / ceiling,
+                             **({"TFLOPs": flops[0] / us / 1e6} if flops else {})})
     write_json(args.json, {"benchmark": "kernels", "machine": machine_info(device), "copy_GBps": ceiling,
                            "results": rows})
     print(f"\nkernel benchmark on {torch.cuda.get_device_name(device)}; copy bandwidth {ceiling:.0f} GB/s "
           f"(read + write); µs = median of CUDA-graph replays")
-    print(format_table(rows, ["op", "backend", "dtype", "shape", "us", "MB", "GBps", "of_copy_bw"]))
+    print(format_table(rows, ["op", "backend", "dtype", "shape", "us", "MB", "GBps", "of_copy_bw", "TFLOPs"]))
     return 1 if any(math.isnan(r["us"]) for r in rows) else 0
 
 

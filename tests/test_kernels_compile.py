@@ -23,7 +23,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":  # conftest sets it where there is
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from mmgen_engine import ops  # noqa: E402
-from mmgen_engine.kernels import activation, decode_attention, embedding, flash_attention, linear, norm, sampling  # noqa: E402,E501
+from mmgen_engine.kernels import activation, conv, decode_attention, embedding, flash_attention, linear, norm, sampling  # noqa: E402,E501
 
 TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.int64: "*i64",
          torch.int32: "*i32", torch.bool: "*i1"}
@@ -82,10 +82,25 @@ def record_launches(monkeypatch) -> list[dict]:
     return variants
 
 
+def exercise_conv(dtype, g, cin=5, every_variant=True):
+    """The fused conv with every stage (and, with ``every_variant``, the bare and 1x1 + ReLU convs
+    and group_norm with each activation) at a tiny shape."""
+    x = torch.randn(2, cin, 3, 4, generator=g).to(dtype)
+    w = torch.randn(6, cin, 3, 3, generator=g).to(dtype)
+    gn = (torch.randn(cin, generator=g), torch.randn(cin, generator=g), 1, 1e-5)
+    conv.conv2d(x, w, w[:, 0, 0, 0], 1, True, gn, "silu", torch.randn(2, 6, 6, 8, generator=g).to(dtype), 0.5)
+    if every_variant:
+        conv.conv2d(x, w[:, :, :1, :1], None, 0, False, None, "relu", None, 1.0)
+        conv.conv2d(x, w, None, 1, False, None, None, None, 1.0)
+        for act in (None, "relu", "silu"):
+            conv.group_norm(x, *gn, act)
+
+
 def exercise_every_launcher():
     """Each launcher at small shapes in fp32 and fp16, every constexpr branch the engine uses."""
     g = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.float16):
+        exercise_conv(dtype, g)
         x = torch.randn(3, 40, generator=g).to(dtype)
         w, b = torch.randn(40, generator=g), torch.randn(40, generator=g)
         norm.layer_norm(x, w, b, 1e-5)
@@ -119,8 +134,16 @@ def exercise_every_launcher():
 def test_every_kernel_variant_compiles_for_sm80_and_sm90(monkeypatch):
     variants = record_launches(monkeypatch)
     exercise_every_launcher()
+    # the conv tiles a GPU picks, from the smallest VQGAN level to the largest (run by the
+    # interpreter at a tiny shape; 64 input channels so that BLOCK_K is not cut down)
+    g = torch.Generator().manual_seed(1)
+    for dtype in (torch.float32, torch.float16):
+        for config in {conv.plan(b, pixels, 64, cout, dtype, True)
+                       for b, pixels, cout in ((8, 256 * 256, 128), (1, 128 * 128, 256), (1, 16 * 16, 512))}:
+            monkeypatch.setattr(conv, "INTERPRETER_CONFIG", config)
+            exercise_conv(dtype, g, cin=64, every_variant=False)
     assert {v["kernel"].rsplit(".", 2)[1] for v in variants.values()} >= {
-        "norm", "activation", "embedding", "decode_attention", "flash_attention", "linear", "sampling"}
+        "norm", "activation", "embedding", "decode_attention", "flash_attention", "linear", "sampling", "conv"}
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(ops.__file__).parents[2]), env.get("PYTHONPATH", "")])
     out = subprocess.run([sys.executable, "-c", COMPILE], input=json.dumps(list(variants.values())),
