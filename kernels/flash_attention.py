@@ -11,7 +11,8 @@ One program owns ``BLOCK_M`` queries of one (batch, head). It loads its q block 
 key blocks, keeping a running row maximum ``m``, row sum ``l`` and output accumulator in fp32 (the
 online softmax), so the ``Tq x Tk`` score matrix never reaches memory. It stops at the last key any
 of its queries can see: the diagonal block when causal, ``key_lengths[b]`` when given. The head dim
-is padded to a power of two (at least 16, for ``tl.dot``) with masked loads.
+is padded to a power of two (at least 16, for ``tl.dot``) with masked loads; heads wider than 128
+(up to 512: the VQGAN's single head) take smaller blocks (:func:`plan`).
 
 Traffic and work, in elements of q's dtype, with ``n_q = ceil(Tq / BLOCK_M)`` query blocks:
 
@@ -36,9 +37,19 @@ import triton.language as tl
 
 from mmgen_engine.errors import BackendError
 
-BLOCK_M = 64  # queries per program
-BLOCK_N = 64  # keys per loop step
-MAX_HEAD_DIM = 128  # the q block and the accumulator live in registers
+MAX_HEAD_DIM = 512  # the VQGAN's single attention head is 512 wide
+
+
+def plan(block_d: int) -> tuple[int, int, int, int]:
+    """``(BLOCK_M queries per program, BLOCK_N keys per step, num_warps, num_stages)`` for a padded
+    head dim: the q block and the fp32 accumulator (``BLOCK_M x BLOCK_D``) live in registers and a
+    k and a v tile (``BLOCK_N x BLOCK_D`` each, per stage) in shared memory, so wider heads take
+    fewer queries and keys per step."""
+    if block_d <= 128:
+        return 64, 64, 4, 2
+    if block_d <= 256:
+        return 32, 32, 4, 1
+    return 16, 32, 8, 1
 
 
 @triton.jit
@@ -119,14 +130,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, c
     if d > MAX_HEAD_DIM:
         raise ValueError(f"attention: the triton kernel supports head dims up to {MAX_HEAD_DIM}, got {d}")
     out = torch.empty((b, h, tq, d), dtype=q.dtype, device=q.device)
-    grid = (triton.cdiv(tq, BLOCK_M), b * h)
+    block_d = max(16, triton.next_power_of_2(d))
+    block_m, block_n, warps, stages = plan(block_d)
+    grid = (triton.cdiv(tq, block_m), b * h)
     _attention_fwd[grid](
         q, k, v, out, key_lengths,
         scale * math.log2(math.e),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         h, tq, tk, d,
         CAUSAL=causal, HAS_LENGTHS=key_lengths is not None,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(d)),
-        num_warps=4, num_stages=2,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=stages,
     )
     return out

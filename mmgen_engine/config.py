@@ -1,6 +1,6 @@
 """Typed, validated configuration dataclasses of engine checkpoints.
 
-``config.json`` of an engine checkpoint is the JSON form of one top-level config (for now
+``config.json`` of an engine checkpoint is the JSON form of one top-level config (e.g.
 :class:`CaptioningConfig`). ``from_dict`` rejects unknown keys, missing keys, wrong types and
 out-of-range values with a :class:`~mmgen_engine.errors.CheckpointError` naming the field, so a bad
 checkpoint fails at load time with one clear line instead of deep inside a forward pass.
@@ -24,7 +24,12 @@ ACTIVATIONS = ("gelu", "gelu_tanh")
 def _check_type(value, tp, where: str):
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(tp):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None and len(args) < len(typing.get_args(tp)):
+            return None
+        if len(args) == 1:  # X | None: report X's own error, not a generic type mismatch
+            return _check_type(value, args[0], where)
+        for arg in args:
             try:
                 return _check_type(value, arg, where)
             except CheckpointError:
@@ -217,5 +222,226 @@ class CaptioningConfig:
                                       f"of {self.decoder.vocab_size}")
 
 
+@dataclass(frozen=True)
+class BartConfig:
+    """One half of min-dalle's BART: pre- and post-LayerNorm attention blocks (bias-free), the GLU
+    feed-forward, learned positions and LayerNorms after the embedding and at the end."""
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    glu_size: int
+    max_positions: int
+    layer_norm_eps: float = 1e-5
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def validate(self, where: str):
+        _positive(where, vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_layers=self.num_layers,
+                  num_heads=self.num_heads, glu_size=self.glu_size, max_positions=self.max_positions,
+                  layer_norm_eps=self.layer_norm_eps)
+        if self.hidden_size % self.num_heads:
+            raise CheckpointError(f"{where}: hidden_size {self.hidden_size} is not divisible by num_heads "
+                                  f"{self.num_heads}")
+
+
+@dataclass(frozen=True)
+class ImageGenerationConfig:
+    """How image tokens are generated: the decoder starts from ``bos_token_id`` and samples among codes
+    ``0..image_vocab_size-1``, ``grid_size**2`` of them (row-major); the text rows are padded with
+    ``text_pad_token_id`` to the encoder's ``max_positions``."""
+
+    bos_token_id: int
+    image_vocab_size: int
+    grid_size: int
+    text_pad_token_id: int = 1
+
+    def validate(self, where: str):
+        _positive(where, image_vocab_size=self.image_vocab_size, grid_size=self.grid_size)
+        if self.bos_token_id < 0 or self.text_pad_token_id < 0:
+            raise CheckpointError(f"{where}: token ids must be >= 0")
+
+
+@dataclass(frozen=True)
+class TextToImageConfig:
+    """A text-to-image checkpoint: min-dalle's BART encoder/decoder and an image detokenizer."""
+
+    format: str
+    format_version: int
+    task: str
+    architecture: str
+    source_format: str
+    dtype: str
+    encoder: BartConfig
+    decoder: BartConfig
+    generation: ImageGenerationConfig
+    detokenizer: "DetokenizerConfig"
+
+    def validate(self, where: str):
+        if self.task != "text-to-image":
+            raise CheckpointError(f"{where}.task must be 'text-to-image', got {self.task!r}")
+        if self.architecture != "dalle-bart":
+            raise CheckpointError(f"{where}: unknown text-to-image architecture {self.architecture!r}")
+        if self.dtype not in DTYPES:
+            raise CheckpointError(f"{where}.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        enc, dec, gen = self.encoder, self.decoder, self.generation
+        if enc.hidden_size != dec.hidden_size:
+            raise CheckpointError(f"{where}: encoder width {enc.hidden_size} != decoder width {dec.hidden_size}")
+        if gen.grid_size ** 2 != dec.max_positions:
+            raise CheckpointError(f"{where}: a {gen.grid_size}x{gen.grid_size} token grid needs "
+                                  f"{gen.grid_size ** 2} decoder positions, the decoder has {dec.max_positions}")
+        if not gen.image_vocab_size <= dec.vocab_size or gen.bos_token_id >= dec.vocab_size:
+            raise CheckpointError(f"{where}.generation: image_vocab_size and bos_token_id must lie in the "
+                                  f"decoder's vocabulary of {dec.vocab_size}")
+        if gen.text_pad_token_id >= enc.vocab_size:
+            raise CheckpointError(f"{where}.generation.text_pad_token_id is outside the text vocabulary")
+        if gen.image_vocab_size > self.detokenizer.codebook_size:
+            raise CheckpointError(f"{where}: the decoder samples {gen.image_vocab_size} codes but the "
+                                  f"detokenizer has {self.detokenizer.codebook_size}")
+
+
+VQGAN_OUTPUTS = ("minus1_1", "0_1")
+DETOKENIZER_ARCHITECTURES = ("vqgan", "dvae")
+
+
+@dataclass(frozen=True)
+class VQGANConfig:
+    """Taming-transformers VQGAN decoder: codebook -> post_quant_conv -> conv_in -> mid (ResNet,
+    attention, ResNet) -> ``len(ch_mult)`` levels, highest first, of ``num_res_blocks + 1`` ResNet
+    blocks (+ attention on ``attn_levels``) and a 2x upsample on every level but 0 -> GroupNorm +
+    SiLU -> conv_out. Level ``i`` is ``ch * ch_mult[i]`` wide. ``output`` maps the conv's output to
+    pixels: ``"minus1_1"`` ``clamp((x + 1) / 2, 0, 1)`` (taming), ``"0_1"`` ``clamp(x, 0, 1)``
+    (min-dalle)."""
+
+    codebook_size: int
+    embed_dim: int
+    z_channels: int
+    ch: int
+    ch_mult: list[int]
+    num_res_blocks: int
+    attn_levels: list[int] = field(default_factory=list)
+    out_channels: int = 3
+    norm_groups: int = 32
+    norm_eps: float = 1e-6
+    output: str = "minus1_1"
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+    def validate(self, where: str):
+        _positive(where, codebook_size=self.codebook_size, embed_dim=self.embed_dim,
+                  z_channels=self.z_channels, ch=self.ch, num_res_blocks=self.num_res_blocks,
+                  norm_groups=self.norm_groups, norm_eps=self.norm_eps)
+        if not self.ch_mult or min(self.ch_mult) <= 0:
+            raise CheckpointError(f"{where}.ch_mult must be a non-empty list of positive integers, got {self.ch_mult}")
+        levels = range(len(self.ch_mult))
+        if len(set(self.attn_levels)) != len(self.attn_levels) or any(i not in levels for i in self.attn_levels):
+            raise CheckpointError(f"{where}.attn_levels must be distinct levels in 0..{len(self.ch_mult) - 1}, "
+                                  f"got {self.attn_levels}")
+        bad = sorted({self.ch * m for m in self.ch_mult if (self.ch * m) % self.norm_groups})
+        if bad:
+            raise CheckpointError(f"{where}: channel count(s) {bad} are not divisible into {self.norm_groups} "
+                                  f"GroupNorm groups")
+        if self.out_channels != 3:
+            raise CheckpointError(f"{where}.out_channels must be 3 (RGB), got {self.out_channels}")
+        if self.output not in VQGAN_OUTPUTS:
+            raise CheckpointError(f"{where}.output must be one of {VQGAN_OUTPUTS}, got {self.output!r}")
+
+
+@dataclass(frozen=True)
+class DVAEConfig:
+    """OpenAI DALL-E dVAE decoder: code embedding (the one-hot 1x1 input conv) -> ``group_count``
+    groups of ``n_blk_per_group`` residual blocks, group ``g`` (1-based) ``n_hid * 2**(group_count
+    - g)`` wide, a 2x nearest upsample after every group but the last -> ReLU + 1x1 conv to
+    ``2 * output_channels`` (logit-Laplace location and scale; the location is the image)."""
+
+    vocab_size: int
+    n_init: int
+    n_hid: int
+    n_blk_per_group: int
+    group_count: int = 4
+    output_channels: int = 3
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (self.group_count - 1)
+
+    @property
+    def post_gain(self) -> float:
+        """Weight of a block's residual path: ``1 / (number of blocks)**2``."""
+        return 1 / (self.group_count * self.n_blk_per_group) ** 2
+
+    def validate(self, where: str):
+        _positive(where, vocab_size=self.vocab_size, n_init=self.n_init, n_hid=self.n_hid,
+                  n_blk_per_group=self.n_blk_per_group, group_count=self.group_count)
+        if self.n_hid % 4:
+            raise CheckpointError(f"{where}.n_hid must be a multiple of 4 (a block's hidden width is a "
+                                  f"quarter of its output), got {self.n_hid}")
+        if self.output_channels != 3:
+            raise CheckpointError(f"{where}.output_channels must be 3 (RGB), got {self.output_channels}")
+
+
+@dataclass(frozen=True)
+class DetokenizerConfig:
+    """The image detokenizer: image token ids ``[B, h, w]`` -> pixels; exactly the sub-config named by
+    ``architecture`` is set."""
+
+    architecture: str
+    vqgan: VQGANConfig | None = None
+    dvae: DVAEConfig | None = None
+
+    @property
+    def model(self) -> VQGANConfig | DVAEConfig:
+        """The config of the architecture in use."""
+        return self.vqgan if self.architecture == "vqgan" else self.dvae
+
+    @property
+    def downsample_factor(self) -> int:
+        """Pixels per token along each side."""
+        return self.model.downsample_factor
+
+    @property
+    def codebook_size(self) -> int:
+        """Number of distinct image token ids."""
+        return self.vqgan.codebook_size if self.architecture == "vqgan" else self.dvae.vocab_size
+
+    def validate(self, where: str):
+        if self.architecture not in DETOKENIZER_ARCHITECTURES:
+            raise CheckpointError(f"{where}.architecture must be one of {DETOKENIZER_ARCHITECTURES}, "
+                                  f"got {self.architecture!r}")
+        for name in DETOKENIZER_ARCHITECTURES:
+            if (getattr(self, name) is None) == (name == self.architecture):
+                raise CheckpointError(f"{where}: architecture {self.architecture!r} needs exactly the "
+                                      f"{self.architecture!r} sub-config ({name!r} is "
+                                      f"{'missing' if name == self.architecture else 'set too'})")
+
+
+@dataclass(frozen=True)
+class ImageDetokenizerConfig:
+    """A stand-alone image detokenizer checkpoint (a converted VQGAN or dVAE decoder)."""
+
+    format: str
+    format_version: int
+    task: str
+    architecture: str
+    source_format: str
+    dtype: str
+    detokenizer: DetokenizerConfig
+
+    def validate(self, where: str):
+        if self.task != "image-detokenizer":
+            raise CheckpointError(f"{where}.task must be 'image-detokenizer', got {self.task!r}")
+        if self.architecture != self.detokenizer.architecture:
+            raise CheckpointError(f"{where}: architecture {self.architecture!r} differs from "
+                                  f"detokenizer.architecture {self.detokenizer.architecture!r}")
+        if self.dtype not in DTYPES:
+            raise CheckpointError(f"{where}.dtype must be one of {DTYPES}, got {self.dtype!r}")
+
+
 # task -> top-level config class; the one place a task name chooses a config type.
-CONFIG_CLASSES = {"captioning": CaptioningConfig}
+CONFIG_CLASSES = {"captioning": CaptioningConfig, "text-to-image": TextToImageConfig,
+                  "image-detokenizer": ImageDetokenizerConfig}

@@ -1,4 +1,4 @@
-"""The captioning benchmark runs end to end in --quick mode, and the timing helpers are right."""
+"""The benchmarks run end to end in --quick mode, and the timing helpers are right."""
 import json
 import math
 import subprocess
@@ -65,6 +65,26 @@ def test_bench_linear_quick(tmp_path):
     assert sorted({(r["impl"], r["rows"]) for r in data["results"]}) == [("engine", 1), ("engine", 8), ("peer", 1), ("peer", 8)]
     for r in data["results"]:
         assert _positive(r["us"]) and _positive(r["GBps"]) and r["of_ceiling"] == r["GBps"] / data["read_ceiling_GBps"]
+
+
+def test_bench_detok_quick(tmp_path):
+    pytest.importorskip("dall_e")
+    pytest.importorskip("min_dalle")
+    out = tmp_path / "detok.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_detok.py"), "--quick", "--device", "cpu",
+                           "--threads", "1", "--batches", "1", "2", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "engine/upstream" in proc.stdout.strip().splitlines()[-1]
+    data = json.loads(out.read_text())
+    assert data["machine"]["torch_threads"] == data["settings"]["threads"] == 1
+    assert sorted((r["model"], r["impl"], r["batch"]) for r in data["results"]) == [
+        (m, i, b) for m in ("dvae", "vqgan") for i in ("engine", "upstream") for b in (1, 2)]
+    for r in data["results"]:
+        assert _positive(r["ms"]) and r["timing"]["repeats"] == 1 and r["ms_per_image"] == r["ms"] / r["batch"]
+    assert len(data["comparisons"]) == 4
+    for c in data["comparisons"]:
+        assert _positive(c["ms"]) and c["max_abs_diff"] < 1e-4
 
 
 def test_percentile_matches_linear_interpolation():

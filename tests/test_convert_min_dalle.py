@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 from torch import nn
@@ -100,7 +101,7 @@ def converted(tmp_path_factory):
     src, out = tmp_path_factory.mktemp("min_dalle"), tmp_path_factory.mktemp("conv") / "model"
     upstream = build_source(src)
     mm.convert(src, out)  # detected as min-dalle
-    return upstream, mm.load(out)
+    return upstream, mm.load(out), out
 
 
 def text_rows(tokenizer, prompt):
@@ -117,13 +118,13 @@ PROMPTS = ["a red circle", "A  Blue square  above a RED circle", "left of 🙂 r
 
 
 def test_tokenizer_matches_min_dalle(converted):
-    (_, _, tokenizer, _), pipe = converted
+    (_, _, tokenizer, _), pipe, _ = converted
     for prompt in PROMPTS:
         assert pipe.tokenizer.encode(prompt) == tokenizer.tokenize(prompt), prompt
 
 
 def test_tokenize_pads_cuts_and_rejects_empty_prompts(converted):
-    (_, _, tokenizer, _), pipe = converted
+    (_, _, tokenizer, _), pipe, _ = converted
     rows = pipe.tokenize(["a red circle"])
     assert torch.equal(rows, text_rows(tokenizer, "a red circle")[1:])
     long = "red" + " red" * 80
@@ -136,7 +137,7 @@ def test_tokenize_pads_cuts_and_rejects_empty_prompts(converted):
 
 
 def test_encoder_states_match(converted):
-    (encoder, _, tokenizer, _), pipe = converted
+    (encoder, _, tokenizer, _), pipe, _ = converted
     for prompt in PROMPTS[:4]:
         rows = text_rows(tokenizer, prompt)
         ref = encoder(rows)
@@ -177,7 +178,7 @@ def engine_step_logits(model, rows, image_tokens):
 
 
 def test_teacher_forced_logits_match_for_all_256_steps(converted):
-    (encoder, decoder, tokenizer, _), pipe = converted
+    (encoder, decoder, tokenizer, _), pipe, _ = converted
     rows = text_rows(tokenizer, "a blue square above a red circle")
     image_tokens = torch.randint(0, 2 ** 14, (2, IMAGE_TOKENS), generator=torch.Generator().manual_seed(5))
     with torch.inference_mode():
@@ -205,7 +206,7 @@ def upstream_greedy(encoder, decoder, rows, n, factor):
 
 @pytest.mark.parametrize("factor", [16.0, 3.0])
 def test_greedy_tokens_with_supercondition_match(converted, factor):
-    (encoder, decoder, tokenizer, _), pipe = converted
+    (encoder, decoder, tokenizer, _), pipe, _ = converted
     rows = text_rows(tokenizer, "a red circle left of a blue square")
     with torch.inference_mode():
         ref = upstream_greedy(encoder, decoder, rows, 1, factor)
@@ -218,26 +219,26 @@ def test_greedy_tokens_with_supercondition_match(converted, factor):
 
 
 def test_pixels_match_the_vqgan(converted):
-    (_, _, _, pixels), pipe = converted
+    (_, _, _, pixels), pipe, _ = converted
     tokens = torch.randint(0, 2 ** 14, (2, 16, 16), generator=torch.Generator().manual_seed(1))
     ref = pixels(tokens)
     ours = pipe.decode_tokens(tokens.flatten(1))
-    assert ours.shape == ref.shape == (2, 3, 64, 64)
+    assert ours.shape == ref.shape == (2, 3, 32, 32)
     inside = ((ref > 0) & (ref < 1)).float().mean()
     assert inside > 0.3, "the random VQGAN saturates: the comparison would be vacuous"
     assert (ours - ref).abs().max() <= 1e-4
 
 
 def test_generate_images_stream_and_seeds(converted):
-    _, pipe = converted
+    _, pipe, _ = converted
     params = mm.SamplingParams(do_sample=True, top_k=32, guidance_scale=4.0, seed=7)
     images = pipe.generate(["a red circle", "a blue square"], images_per_prompt=2, sampling=params)
-    assert len(images) == 4 and all(im.size == (64, 64) and im.mode == "RGB" for im in images)
+    assert len(images) == 4 and all(im.size == (32, 32) and im.mode == "RGB" for im in images)
     again = pipe.generate(["a red circle", "a blue square"], images_per_prompt=2, sampling=params)
     assert [np.asarray(a).tobytes() for a in images] == [np.asarray(b).tobytes() for b in again]
     assert np.asarray(images[0]).tobytes() != np.asarray(images[1]).tobytes()  # rows draw their own noise
     stream = list(pipe.generate_stream("a red circle", sampling=params, every=64))
-    assert len(stream) == IMAGE_TOKENS // 64 + 1
+    assert len(stream) == IMAGE_TOKENS // 64  # partial images after 64, 128 and 192 tokens, then the final ones
     assert np.asarray(stream[-1][0]).tobytes() == np.asarray(pipe.generate("a red circle", sampling=params)[0]).tobytes()
 
 
@@ -253,7 +254,7 @@ def test_small_image_vocabularies_start_from_the_extra_row(tmp_path):
 
 
 def test_bad_text_tokens_are_rejected(converted):
-    _, pipe = converted
+    _, pipe, _ = converted
     good = pipe.tokenize(["a red circle"])
     gap = good.clone()
     gap[0, 10] = 5  # a real token after padding
@@ -262,7 +263,25 @@ def test_bad_text_tokens_are_rejected(converted):
     for message, tokens in bad.items():
         with pytest.raises(mm.InputError, match=message.replace("[", r"\[").replace("]", r"\]")):
             pipe.generate_tokens(tokens)
-    with pytest.raises(mm.InputError, match="outside"):
+    with pytest.raises(mm.InputError, match=r"must be in \[0, 16384\)"):
         pipe.decode_tokens(torch.full((1, 256), 2 ** 14))
     with pytest.raises(mm.InputError):
         pipe.decode_tokens(torch.zeros(1, 250, dtype=torch.long))
+
+
+def test_txt2img_cli_writes_a_grid_and_rejects_bad_options(converted, tmp_path, capsys):
+    from mmgen_engine.cli import main
+    from test_bad_input import cli_error
+
+    capsys.readouterr()  # whatever importing the helpers printed
+    model = converted[2]
+    out = tmp_path / "grid.png"
+    assert main(["txt2img", "a red circle", "--model", str(model), "-o", str(out), "--grid", "2", "--top-k", "8",
+                 "--guidance", "3", "--seed", "1"]) == 0
+    with PIL.Image.open(out) as im:
+        assert im.size == (64, 64)
+    for argv, message in [(["--grid", "0"], "--grid"), (["--top-k", "-1"], "top_k"), (["--guidance", "-2"], "guidance"),
+                          (["--seed", "-5"], "seed")]:
+        assert message in cli_error(capsys, ["txt2img", "a red circle", "--model", model, "-o", out, *argv])
+    assert ".png" in cli_error(capsys, ["txt2img", "a red circle", "--model", model, "-o", tmp_path / "x.jpg"])
+    assert "empty" in cli_error(capsys, ["txt2img", "  ", "--model", model, "-o", out])

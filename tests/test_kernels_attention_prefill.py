@@ -96,9 +96,17 @@ def test_bfloat16_is_refused_on_cpu():
         flash_attention.attention(q, k, v, 0.1, False, None)
 
 
-def test_head_dim_above_128_is_rejected():
-    q, k, v = qkv(1, 1, 3, 3, 160, torch.float32)
-    with pytest.raises(ValueError, match="head dims up to 128"):
+@pytest.mark.parametrize("d", [160, 256, 512])
+def test_wide_heads(d):
+    """The VQGAN's single 512-wide attention head (and the block sizes between)."""
+    q, k, v = qkv(2, 1, 37, 37, d, torch.float16, seed=d)
+    check(flash_attention.attention(q, k, v, d ** -0.5, False, None), reference(q, k, v, d ** -0.5, False, None),
+          torch.float16)
+
+
+def test_head_dim_above_512_is_rejected():
+    q, k, v = qkv(1, 1, 3, 3, 520, torch.float32)
+    with pytest.raises(ValueError, match="head dims up to 512"):
         flash_attention.attention(q, k, v, 0.1, False, None)
 
 

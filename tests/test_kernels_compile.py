@@ -119,6 +119,9 @@ def exercise_every_launcher():
         qs = torch.randn(2, 3, 9, 16, generator=g).to(dtype)
         flash_attention.attention(qs, qs, qs, 0.25, True, None)
         flash_attention.attention(qs, qs, qs, 0.25, False, torch.tensor([4, 9]))
+        for d in (256, 512):  # the wide-head block sizes (the VQGAN's attention)
+            wide = torch.randn(1, 1, 5, d, generator=g).to(dtype)
+            flash_attention.attention(wide, wide, wide, 0.25, False, None)
         for rows in (2, 40):
             linear.linear(torch.randn(rows, 64, generator=g).to(dtype), torch.randn(48, 64, generator=g).to(dtype),
                           torch.randn(48, generator=g).to(dtype))

@@ -39,7 +39,7 @@ def read_weights(src: Path) -> dict[str, torch.Tensor]:
     """All tensors of an HF model directory, on CPU."""
     single, index, pt = src / "model.safetensors", src / "model.safetensors.index.json", src / "pytorch_model.bin"
     if single.is_file():
-        return _load_safetensors(single)
+        return load_safetensors(single)
     if index.is_file():
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
@@ -47,7 +47,7 @@ def read_weights(src: Path) -> dict[str, torch.Tensor]:
         shards = sorted(set(weight_map.values()))
         tensors: dict[str, torch.Tensor] = {}
         for name in shards:
-            tensors.update(_load_safetensors(src / name))
+            tensors.update(load_safetensors(src / name))
         return tensors
     if pt.is_file():
         return load_torch(pt)
@@ -55,7 +55,7 @@ def read_weights(src: Path) -> dict[str, torch.Tensor]:
                           f"pytorch_model.bin)")
 
 
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ConversionError(f"{path}: file not found")
     try:
@@ -64,21 +64,35 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise ConversionError(f"{path}: corrupt or truncated safetensors file ({one_line(e)})") from None
 
 
-def load_torch(path: Path) -> dict[str, torch.Tensor]:
-    """The state dict in a PyTorch file, read with ``weights_only=True`` (never arbitrary pickles)."""
+def load_torch_object(path: Path, trust_pickle: bool | None = None):
+    """The object ``torch.save`` wrote to ``path``, read with ``weights_only=True`` (plain tensors,
+    containers and numbers; memory-mapped when the file allows). A file that holds other pickled
+    objects is refused, or fully unpickled when ``trust_pickle`` is True; the refusal tells the user
+    about ``--trust-pickle`` when it is False, and not when it is None (a format that never needs it)."""
     try:
         try:
-            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as e:
             if "mmap" not in str(e):
                 raise
             # files written before torch 1.6 (not zip-based) cannot be memory-mapped
-            data = torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise ConversionError(f"{path}: refused to load: it holds more than plain tensors and would need "
-                              f"full unpickling ({one_line(e)})") from None
+        if not trust_pickle:
+            hint = "" if trust_pickle is None else "; if you trust this file, pass trust_pickle=True (--trust-pickle)"
+            raise ConversionError(f"{path}: refused to load: it holds more than plain tensors and would need "
+                                  f"full unpickling ({one_line(e)}){hint}") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
         raise ConversionError(f"{path}: corrupt or truncated PyTorch file ({one_line(e)})") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # full unpickling can raise anything the pickled classes raise
+        raise ConversionError(f"{path}: cannot unpickle ({type(e).__name__}: {one_line(e)})") from None
+
+
+def load_torch(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict in a PyTorch file, read with ``weights_only=True`` (never arbitrary pickles)."""
+    data = load_torch_object(path)
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise ConversionError(f"{path}: expected a state dict of tensors")
     return data

@@ -1,8 +1,21 @@
-"""Model families. ``ARCHITECTURES`` maps a checkpoint's ``architecture`` to its model class."""
+"""Model families. ``ARCHITECTURES`` maps a checkpoint's ``architecture`` to its model class;
+``DETOKENIZERS`` maps an image detokenizer's architecture to its class."""
+from ..config import DetokenizerConfig
+from .dvae import DVAEDecoder
+from .dalle_bart import DalleBart
 from .gpt2 import GPT2Decoder
 from .vit import ViTEncoder
 from .vit_gpt2 import VitGpt2
+from .vqgan import VQGANDecoder
 
-ARCHITECTURES = {"vit-gpt2": VitGpt2}
+ARCHITECTURES = {"vit-gpt2": VitGpt2, "dalle-bart": DalleBart}
+DETOKENIZERS = {"vqgan": VQGANDecoder, "dvae": DVAEDecoder}
 
-__all__ = ["ARCHITECTURES", "GPT2Decoder", "ViTEncoder", "VitGpt2"]
+
+def build_detokenizer(cfg: DetokenizerConfig, device=None) -> VQGANDecoder | DVAEDecoder:
+    """The image detokenizer ``cfg`` describes (``device="meta"`` to assign weights afterwards)."""
+    return DETOKENIZERS[cfg.architecture](cfg.model, device)
+
+
+__all__ = ["ARCHITECTURES", "DalleBart", "build_detokenizer", "DETOKENIZERS", "DVAEDecoder", "GPT2Decoder", "ViTEncoder",
+           "VitGpt2", "VQGANDecoder"]

@@ -25,7 +25,7 @@ from ..config import TextToImageConfig
 from ..errors import CheckpointError, InputError, one_line
 from ..models import ARCHITECTURES
 from ..runtime import CUDAGraphs, SamplingParams, generate_stream
-from ..runtime.layout import column_major_weights
+from ..runtime.layout import channels_last_weights, column_major_weights
 from .detokenizer import check_image_tokens, to_pil
 
 # min-dalle's defaults (generate_image: top_k 256, supercondition_factor 16, temperature 1)
@@ -99,6 +99,7 @@ class TextToImagePipeline:
         assign_weights(model, load_weights(path, device), str(path), torch_dtype(config.dtype), dtype)
         if device.type == "cpu":
             column_major_weights(model.decoder)
+        channels_last_weights(model.detokenizer)
         return cls(model, tokenizer, config, device)
 
     def tokenize(self, prompts) -> torch.Tensor:

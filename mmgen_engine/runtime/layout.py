@@ -1,4 +1,5 @@
-"""Weight memory layout for matrix-vector products on the CPU.
+"""Weight memory layouts: column-major linears for matrix-vector products on the CPU, channels-last
+conv weights for the image decoders.
 
 A decode step multiplies a few rows by every weight: ``y = x W^T`` with ``W [out, in]``. On CPU
 that product is bound by how fast ``W`` streams from memory. Stored column-major (``W^T``
@@ -10,6 +11,7 @@ only its strides differ, so embedding lookups in a tied ``wte`` keep working.
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
@@ -18,3 +20,13 @@ def column_major_weights(module: nn.Module) -> None:
     for p in module.parameters():
         if p.dim() == 2 and p.is_floating_point() and p.is_contiguous():
             p.data = p.data.t().contiguous().t()
+
+
+def channels_last_weights(module: nn.Module) -> None:
+    """Re-store every 4-D floating parameter (conv weights ``[Cout, Cin, k, k]``) of ``module``
+    channels-last (``Cin`` innermost), the layout of the channels-last activations the image
+    decoders keep: the Triton conv reads it contiguously along ``Cin`` and torch's CPU conv does not
+    re-layout it on every call. Values, shapes and names are unchanged."""
+    for p in module.parameters():
+        if p.dim() == 4 and p.is_floating_point():
+            p.data = p.data.contiguous(memory_format=torch.channels_last)

@@ -1,0 +1,54 @@
+"""What the stand-alone image-detokenizer converters share: the engine config of a converted VQGAN or
+dVAE decoder and its tensors, cast and checked against the model built from that config."""
+from __future__ import annotations
+
+import torch
+
+from ..checkpoint import check_tensors, torch_dtype
+from ..config import FORMAT_NAME, FORMAT_VERSION, DetokenizerConfig, ImageDetokenizerConfig, from_dict
+from ..errors import CheckpointError, ConversionError
+from ..models import build_detokenizer
+from . import hf
+
+
+def shape(tensors: dict[str, torch.Tensor], name: str, dims: int, where: str) -> torch.Size:
+    """The shape of ``tensors[name]``, which must exist with ``dims`` dimensions."""
+    t = tensors.get(name)
+    if t is None or t.dim() != dims:
+        raise ConversionError(f"{where}: missing or malformed tensor {name!r} (expected {dims} dimensions)")
+    return t.shape
+
+
+def count(tensors: dict[str, torch.Tensor], pattern: str, start: int = 0) -> int:
+    """How many consecutive indices ``start, start + 1, ...`` put in ``pattern``'s ``{}`` name a tensor."""
+    n = 0
+    while pattern.format(start + n) in tensors:
+        n += 1
+    return n
+
+
+def state_names(architecture: str, model_config: dict, where: str) -> list[str]:
+    """The state-dict names of the ``architecture`` model ``model_config`` describes (validated)."""
+    try:
+        cfg = from_dict(DetokenizerConfig, {"architecture": architecture, architecture: model_config}, where)
+    except CheckpointError as e:
+        raise ConversionError(str(e)) from None
+    return list(build_detokenizer(cfg, device="meta").state_dict())
+
+
+def checkpoint(source_format: str, architecture: str, model_config: dict, tensors: dict[str, torch.Tensor],
+               dtype: str | None, where: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(config dict, tensors)`` of an ``image-detokenizer`` checkpoint: ``model_config`` is the
+    VQGANConfig / DVAEConfig dict, ``tensors`` the model's state dict; floating tensors are cast to
+    ``dtype`` (None: the dtype most of them have). Any inconsistency raises ConversionError."""
+    stored = dtype or hf.tensor_dtype_name(tensors)
+    config = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "task": "image-detokenizer",
+              "architecture": architecture, "source_format": source_format, "dtype": stored,
+              "detokenizer": {"architecture": architecture, architecture: model_config}}
+    try:
+        cfg = from_dict(ImageDetokenizerConfig, config, where)
+        out = {k: (v.to(torch_dtype(stored)) if v.is_floating_point() else v) for k, v in tensors.items()}
+        check_tensors(build_detokenizer(cfg.detokenizer, device="meta"), out, where, torch_dtype(stored))
+    except CheckpointError as e:
+        raise ConversionError(str(e)) from None
+    return config, out
