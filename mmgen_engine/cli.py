@@ -54,12 +54,16 @@ def _txt2img(args) -> None:
 
 
 def _demo(args) -> None:
-    from .demo import run_demo
+    from .demo import run_demo, run_txt2img_demo
 
     print("captioning demo (shapes world, bundled demo model):")
     for r in run_demo(Path(args.out)):
         mark = "ok" if r["caption"] == r["expected"] else f"expected: {r['expected']}"
         print(f"  {r['image']}: {r['caption']}  [{mark}]")
+    grid, results = run_txt2img_demo(Path(args.out))
+    print(f"text-to-image demo: {grid} (a row per prompt), each image captioned by the demo captioner:")
+    for r in results:
+        print(f"  {r['prompt']}: {r['caption']}  [{'ok' if r['caption'] == r['prompt'] else 'differs'}]")
 
 
 def _bench(args) -> None:

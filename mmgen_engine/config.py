@@ -184,8 +184,9 @@ class ImagePreprocessConfig:
 
 
 @dataclass(frozen=True)
-class CaptioningConfig:
-    """An image-captioning checkpoint: ViT encoder, optional width projection, GPT-2 decoder."""
+class CheckpointConfig:
+    """The fields every top-level checkpoint config starts with; a subclass names its ``TASK`` and
+    ``ARCHITECTURES`` and calls :meth:`validate_header` from its ``validate``."""
 
     format: str
     format_version: int
@@ -193,19 +194,34 @@ class CaptioningConfig:
     architecture: str
     source_format: str
     dtype: str
+
+    TASK: typing.ClassVar[str] = ""
+    ARCHITECTURES: typing.ClassVar[tuple[str, ...]] = ()
+
+    def validate_header(self, where: str):
+        if self.task != self.TASK:
+            raise CheckpointError(f"{where}.task must be {self.TASK!r}, got {self.task!r}")
+        if self.architecture not in self.ARCHITECTURES:
+            raise CheckpointError(f"{where}: unknown {self.TASK} architecture {self.architecture!r}")
+        if self.dtype not in DTYPES:
+            raise CheckpointError(f"{where}.dtype must be one of {DTYPES}, got {self.dtype!r}")
+
+
+@dataclass(frozen=True)
+class CaptioningConfig(CheckpointConfig):
+    """An image-captioning checkpoint: ViT encoder, optional width projection, GPT-2 decoder."""
+
     encoder: ViTConfig
     decoder: GPT2Config
     generation: GenerationConfig
     preprocess: ImagePreprocessConfig
     enc_to_dec_proj: bool = False
 
+    TASK = "captioning"
+    ARCHITECTURES = ("vit-gpt2",)
+
     def validate(self, where: str):
-        if self.task != "captioning":
-            raise CheckpointError(f"{where}.task must be 'captioning', got {self.task!r}")
-        if self.architecture != "vit-gpt2":
-            raise CheckpointError(f"{where}: unknown captioning architecture {self.architecture!r}")
-        if self.dtype not in DTYPES:
-            raise CheckpointError(f"{where}.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        self.validate_header(where)
         if not self.enc_to_dec_proj and self.encoder.hidden_size != self.decoder.hidden_size:
             raise CheckpointError(
                 f"{where}: encoder width {self.encoder.hidden_size} != decoder width "
@@ -266,27 +282,19 @@ class ImageGenerationConfig:
 
 
 @dataclass(frozen=True)
-class TextToImageConfig:
+class TextToImageConfig(CheckpointConfig):
     """A text-to-image checkpoint: min-dalle's BART encoder/decoder and an image detokenizer."""
 
-    format: str
-    format_version: int
-    task: str
-    architecture: str
-    source_format: str
-    dtype: str
     encoder: BartConfig
     decoder: BartConfig
     generation: ImageGenerationConfig
     detokenizer: "DetokenizerConfig"
 
+    TASK = "text-to-image"
+    ARCHITECTURES = ("dalle-bart",)
+
     def validate(self, where: str):
-        if self.task != "text-to-image":
-            raise CheckpointError(f"{where}.task must be 'text-to-image', got {self.task!r}")
-        if self.architecture != "dalle-bart":
-            raise CheckpointError(f"{where}: unknown text-to-image architecture {self.architecture!r}")
-        if self.dtype not in DTYPES:
-            raise CheckpointError(f"{where}.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        self.validate_header(where)
         enc, dec, gen = self.encoder, self.decoder, self.generation
         if enc.hidden_size != dec.hidden_size:
             raise CheckpointError(f"{where}: encoder width {enc.hidden_size} != decoder width {dec.hidden_size}")
@@ -421,25 +429,19 @@ class DetokenizerConfig:
 
 
 @dataclass(frozen=True)
-class ImageDetokenizerConfig:
+class ImageDetokenizerConfig(CheckpointConfig):
     """A stand-alone image detokenizer checkpoint (a converted VQGAN or dVAE decoder)."""
 
-    format: str
-    format_version: int
-    task: str
-    architecture: str
-    source_format: str
-    dtype: str
     detokenizer: DetokenizerConfig
 
+    TASK = "image-detokenizer"
+    ARCHITECTURES = DETOKENIZER_ARCHITECTURES
+
     def validate(self, where: str):
-        if self.task != "image-detokenizer":
-            raise CheckpointError(f"{where}.task must be 'image-detokenizer', got {self.task!r}")
+        self.validate_header(where)
         if self.architecture != self.detokenizer.architecture:
             raise CheckpointError(f"{where}: architecture {self.architecture!r} differs from "
                                   f"detokenizer.architecture {self.detokenizer.architecture!r}")
-        if self.dtype not in DTYPES:
-            raise CheckpointError(f"{where}.dtype must be one of {DTYPES}, got {self.dtype!r}")
 
 
 # task -> top-level config class; the one place a task name chooses a config type.

@@ -4,6 +4,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import PIL.Image
 import pytest
 
 import mmgen_engine as mm
@@ -39,3 +40,6 @@ def test_mmgen_demo_command(tmp_path):
     assert len(pngs) == 4
     lines = [l for l in proc.stdout.splitlines() if ".png:" in l]
     assert len(lines) == 4 and all(CAPTION_PATTERN.match(l.split(": ", 1)[1].split("  [")[0]) for l in lines)
+    with PIL.Image.open(tmp_path / "txt2img_grid.png") as grid:  # 6 prompts x 4 images of 64x64
+        assert grid.size == (4 * 64, 6 * 64)
+    assert "text-to-image demo" in proc.stdout

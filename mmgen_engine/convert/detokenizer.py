@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from ..checkpoint import check_tensors, torch_dtype
-from ..config import FORMAT_NAME, FORMAT_VERSION, DetokenizerConfig, ImageDetokenizerConfig, from_dict
+from ..config import FORMAT_NAME, FORMAT_VERSION, DetokenizerConfig, from_dict
 from ..errors import CheckpointError, ConversionError
 from ..models import build_detokenizer
-from . import hf
+from .keymap import finish
 
 
 def shape(tensors: dict[str, torch.Tensor], name: str, dims: int, where: str) -> torch.Size:
@@ -41,14 +40,7 @@ def checkpoint(source_format: str, architecture: str, model_config: dict, tensor
     """``(config dict, tensors)`` of an ``image-detokenizer`` checkpoint: ``model_config`` is the
     VQGANConfig / DVAEConfig dict, ``tensors`` the model's state dict; floating tensors are cast to
     ``dtype`` (None: the dtype most of them have). Any inconsistency raises ConversionError."""
-    stored = dtype or hf.tensor_dtype_name(tensors)
     config = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "task": "image-detokenizer",
-              "architecture": architecture, "source_format": source_format, "dtype": stored,
+              "architecture": architecture, "source_format": source_format, "dtype": dtype,
               "detokenizer": {"architecture": architecture, architecture: model_config}}
-    try:
-        cfg = from_dict(ImageDetokenizerConfig, config, where)
-        out = {k: (v.to(torch_dtype(stored)) if v.is_floating_point() else v) for k, v in tensors.items()}
-        check_tensors(build_detokenizer(cfg.detokenizer, device="meta"), out, where, torch_dtype(stored))
-    except CheckpointError as e:
-        raise ConversionError(str(e)) from None
-    return config, out
+    return finish(config, tensors, dtype, where)

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..checkpoint import check_tensors, torch_dtype
 from ..config import FORMAT_NAME, FORMAT_VERSION, CaptioningConfig, from_dict
 from ..errors import CheckpointError, ConversionError
-from ..models import ARCHITECTURES
 from . import hf
-from .keymap import apply_rules, concat, flatten_conv, rename_keys, rule, squeeze_leading, transpose
+from .keymap import apply_rules, concat, finish, flatten_conv, rename_keys, rule, squeeze_leading, transpose
 
 NAME = "hf-vision-encoder-decoder"
 
@@ -190,8 +188,8 @@ def convert(src: Path, dtype: str | None, workdir: Path, trust_pickle: bool = Fa
               "architecture": "vit-gpt2", "source_format": NAME, "dtype": dtype or "float32",
               "encoder": encoder, "decoder": decoder, "generation": generation,
               "preprocess": _preprocess(src), "enc_to_dec_proj": proj}
-    try:
-        cfg = from_dict(CaptioningConfig, config, where)
+    try:  # the config is consistent before any weight is read
+        from_dict(CaptioningConfig, config, where)
     except CheckpointError as e:
         raise ConversionError(str(e)) from None
 
@@ -204,13 +202,7 @@ def convert(src: Path, dtype: str | None, workdir: Path, trust_pickle: bool = Fa
                                   f"tie_word_embeddings is true")
     out = apply_rules(_rules(encoder["qkv_bias"], proj, tied), tensors,
                       {"enc": encoder["num_layers"], "dec": decoder["num_layers"]}, IGNORED, where=str(src))
-    config["dtype"] = dtype or hf.tensor_dtype_name(tensors)
-    stored = torch_dtype(config["dtype"])
-    out = {k: (v.to(stored) if v.is_floating_point() else v) for k, v in out.items()}
-    try:
-        check_tensors(ARCHITECTURES["vit-gpt2"](cfg, device="meta"), out, str(src), stored)
-    except CheckpointError as e:
-        raise ConversionError(str(e)) from None
+    config, out = finish(config, out, dtype, str(src))
     files = {"tokenizer.json": hf.tokenizer_json(src, workdir),
              "preprocessor_config.json": src / "preprocessor_config.json"}
     return config, out, files

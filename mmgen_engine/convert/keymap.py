@@ -13,7 +13,9 @@ from typing import Callable, Iterable
 
 import torch
 
-from ..errors import ConversionError
+from ..checkpoint import check_tensors, torch_dtype
+from ..config import CONFIG_CLASSES, from_dict
+from ..errors import CheckpointError, ConversionError
 
 
 def same(t):
@@ -101,3 +103,21 @@ def apply_rules(rules: Iterable[Rule], source: dict[str, torch.Tensor], counts: 
         raise ConversionError(f"{where}: unused tensor(s) {', '.join(unused[:5])}{more}; "
                               f"the checkpoint does not match its config or this converter")
     return out
+
+
+def finish(config: dict, tensors: dict[str, torch.Tensor], dtype: str | None, where: str):
+    """The last step of every converter: validate ``config`` as its task's config, store floating
+    tensors as ``dtype`` (None: the dtype most of them have) and check that they are exactly the state
+    of the model the config describes. Returns ``(config, tensors)``; any problem is a ConversionError."""
+    from ..models import build_model
+    from .hf import tensor_dtype_name
+
+    config["dtype"] = dtype or tensor_dtype_name(tensors)
+    stored = torch_dtype(config["dtype"])
+    out = {k: (v.to(stored) if v.is_floating_point() else v) for k, v in tensors.items()}
+    try:
+        cfg = from_dict(CONFIG_CLASSES[config["task"]], config, where)
+        check_tensors(build_model(cfg, device="meta"), out, where, stored)
+    except CheckpointError as e:
+        raise ConversionError(str(e)) from None
+    return config, out

@@ -17,14 +17,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
-from ..checkpoint import check_tensors, torch_dtype
 from ..config import FORMAT_NAME, FORMAT_VERSION, TextToImageConfig, from_dict
 from ..errors import CheckpointError, ConversionError
-from ..models import ARCHITECTURES
 from . import hf, taming_vqgan
-from .keymap import apply_rules, concat, rule
+from .keymap import apply_rules, concat, finish, rule
 
 NAME = "min-dalle"
 HEAD_DIM = 64           # min-dalle: attention_head_count = embed_count / 64
@@ -147,8 +143,8 @@ def convert(src: Path, dtype: str | None, workdir: Path, trust_pickle: bool = Fa
               "generation": {"bos_token_id": bos, "image_vocab_size": codes, "grid_size": grid,
                              "text_pad_token_id": TEXT_PAD},
               "detokenizer": {"architecture": "vqgan", "vqgan": detok_cfg}}
-    try:
-        cfg = from_dict(TextToImageConfig, config, str(src))
+    try:  # the sizes are consistent before any tensor is built
+        from_dict(TextToImageConfig, config, str(src))
     except CheckpointError as e:
         raise ConversionError(str(e)) from None
     out = apply_rules(_block_rules("encoder.", cross=False), enc_src, {"n": encoder["num_layers"]},
@@ -156,11 +152,5 @@ def convert(src: Path, dtype: str | None, workdir: Path, trust_pickle: bool = Fa
     out |= apply_rules(_block_rules("decoder.", cross=True), dec_src, {"n": decoder["num_layers"]},
                        where=str(files["decoder"]))
     out |= {f"detokenizer.{k}": v for k, v in detok.items()}
-    config["dtype"] = dtype or hf.tensor_dtype_name(enc_src | dec_src)
-    stored = torch_dtype(config["dtype"])
-    out = {k: (v.to(stored) if v.is_floating_point() else v) for k, v in out.items()}
-    try:
-        check_tensors(ARCHITECTURES["dalle-bart"](cfg, device="meta"), out, str(src), stored)
-    except CheckpointError as e:
-        raise ConversionError(str(e)) from None
+    config, out = finish(config, out, dtype, str(src))
     return config, out, {"vocab.json": files["vocab"], "merges.txt": files["merges"]}

@@ -11,6 +11,11 @@ from ..errors import InputError
 
 MODELS_DIR = Path(__file__).parent / "models"
 DEMO_TASKS = ("captioning", "text-to-image", "speech-to-gesture")
+# how the demo text-to-image model samples (see scripts/train_demo_txt2img.py): supercondition 2,
+# top-k 8; and the prompts `mmgen demo` draws, one row of the grid per color
+TXT2IMG_SAMPLING = {"do_sample": True, "top_k": 8, "guidance_scale": 2.0, "temperature": 1.0}
+TXT2IMG_PROMPTS = ("a red circle", "a green square", "a blue triangle", "a yellow circle", "a purple square",
+                   "a orange triangle")
 
 
 def demo_model(task: str) -> Path:
@@ -41,3 +46,21 @@ def run_demo(out: Path, count: int = 4, seed: int | None = None) -> list[dict]:
         image.save(path)
         results.append({"image": str(path), "caption": caption, "expected": expected})
     return results
+
+
+def run_txt2img_demo(out: Path, images_per_prompt: int = 4, seed: int = 0) -> tuple[Path, list[dict]]:
+    """Generate ``images_per_prompt`` images for each demo prompt with the demo text-to-image model,
+    save them as one grid PNG in ``out`` (a row per prompt), caption every image with the demo
+    captioner and return ``(grid path, [{"prompt", "caption"}])``."""
+    from .. import SamplingParams, load
+    from ..pipelines.text_to_image import image_grid
+
+    out.mkdir(parents=True, exist_ok=True)
+    pipe = load(demo_model("text-to-image"))
+    images = pipe.generate(list(TXT2IMG_PROMPTS), images_per_prompt,
+                           SamplingParams(**TXT2IMG_SAMPLING, seed=seed))
+    path = out / "txt2img_grid.png"
+    image_grid(images, images_per_prompt).save(path)
+    captions = load(demo_model("captioning")).caption(images)
+    prompts = [p for p in TXT2IMG_PROMPTS for _ in range(images_per_prompt)]
+    return path, [{"prompt": p, "caption": c} for p, c in zip(prompts, captions)]

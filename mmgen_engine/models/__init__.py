@@ -17,5 +17,12 @@ def build_detokenizer(cfg: DetokenizerConfig, device=None) -> VQGANDecoder | DVA
     return DETOKENIZERS[cfg.architecture](cfg.model, device)
 
 
-__all__ = ["ARCHITECTURES", "DalleBart", "build_detokenizer", "DETOKENIZERS", "DVAEDecoder", "GPT2Decoder", "ViTEncoder",
+def build_model(cfg, device=None):
+    """The model of a top-level checkpoint config (``device="meta"`` to assign weights afterwards)."""
+    if cfg.task == "image-detokenizer":
+        return build_detokenizer(cfg.detokenizer, device)
+    return ARCHITECTURES[cfg.architecture](cfg, device)
+
+
+__all__ = ["ARCHITECTURES", "DalleBart", "build_detokenizer", "build_model", "DETOKENIZERS", "DVAEDecoder", "GPT2Decoder", "ViTEncoder",
            "VitGpt2", "VQGANDecoder"]

@@ -23,7 +23,7 @@ from torch import nn
 
 from .. import ops
 from ..config import BartConfig, TextToImageConfig
-from ..layers import GLU, CrossAttention, LayerNorm, Linear, SelfAttention
+from ..layers import GLU, CrossAttention, LayerNorm, SelfAttention
 
 
 class BartBlock(nn.Module):
