@@ -146,6 +146,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    import min_dalle  # noqa: F401  importing it sets torch's thread count to the core count: first, then ours
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()

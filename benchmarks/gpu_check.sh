@@ -2,7 +2,7 @@
 # One call on a lent GPU (see ../shared/GPU.md): build the CUDA extension in place, run the GPU
 # tests, the per-kernel benchmark and the end-to-end captioning benchmark against transformers in
 # the same run, and print a short table last. Full logs and JSON go to $OUT (or build/gpu_check).
-# Budget: about 6 minutes on an H100/H200 (each stage has its own timeout); at most 8 files in $OUT.
+# Budget: about 10 minutes on an H100/H200 (each stage has its own timeout); at most 12 files in $OUT.
 #   usage: bash benchmarks/gpu_check.sh [--quick]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -39,9 +39,23 @@ timeout 120 "$PY" benchmarks/bench_caption.py --device cuda --dtype float16 --ba
   --repeats 5 --warmup 3 --cache-dir build/bench_caption --json "$OUT/bench_caption.json" \
   >"$OUT/bench_caption.log" 2>&1 || status=1
 
+step "text-to-image: engine vs min-dalle, DALL-E Mini size, random weights, fp16"
+# min-dalle, dall-e and taming ship as wheels carried in build/upstream_wheels (the machine has no
+# network): pip download --no-deps min-dalle==0.4.11 dall-e==0.1 taming-transformers==0.0.1 emoji attrs
+if ls build/upstream_wheels/* >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-deps --no-index --no-build-isolation build/upstream_wheels/* >"$OUT/upstream.log" 2>&1 \
+    || tail -5 "$OUT/upstream.log"
+fi
+timeout 240 "$PY" benchmarks/bench_txt2img.py --device cuda --dtype float16 --grid 4 --repeats 3 \
+  --cache-dir build/bench_txt2img --json "$OUT/bench_txt2img.json" >"$OUT/bench_txt2img.log" 2>&1 || status=1
+timeout 90 "$PY" benchmarks/bench_detok.py --device cuda --json "$OUT/bench_detok.json" \
+  >"$OUT/bench_detok.log" 2>&1 || status=1
+
 step "results"
 sed -n '/^kernel benchmark/,$p' "$OUT/bench_kernels.log"
 sed -n '/^caption benchmark/,$p' "$OUT/bench_caption.log"
+sed -n '/^txt2img benchmark/,$p' "$OUT/bench_txt2img.log"
+sed -n '/^detok/,$p' "$OUT/bench_detok.log"
 grep -E "WARNING|FAILED|Error" "$OUT"/bench_*.log | head -10
 grep -E "passed|failed" "$OUT/pytest_gpu.log" | tail -1
 echo "gpu_check status $status"
