@@ -342,8 +342,9 @@ class VQGANConfig:
 
     def validate(self, where: str):
         _positive(where, codebook_size=self.codebook_size, embed_dim=self.embed_dim,
-                  z_channels=self.z_channels, ch=self.ch, num_res_blocks=self.num_res_blocks,
-                  norm_groups=self.norm_groups, norm_eps=self.norm_eps)
+                  z_channels=self.z_channels, ch=self.ch, norm_groups=self.norm_groups, norm_eps=self.norm_eps)
+        if self.num_res_blocks < 0:  # taming allows 0: one ResNet block per level
+            raise CheckpointError(f"{where}.num_res_blocks must be >= 0, got {self.num_res_blocks}")
         if not self.ch_mult or min(self.ch_mult) <= 0:
             raise CheckpointError(f"{where}.ch_mult must be a non-empty list of positive integers, got {self.ch_mult}")
         levels = range(len(self.ch_mult))

@@ -19,21 +19,12 @@ import torch
 import mmgen_engine as mm
 from mmgen_engine.demo.world import COLORS, RELATIONS, SHAPES
 
+from upstream import import_upstream
+
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [f"a {c} {s}" for c in COLORS for s in SHAPES]  # the 18 one-object prompts
-# the demo's recommended sampling: min-dalle's supercondition (guidance) 2, top-k 8, temperature 1
-SAMPLING = dict(do_sample=True, top_k=8, guidance_scale=2.0, temperature=1.0)
-
-
-def _import_upstream(name: str):
-    """Import an upstream module without keeping the process-wide changes min-dalle makes on import
-    (``torch.set_grad_enabled(False)``, ``torch.set_num_threads(cpu_count)``)."""
-    grad, threads = torch.is_grad_enabled(), torch.get_num_threads()
-    try:
-        return pytest.importorskip(name)
-    finally:
-        torch.set_grad_enabled(grad)
-        torch.set_num_threads(threads)
+# the demo's recommended sampling: min-dalle's supercondition (guidance) 2, top-k 4, temperature 1
+SAMPLING = dict(do_sample=True, top_k=4, guidance_scale=2.0, temperature=1.0)
 
 
 def _script():
@@ -74,7 +65,7 @@ def test_demo_txt2img_config(pipe):
 
 
 def test_demo_txt2img_vocabulary_with_min_dalle_tokenizer():
-    TextTokenizer = _import_upstream("min_dalle.text_tokenizer").TextTokenizer
+    TextTokenizer = import_upstream("min_dalle.text_tokenizer").TextTokenizer
     path = mm.demo_model("text-to-image")
     vocab = json.loads((path / "vocab.json").read_text(encoding="utf8"))
     merges = (path / "merges.txt").read_text(encoding="utf8").split("\n")[1:-1]  # as min-dalle reads it
@@ -97,8 +88,8 @@ def test_demo_txt2img_vocabulary_with_min_dalle_tokenizer():
 def test_training_script_modules_are_min_dalle_and_taming_layouts():
     """Small instances of the script's modules load with strict=True into the upstream modules and
     give the same outputs: what the script saves is min-dalle's checkpoint format."""
-    md = _import_upstream("min_dalle.models")
-    taming = _import_upstream("taming.modules.diffusionmodules.model")
+    md = import_upstream("min_dalle.models")
+    taming = import_upstream("taming.modules.diffusionmodules.model")
     script = _script()
     torch.manual_seed(0)
     vocab, width, glu, codes = 50, 128, 96, 40

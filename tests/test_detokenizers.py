@@ -21,6 +21,7 @@ from mmgen_engine.pipelines.detokenizer import check_image_tokens, to_pil
 from mmgen_engine.runtime.layout import channels_last_weights
 
 from test_bad_input import cli_error
+from upstream import import_upstream
 
 ATOL = 1e-4  # pixels in [0, 1], fp32 on CPU
 
@@ -94,6 +95,7 @@ VQGAN_CASES = {
     "attn-top-level-ckpt": (32, (1, 2), 1, [8], 16, 8, 50, "lightning", (2, 4, 6)),
     "no-attn-3-levels-pt": (32, (1, 1, 2), 2, [], 8, 8, 37, "pt", (2, 16)),
     "attn-levels-0-2-safetensors": (32, (1, 2, 2), 1, [32, 8], 4, 12, 70, "safetensors", (1, 3, 3)),
+    "one-block-per-level-pt": (32, (1, 2), 0, [], 8, 8, 40, "pt", (1, 4, 4)),
 }
 
 
@@ -171,7 +173,7 @@ def test_openai_dvae_matches_upstream(n_blk_per_group, fmt, tmp_path):
 # --- min-dalle's VQGAN (its real architecture, through the function its converter uses) ----------
 
 def test_min_dalle_vqgan_matches_upstream():
-    from min_dalle.models import VQGanDetokenizer
+    VQGanDetokenizer = import_upstream("min_dalle.models").VQGanDetokenizer
 
     torch.manual_seed(0)
     upstream = VQGanDetokenizer().eval()
