@@ -45,6 +45,7 @@ import triton
 import triton.language as tl
 
 from mmgen_engine.errors import BackendError
+from mmgen_engine.kernels.linear import grouped_tile
 from mmgen_engine.ops.conv import ACTIVATIONS
 
 TARGET_PROGRAMS = 264  # a conv launch aims for two programs per SM of an H100 (132 SMs)
@@ -79,17 +80,9 @@ def _conv_kernel(
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # row blocks are numbered image by image; grouped ordering as in linear.py, so that the tiles
-    # running together share weight columns and input rows in L2
-    pid = tl.program_id(0)
+    # row blocks are numbered image by image, in linear.py's grouped ordering
     tiles_per_image = tl.cdiv(ho * wo, BLOCK_M)
-    blocks_m = batch * tiles_per_image
-    blocks_n = tl.cdiv(cout, BLOCK_N)
-    group = pid // (GROUP_M * blocks_n)
-    first_m = group * GROUP_M
-    group_size = tl.minimum(blocks_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * blocks_n)) % group_size
-    pid_n = (pid % (GROUP_M * blocks_n)) // group_size
+    pid_m, pid_n = grouped_tile(tl.program_id(0), batch * tiles_per_image, tl.cdiv(cout, BLOCK_N), GROUP_M)
 
     b = pid_m // tiles_per_image
     pix = (pid_m % tiles_per_image) * BLOCK_M + tl.arange(0, BLOCK_M)

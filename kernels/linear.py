@@ -43,6 +43,19 @@ REDUCE_BLOCK = 256  # output columns per program of the split-K reduction
 
 
 @triton.jit
+def grouped_tile(pid, blocks_m, blocks_n, GROUP_M: tl.constexpr):
+    """``(row block, column block)`` of program ``pid`` in grouped ordering: consecutive programs walk
+    ``GROUP_M`` row blocks before the next column block, so the tiles running together share
+    weight columns and input rows in L2."""
+    group = pid // (GROUP_M * blocks_n)
+    first_m = group * GROUP_M
+    group_size = tl.minimum(blocks_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * blocks_n)) % group_size
+    pid_n = (pid % (GROUP_M * blocks_n)) // group_size
+    return pid_m, pid_n
+
+
+@triton.jit
 def _linear_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr,
     m, n, k, k_per_split,  # k_per_split: a multiple of BLOCK_K
@@ -51,15 +64,7 @@ def _linear_kernel(
     HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # grouped ordering: consecutive programs walk GROUP_M row blocks before the next column block
-    pid = tl.program_id(0)
-    blocks_m = tl.cdiv(m, BLOCK_M)
-    blocks_n = tl.cdiv(n, BLOCK_N)
-    group = pid // (GROUP_M * blocks_n)
-    first_m = group * GROUP_M
-    group_size = tl.minimum(blocks_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * blocks_n)) % group_size
-    pid_n = (pid % (GROUP_M * blocks_n)) // group_size
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(m, BLOCK_M), tl.cdiv(n, BLOCK_N), GROUP_M)
     split = tl.program_id(1)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
