@@ -87,6 +87,23 @@ def test_bench_detok_quick(tmp_path):
         assert _positive(c["ms"]) and c["max_abs_diff"] < 1e-4
 
 
+def test_bench_txt2img_quick(tmp_path):
+    pytest.importorskip("min_dalle")
+    out = tmp_path / "t2i.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_txt2img.py"), "--quick", "--device", "cpu",
+                           "--threads", "1", "--tokens", "4", "--grid", "2", "--repeats", "1", "--warmup", "1",
+                           "--cache-dir", str(tmp_path), "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "min-dalle/engine" in proc.stdout.strip().splitlines()[-1]
+    data = json.loads(out.read_text())
+    assert data["machine"]["torch_threads"] == 1
+    rows = data["results"]
+    assert sorted((r["impl"], r["images"]) for r in rows) == [
+        (i, n) for i in ("engine", "min-dalle", "min-dalle/engine") for n in (1, 4)]
+    for r in rows:  # one repeat of a tiny model: the per-token difference is noise, only finite
+        assert _positive(r["first_token_s"]) and math.isfinite(r["s_per_token"] + r["s_per_image_256"])
+
+
 def test_percentile_matches_linear_interpolation():
     assert timing.percentile([5, 1, 3], 50) == 3
     assert timing.percentile([1, 2, 3, 4, 5], 90) == pytest.approx(4.6)

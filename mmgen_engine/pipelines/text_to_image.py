@@ -164,10 +164,13 @@ class TextToImagePipeline:
         uncond = torch.full_like(text_tokens, gen.text_pad_token_id)
         uncond[:, 0] = text_tokens[:, 0]
         uncond[:, 1] = text_tokens[torch.arange(batch), lengths - 1]
-        rows = torch.cat([uncond, text_tokens]).to(self.device)
+        rows = torch.cat([uncond, text_tokens])
         row_lengths = torch.cat([torch.full_like(lengths, 2), lengths]).to(self.device)
+        # the encoder runs once per distinct row (several images of a prompt share theirs)
+        unique, inverse = torch.unique(rows, dim=0, return_inverse=True)
         with torch.inference_mode():
-            states = self.model.encoder(rows, row_lengths)
+            unique = unique.to(self.device)
+            states = self.model.encoder(unique, (unique != gen.text_pad_token_id).sum(1))[inverse.to(self.device)]
             prompt = torch.full((2 * batch, 1), gen.bos_token_id, dtype=torch.int64, device=self.device)
             yield from generate_stream(self.model.decoder, prompt, states, row_lengths, self.num_tokens,
                                        eos_token_id=None, pad_token_id=gen.bos_token_id, sampling=params,
