@@ -239,7 +239,10 @@ def test_generate_images_stream_and_seeds(converted):
     again = pipe.generate(["a red circle", "a blue square"], images_per_prompt=2, sampling=params)
     assert [np.asarray(a).tobytes() for a in images] == [np.asarray(b).tobytes() for b in again]
     assert np.asarray(images[0]).tobytes() != np.asarray(images[1]).tobytes()  # rows draw their own noise
-    stream = list(pipe.generate_stream("a red circle", sampling=params, every=64))
+    stream = []
+    for partial in pipe.generate_stream("a red circle", sampling=params, every=64):
+        assert not torch.is_inference_mode_enabled()  # the caller's code between yields runs normally
+        stream.append(partial)
     assert len(stream) == IMAGE_TOKENS // 64  # partial images after 64, 128 and 192 tokens, then the final ones
     assert np.asarray(stream[-1][0]).tobytes() == np.asarray(pipe.generate("a red circle", sampling=params)[0]).tobytes()
 

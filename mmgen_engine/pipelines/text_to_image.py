@@ -168,14 +168,14 @@ class TextToImagePipeline:
         row_lengths = torch.cat([torch.full_like(lengths, 2), lengths]).to(self.device)
         # the encoder runs once per distinct row (several images of a prompt share theirs)
         unique, inverse = torch.unique(rows, dim=0, return_inverse=True)
-        with torch.inference_mode():
+        with torch.inference_mode():  # not around the yields: the caller runs between them
             unique = unique.to(self.device)
             states = self.model.encoder(unique, (unique != gen.text_pad_token_id).sum(1))[inverse.to(self.device)]
-            prompt = torch.full((2 * batch, 1), gen.bos_token_id, dtype=torch.int64, device=self.device)
-            yield from generate_stream(self.model.decoder, prompt, states, row_lengths, self.num_tokens,
-                                       eos_token_id=None, pad_token_id=gen.bos_token_id, sampling=params,
-                                       graphs=self._graphs if self.use_cuda_graphs else None, guided=True,
-                                       vocab_limit=gen.image_vocab_size, every=every)
+        prompt = torch.full((2 * batch, 1), gen.bos_token_id, dtype=torch.int64, device=self.device)
+        yield from generate_stream(self.model.decoder, prompt, states, row_lengths, self.num_tokens,
+                                   eos_token_id=None, pad_token_id=gen.bos_token_id, sampling=params,
+                                   graphs=self._graphs if self.use_cuda_graphs else None, guided=True,
+                                   vocab_limit=gen.image_vocab_size, every=every)
 
     def generate_tokens(self, text_tokens: torch.Tensor, sampling: SamplingParams | None = None) -> torch.LongTensor:
         """Text rows ``[B, 64]`` (min-dalle's tokenizer output, see :meth:`tokenize`) -> image tokens
