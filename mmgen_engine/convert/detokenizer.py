@@ -10,22 +10,6 @@ from ..models import build_detokenizer
 from .keymap import finish
 
 
-def shape(tensors: dict[str, torch.Tensor], name: str, dims: int, where: str) -> torch.Size:
-    """The shape of ``tensors[name]``, which must exist with ``dims`` dimensions."""
-    t = tensors.get(name)
-    if t is None or t.dim() != dims:
-        raise ConversionError(f"{where}: missing or malformed tensor {name!r} (expected {dims} dimensions)")
-    return t.shape
-
-
-def count(tensors: dict[str, torch.Tensor], pattern: str, start: int = 0) -> int:
-    """How many consecutive indices ``start, start + 1, ...`` put in ``pattern``'s ``{}`` name a tensor."""
-    n = 0
-    while pattern.format(start + n) in tensors:
-        n += 1
-    return n
-
-
 def state_names(architecture: str, model_config: dict, where: str) -> list[str]:
     """The state-dict names of the ``architecture`` model ``model_config`` describes (validated)."""
     try:

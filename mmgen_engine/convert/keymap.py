@@ -105,6 +105,22 @@ def apply_rules(rules: Iterable[Rule], source: dict[str, torch.Tensor], counts: 
     return out
 
 
+def shape(tensors: dict[str, torch.Tensor], name: str, dims: int, where: str) -> torch.Size:
+    """The shape of ``tensors[name]``, which must exist with ``dims`` dimensions."""
+    t = tensors.get(name)
+    if t is None or t.dim() != dims:
+        raise ConversionError(f"{where}: missing or malformed tensor {name!r} (expected {dims} dimensions)")
+    return t.shape
+
+
+def count(tensors: dict[str, torch.Tensor], pattern: str, start: int = 0) -> int:
+    """How many consecutive indices ``start, start + 1, ...`` put in ``pattern``'s ``{}`` name a tensor."""
+    n = 0
+    while pattern.format(start + n) in tensors:
+        n += 1
+    return n
+
+
 def finish(config: dict, tensors: dict[str, torch.Tensor], dtype: str | None, where: str):
     """The last step of every converter: validate ``config`` as its task's config, store floating
     tensors as ``dtype`` (None: the dtype most of them have) and check that they are exactly the state

@@ -20,7 +20,7 @@ from pathlib import Path
 from ..config import FORMAT_NAME, FORMAT_VERSION, TextToImageConfig, from_dict
 from ..errors import CheckpointError, ConversionError
 from . import hf, taming_vqgan
-from .keymap import apply_rules, concat, finish, rule
+from .keymap import apply_rules, concat, count, finish, rule, shape
 
 NAME = "min-dalle"
 HEAD_DIM = 64           # min-dalle: attention_head_count = embed_count / 64
@@ -90,27 +90,13 @@ def detect(src: Path) -> bool:
         return False
 
 
-def _shape(tensors, name, where, dims):
-    t = tensors.get(name)
-    if t is None or t.dim() != dims:
-        raise ConversionError(f"{where}: missing or malformed tensor {name!r}")
-    return t.shape
-
-
-def _layers(tensors) -> int:
-    n = 0
-    while f"layers.{n}.glu.fc0.weight" in tensors:
-        n += 1
-    return n
-
-
 def _bart(tensors, where) -> dict:
-    vocab, width = _shape(tensors, "embed_tokens.weight", where, 2)
+    vocab, width = shape(tensors, "embed_tokens.weight", 2, where)
     if width % HEAD_DIM:
         raise ConversionError(f"{where}: width {width} is not a multiple of min-dalle's head size {HEAD_DIM}")
-    return {"vocab_size": vocab, "hidden_size": width, "num_layers": _layers(tensors),
-            "num_heads": width // HEAD_DIM, "glu_size": _shape(tensors, "layers.0.glu.fc0.weight", where, 2)[0],
-            "max_positions": _shape(tensors, "embed_positions.weight", where, 2)[0]}
+    return {"vocab_size": vocab, "hidden_size": width, "num_layers": count(tensors, "layers.{}.glu.fc0.weight"),
+            "num_heads": width // HEAD_DIM, "glu_size": shape(tensors, "layers.0.glu.fc0.weight", 2, where)[0],
+            "max_positions": shape(tensors, "embed_positions.weight", 2, where)[0]}
 
 
 def _check_vocab(path: Path) -> None:

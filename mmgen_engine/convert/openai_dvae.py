@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConversionError
-from . import detokenizer, weights_file
+from . import detokenizer, keymap, weights_file
 from .keymap import Rule, apply_rules, rule
 
 NAME = "openai-dvae"
@@ -38,10 +38,10 @@ def one_hot_conv_to_embedding(w: torch.Tensor) -> torch.Tensor:
 
 def _infer_config(tensors: dict[str, torch.Tensor], where: str) -> dict:
     """The :class:`DVAEConfig` fields (as a dict) of the ``dall_e.Decoder`` state dict ``tensors``."""
-    n_init, vocab_size = detokenizer.shape(tensors, "blocks.input.w", 4, where)[:2]
-    out2, n_hid = detokenizer.shape(tensors, "blocks.output.conv.w", 4, where)[:2]
-    groups = detokenizer.count(tensors, "blocks.group_{}.block_1.res_path.conv_1.w", start=1)
-    blocks = [detokenizer.count(tensors, f"blocks.group_{g}.block_{{}}.res_path.conv_1.w", start=1)
+    n_init, vocab_size = keymap.shape(tensors, "blocks.input.w", 4, where)[:2]
+    out2, n_hid = keymap.shape(tensors, "blocks.output.conv.w", 4, where)[:2]
+    groups = keymap.count(tensors, "blocks.group_{}.block_1.res_path.conv_1.w", start=1)
+    blocks = [keymap.count(tensors, f"blocks.group_{g}.block_{{}}.res_path.conv_1.w", start=1)
               for g in range(1, groups + 1)]
     if not groups or len(set(blocks)) != 1:
         raise ConversionError(f"{where}: expected groups blocks.group_1.. with the same number of blocks, "

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConversionError
-from . import detokenizer, weights_file
+from . import detokenizer, keymap, weights_file
 from .keymap import Rule, apply_rules, concat, rule
 
 NAME = "taming-vqgan"
@@ -35,16 +35,16 @@ def detect(src: Path) -> bool:
 def _infer_config(tensors: dict[str, torch.Tensor], codebook_key: str, norm_eps: float, output: str,
                  where: str) -> dict:
     """The :class:`VQGANConfig` fields (as a dict) of the taming-layout decoder in ``tensors``."""
-    codebook_size, embed_dim = detokenizer.shape(tensors, codebook_key, 2, where)
-    z_channels = detokenizer.shape(tensors, "decoder.conv_in.weight", 4, where)[1]
-    out_channels = detokenizer.shape(tensors, "decoder.conv_out.weight", 4, where)[0]
-    levels = detokenizer.count(tensors, "decoder.up.{}.block.0.conv1.weight")
+    codebook_size, embed_dim = keymap.shape(tensors, codebook_key, 2, where)
+    z_channels = keymap.shape(tensors, "decoder.conv_in.weight", 4, where)[1]
+    out_channels = keymap.shape(tensors, "decoder.conv_out.weight", 4, where)[0]
+    levels = keymap.count(tensors, "decoder.up.{}.block.0.conv1.weight")
     if levels == 0:
         raise ConversionError(f"{where}: no decoder levels (decoder.up.0.block.0.conv1.weight is missing)")
-    blocks = [detokenizer.count(tensors, f"decoder.up.{i}.block.{{}}.conv1.weight") for i in range(levels)]
+    blocks = [keymap.count(tensors, f"decoder.up.{i}.block.{{}}.conv1.weight") for i in range(levels)]
     if len(set(blocks)) != 1:
         raise ConversionError(f"{where}: decoder levels have different numbers of ResNet blocks {blocks}")
-    widths = [detokenizer.shape(tensors, f"decoder.up.{i}.block.0.conv1.weight", 4, where)[0] for i in range(levels)]
+    widths = [keymap.shape(tensors, f"decoder.up.{i}.block.0.conv1.weight", 4, where)[0] for i in range(levels)]
     ch = math.gcd(*widths)
     return {"codebook_size": codebook_size, "embed_dim": embed_dim, "z_channels": z_channels, "ch": ch,
             "ch_mult": [w // ch for w in widths], "num_res_blocks": blocks[0] - 1,

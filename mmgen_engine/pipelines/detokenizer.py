@@ -44,6 +44,14 @@ def check_image_tokens(tokens, codebook_size: int) -> torch.Tensor:
     return tokens.long()
 
 
+def decode(model: torch.nn.Module, image_tokens, codebook_size: int, device: torch.device) -> torch.Tensor:
+    """Pixels ``[B, 3, H, W]`` float32 in ``[0, 1]`` on ``device`` of checked image tokens (see
+    :func:`check_image_tokens`) through a detokenizer ``model``."""
+    tokens = check_image_tokens(image_tokens, codebook_size)
+    with torch.inference_mode():
+        return model(tokens.to(device)).float()
+
+
 def to_pil(images: torch.Tensor) -> list[PIL.Image.Image]:
     """Pixels ``[B, 3, H, W]`` in ``[0, 1]`` -> ``B`` RGB images (``round(255 * x)``, clamped)."""
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
@@ -76,6 +84,4 @@ class ImageDetokenizer:
         """Ids ``[B, h, w]`` or ``[B, h*w]`` (see :func:`check_image_tokens`) -> pixels
         ``[B, 3, h * f, w * f]`` float32 in ``[0, 1]`` on the pipeline's device, ``f`` the
         downsampling factor."""
-        tokens = check_image_tokens(image_tokens, self.codebook_size)
-        with torch.inference_mode():
-            return self.model(tokens.to(self.device)).float()
+        return decode(self.model, image_tokens, self.codebook_size, self.device)

@@ -26,7 +26,7 @@ from ..errors import CheckpointError, InputError, one_line
 from ..models import ARCHITECTURES
 from ..runtime import CUDAGraphs, SamplingParams, generate_stream
 from ..runtime.layout import channels_last_weights, column_major_weights
-from .detokenizer import check_image_tokens, to_pil
+from .detokenizer import decode, to_pil
 
 # min-dalle's defaults (generate_image: top_k 256, supercondition_factor 16, temperature 1)
 DEFAULT_SAMPLING = SamplingParams(do_sample=True, top_k=256, guidance_scale=16.0)
@@ -187,9 +187,7 @@ class TextToImagePipeline:
 
     def decode_tokens(self, image_tokens: torch.Tensor) -> torch.Tensor:
         """Image tokens ``[B, h, w]`` or ``[B, h*w]`` -> pixels ``[B, 3, H, W]`` float32 in [0, 1]."""
-        tokens = check_image_tokens(image_tokens, self.config.detokenizer.codebook_size)
-        with torch.inference_mode():
-            return self.model.detokenizer(tokens.to(self.device)).float()
+        return decode(self.model.detokenizer, image_tokens, self.config.detokenizer.codebook_size, self.device)
 
     def _partial(self, tokens: torch.Tensor) -> torch.Tensor:
         """Tokens so far, the rest of the grid filled as min-dalle fills it (its start token, when it
