@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Per-kernel benchmark on CUDA: every Triton kernel of the decode path against the reference
-(plain torch) on the same inputs, at the shapes of ViT-B/16 + GPT-2 small captioning.
+(plain torch) on the same inputs, at the shapes of ViT-B/16 + GPT-2 small captioning (and of DALL·E
+Mini's gated GELU).
 
 Each case reports µs per call (median of CUDA-graph replays, ``triton.testing.do_bench_cudagraph``,
 so launch gaps are not counted, as in the engine's captured decode step), the bytes the op must move at least (each input read once, each
@@ -61,6 +62,8 @@ def cases(dtype, device, quick: bool):
         yield "add_layer_norm", f"{rows}x{d}", (x, r, w, b, 1e-5), nbytes(x, r) * 2
         hid, bias = rnd(rows, ff), rnd(ff)
         yield "bias_gelu", f"{rows}x{ff} tanh", (hid, bias, "tanh"), nbytes(hid) * 2
+        glu = rnd(2 * rows, 2 * 2730)  # DALL-E Mini's GLU, [uncond; cond] rows: fc0 | fc1 outputs
+        yield "gelu_mul", f"{2 * rows}x2x2730", (glu,), nbytes(glu) * 3 // 2
         tok = torch.randint(0, vocab, (rows,), device=device)
         wte, wpe = rnd(vocab, d), rnd(1024, d)
         yield "embedding", f"{rows}x{d}", (tok, tok % 1024, wte, wpe), 3 * rows * d * wte.element_size()
