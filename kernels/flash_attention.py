@@ -83,8 +83,9 @@ def _attention_fwd(
     if HAS_LENGTHS:
         n_keys = tl.minimum(tl.load(lengths_ptr + b), tk).to(tl.int32)
     end = n_keys
+    shift = tk - tq  # causal queries are the last tq positions: query t sees keys s <= t + shift
     if CAUSAL:  # key blocks entirely above the diagonal are skipped
-        end = tl.minimum(end, (pid_m + 1) * BLOCK_M)
+        end = tl.minimum(end, (pid_m + 1) * BLOCK_M + shift)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -98,7 +99,7 @@ def _attention_fwd(
         s = tl.dot(q, k_t, input_precision="ieee") * qk_scale  # (BLOCK_M, BLOCK_N), fp32
         keep = key_ok[None, :]
         if CAUSAL:
-            keep = keep & (keys[None, :] <= rows[:, None])
+            keep = keep & (keys[None, :] <= rows[:, None] + shift)
         s = tl.where(keep, s, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(s, 1))

@@ -61,7 +61,7 @@ def check_bias_gelu(shape, approximate, dtype, device):
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
-@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("approximate", ["none", "tanh", "sigmoid"])
 @pytest.mark.parametrize("shape", [(1, 1), (3, 97), (2, 5, 1031)])
 def test_bias_gelu(shape, approximate, dtype):
     check_bias_gelu(shape, approximate, dtype, "cpu")
@@ -88,10 +88,10 @@ def test_gelu_mul_reference_is_gated_gelu():
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 def test_bias_gelu_tails_are_exact():
     x = torch.tensor([[-1e4, -100.0, -20.0, 0.0, 20.0, 100.0, 1e4]])
-    for approximate in ("none", "tanh"):
+    for approximate in ("none", "tanh", "sigmoid"):
         out = activation.bias_gelu(x, torch.zeros(7), approximate)
         assert torch.isfinite(out).all()
-        torch.testing.assert_close(out, torch.nn.functional.gelu(x, approximate=approximate))
+        torch.testing.assert_close(out, ops.activation.bias_gelu_reference(x, torch.zeros(7), approximate))
 
 
 def check_embedding(shape, vocab, dim, with_ln, dtype, device):
@@ -164,7 +164,7 @@ def test_ops_dispatch_to_the_triton_kernels_when_forced(monkeypatch):
 def test_gpu_elementwise_kernels(dtype):
     for rows, dim in [((1,), 768), ((16,), 768), ((4, 197), 768), ((3,), 1031)]:
         check_norms(rows, dim, dtype, "cuda")
-    for approximate in ("none", "tanh"):
+    for approximate in ("none", "tanh", "sigmoid"):
         check_bias_gelu((16, 3072), approximate, dtype, "cuda")
         check_bias_gelu((4, 197, 3072), approximate, dtype, "cuda")
     check_gelu_mul((32, 2 * 2730), dtype, "cuda")

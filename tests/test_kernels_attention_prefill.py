@@ -71,6 +71,16 @@ def test_cross_attention_with_key_lengths(dtype, tq, tk, d):
     check(flash_attention.attention(q, k, v, 0.3, False, lengths), reference(q, k, v, 0.3, False, lengths), dtype)
 
 
+@pytest.mark.parametrize("dtype", list(TOL))
+@pytest.mark.parametrize("with_lengths", [False, True])
+@pytest.mark.parametrize("tq,tk,d", [(1, 97, 64), (7, 24, 24), (40, 130, 16)])
+def test_causal_after_a_prefix(dtype, with_lengths, tq, tk, d):
+    """Causal with Tq < Tk: the queries are the last Tq positions (GIT's text after its image tokens)."""
+    q, k, v = qkv(3, 2, tq, tk, d, dtype, seed=tq * tk)
+    lengths = torch.tensor([tk, tk - 1, tk - 2], device=DEVICE) if with_lengths else None
+    check(flash_attention.attention(q, k, v, 0.3, True, lengths), reference(q, k, v, 0.3, True, lengths), dtype)
+
+
 def test_row_without_keys_is_finite_and_others_are_unaffected():
     """key_lengths[b] == 0 is invalid input with an undefined output: it must not poison the
     other rows or produce NaN (the reference gives NaN there)."""

@@ -105,7 +105,7 @@ def exercise_every_launcher():
         w, b = torch.randn(40, generator=g), torch.randn(40, generator=g)
         norm.layer_norm(x, w, b, 1e-5)
         norm.add_layer_norm(x, x, w, b, 1e-5)
-        for approximate in ("none", "tanh"):
+        for approximate in ("none", "tanh", "sigmoid"):
             activation.bias_gelu(x, x[0], approximate)
         tokens = torch.tensor([[1, 2]])
         embedding.embedding(tokens, tokens, x, x)

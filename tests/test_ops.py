@@ -72,6 +72,26 @@ def test_attention_masks(causal, with_lengths):
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_causal_queries_are_the_last_positions(with_lengths):
+    """Tq < Tk: query t sees keys s <= t + Tk - Tq (a prompt after a prefix of keys)."""
+    g = torch.Generator().manual_seed(1)
+    b, h, tq, tk, d = 2, 2, 5, 12, 8
+    q = torch.randn(b, h, tq, d, generator=g)
+    k, v = (torch.randn(b, h, tk, d, generator=g) for _ in range(2))
+    lengths = torch.tensor([12, 10]) if with_lengths else None
+    mask = (torch.arange(tk)[None, :] <= torch.arange(tq)[:, None] + tk - tq).expand(b, 1, tq, tk)
+    if with_lengths:
+        mask = mask & (torch.arange(tk)[None, :] < lengths[:, None])[:, None, None, :]
+    out = ops.attention(q, k, v, 0.3, causal=True, key_lengths=lengths)
+    torch.testing.assert_close(out.double(), naive_attention(q, k, v, 0.3, mask), atol=1e-5, rtol=1e-5)
+    full = ops.attention(torch.cat([torch.randn(b, h, tk - tq, d, generator=g), q], 2), k, v, 0.3, causal=True,
+                         key_lengths=lengths)
+    torch.testing.assert_close(out, full[:, :, tk - tq:], atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="Tq <= Tk"):
+        ops.attention(k, q, q, 0.3, causal=True)
+
+
 def test_decode_attention_equals_last_row_of_causal_attention():
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(2, 3, 7, 8, generator=g) for _ in range(3))
@@ -94,19 +114,21 @@ def test_layer_norm_and_fused_add(dtype, dim):
     torch.testing.assert_close(ops.layer_norm(x + r, w, bias, 1e-5), normed)
 
 
-@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("approximate", ["none", "tanh", "sigmoid"])
 def test_bias_gelu_formulas(approximate):
     x = torch.linspace(-6, 6, 1001, dtype=torch.float64).view(7, 143)
     bias = torch.linspace(-1, 1, 143, dtype=torch.float64)
     y = x + bias
     if approximate == "none":
         ref = 0.5 * y * (1 + torch.erf(y / math.sqrt(2)))
+    elif approximate == "sigmoid":  # OpenAI CLIP's quick_gelu
+        ref = y * torch.sigmoid(1.702 * y)
     else:
         ref = 0.5 * y * (1 + torch.tanh(math.sqrt(2 / math.pi) * (y + 0.044715 * y ** 3)))
     torch.testing.assert_close(ops.bias_gelu(x.float(), bias.float(), approximate).double(), ref,
                                atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError):
-        ops.bias_gelu(x, bias, "sigmoid")
+        ops.bias_gelu(x, bias, "quick")
 
 
 def test_embedding_sums_token_and_position_rows():

@@ -1,7 +1,9 @@
 """Fused bias + GELU: ``out = gelu(x + bias)``.
 
 ``approximate="none"`` is the exact form ``0.5 x (1 + erf(x / sqrt 2))`` (ViT's "gelu");
-``approximate="tanh"`` is ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`` (GPT-2's "gelu_new").
+``approximate="tanh"`` is ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`` (GPT-2's "gelu_new");
+``approximate="sigmoid"`` is ``x sigmoid(1.702 x)`` (Hendrycks & Gimpel's sigmoid form, OpenAI
+CLIP's "quick_gelu"). Math in fp32 for the sigmoid form.
 
 Gated GELU: ``gelu_mul(x) = gelu(x[..., :H]) * x[..., H:]`` for ``x [..., 2H]`` (the exact erf
 GELU; the GLU feed-forward of min-dalle's BART, whose two input projections are fused into one
@@ -14,11 +16,14 @@ import torch.nn.functional as F
 
 from .registry import TRITON_DEVICES, dispatch, register, register_lazy
 
-APPROXIMATIONS = ("none", "tanh")
+APPROXIMATIONS = ("none", "tanh", "sigmoid")
 
 
 @register("bias_gelu", "reference")
 def bias_gelu_reference(x, bias, approximate):
+    if approximate == "sigmoid":
+        h = (x + bias).float()
+        return (h * torch.sigmoid(1.702 * h)).to(x.dtype)
     return F.gelu(x + bias, approximate=approximate)
 
 

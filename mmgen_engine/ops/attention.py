@@ -2,7 +2,9 @@
 
 ``attention`` (prefill / encoder): ``softmax(q k^T * scale + mask) v`` for whole sequences,
 q ``[B, H, Tq, D]``, k/v ``[B, H, Tk, D]``. The mask removes key ``s`` from query ``t`` when
-``causal and s > t`` (``causal`` requires ``Tq == Tk``) or when ``s >= key_lengths[b]``.
+``causal and s > t + Tk - Tq`` or when ``s >= key_lengths[b]``: causal queries are the *last* Tq
+positions of the key sequence (``Tq <= Tk``; with ``Tq == Tk`` the usual ``s > t``), so a prompt
+that follows a prefix whose keys come first attends to the whole prefix and causally to itself.
 
 ``decode_attention`` (one new query per row against a cache): for row ``b`` only keys
 ``0 .. lengths[b]-1`` take part:
@@ -23,12 +25,14 @@ from .registry import TRITON_DEVICES, dispatch, register, register_lazy
 
 @register("attention", "reference")
 def attention_reference(q, k, v, scale, causal, key_lengths):
-    if key_lengths is None:
+    tq, tk = q.shape[2], k.shape[2]
+    if key_lengths is None and (not causal or tq == tk):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
-    keep = torch.arange(k.shape[2], device=q.device)[None, :] < key_lengths[:, None]  # (B, Tk)
-    keep = keep[:, None, None, :]  # (B, 1, 1, Tk)
+    keep = torch.ones(1, 1, 1, tk, dtype=torch.bool, device=q.device)
+    if key_lengths is not None:
+        keep = (torch.arange(tk, device=q.device)[None, :] < key_lengths[:, None])[:, None, None, :]  # (B, 1, 1, Tk)
     if causal:
-        keep = keep & torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+        keep = keep & torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale)
 
 
@@ -56,9 +60,9 @@ register_lazy("decode_attention", "triton", "mmgen_engine.kernels.decode_attenti
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
               key_lengths: torch.Tensor | None = None) -> torch.Tensor:
     """Full attention, ``q [B, H, Tq, D]``, ``k, v [B, H, Tk, D]``, optional ``key_lengths [B]``
-    -> ``[B, H, Tq, D]``."""
-    if causal and q.shape[2] != k.shape[2]:
-        raise ValueError(f"causal attention needs Tq == Tk, got {q.shape[2]} and {k.shape[2]}")
+    -> ``[B, H, Tq, D]``; causal queries are the last ``Tq`` of ``Tk`` positions."""
+    if causal and q.shape[2] > k.shape[2]:
+        raise ValueError(f"causal attention needs Tq <= Tk, got {q.shape[2]} and {k.shape[2]}")
     return dispatch("attention", q)(q, k, v, scale, causal, key_lengths)
 
 
