@@ -18,7 +18,7 @@ FORMAT_NAME = "mmgen"
 FORMAT_VERSION = 1
 TASKS = ("captioning", "text-to-image", "speech-to-gesture", "image-detokenizer")
 DTYPES = ("float32", "float16", "bfloat16")
-ACTIVATIONS = ("gelu", "gelu_tanh")
+ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
 
 
 def _check_type(value, tp, where: str):
@@ -29,6 +29,12 @@ def _check_type(value, tp, where: str):
             return None
         if len(args) == 1:  # X | None: report X's own error, not a generic type mismatch
             return _check_type(value, args[0], where)
+        if isinstance(value, dict) and all(dataclasses.is_dataclass(a) for a in args):
+            # an object: parse it as the alternative it fits best (fewest unknown fields; a tie goes
+            # on to trying each), so that a bad value gets that config's own error message
+            unknown = [len(set(value) - {f.name for f in dataclasses.fields(a)}) for a in args]
+            if unknown.count(min(unknown)) == 1:
+                return _check_type(value, args[unknown.index(min(unknown))], where)
         for arg in args:
             try:
                 return _check_type(value, arg, where)
@@ -92,7 +98,9 @@ def _check_transformer(where: str, hidden_size: int, num_heads: int, activation:
 
 @dataclass(frozen=True)
 class ViTConfig:
-    """ViT image encoder (patch embedding + CLS token + learned positions + pre-LN blocks)."""
+    """ViT image encoder (patch embedding + CLS token + learned positions + pre-LN blocks + final
+    LayerNorm): ViT, BLIP's vision model, and with ``patch_bias`` off, ``pre_norm`` on and the
+    quick GELU, the CLIP vision tower (GIT, ClipCap)."""
 
     hidden_size: int
     num_layers: int
@@ -104,6 +112,8 @@ class ViTConfig:
     layer_norm_eps: float = 1e-12
     activation: str = "gelu"
     qkv_bias: bool = True
+    patch_bias: bool = True
+    pre_norm: bool = False  # CLIP's LayerNorm on the embeddings before the first block
 
     @property
     def num_patches(self) -> int:
@@ -121,7 +131,8 @@ class ViTConfig:
 
 @dataclass(frozen=True)
 class GPT2Config:
-    """GPT-2 decoder with cross-attention blocks (ln_1 > attn, ln_cross > cross-attn, ln_2 > mlp)."""
+    """GPT-2 decoder: blocks ln_1 > attn, (ln_cross > cross-attn,) ln_2 > mlp. Without
+    ``cross_attention`` the encoder states are a prefix of input embeddings (ClipCap)."""
 
     vocab_size: int
     hidden_size: int
@@ -134,6 +145,7 @@ class GPT2Config:
     scale_attn_weights: bool = True
     scale_attn_by_inverse_layer_idx: bool = False
     tie_word_embeddings: bool = True
+    cross_attention: bool = True
 
     @property
     def head_dim(self) -> int:
@@ -148,26 +160,69 @@ class GPT2Config:
 
 
 @dataclass(frozen=True)
-class GenerationConfig:
-    """Special token ids of text generation."""
+class BertConfig:
+    """BERT-style post-LayerNorm text decoder (BLIP's text decoder, GIT's): embeddings + LayerNorm,
+    blocks ``h = ln(h + attn(h)); (h = ln(h + cross(h));) h = ln(h + mlp(h))``, then the head.
+    ``encoder_hidden_size`` set: cross-attention to encoder states of that width (BLIP); None: the
+    encoder states are a bidirectional prefix in front of the causal text (GIT), and the text
+    positions count the text only. ``head_transform``: BERT's LM head ``ln(act(dense(h)))`` before
+    the vocabulary projection (BLIP); the projection is tied to the word embeddings when
+    ``tie_word_embeddings`` and always has a bias."""
 
-    decoder_start_token_id: int
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    max_positions: int
+    layer_norm_eps: float = 1e-12
+    activation: str = "gelu"
+    encoder_hidden_size: int | None = None
+    head_transform: bool = False
+    tie_word_embeddings: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def validate(self, where: str):
+        _positive(where, vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+                  num_layers=self.num_layers, num_heads=self.num_heads,
+                  intermediate_size=self.intermediate_size, max_positions=self.max_positions,
+                  layer_norm_eps=self.layer_norm_eps)
+        if self.encoder_hidden_size is not None:
+            _positive(where, encoder_hidden_size=self.encoder_hidden_size)
+        _check_transformer(where, self.hidden_size, self.num_heads, self.activation)
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Special token ids of text generation. ``decoder_start_token_id`` None: no start token, the
+    first token follows the image prefix directly (ClipCap). ``include_eos``: the stop token is part
+    of the text (ClipCap stops at its ".")."""
+
+    decoder_start_token_id: int | None
     eos_token_id: int
     pad_token_id: int
+    include_eos: bool = False
 
     def validate(self, where: str):
         for name in ("decoder_start_token_id", "eos_token_id", "pad_token_id"):
-            if getattr(self, name) < 0:
+            value = getattr(self, name)
+            if value is not None and value < 0:
                 raise CheckpointError(f"{where}.{name} must be >= 0")
 
 
 @dataclass(frozen=True)
 class ImagePreprocessConfig:
-    """Resize (PIL, ``resample`` is a PIL filter id) > rescale > normalize, as ViTImageProcessor does."""
+    """Resize (PIL, ``resample`` is a PIL filter id) > rescale > normalize, as ViTImageProcessor and
+    BlipImageProcessor do. With ``shortest_edge`` the resize keeps the aspect ratio and makes the
+    shorter side that long, then a center crop cuts ``height x width`` (CLIPImageProcessor)."""
 
     height: int
     width: int
     resample: int = 2
+    shortest_edge: int | None = None
     do_resize: bool = True
     do_rescale: bool = True
     rescale_factor: float = 1 / 255
@@ -181,6 +236,10 @@ class ImagePreprocessConfig:
             raise CheckpointError(f"{where}.resample must be a PIL filter id 0..5, got {self.resample}")
         if len(self.image_mean) != 3 or len(self.image_std) != 3 or min(self.image_std) <= 0:
             raise CheckpointError(f"{where}: image_mean/image_std must be 3 values, std > 0")
+        if self.shortest_edge is not None and not (self.do_resize and max(self.height, self.width)
+                                                   <= self.shortest_edge):
+            raise CheckpointError(f"{where}: a {self.height}x{self.width} center crop needs a resize whose "
+                                  f"shortest edge ({self.shortest_edge}) is at least as long")
 
 
 @dataclass(frozen=True)
@@ -209,33 +268,71 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class CaptioningConfig(CheckpointConfig):
-    """An image-captioning checkpoint: ViT encoder, optional width projection, GPT-2 decoder."""
+    """An image-captioning checkpoint: a ViT-family image encoder and a text decoder.
+
+    - ``vit-gpt2``: GPT-2 with cross-attention to the ViT states (through a linear
+      ``enc_to_dec_proj`` when the widths differ);
+    - ``blip``: BLIP's BERT decoder with cross-attention to the ViT states;
+    - ``git``: the CLIP tower's states, projected (linear + LayerNorm), are a bidirectional prefix of
+      GIT's BERT decoder;
+    - ``clipcap``: the CLIP image embedding (the final-normed CLS state times ``projection_dim``
+      projection) goes through an MLP with tanh between layers (``mapper_sizes``, input first) to
+      ``prefix_length`` GPT-2 input embeddings, a causal prefix of a GPT-2 without cross-attention.
+    """
 
     encoder: ViTConfig
-    decoder: GPT2Config
+    decoder: GPT2Config | BertConfig
     generation: GenerationConfig
     preprocess: ImagePreprocessConfig
     enc_to_dec_proj: bool = False
+    projection_dim: int | None = None
+    mapper_sizes: list[int] = field(default_factory=list)
+    prefix_length: int = 0
 
     TASK = "captioning"
-    ARCHITECTURES = ("vit-gpt2",)
+    ARCHITECTURES = ("vit-gpt2", "blip", "git", "clipcap")
+    DECODERS: typing.ClassVar[dict] = {"vit-gpt2": "GPT2Config", "blip": "BertConfig", "git": "BertConfig",
+                                       "clipcap": "GPT2Config"}
 
     def validate(self, where: str):
         self.validate_header(where)
-        if not self.enc_to_dec_proj and self.encoder.hidden_size != self.decoder.hidden_size:
-            raise CheckpointError(
-                f"{where}: encoder width {self.encoder.hidden_size} != decoder width "
-                f"{self.decoder.hidden_size} and no enc_to_dec_proj")
-        if self.encoder.num_channels != 3:
-            raise CheckpointError(f"{where}.encoder.num_channels must be 3 (RGB input), got {self.encoder.num_channels}")
-        p, size = self.preprocess, self.encoder.image_size
-        if p.do_resize and (p.height, p.width) != (size, size):
-            raise CheckpointError(f"{where}.preprocess resizes to {p.height}x{p.width} but the encoder takes "
+        arch, enc, dec = self.architecture, self.encoder, self.decoder
+        if type(dec).__name__ != self.DECODERS[arch]:
+            raise CheckpointError(f"{where}.decoder: architecture {arch!r} needs a {self.DECODERS[arch]} decoder")
+        cross = dec.cross_attention if isinstance(dec, GPT2Config) else dec.encoder_hidden_size is not None
+        if cross != (arch in ("vit-gpt2", "blip")):
+            raise CheckpointError(f"{where}.decoder: architecture {arch!r} "
+                                  f"{'needs' if arch in ('vit-gpt2', 'blip') else 'has no'} cross-attention")
+        if arch == "vit-gpt2" and not self.enc_to_dec_proj and enc.hidden_size != dec.hidden_size:
+            raise CheckpointError(f"{where}: encoder width {enc.hidden_size} != decoder width "
+                                  f"{dec.hidden_size} and no enc_to_dec_proj")
+        if self.enc_to_dec_proj and arch != "vit-gpt2":
+            raise CheckpointError(f"{where}: enc_to_dec_proj is a vit-gpt2 field")
+        if arch == "blip" and dec.encoder_hidden_size != enc.hidden_size:
+            raise CheckpointError(f"{where}: the decoder cross-attends to {dec.encoder_hidden_size}-wide states "
+                                  f"but the encoder is {enc.hidden_size} wide")
+        if arch == "clipcap":
+            _positive(where, projection_dim=self.projection_dim, prefix_length=self.prefix_length)
+            m = self.mapper_sizes
+            if len(m) < 2 or min(m) <= 0 or m[0] != self.projection_dim or m[-1] != self.prefix_length * dec.hidden_size:
+                raise CheckpointError(f"{where}.mapper_sizes must run from projection_dim {self.projection_dim} to "
+                                      f"prefix_length x decoder width = {self.prefix_length * dec.hidden_size}, "
+                                      f"got {m}")
+        elif self.projection_dim is not None or self.mapper_sizes or self.prefix_length:
+            raise CheckpointError(f"{where}: projection_dim, mapper_sizes and prefix_length are clipcap fields")
+        if enc.num_channels != 3:
+            raise CheckpointError(f"{where}.encoder.num_channels must be 3 (RGB input), got {enc.num_channels}")
+        p, size = self.preprocess, enc.image_size
+        if (p.do_resize or p.shortest_edge) and (p.height, p.width) != (size, size):
+            raise CheckpointError(f"{where}.preprocess makes {p.height}x{p.width} images but the encoder takes "
                                   f"{size}x{size}")
+        gen = self.generation
+        if gen.decoder_start_token_id is None and arch != "clipcap":
+            raise CheckpointError(f"{where}.generation.decoder_start_token_id is required for {arch!r}")
         for name in ("decoder_start_token_id", "eos_token_id", "pad_token_id"):
-            if getattr(self.generation, name) >= self.decoder.vocab_size:
-                raise CheckpointError(f"{where}.generation.{name} is outside the vocabulary "
-                                      f"of {self.decoder.vocab_size}")
+            value = getattr(gen, name)
+            if value is not None and value >= dec.vocab_size:
+                raise CheckpointError(f"{where}.generation.{name} is outside the vocabulary of {dec.vocab_size}")
 
 
 @dataclass(frozen=True)

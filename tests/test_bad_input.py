@@ -291,7 +291,7 @@ def test_usage_errors_are_one_line(engine_dir, image_file):
     ("config.json", lambda c: c["encoder"].update(num_hidden_layers="2"), "expected an integer"),
     ("config.json", lambda c: c.update(encoder=[1, 2]), "encoder"),
     ("config.json", lambda c: c["decoder"].update(n_embd=40), "has shape"),
-    ("preprocessor_config.json", lambda c: c.update(size={"height": 48, "width": 48}), "resizes to 48x48"),
+    ("preprocessor_config.json", lambda c: c.update(size={"height": 48, "width": 48}), "makes 48x48 images"),
 ])
 def test_inconsistent_source_config(hf_dir, tmp_path, file, edit, match):
     bad = edited_copy(hf_dir, tmp_path, edit, file)

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import FORMAT_NAME, FORMAT_VERSION, CaptioningConfig, from_dict
-from ..errors import CheckpointError, ConversionError
+from ..config import FORMAT_NAME, FORMAT_VERSION, CaptioningConfig
+from ..errors import ConversionError
 from . import hf
+from .hf_towers import activation, check_config, generation_sources, image_preprocess, require, token_id
 from .keymap import apply_rules, concat, finish, flatten_conv, rename_keys, rule, squeeze_leading, transpose
 
 NAME = "hf-vision-encoder-decoder"
-
-ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
 
 # transformers v4 ViT names -> v5 names (order matters: attention.output before output)
 V4_TO_V5 = [
@@ -93,51 +92,6 @@ def detect(src: Path) -> bool:
         return False
 
 
-def _get(cfg: dict, key: str, where: str):
-    value = cfg.get(key)
-    if value is None:
-        raise ConversionError(f"{where}: missing {key!r}")
-    return value
-
-
-def _activation(name, where):
-    if name not in ACTIVATIONS:
-        raise ConversionError(f"{where}: unsupported activation {name!r} (supported: {', '.join(ACTIVATIONS)})")
-    return ACTIVATIONS[name]
-
-
-def _token_id(sources: list[dict], key: str, where: str, default=None) -> int:
-    for s in sources:
-        value = s.get(key)
-        if isinstance(value, list) and len(value) == 1:
-            value = value[0]
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if value is not None:
-            raise ConversionError(f"{where}: {key} must be one integer, got {value!r}")
-    if default is None:
-        raise ConversionError(f"{where}: no {key} in config.json or generation_config.json")
-    return default
-
-
-def _preprocess(src: Path) -> dict:
-    """The ViTImageProcessor settings; CaptioningConfig checks them against the encoder."""
-    path = src / "preprocessor_config.json"
-    p = hf.read_json(path)
-    kind = p.get("image_processor_type", p.get("feature_extractor_type", "ViTImageProcessor"))
-    if kind not in ("ViTImageProcessor", "ViTImageProcessorFast", "ViTImageProcessorPil", "ViTFeatureExtractor"):
-        raise ConversionError(f"{path}: unsupported image processor {kind!r} (ViTImageProcessor expected)")
-    size = p.get("size", {"height": 224, "width": 224})
-    if isinstance(size, int):
-        size = {"height": size, "width": size}
-    if not isinstance(size, dict) or "height" not in size or "width" not in size:
-        raise ConversionError(f"{path}: unsupported size {size!r} (height and width expected)")
-    return {"height": size["height"], "width": size["width"], "resample": p.get("resample", 2),
-            "do_resize": p.get("do_resize", True), "do_rescale": p.get("do_rescale", True),
-            "rescale_factor": p.get("rescale_factor", 1 / 255), "do_normalize": p.get("do_normalize", True),
-            "image_mean": p.get("image_mean", [0.5, 0.5, 0.5]), "image_std": p.get("image_std", [0.5, 0.5, 0.5])}
-
-
 def convert(src: Path, dtype: str | None, workdir: Path, trust_pickle: bool = False):
     """Returns ``(config dict, tensors, files to copy)`` for the checkpoint writer (never unpickles:
     ``trust_pickle`` is not needed by this format)."""
@@ -153,33 +107,31 @@ def convert(src: Path, dtype: str | None, workdir: Path, trust_pickle: bool = Fa
                               f"{dec.get('model_type')!r}; supported: vit + gpt2")
     if not dec.get("add_cross_attention", False):
         raise ConversionError(f"{where}: decoder has no cross-attention (add_cross_attention is false)")
-    d_enc, d_dec = _get(enc, "hidden_size", where), _get(dec, "n_embd", where)
+    d_enc, d_dec = require(enc, "hidden_size", where), require(dec, "n_embd", where)
     cross_width = dec.get("cross_attention_hidden_size")
     if cross_width not in (None, d_dec):
         raise ConversionError(f"{where}: cross_attention_hidden_size {cross_width} is not supported for GPT-2")
     proj = d_enc != d_dec and cross_width is None
-    gen_path = src / "generation_config.json"
-    gen = hf.read_json(gen_path) if gen_path.is_file() else {}
-    sources = [gen, top, dec]
-    eos = _token_id(sources, "eos_token_id", where)
-    start = _token_id(sources, "decoder_start_token_id", where, default=-1)
-    generation = {"decoder_start_token_id": start if start >= 0 else _token_id(sources, "bos_token_id", where),
-                  "eos_token_id": eos, "pad_token_id": _token_id(sources, "pad_token_id", where, default=eos)}
-    encoder = {"hidden_size": d_enc, "num_layers": _get(enc, "num_hidden_layers", where),
-               "num_heads": _get(enc, "num_attention_heads", where),
-               "intermediate_size": _get(enc, "intermediate_size", where),
-               "image_size": _get(enc, "image_size", where), "patch_size": _get(enc, "patch_size", where),
+    sources = generation_sources(src, top, dec)
+    eos = token_id(sources, "eos_token_id", where)
+    start = token_id(sources, "decoder_start_token_id", where, default=-1)
+    generation = {"decoder_start_token_id": start if start >= 0 else token_id(sources, "bos_token_id", where),
+                  "eos_token_id": eos, "pad_token_id": token_id(sources, "pad_token_id", where, default=eos)}
+    encoder = {"hidden_size": d_enc, "num_layers": require(enc, "num_hidden_layers", where),
+               "num_heads": require(enc, "num_attention_heads", where),
+               "intermediate_size": require(enc, "intermediate_size", where),
+               "image_size": require(enc, "image_size", where), "patch_size": require(enc, "patch_size", where),
                "num_channels": enc.get("num_channels", 3),
                "layer_norm_eps": enc.get("layer_norm_eps", 1e-12),
-               "activation": _activation(enc.get("hidden_act", "gelu"), where),
+               "activation": activation(enc.get("hidden_act", "gelu"), where),
                "qkv_bias": enc.get("qkv_bias", True)}
     tied = dec.get("tie_word_embeddings", True)
-    decoder = {"vocab_size": _get(dec, "vocab_size", where), "hidden_size": d_dec,
-               "num_layers": _get(dec, "n_layer", where), "num_heads": _get(dec, "n_head", where),
+    decoder = {"vocab_size": require(dec, "vocab_size", where), "hidden_size": d_dec,
+               "num_layers": require(dec, "n_layer", where), "num_heads": require(dec, "n_head", where),
                "intermediate_size": dec.get("n_inner") or 4 * d_dec,
-               "max_positions": _get(dec, "n_positions", where),
+               "max_positions": require(dec, "n_positions", where),
                "layer_norm_eps": dec.get("layer_norm_epsilon", 1e-5),
-               "activation": _activation(dec.get("activation_function", "gelu_new"), where),
+               "activation": activation(dec.get("activation_function", "gelu_new"), where),
                "scale_attn_weights": dec.get("scale_attn_weights", True),
                "scale_attn_by_inverse_layer_idx": dec.get("scale_attn_by_inverse_layer_idx", False),
                "tie_word_embeddings": tied}
@@ -187,11 +139,9 @@ def convert(src: Path, dtype: str | None, workdir: Path, trust_pickle: bool = Fa
     config = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "task": "captioning",
               "architecture": "vit-gpt2", "source_format": NAME, "dtype": dtype or "float32",
               "encoder": encoder, "decoder": decoder, "generation": generation,
-              "preprocess": _preprocess(src), "enc_to_dec_proj": proj}
-    try:  # the config is consistent before any weight is read
-        from_dict(CaptioningConfig, config, where)
-    except CheckpointError as e:
-        raise ConversionError(str(e)) from None
+              "preprocess": image_preprocess(src / "preprocessor_config.json", "ViTImageProcessor"),
+              "enc_to_dec_proj": proj}
+    check_config(CaptioningConfig, config, where)  # consistent before any weight is read
 
     tensors = rename_keys(hf.read_weights(src), V4_TO_V5)
     if tied and "decoder.lm_head.weight" in tensors:

@@ -46,13 +46,19 @@ class SelfAttention(nn.Module):
         q, k, v = self._qkv(x)
         return self.out(merge_heads(ops.attention(q, k, v, self.scale, causal=False, key_lengths=key_lengths)))
 
-    def prefill(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        """Causal attention over the prompt ``x [B, T, D]``; its K/V go to cache slots ``0..T-1``."""
+    def prefill(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, prefix: int = 0) -> torch.Tensor:
+        """Causal attention over the prompt ``x [B, T, D]``; its K/V go to cache slots ``0..T-1``.
+        The first ``prefix`` positions attend to each other bidirectionally (and not to the rest),
+        the others to the whole prefix and causally among themselves (GIT's image tokens + text)."""
         q, k, v = self._qkv(x)
         t = x.shape[1]
         k_cache[:, :, :t] = k
         v_cache[:, :, :t] = v
-        return self.out(merge_heads(ops.attention(q, k, v, self.scale, causal=True)))
+        if not prefix:
+            return self.out(merge_heads(ops.attention(q, k, v, self.scale, causal=True)))
+        head = ops.attention(q[:, :, :prefix], k[:, :, :prefix], v[:, :, :prefix], self.scale, causal=False)
+        tail = ops.attention(q[:, :, prefix:], k, v, self.scale, causal=True)  # the last t - prefix queries
+        return self.out(merge_heads(torch.cat([head, tail], dim=2)))
 
     def decode(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
                span: int) -> torch.Tensor:
@@ -66,12 +72,14 @@ class SelfAttention(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Attention from decoder tokens to encoder states whose K/V are computed once per request."""
+    """Attention from decoder tokens to encoder states (``kv_dim`` wide, default ``dim``) whose K/V
+    are computed once per request."""
 
-    def __init__(self, dim: int, num_heads: int, scale: float, bias: bool = True, device=None):
+    def __init__(self, dim: int, num_heads: int, scale: float, bias: bool = True, kv_dim: int | None = None,
+                 device=None):
         super().__init__()
         self.q = Linear(dim, dim, bias=bias, device=device)
-        self.kv = Linear(dim, 2 * dim, bias=bias, device=device)
+        self.kv = Linear(kv_dim or dim, 2 * dim, bias=bias, device=device)
         self.out = Linear(dim, dim, bias=bias, device=device)
         self.num_heads = num_heads
         self.scale = scale

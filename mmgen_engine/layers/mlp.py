@@ -15,7 +15,7 @@ from .linear import Linear
 from .norm import LayerNorm
 
 # config activation name -> ops.bias_gelu approximation
-GELU_FORMS = {"gelu": "none", "gelu_tanh": "tanh"}
+GELU_FORMS = {"gelu": "none", "gelu_tanh": "tanh", "quick_gelu": "sigmoid"}
 
 
 class MLP(nn.Module):

@@ -1,14 +1,18 @@
 """Model families. ``ARCHITECTURES`` maps a checkpoint's ``architecture`` to its model class;
 ``DETOKENIZERS`` maps an image detokenizer's architecture to its class."""
 from ..config import DetokenizerConfig
+from .bert import BertDecoder
+from .blip import Blip
+from .clipcap import ClipCap
 from .dvae import DVAEDecoder
 from .dalle_bart import DalleBart
+from .git import Git
 from .gpt2 import GPT2Decoder
 from .vit import ViTEncoder
 from .vit_gpt2 import VitGpt2
 from .vqgan import VQGANDecoder
 
-ARCHITECTURES = {"vit-gpt2": VitGpt2, "dalle-bart": DalleBart}
+ARCHITECTURES = {"vit-gpt2": VitGpt2, "blip": Blip, "git": Git, "clipcap": ClipCap, "dalle-bart": DalleBart}
 DETOKENIZERS = {"vqgan": VQGANDecoder, "dvae": DVAEDecoder}
 
 
@@ -24,5 +28,5 @@ def build_model(cfg, device=None):
     return ARCHITECTURES[cfg.architecture](cfg, device)
 
 
-__all__ = ["ARCHITECTURES", "DalleBart", "build_detokenizer", "build_model", "DETOKENIZERS", "DVAEDecoder", "GPT2Decoder", "ViTEncoder",
+__all__ = ["ARCHITECTURES", "BertDecoder", "Blip", "ClipCap", "DalleBart", "Git", "build_detokenizer", "build_model", "DETOKENIZERS", "DVAEDecoder", "GPT2Decoder", "ViTEncoder",
            "VitGpt2", "VQGANDecoder"]

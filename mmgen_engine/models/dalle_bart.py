@@ -89,6 +89,8 @@ class BartDecoder(_Bart):
     """The image-token decoder, driven by the runtime (``cache_geometry``, ``prefill``,
     ``decode_step``; see :func:`mmgen_engine.runtime.generate`)."""
 
+    uses_prefix = False  # the encoder states are cross-attended to
+
     def __init__(self, cfg: BartConfig, device=None):
         super().__init__(cfg, cross=True, device=device)
         self.lm_head = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, device=device))

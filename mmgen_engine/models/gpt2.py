@@ -1,10 +1,12 @@
-"""GPT-2 decoder with cross-attention (Radford et al.; HF ``GPT2LMHeadModel`` with
-``add_cross_attention=True``), the text decoder of ViT-GPT2 captioners.
+"""GPT-2 decoder (Radford et al.; HF ``GPT2LMHeadModel``), the text decoder of ViT-GPT2 captioners
+(with cross-attention, ``add_cross_attention=True``) and of ClipCap (without: the encoder states are
+input embeddings in front of the text, a causal prefix whose positions count).
 
-Block: ``h += attn(ln_1(h)); h += cross(ln_cross(h), encoder); h += mlp(ln_2(h))``, then ``ln_f``
+Block: ``h += attn(ln_1(h)); (h += cross(ln_cross(h), encoder);) h += mlp(ln_2(h))``, then ``ln_f``
 and the LM head (tied to ``wte`` unless the checkpoint has its own). The runtime hands in the caches:
 ``cache.k[i], cache.v[i] [B, H, S, Dh]`` with ``cache.span`` (slots any row may read this step) and
-``cross.k[i], cross.v[i] [B, H, S_enc, Dh]`` with ``cross.lengths [B]``.
+``cross.k[i], cross.v[i] [B, H, S_enc, Dh]`` with ``cross.lengths [B]``; ``positions`` are cache
+slots, which for GPT-2 are also its position ids.
 """
 from __future__ import annotations
 
@@ -27,8 +29,8 @@ class GPT2Block(nn.Module):
             scale /= layer_idx + 1
         self.ln1 = LayerNorm(d, cfg.layer_norm_eps, device)
         self.attn = SelfAttention(d, cfg.num_heads, scale, device=device)
-        self.ln_cross = LayerNorm(d, cfg.layer_norm_eps, device)
-        self.cross = CrossAttention(d, cfg.num_heads, scale, device=device)
+        self.ln_cross = LayerNorm(d, cfg.layer_norm_eps, device) if cfg.cross_attention else None
+        self.cross = CrossAttention(d, cfg.num_heads, scale, device=device) if cfg.cross_attention else None
         self.ln2 = LayerNorm(d, cfg.layer_norm_eps, device)
         self.mlp = MLP(d, cfg.intermediate_size, cfg.activation, device)
 
@@ -37,8 +39,11 @@ class GPT2Block(nn.Module):
         is the self-attention of the normalized input. Returns ``(h', delta')`` whose sum is the
         block's output: the MLP's residual add is left to the next LayerNorm, which fuses it."""
         x, h = (self.ln1(h), h) if delta is None else self.ln1.add(delta, h)
-        x, h = self.ln_cross.add(attend(x), h)
-        x, h = self.ln2.add(self.cross(x, ck, cv, lengths), h)
+        if self.cross is None:
+            x, h = self.ln2.add(attend(x), h)
+        else:
+            x, h = self.ln_cross.add(attend(x), h)
+            x, h = self.ln2.add(self.cross(x, ck, cv, lengths), h)
         return h, self.mlp(x)
 
 
@@ -52,6 +57,7 @@ class GPT2Decoder(nn.Module):
         self.ln_f = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, device)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, device=device))
+        self.uses_prefix = not cfg.cross_attention  # the runtime's question: prefix or cross-attention?
         self.requires_grad_(False)
 
     def cache_geometry(self) -> tuple[int, int, int, int]:
@@ -72,12 +78,17 @@ class GPT2Decoder(nn.Module):
 
     def prefill(self, tokens: torch.Tensor, encoder_states: torch.Tensor, cache, cross) -> torch.Tensor:
         """Fill the cross-attention cache from ``encoder_states [B, S, D]`` and run the prompt
-        ``tokens [B, T]`` (positions ``0..T-1``), filling cache slots ``0..T-1``.
-        Returns logits ``[B, V]`` of the last prompt position."""
-        for i, layer in enumerate(self.layers):
-            layer.cross.fill_cache(encoder_states, cross.k[i], cross.v[i])
-        positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        ``tokens [B, T]`` (positions ``0..T-1``), filling cache slots ``0..T-1``. Without
+        cross-attention the encoder states are input embeddings at positions ``0..S-1`` and the
+        prompt follows at ``S..S+T-1`` (``T`` may be 0). Returns logits ``[B, V]`` of the last position."""
+        start = encoder_states.shape[1] if self.uses_prefix else 0
+        if not self.uses_prefix:
+            for i, layer in enumerate(self.layers):
+                layer.cross.fill_cache(encoder_states, cross.k[i], cross.v[i])
+        positions = torch.arange(start, start + tokens.shape[1], device=tokens.device).expand_as(tokens)
         h = ops.embedding(tokens, positions, self.wte, self.wpe)  # (B, T, D)
+        if self.uses_prefix:
+            h = torch.cat([encoder_states + self.wpe[:start], h], dim=1)  # (B, S + T, D)
         h, delta = self._blocks(h, lambda i, attn, x: attn.prefill(x, cache.k[i], cache.v[i]), cross)
         return self._logits(h[:, -1], delta[:, -1])
 

@@ -1,9 +1,12 @@
-"""ViT image encoder (Dosovitskiy et al.), as in Hugging Face ``ViTModel`` without the pooler.
+"""ViT image encoder (Dosovitskiy et al.), as in Hugging Face ``ViTModel`` without the pooler, and
+its relatives: BLIP's vision model (the same math) and the CLIP vision tower (GIT, ClipCap: no patch
+bias, a LayerNorm on the embeddings before the first block, quick GELU).
 
 ``pixel_values [B, C, H, W]`` -> patches ``[B, N, C*p*p]`` -> linear patch embedding, a learned CLS
-token in front, learned positions, ``num_layers`` pre-LN blocks, final LayerNorm ->
-``[B, 1 + N, D]``. The patch embedding is the conv weight flattened to ``[D, C*p*p]`` (a stride-p
-conv with kernel p is exactly that matmul over non-overlapping patches).
+token in front, learned positions, (``ln_pre``,) ``num_layers`` pre-LN blocks, final LayerNorm ->
+``[B, 1 + N, D]``, or with ``pooled`` only the CLS state ``[B, D]`` (CLIP's pooled output). The
+patch embedding is the conv weight flattened to ``[D, C*p*p]`` (a stride-p conv with kernel p is
+exactly that matmul over non-overlapping patches).
 """
 from __future__ import annotations
 
@@ -35,9 +38,10 @@ class ViTEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         d, p = cfg.hidden_size, cfg.patch_size
-        self.patch_embed = Linear(cfg.num_channels * p * p, d, device=device)
+        self.patch_embed = Linear(cfg.num_channels * p * p, d, bias=cfg.patch_bias, device=device)
         self.cls_token = nn.Parameter(torch.empty(d, device=device))
         self.pos_embed = nn.Parameter(torch.empty(cfg.num_patches + 1, d, device=device))
+        self.ln_pre = LayerNorm(d, cfg.layer_norm_eps, device) if cfg.pre_norm else None
         self.layers = nn.ModuleList(ViTBlock(cfg, device) for _ in range(cfg.num_layers))
         self.ln_f = LayerNorm(d, cfg.layer_norm_eps, device)
         self.requires_grad_(False)
@@ -48,11 +52,14 @@ class ViTEncoder(nn.Module):
         x = pixel_values.view(b, c, hgt // p, p, wid // p, p).permute(0, 2, 4, 1, 3, 5)  # (B, nh, nw, C, p, p)
         return x.reshape(b, (hgt // p) * (wid // p), c * p * p)  # (B, N, C*p*p)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``pixel_values [B, C, H, W]`` (H = W = image_size) -> hidden states ``[B, 1 + N, D]``."""
+    def forward(self, pixel_values: torch.Tensor, pooled: bool = False) -> torch.Tensor:
+        """``pixel_values [B, C, H, W]`` (H = W = image_size) -> hidden states ``[B, 1 + N, D]``, or
+        the CLS state ``[B, D]`` when ``pooled``."""
         x = self.patch_embed(self.patchify(pixel_values.to(self.patch_embed.weight.dtype)))
         cls = self.cls_token.expand(x.shape[0], 1, -1)
         h = torch.cat([cls, x], dim=1) + self.pos_embed  # (B, 1 + N, D)
+        if self.ln_pre is not None:
+            h = self.ln_pre(h)
         for layer in self.layers:
             h = layer(h)
-        return self.ln_f(h)
+        return self.ln_f(h[:, 0] if pooled else h)

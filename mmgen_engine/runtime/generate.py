@@ -10,6 +10,11 @@ first pick (:mod:`.graphs`). Eager and graph decoding run the same calls on the 
 a batch is padded to its bucket in both modes (padding rows are marked done from the start), so both
 give identical tokens.
 
+A decoder either cross-attends to the encoder states (their K/V in the cross cache) or, when its
+``uses_prefix`` is true (GIT, ClipCap), takes them as a prefix of input embeddings in front of the
+prompt: then they fill the first self-attention cache slots at prefill and there is no cross cache.
+``positions`` are cache slots either way.
+
 With guidance (classifier-free / min-dalle's supercondition) the decoder runs ``2B`` rows, the
 unconditioned copies of the B requests first, and the sampler combines each pair into one token that
 both rows are fed next.
@@ -54,6 +59,8 @@ class DecodeState:
                  eos: int | None, pad: int, guided: bool = False, vocab_limit: int | None = None) -> "DecodeState":
         layers, heads, head_dim, _ = decoder.cache_geometry()
         rows = 2 * batch if guided else batch
+        if decoder.uses_prefix:  # the encoder states live in the self-attention cache
+            enc_len = 0
 
         def ints(*shape):
             return torch.zeros(shape, dtype=torch.int64, device=device)
@@ -109,9 +116,10 @@ def generate_stream(decoder, prompt: torch.Tensor, encoder_states: torch.Tensor,
                     vocab_limit: int | None = None, every: int | None = None):
     """Generate ``[B, max_new_tokens]`` token ids after ``prompt [R, T]`` (prompt excluded), a generator.
 
-    ``decoder`` exposes ``cache_geometry()``, ``prefill(tokens, encoder_states, cache, cross)`` and
-    ``decode_step(tokens, positions, cache, cross)``. ``encoder_states [R, S, D]`` with valid lengths
-    ``encoder_lengths [R]``. R = B, or with ``guided`` R = 2B: the unconditioned rows of the B
+    ``decoder`` exposes ``uses_prefix``, ``cache_geometry()``, ``prefill(tokens, encoder_states, cache,
+    cross)`` and ``decode_step(tokens, positions, cache, cross)``. ``encoder_states [R, S, D]`` with
+    valid lengths ``encoder_lengths [R]`` (a prefix takes S cache slots before the prompt, which may
+    then be empty). R = B, or with ``guided`` R = 2B: the unconditioned rows of the B
     requests, then the conditioned ones (``sampling.guidance_scale`` combines them). ``eos_token_id``
     (None: no early stop) is suppressed until ``min_new_tokens`` tokens exist; after a row emits it
     the row continues with ``pad_token_id``. ``vocab_limit``: tokens are drawn from ``0..n-1`` only.
@@ -124,16 +132,20 @@ def generate_stream(decoder, prompt: torch.Tensor, encoder_states: torch.Tensor,
     if prompt.shape[0] % groups:
         raise InputError(f"guided generation needs an even number of rows, got {prompt.shape[0]}")
     batch, prompt_len = prompt.shape[0] // groups, prompt.shape[1]
+    prefix = encoder_states.shape[1] if decoder.uses_prefix else 0
     _, _, _, max_positions = decoder.cache_geometry()
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if not isinstance(min_new_tokens, int) or not 0 <= min_new_tokens <= max_new_tokens:
         raise InputError(f"min_new_tokens must be an integer in [0, max_new_tokens], got {min_new_tokens!r}")
-    # the last new token is never fed back, so the model sees prompt_len + max_new_tokens - 1 positions
-    fed = prompt_len + max_new_tokens - 1
+    # the last new token is never fed back, so the model sees prefix + prompt + max_new_tokens - 1 positions
+    fed = prefix + prompt_len + max_new_tokens - 1
     if fed > max_positions:
-        raise InputError(f"prompt of {prompt_len} + max_new_tokens {max_new_tokens} exceeds the model's "
-                         f"{max_positions} positions")
+        with_prefix = f" after a prefix of {prefix}" if prefix else ""
+        raise InputError(f"prompt of {prompt_len}{with_prefix} + max_new_tokens {max_new_tokens} exceeds the "
+                         f"model's {max_positions} positions")
+    if prefix + prompt_len == 0:
+        raise InputError("nothing to condition on: an empty prompt and no prefix")
     device, dtype = encoder_states.device, encoder_states.dtype
     cuda = device.type == "cuda"
     rows = batch_bucket(batch) if cuda else batch
@@ -160,7 +172,7 @@ def generate_stream(decoder, prompt: torch.Tensor, encoder_states: torch.Tensor,
     st.done[batch:] = True
     st.step.zero_()
     st.min_new.fill_(min_new_tokens)
-    st.positions.fill_(prompt_len)
+    st.positions.fill_(prefix + prompt_len)
     st.out.fill_(pad_token_id)
     st.cross.lengths.copy_(_pad_rows(encoder_lengths.to(device), rows, groups))
 
@@ -171,6 +183,6 @@ def generate_stream(decoder, prompt: torch.Tensor, encoder_states: torch.Tensor,
         if eos_token_id is not None and (not cuda or step % CHECK_EVERY == 0) and bool(st.done.all()):
             break
         if not cuda:
-            st.cache.span = prompt_len + step
+            st.cache.span = prefix + prompt_len + step
         run_step()
     yield st.out[:batch, :max_new_tokens].clone()

@@ -1,0 +1,213 @@
+"""What several Hugging Face converters share: reading model configs with transformers' defaults,
+image processor settings, and the key maps of the common towers (CLIP / BLIP vision, BERT text
+decoder) onto the engine's :class:`~mmgen_engine.models.vit.ViTEncoder` and
+:class:`~mmgen_engine.models.bert.BertDecoder`.
+
+``hub`` configs often omit fields that equal transformers' defaults, so every config is read through
+:func:`settings` with the defaults of the transformers class it came from.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import CheckpointConfig, from_dict
+from ..errors import CheckpointError, ConversionError
+from . import hf
+from .keymap import concat, flatten_conv, rule, squeeze_leading
+
+# transformers' activation names -> engine activation names
+ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "quick_gelu": "quick_gelu"}
+
+# transformers' defaults of the config classes these converters read
+CLIP_VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, projection_dim=512, num_hidden_layers=12,
+                            num_attention_heads=12, num_channels=3, image_size=224, patch_size=32,
+                            hidden_act="quick_gelu", layer_norm_eps=1e-5)
+GIT_VISION_DEFAULTS = {**CLIP_VISION_DEFAULTS, "patch_size": 16}
+BLIP_VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                            num_channels=3, image_size=384, patch_size=16, hidden_act="gelu", layer_norm_eps=1e-5)
+
+
+def settings(cfg, defaults: dict, where: str) -> dict:
+    """``cfg`` (a config.json object) over ``defaults``; a non-object is an error."""
+    if cfg is None:
+        cfg = {}
+    if not isinstance(cfg, dict):
+        raise ConversionError(f"{where}: expected an object, got {cfg!r}")
+    return {**defaults, **{k: v for k, v in cfg.items() if v is not None}}
+
+
+def require(cfg: dict, key: str, where: str):
+    """``cfg[key]``, which must be set."""
+    value = cfg.get(key)
+    if value is None:
+        raise ConversionError(f"{where}: missing {key!r}")
+    return value
+
+
+def activation(name, where: str) -> str:
+    if name not in ACTIVATIONS:
+        raise ConversionError(f"{where}: unsupported activation {name!r} (supported: {', '.join(ACTIVATIONS)})")
+    return ACTIVATIONS[name]
+
+
+def square(value, name: str, where: str) -> int:
+    """An image or patch size given as an int or a square pair."""
+    if isinstance(value, (list, tuple)) and len(value) == 2 and value[0] == value[1]:
+        value = value[0]
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConversionError(f"{where}: {name} must be one integer (square images), got {value!r}")
+    return value
+
+
+def vit_config(v: dict, where: str, clip: bool) -> dict:
+    """The engine ViTConfig of a BLIP (``clip`` False) or CLIP/GIT (``clip`` True) vision config."""
+    return {"hidden_size": v["hidden_size"], "num_layers": v["num_hidden_layers"],
+            "num_heads": v["num_attention_heads"], "intermediate_size": v["intermediate_size"],
+            "image_size": square(v["image_size"], "image_size", where),
+            "patch_size": square(v["patch_size"], "patch_size", where), "num_channels": v["num_channels"],
+            "layer_norm_eps": v["layer_norm_eps"], "activation": activation(v["hidden_act"], where),
+            "qkv_bias": True, "patch_bias": not clip, "pre_norm": clip}
+
+
+def token_id(sources: list[dict], key: str, where: str, default=None) -> int:
+    """The first integer ``key`` among ``sources`` (a one-element list counts); ``default`` when none
+    has it (None: an error)."""
+    for s in sources:
+        value = s.get(key)
+        if isinstance(value, list) and len(value) == 1:
+            value = value[0]
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if value is not None:
+            raise ConversionError(f"{where}: {key} must be one integer, got {value!r}")
+    if default is None:
+        raise ConversionError(f"{where}: no {key} in config.json or generation_config.json")
+    return default
+
+
+def generation_sources(src: Path, *configs: dict) -> list[dict]:
+    """``generation_config.json`` (if any) first, then the given config objects."""
+    path = src / "generation_config.json"
+    return [hf.read_json(path) if path.is_file() else {}, *configs]
+
+
+# image processor class -> (default size, default crop size, default resample, mean, std)
+CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+PROCESSORS = {
+    "ViTImageProcessor": ({"height": 224, "width": 224}, None, 2, [0.5] * 3, [0.5] * 3),
+    "BlipImageProcessor": ({"height": 384, "width": 384}, None, 3, CLIP_MEAN, CLIP_STD),
+    "CLIPImageProcessor": ({"shortest_edge": 224}, {"height": 224, "width": 224}, 3, CLIP_MEAN, CLIP_STD),
+}
+ALIASES = {"ViTFeatureExtractor": "ViTImageProcessor", "CLIPFeatureExtractor": "CLIPImageProcessor"}
+
+
+def image_preprocess(path: Path, expected: str) -> dict:
+    """The engine ImagePreprocessConfig of the processor in ``path`` (``preprocessor_config.json``),
+    which must be ``expected`` (a key of PROCESSORS) or one of its fast/PIL variants."""
+    p = hf.read_json(path)
+    kind = p.get("image_processor_type", p.get("feature_extractor_type", expected))
+    kind = ALIASES.get(kind, kind.removesuffix("Fast").removesuffix("Pil"))
+    if kind != expected:
+        raise ConversionError(f"{path}: unsupported image processor {kind!r} ({expected} expected)")
+    size, crop, resample, mean, std = PROCESSORS[kind]
+    size, crop = p.get("size", size), p.get("crop_size", crop)
+    if isinstance(size, int):  # old configs: one int, a square (ViT, BLIP) or the shortest edge (CLIP)
+        size = {"shortest_edge": size} if crop else {"height": size, "width": size}
+    out = {"resample": p.get("resample", resample), "do_resize": p.get("do_resize", True),
+           "do_rescale": p.get("do_rescale", True), "rescale_factor": p.get("rescale_factor", 1 / 255),
+           "do_normalize": p.get("do_normalize", True), "image_mean": p.get("image_mean", mean),
+           "image_std": p.get("image_std", std)}
+    if isinstance(size, dict) and set(size) == {"height", "width"} and not p.get("do_center_crop", False):
+        return {"height": size["height"], "width": size["width"], **out}
+    if isinstance(crop, int):
+        crop = {"height": crop, "width": crop}
+    if (isinstance(size, dict) and set(size) == {"shortest_edge"} and p.get("do_center_crop", True)
+            and isinstance(crop, dict) and {"height", "width"} <= set(crop) and out["do_resize"]):
+        return {"height": crop["height"], "width": crop["width"], "shortest_edge": size["shortest_edge"], **out}
+    raise ConversionError(f"{path}: unsupported resize {size!r} with center crop "
+                          f"{crop if p.get('do_center_crop') else None!r} (a fixed height x width, or a "
+                          f"shortest edge followed by a center crop, expected)")
+
+
+def check_config(cls: type[CheckpointConfig], config: dict, where: str) -> None:
+    """Validate ``config`` before any weight is read, as a ConversionError."""
+    try:
+        from_dict(cls, config, where)
+    except CheckpointError as e:
+        raise ConversionError(str(e)) from None
+
+
+def clip_vision_rules(prefix: str) -> list:
+    """CLIP's vision tower (``CLIPVisionModel``, GIT's image encoder) under ``prefix`` (ending in
+    ``vision_model.``) -> ``encoder.*``."""
+    layer = prefix + "encoder.layers.{i}."
+    return [
+        rule("encoder.patch_embed.weight", prefix + "embeddings.patch_embedding.weight", transform=flatten_conv),
+        rule("encoder.cls_token", prefix + "embeddings.class_embedding", transform=squeeze_leading),
+        rule("encoder.pos_embed", prefix + "embeddings.position_embedding.weight"),
+        rule("encoder.ln_pre.weight", prefix + "pre_layrnorm.weight"),
+        rule("encoder.ln_pre.bias", prefix + "pre_layrnorm.bias"),
+        *(rule(f"encoder.layers.{{i}}.attn.qkv.{p}", *(layer + f"self_attn.{x}_proj.{p}" for x in "qkv"),
+               transform=concat, layers="enc") for p in ("weight", "bias")),
+        *_vision_block_rules(layer, "self_attn.out_proj"),
+        rule("encoder.ln_f.weight", prefix + "post_layernorm.weight"),
+        rule("encoder.ln_f.bias", prefix + "post_layernorm.bias"),
+    ]
+
+
+def blip_vision_rules(prefix: str) -> list:
+    """BLIP's vision model under ``prefix`` (``vision_model.``) -> ``encoder.*``."""
+    layer = prefix + "encoder.layers.{i}."
+    return [
+        rule("encoder.patch_embed.weight", prefix + "embeddings.patch_embedding.weight", transform=flatten_conv),
+        rule("encoder.patch_embed.bias", prefix + "embeddings.patch_embedding.bias"),
+        rule("encoder.cls_token", prefix + "embeddings.class_embedding", transform=squeeze_leading),
+        rule("encoder.pos_embed", prefix + "embeddings.position_embedding", transform=squeeze_leading),
+        *(rule(f"encoder.layers.{{i}}.attn.qkv.{p}", layer + f"self_attn.qkv.{p}", layers="enc")
+          for p in ("weight", "bias")),
+        *_vision_block_rules(layer, "self_attn.projection"),
+        rule("encoder.ln_f.weight", prefix + "post_layernorm.weight"),
+        rule("encoder.ln_f.bias", prefix + "post_layernorm.bias"),
+    ]
+
+
+def _vision_block_rules(layer: str, out_proj: str) -> list:
+    pairs = [("attn.out", out_proj), ("ln1", "layer_norm1"), ("ln2", "layer_norm2"), ("mlp.fc1", "mlp.fc1"),
+             ("mlp.fc2", "mlp.fc2")]
+    return [rule(f"encoder.layers.{{i}}.{dst}.{p}", layer + f"{src}.{p}", layers="enc")
+            for dst, src in pairs for p in ("weight", "bias")]
+
+
+def bert_decoder_rules(prefix: str, cross: bool) -> list:
+    """A BERT text stack under ``prefix`` (``embeddings.*``, ``encoder.layer.N.*``) -> ``decoder.*``
+    (the head is the caller's: it differs between BLIP and GIT)."""
+    layer = prefix + "encoder.layer.{i}."
+    rules = [
+        rule("decoder.wte", prefix + "embeddings.word_embeddings.weight"),
+        rule("decoder.wpe", prefix + "embeddings.position_embeddings.weight"),
+        rule("decoder.ln_emb.weight", prefix + "embeddings.LayerNorm.weight"),
+        rule("decoder.ln_emb.bias", prefix + "embeddings.LayerNorm.bias"),
+    ]
+    pairs = [("attn.out", "attention.output.dense"), ("ln_attn", "attention.output.LayerNorm"),
+             ("mlp.fc1", "intermediate.dense"), ("mlp.fc2", "output.dense"), ("ln_mlp", "output.LayerNorm")]
+    if cross:
+        pairs += [("cross.q", "crossattention.self.query"), ("cross.out", "crossattention.output.dense"),
+                  ("ln_cross", "crossattention.output.LayerNorm")]
+    for p in ("weight", "bias"):
+        rules.append(rule(f"decoder.layers.{{i}}.attn.qkv.{p}", *(layer + f"attention.self.{x}.{p}"
+                                                                  for x in ("query", "key", "value")),
+                          transform=concat, layers="dec"))
+        if cross:
+            rules.append(rule(f"decoder.layers.{{i}}.cross.kv.{p}", *(layer + f"crossattention.self.{x}.{p}"
+                                                                      for x in ("key", "value")),
+                              transform=concat, layers="dec"))
+        rules += [rule(f"decoder.layers.{{i}}.{dst}.{p}", layer + f"{src}.{p}", layers="dec") for dst, src in pairs]
+    return rules
+
+
+def tied_copy(tensors: dict, name: str, tied_to: str, where: str) -> None:
+    """Drop ``tensors[name]``, a saved copy of the tied ``tensors[tied_to]``, after checking it is one."""
+    if name in tensors:
+        copy, original = tensors.pop(name), tensors.get(tied_to)
+        if original is None or copy.shape != original.shape or not bool((copy == original).all()):
+            raise ConversionError(f"{where}: {name} differs from {tied_to} although the weights are tied")
