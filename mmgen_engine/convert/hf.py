@@ -16,8 +16,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 from tokenizers.decoders import ByteLevel as ByteLevelDecoder
-from tokenizers.models import BPE
-from tokenizers.pre_tokenizers import ByteLevel
+from tokenizers.decoders import WordPiece as WordPieceDecoder
+from tokenizers.models import BPE, WordPiece
+from tokenizers.normalizers import BertNormalizer
+from tokenizers.pre_tokenizers import BertPreTokenizer, ByteLevel
 
 from ..config import DTYPES
 from ..errors import ConversionError, one_line
@@ -98,23 +100,25 @@ def load_torch(path: Path) -> dict[str, torch.Tensor]:
     return data
 
 
-def special_tokens(src: Path) -> list[str]:
-    """Special token strings of ``special_tokens_map.json`` (GPT-2's ``<|endoftext|>`` without one)."""
+def special_tokens(src: Path, default=("<|endoftext|>",)) -> list[str]:
+    """Special token strings of ``special_tokens_map.json`` (``default``, GPT-2's ``<|endoftext|>``,
+    without one)."""
     path = src / "special_tokens_map.json"
     if not path.is_file():
-        return ["<|endoftext|>"]
+        return list(default)
     tokens = []
     for value in read_json(path).values():
-        value = value.get("content") if isinstance(value, dict) else value
-        if isinstance(value, str) and value not in tokens:
-            tokens.append(value)
+        for item in value if isinstance(value, list) else [value]:
+            item = item.get("content") if isinstance(item, dict) else item
+            if isinstance(item, str) and item not in tokens:
+                tokens.append(item)
     return tokens
 
 
 def tokenizer_json(src: Path, workdir: Path) -> Path:
     """Path of a ``tokenizer.json`` for ``src``: the one there, or one built in ``workdir`` from
-    GPT-2 style ``vocab.json`` + ``merges.txt`` (byte-level BPE) with the special tokens marked
-    special."""
+    GPT-2 style ``vocab.json`` + ``merges.txt`` (byte-level BPE) or BERT style ``vocab.txt``
+    (WordPiece, :func:`wordpiece_tokenizer`) with the special tokens marked special."""
     if (src / "tokenizer.json").is_file():
         try:
             Tokenizer.from_file(str(src / "tokenizer.json"))
@@ -122,8 +126,12 @@ def tokenizer_json(src: Path, workdir: Path) -> Path:
             raise ConversionError(f"{src / 'tokenizer.json'}: unreadable tokenizer ({one_line(e)})") from None
         return src / "tokenizer.json"
     vocab, merges = src / "vocab.json", src / "merges.txt"
+    if (src / "vocab.txt").is_file() and not vocab.is_file():
+        out = workdir / "tokenizer.json"
+        wordpiece_tokenizer(src).save(str(out))
+        return out
     if not (vocab.is_file() and merges.is_file()):
-        raise ConversionError(f"{src}: no tokenizer (tokenizer.json, or vocab.json + merges.txt)")
+        raise ConversionError(f"{src}: no tokenizer (tokenizer.json, vocab.json + merges.txt, or vocab.txt)")
     try:
         tok = Tokenizer(BPE.from_file(str(vocab), str(merges)))
     except Exception as e:
@@ -134,6 +142,29 @@ def tokenizer_json(src: Path, workdir: Path) -> Path:
     out = workdir / "tokenizer.json"
     tok.save(str(out))
     return out
+
+
+def wordpiece_tokenizer(src: Path) -> Tokenizer:
+    """BERT's tokenizer from ``vocab.txt``: BERT normalization (lower case unless
+    ``tokenizer_config.json`` says ``do_lower_case: false``), WordPiece, then the tokens of
+    ``added_tokens.json`` (BLIP's ``[DEC]``, ...) at their ids, all special tokens marked special."""
+    config = read_json(src / "tokenizer_config.json") if (src / "tokenizer_config.json").is_file() else {}
+    try:
+        tok = Tokenizer(WordPiece.from_file(str(src / "vocab.txt"), unk_token=config.get("unk_token", "[UNK]")))
+    except Exception as e:  # tokenizers raises plain Exception subclasses
+        raise ConversionError(f"{src / 'vocab.txt'}: unreadable vocabulary ({one_line(e)})") from None
+    tok.normalizer = BertNormalizer(lowercase=bool(config.get("do_lower_case", True)))
+    tok.pre_tokenizer = BertPreTokenizer()
+    tok.decoder = WordPieceDecoder(prefix="##")
+    added = read_json(src / "added_tokens.json") if (src / "added_tokens.json").is_file() else {}
+    for token, index in sorted(added.items(), key=lambda kv: kv[1]):
+        if index != tok.get_vocab_size(with_added_tokens=True):
+            raise ConversionError(f"{src / 'added_tokens.json'}: {token!r} has id {index}, but the next free id "
+                                  f"is {tok.get_vocab_size(with_added_tokens=True)}")
+        tok.add_special_tokens([token])
+    known = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok.add_special_tokens([t for t in known + special_tokens(src, default=[]) if tok.token_to_id(t) is not None])
+    return tok
 
 
 def tensor_dtype_name(tensors: dict[str, torch.Tensor]) -> str:

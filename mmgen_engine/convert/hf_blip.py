@@ -1,0 +1,92 @@
+"""Converter ``hf-blip``: HF ``BlipForConditionalGeneration`` -> ``blip`` (captioning).
+
+The vision model (fused ``qkv`` already) maps onto the engine ViT; the text decoder
+(``text_decoder.bert.*``, post-LN BERT with cross-attention to the vision states, which may be wider
+than the text) onto :class:`~mmgen_engine.models.bert.BertDecoder`, with q/k/v and cross k/v fused.
+The LM head keeps BERT's transform (dense + activation + LayerNorm) and its bias; its projection is
+tied to the word embeddings and usually not saved (a saved copy must equal them). Generation follows
+``BlipForConditionalGeneration.generate``: start from ``text_config.bos_token_id`` ([DEC], 30522),
+stop at ``sep_token_id`` ([SEP], 102), pad with ``pad_token_id``. Preprocessing is
+BlipImageProcessor's (384x384 bicubic, CLIP mean/std); the tokenizer is BERT's WordPiece.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import FORMAT_NAME, FORMAT_VERSION, CaptioningConfig
+from ..errors import ConversionError
+from . import hf
+from .hf_towers import (BLIP_VISION_DEFAULTS, activation, bert_decoder_rules, blip_vision_rules, check_config,
+                        image_preprocess, settings, tied_copy, token_id, vit_config)
+from .keymap import apply_rules, finish, rule
+
+NAME = "hf-blip"
+
+TEXT_DEFAULTS = dict(vocab_size=30524, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                     num_attention_heads=8, max_position_embeddings=512, hidden_act="gelu", layer_norm_eps=1e-12,
+                     bos_token_id=30522, pad_token_id=0, sep_token_id=102, tie_word_embeddings=True)
+TEXT = "text_decoder.bert."
+HEAD = "text_decoder.cls.predictions."
+# buffers older checkpoints saved
+IGNORED = [r".*\.position_ids"]
+
+
+def detect(src: Path) -> bool:
+    if not (src.is_dir() and (src / "config.json").is_file()):
+        return False
+    try:
+        return hf.read_json(src / "config.json").get("model_type") == "blip"
+    except ConversionError:
+        return False
+
+
+def convert(src: Path, dtype: str | None, workdir: Path, trust_pickle: bool = False):
+    """Returns ``(config dict, tensors, files to copy)``; never unpickles."""
+    if not src.is_dir():
+        raise ConversionError(f"{src}: expected a Hugging Face model directory")
+    where = str(src / "config.json")
+    top = hf.read_json(src / "config.json")
+    if top.get("model_type") != "blip":
+        raise ConversionError(f"{where}: model_type {top.get('model_type')!r} is not 'blip'")
+    archs = top.get("architectures") or ["BlipForConditionalGeneration"]
+    if "BlipForConditionalGeneration" not in archs:
+        raise ConversionError(f"{where}: {archs} is not a BLIP captioning model (BlipForConditionalGeneration); "
+                              f"question answering and retrieval heads are not supported")
+    vision = settings(top.get("vision_config"), BLIP_VISION_DEFAULTS, where + ": vision_config")
+    text = settings(top.get("text_config"), TEXT_DEFAULTS, where + ": text_config")
+    tied = bool(text["tie_word_embeddings"]) and bool(top.get("tie_word_embeddings", True))
+    encoder = vit_config(vision, where, clip=False)
+    decoder = {"vocab_size": text["vocab_size"], "hidden_size": text["hidden_size"],
+               "num_layers": text["num_hidden_layers"], "num_heads": text["num_attention_heads"],
+               "intermediate_size": text["intermediate_size"], "max_positions": text["max_position_embeddings"],
+               "layer_norm_eps": text["layer_norm_eps"], "activation": activation(text["hidden_act"], where),
+               # BlipConfig sets the text decoder's cross-attention width to the vision width
+               "encoder_hidden_size": vision["hidden_size"], "head_transform": True, "tie_word_embeddings": tied}
+    sources = [text]
+    generation = {"decoder_start_token_id": token_id(sources, "bos_token_id", where),
+                  "eos_token_id": token_id(sources, "sep_token_id", where),
+                  "pad_token_id": token_id(sources, "pad_token_id", where)}
+    config = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "task": "captioning",
+              "architecture": "blip", "source_format": NAME, "dtype": dtype or "float32",
+              "encoder": encoder, "decoder": decoder, "generation": generation,
+              "preprocess": image_preprocess(src / "preprocessor_config.json", "BlipImageProcessor")}
+    check_config(CaptioningConfig, config, where)  # consistent before any weight is read
+
+    tensors = hf.read_weights(src)
+    tied_copy(tensors, HEAD + "decoder.bias", HEAD + "bias", str(src))
+    if tied:
+        tied_copy(tensors, HEAD + "decoder.weight", TEXT + "embeddings.word_embeddings.weight", str(src))
+    rules = [*blip_vision_rules("vision_model."), *bert_decoder_rules(TEXT, cross=True),
+             rule("decoder.head_dense.weight", HEAD + "transform.dense.weight"),
+             rule("decoder.head_dense.bias", HEAD + "transform.dense.bias"),
+             rule("decoder.ln_head.weight", HEAD + "transform.LayerNorm.weight"),
+             rule("decoder.ln_head.bias", HEAD + "transform.LayerNorm.bias"),
+             rule("decoder.lm_bias", HEAD + "bias")]
+    if not tied:
+        rules.append(rule("decoder.lm_head", HEAD + "decoder.weight"))
+    out = apply_rules(rules, tensors, {"enc": encoder["num_layers"], "dec": decoder["num_layers"]}, IGNORED,
+                      where=str(src))
+    config, out = finish(config, out, dtype, str(src))
+    files = {"tokenizer.json": hf.tokenizer_json(src, workdir),
+             "preprocessor_config.json": src / "preprocessor_config.json"}
+    return config, out, files

@@ -1,0 +1,84 @@
+"""Converter ``hf-git``: HF ``GitForCausalLM`` (image captioning) -> ``git`` (captioning).
+
+The CLIP image encoder (``git.image_encoder.vision_model.*``) maps onto the engine ViT (no patch
+bias, the ``pre_layrnorm``, quick GELU, the final LayerNorm over every state as GIT applies it), the
+visual projection (linear + LayerNorm) onto ``projection`` / ``ln_projection``, and the BERT text
+stack (``git.embeddings``, ``git.encoder.layer.N``) onto a prefix
+:class:`~mmgen_engine.models.bert.BertDecoder`; ``output`` is the LM head (tied to the word
+embeddings only with ``tie_word_embeddings``). Video GIT (``num_image_with_embedding``) is not
+supported. Generation starts from ``bos_token_id`` ([CLS], 101) and stops at ``eos_token_id``
+([SEP], 102). Preprocessing is CLIPImageProcessor's (shortest edge, center crop, CLIP mean/std).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import FORMAT_NAME, FORMAT_VERSION, CaptioningConfig
+from ..errors import ConversionError
+from . import hf
+from .hf_towers import (GIT_VISION_DEFAULTS, activation, bert_decoder_rules, check_config, clip_vision_rules,
+                        generation_sources, image_preprocess, settings, tied_copy, token_id, vit_config)
+from .keymap import apply_rules, finish, rule
+
+NAME = "hf-git"
+
+TEXT_DEFAULTS = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=6, num_attention_heads=12,
+                     intermediate_size=3072, hidden_act="gelu", max_position_embeddings=1024, layer_norm_eps=1e-12,
+                     pad_token_id=0, tie_word_embeddings=False, bos_token_id=101, eos_token_id=102)
+IGNORED = [r".*\.position_ids"]
+
+
+def detect(src: Path) -> bool:
+    if not (src.is_dir() and (src / "config.json").is_file()):
+        return False
+    try:
+        return hf.read_json(src / "config.json").get("model_type") == "git"
+    except ConversionError:
+        return False
+
+
+def convert(src: Path, dtype: str | None, workdir: Path, trust_pickle: bool = False):
+    """Returns ``(config dict, tensors, files to copy)``; never unpickles."""
+    if not src.is_dir():
+        raise ConversionError(f"{src}: expected a Hugging Face model directory")
+    where = str(src / "config.json")
+    top = hf.read_json(src / "config.json")
+    if top.get("model_type") != "git":
+        raise ConversionError(f"{where}: model_type {top.get('model_type')!r} is not 'git'")
+    if top.get("num_image_with_embedding") is not None:
+        raise ConversionError(f"{where}: video GIT (num_image_with_embedding) is not supported")
+    vision = settings(top.get("vision_config"), GIT_VISION_DEFAULTS, where + ": vision_config")
+    text = settings(top, TEXT_DEFAULTS, where)
+    tied = bool(text["tie_word_embeddings"])
+    encoder = vit_config(vision, where, clip=True)
+    decoder = {"vocab_size": text["vocab_size"], "hidden_size": text["hidden_size"],
+               "num_layers": text["num_hidden_layers"], "num_heads": text["num_attention_heads"],
+               "intermediate_size": text["intermediate_size"], "max_positions": text["max_position_embeddings"],
+               "layer_norm_eps": text["layer_norm_eps"], "activation": activation(text["hidden_act"], where),
+               "encoder_hidden_size": None, "head_transform": False, "tie_word_embeddings": tied}
+    sources = generation_sources(src, text)
+    eos = token_id(sources, "eos_token_id", where)
+    generation = {"decoder_start_token_id": token_id(sources, "bos_token_id", where), "eos_token_id": eos,
+                  "pad_token_id": token_id(sources, "pad_token_id", where, default=eos)}
+    config = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "task": "captioning",
+              "architecture": "git", "source_format": NAME, "dtype": dtype or "float32",
+              "encoder": encoder, "decoder": decoder, "generation": generation,
+              "preprocess": image_preprocess(src / "preprocessor_config.json", "CLIPImageProcessor")}
+    check_config(CaptioningConfig, config, where)  # consistent before any weight is read
+
+    tensors = hf.read_weights(src)
+    projection = "git.visual_projection.visual_projection."
+    rules = [*clip_vision_rules("git.image_encoder.vision_model."), *bert_decoder_rules("git.", cross=False),
+             rule("projection.weight", projection + "0.weight"), rule("projection.bias", projection + "0.bias"),
+             rule("ln_projection.weight", projection + "1.weight"), rule("ln_projection.bias", projection + "1.bias"),
+             rule("decoder.lm_bias", "output.bias")]
+    if tied:
+        tied_copy(tensors, "output.weight", "git.embeddings.word_embeddings.weight", str(src))
+    else:
+        rules.append(rule("decoder.lm_head", "output.weight"))
+    out = apply_rules(rules, tensors, {"enc": encoder["num_layers"], "dec": decoder["num_layers"]}, IGNORED,
+                      where=str(src))
+    config, out = finish(config, out, dtype, str(src))
+    files = {"tokenizer.json": hf.tokenizer_json(src, workdir),
+             "preprocessor_config.json": src / "preprocessor_config.json"}
+    return config, out, files
