@@ -3,8 +3,10 @@
 The vision model (fused ``qkv`` already) maps onto the engine ViT; the text decoder
 (``text_decoder.bert.*``, post-LN BERT with cross-attention to the vision states, which may be wider
 than the text) onto :class:`~mmgen_engine.models.bert.BertDecoder`, with q/k/v and cross k/v fused.
-The LM head keeps BERT's transform (dense + activation + LayerNorm) and its bias; its projection is
-tied to the word embeddings and usually not saved (a saved copy must equal them). Generation follows
+The LM head keeps BERT's transform (dense + activation + LayerNorm); its projection and bias
+(``cls.predictions.decoder``) are tied to the word embeddings and ``cls.predictions.bias`` and usually
+not saved (a saved copy must equal them). With ``tie_word_embeddings`` false the decoder's own weight
+and bias are the head, as in transformers, and ``cls.predictions.bias`` plays no part. Generation follows
 ``BlipForConditionalGeneration.generate``: start from ``text_config.bos_token_id`` ([DEC], 30522),
 stop at ``sep_token_id`` ([SEP], 102), pad with ``pad_token_id``. Preprocessing is
 BlipImageProcessor's (384x384 bicubic, CLIP mean/std); the tokenizer is BERT's WordPiece.
@@ -73,18 +75,20 @@ def convert(src: Path, dtype: str | None, workdir: Path, trust_pickle: bool = Fa
     check_config(CaptioningConfig, config, where)  # consistent before any weight is read
 
     tensors = hf.read_weights(src)
-    tied_copy(tensors, HEAD + "decoder.bias", HEAD + "bias", str(src))
     if tied:
+        tied_copy(tensors, HEAD + "decoder.bias", HEAD + "bias", str(src))
         tied_copy(tensors, HEAD + "decoder.weight", TEXT + "embeddings.word_embeddings.weight", str(src))
     rules = [*blip_vision_rules("vision_model."), *bert_decoder_rules(TEXT, cross=True),
              rule("decoder.head_dense.weight", HEAD + "transform.dense.weight"),
              rule("decoder.head_dense.bias", HEAD + "transform.dense.bias"),
              rule("decoder.ln_head.weight", HEAD + "transform.LayerNorm.weight"),
-             rule("decoder.ln_head.bias", HEAD + "transform.LayerNorm.bias"),
-             rule("decoder.lm_bias", HEAD + "bias")]
-    if not tied:
-        rules.append(rule("decoder.lm_head", HEAD + "decoder.weight"))
-    out = apply_rules(rules, tensors, {"enc": encoder["num_layers"], "dec": decoder["num_layers"]}, IGNORED,
+             rule("decoder.ln_head.bias", HEAD + "transform.LayerNorm.bias")]
+    if tied:
+        rules.append(rule("decoder.lm_bias", HEAD + "bias"))
+    else:
+        rules += [rule("decoder.lm_head", HEAD + "decoder.weight"), rule("decoder.lm_bias", HEAD + "decoder.bias")]
+    ignored = IGNORED if tied else [*IGNORED, HEAD.replace(".", r"\.") + "bias"]  # unused by an untied head
+    out = apply_rules(rules, tensors, {"enc": encoder["num_layers"], "dec": decoder["num_layers"]}, ignored,
                       where=str(src))
     config, out = finish(config, out, dtype, str(src))
     files = {"tokenizer.json": hf.tokenizer_json(src, workdir),
