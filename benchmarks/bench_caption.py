@@ -1,8 +1,15 @@
 #!/usr/bin/env python3
-"""Captioning benchmark: the engine against Hugging Face ``VisionEncoderDecoderModel.generate`` on
-the same random weights (ViT-B/16 + GPT-2 small with cross-attention; ``--quick``: a tiny model).
+"""Captioning benchmark: the engine against Hugging Face ``generate`` on the same random weights, for
+the captioner architectures picked with ``--arch`` (one or several; default ``vit-gpt2``):
 
-For each dtype and batch size it times, for both implementations, after warm-up:
+- ``vit-gpt2``: ViT-B/16 + GPT-2 small with cross-attention, as ``VisionEncoderDecoderModel``;
+- ``blip``: BLIP-base (ViT-B/16 at 384 px + 12-layer BERT decoder with cross-attention), as
+  ``BlipForConditionalGeneration``;
+- ``git``: GIT-base (CLIP ViT-B/16 at 224 px + 6-layer BERT over the image prefix), as
+  ``GitForCausalLM``.
+
+``--quick`` uses a tiny model of each. For each arch, dtype and batch size it times, for both
+implementations, after warm-up:
 
 - first-token latency: a call generating exactly 1 token (encoder + prefill + one greedy pick);
 - ms/token: ``(t(N forced tokens) - t(1 token)) / (N - 1)`` from the medians; the p90 figure uses
@@ -10,8 +17,8 @@ For each dtype and batch size it times, for both implementations, after warm-up:
 - weight GB/s: decoder weight bytes / ms per token, the bandwidth a decode step needs at least.
 
 Lengths are forced (``min_new_tokens = max_new_tokens``, eos suppressed) on both sides, and the
-greedy ids of the two are compared on the timed batch. The HF model and the engine checkpoint are
-cached under ``--cache-dir`` and rebuilt only when the model spec changes. A markdown table is
+greedy ids of the two are compared on the timed batch. The HF model and the engine checkpoints are
+cached under ``--cache-dir``/<arch> and rebuilt only when the model spec changes. A markdown table is
 printed last; all raw times and the machine go to ``--json``.
 """
 from __future__ import annotations
@@ -30,17 +37,64 @@ from timing import format_table, machine_info, measure, write_json  # noqa: E402
 
 import mmgen_engine as mm  # noqa: E402
 
-# Token ids of GPT-2: bos = eos = 50256; the tiny model uses the last id of its vocab the same way.
+_TINY_VIT = {"image_size": 32, "patch_size": 8, "num_hidden_layers": 2, "hidden_size": 64,
+             "num_attention_heads": 4, "intermediate_size": 128}
+_TINY_BERT = {"vocab_size": 1000, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "intermediate_size": 128, "max_position_embeddings": 64}
+_VIT_B16 = {"patch_size": 16, "num_hidden_layers": 12, "hidden_size": 768, "num_attention_heads": 12,
+            "intermediate_size": 3072}
+
+# arch -> preset -> the model: "encoder" and "decoder" are the kwargs of the HF vision and text configs
+# (for GIT the text settings are GitConfig's own). Token ids: GPT-2's bos = eos = 50256 (the tiny
+# model uses the last id of its vocab the same way); BLIP starts from [DEC] (bos_token_id, the
+# second-last id) and stops at [SEP] 102; GIT starts from [CLS] 101 and stops at [SEP] 102; pad 0.
+#
+# "initializer_range" (BLIP, GIT; all sub-configs) is chosen so that the random models' greedy ids
+# vary along the sequence and with the image (checked at seed 0), which the id comparison needs:
+# with the default 0.02 the tiny models emit the same ids whatever the image (the image path is
+# then untested), with 0.035 and more the full-size ones repeat one token; BLIP's own vision
+# default (1e-10) would leave its position embeddings at zero.
 PRESETS = {
-    "full": {"encoder": {"image_size": 224, "patch_size": 16, "num_hidden_layers": 12, "hidden_size": 768,
-                         "num_attention_heads": 12, "intermediate_size": 3072},
-             "decoder": {"vocab_size": 50257, "n_layer": 12, "n_embd": 768, "n_head": 12, "n_positions": 1024},
-             "new_tokens": 32},
-    "quick": {"encoder": {"image_size": 32, "patch_size": 8, "num_hidden_layers": 2, "hidden_size": 64,
-                          "num_attention_heads": 4, "intermediate_size": 128},
-              "decoder": {"vocab_size": 1000, "n_layer": 2, "n_embd": 64, "n_head": 4, "n_positions": 64},
-              "new_tokens": 16},
+    "vit-gpt2": {
+        "full": {"name": "ViT-B/16 + GPT-2 small",
+                 "encoder": {"image_size": 224, "patch_size": 16, "num_hidden_layers": 12, "hidden_size": 768,
+                             "num_attention_heads": 12, "intermediate_size": 3072},
+                 "decoder": {"vocab_size": 50257, "n_layer": 12, "n_embd": 768, "n_head": 12, "n_positions": 1024},
+                 "new_tokens": 32},
+        "quick": {"name": "tiny ViT + GPT-2",
+                  "encoder": {"image_size": 32, "patch_size": 8, "num_hidden_layers": 2, "hidden_size": 64,
+                              "num_attention_heads": 4, "intermediate_size": 128},
+                  "decoder": {"vocab_size": 1000, "n_layer": 2, "n_embd": 64, "n_head": 4, "n_positions": 64},
+                  "new_tokens": 16},
+    },
+    "blip": {
+        "full": {"name": "BLIP-base",
+                 "encoder": {"image_size": 384, **_VIT_B16, "layer_norm_eps": 1e-5, "hidden_act": "gelu"},
+                 "decoder": {"vocab_size": 30524, "hidden_size": 768, "num_hidden_layers": 12,
+                             "num_attention_heads": 12, "intermediate_size": 3072, "max_position_embeddings": 512,
+                             "bos_token_id": 30522, "sep_token_id": 102, "pad_token_id": 0},
+                 "initializer_range": 0.02, "new_tokens": 32},
+        "quick": {"name": "tiny BLIP",
+                  "encoder": {**_TINY_VIT, "layer_norm_eps": 1e-5, "hidden_act": "gelu"},
+                  "decoder": {**_TINY_BERT, "bos_token_id": 998, "sep_token_id": 102, "pad_token_id": 0},
+                  "initializer_range": 0.1, "new_tokens": 16},
+    },
+    "git": {
+        "full": {"name": "GIT-base",
+                 "encoder": {"image_size": 224, **_VIT_B16, "hidden_act": "quick_gelu"},
+                 "decoder": {"vocab_size": 30522, "hidden_size": 768, "num_hidden_layers": 6,
+                             "num_attention_heads": 12, "intermediate_size": 3072, "max_position_embeddings": 1024,
+                             "bos_token_id": 101, "eos_token_id": 102, "pad_token_id": 0},
+                 "initializer_range": 0.015, "new_tokens": 32},
+        "quick": {"name": "tiny GIT",
+                  "encoder": {**_TINY_VIT, "hidden_act": "quick_gelu"},
+                  "decoder": {**_TINY_BERT, "bos_token_id": 101, "eos_token_id": 102, "pad_token_id": 0},
+                  "initializer_range": 0.1, "new_tokens": 16},
+    },
 }
+ARCHS = list(PRESETS)
+HF_CLASSES = {"vit-gpt2": "VisionEncoderDecoderModel", "blip": "BlipForConditionalGeneration",
+              "git": "GitForCausalLM"}
 SPEC_FILE = "bench_spec.json"
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -50,10 +104,26 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def model_spec(preset: str, seed: int) -> dict:
+def model_spec(arch: str, preset: str, seed: int) -> dict:
     """Everything the cached model depends on; a cache whose spec differs is rebuilt."""
-    p = PRESETS[preset]
-    return {"preset": preset, "seed": seed, "encoder": p["encoder"], "decoder": p["decoder"]}
+    p = PRESETS[arch][preset]
+    return {"arch": arch, "preset": preset, "seed": seed,
+            **{k: v for k, v in p.items() if k not in ("name", "new_tokens")}}
+
+
+def max_positions(arch: str, preset: str) -> int:
+    dec = PRESETS[arch][preset]["decoder"]
+    return dec["n_positions"] if arch == "vit-gpt2" else dec["max_position_embeddings"]
+
+
+def token_ids(spec: dict) -> tuple[int, int, int]:
+    """``(start, eos, pad)`` ids of the model."""
+    dec = spec["decoder"]
+    if spec["arch"] == "vit-gpt2":
+        special = dec["vocab_size"] - 1
+        return special, special, special
+    eos = dec["sep_token_id"] if spec["arch"] == "blip" else dec["eos_token_id"]
+    return dec["bos_token_id"], eos, dec["pad_token_id"]
 
 
 def _spec_matches(path: Path, spec: dict) -> bool:
@@ -63,37 +133,81 @@ def _spec_matches(path: Path, spec: dict) -> bool:
         return False
 
 
-def build_hf_model(hf_dir: Path, spec: dict) -> None:
-    """Save a random-weight ViT + GPT-2 VisionEncoderDecoder (default initializer, seeded), its
-    ViTImageProcessor config and a WordLevel tokenizer of the right vocab size into ``hf_dir``."""
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from transformers import (GPT2Config, ViTConfig, ViTImageProcessor, VisionEncoderDecoderConfig,
-                              VisionEncoderDecoderModel)
+def _bert_tokenizer(vocab_size: int, specials: dict[int, str]):
+    """A BERT-style WordPiece tokenizer over ``vocab_size`` made-up tokens (``specials``: id -> name)."""
+    from tokenizers import Tokenizer, decoders
+    from tokenizers.models import WordPiece
+    from tokenizers.normalizers import BertNormalizer
+    from tokenizers.pre_tokenizers import BertPreTokenizer
 
-    enc, dec = spec["encoder"], spec["decoder"]
-    special = dec["vocab_size"] - 1
-    config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(
-        ViTConfig(**enc), GPT2Config(**dec, bos_token_id=special, eos_token_id=special,
-                                     add_cross_attention=True, is_decoder=True))
-    config.decoder_start_token_id = config.pad_token_id = config.eos_token_id = special
+    names = [f"t{i}" for i in range(vocab_size)]
+    for i, name in specials.items():
+        names[i] = name
+    tok = Tokenizer(WordPiece({name: i for i, name in enumerate(names)}, unk_token="[UNK]"))
+    tok.normalizer = BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    tok.add_special_tokens(sorted(specials.values()))
+    return tok
+
+
+def build_hf_model(hf_dir: Path, spec: dict) -> None:
+    """Save a random-weight (seeded) HF model of ``spec["arch"]``, its image processor config and a
+    tokenizer of the right vocab size into ``hf_dir``."""
+    import transformers
+
+    arch, enc, dec = spec["arch"], spec["encoder"], spec["decoder"]
+    start, eos, pad = token_ids(spec)
+    size = enc["image_size"]
     torch.manual_seed(spec["seed"])
-    model = VisionEncoderDecoderModel(config=config)
-    model.generation_config.decoder_start_token_id = special
-    model.generation_config.pad_token_id = model.generation_config.eos_token_id = special
+    if arch == "vit-gpt2":
+        from transformers import GPT2Config, ViTConfig, VisionEncoderDecoderConfig
+
+        config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(
+            ViTConfig(**enc), GPT2Config(**dec, bos_token_id=start, eos_token_id=eos,
+                                         add_cross_attention=True, is_decoder=True))
+        config.decoder_start_token_id, config.eos_token_id, config.pad_token_id = start, eos, pad
+        model = transformers.VisionEncoderDecoderModel(config=config)
+        model.generation_config.decoder_start_token_id = start
+        model.generation_config.pad_token_id, model.generation_config.eos_token_id = pad, eos
+        processor = transformers.ViTImageProcessor(size={"height": size, "width": size})
+    elif arch == "blip":
+        init = spec["initializer_range"]
+        config = transformers.BlipConfig(vision_config={**enc, "initializer_range": init},
+                                         text_config={**dec, "initializer_range": init}, initializer_range=init)
+        model = transformers.BlipForConditionalGeneration(config)
+        processor = transformers.BlipImageProcessor(size={"height": size, "width": size})
+    elif arch == "git":
+        init = spec["initializer_range"]
+        config = transformers.GitConfig(vision_config={**enc, "initializer_range": init}, **dec,
+                                        initializer_range=init)
+        model = transformers.GitForCausalLM(config)
+        processor = transformers.CLIPImageProcessor(size={"shortest_edge": size},
+                                                    crop_size={"height": size, "width": size})
+    else:
+        raise ValueError(f"unknown arch {arch!r}")
     hf_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(hf_dir)
-    size = enc["image_size"]
-    ViTImageProcessor(size={"height": size, "width": size}).save_pretrained(hf_dir)
+    processor.save_pretrained(hf_dir)
     # The ids are what is compared; the tokenizer only has to exist and cover the vocab.
-    vocab = {f"t{i}": i for i in range(dec["vocab_size"])}
-    Tokenizer(WordLevel(vocab, unk_token="t0")).save(str(hf_dir / "tokenizer.json"))
+    if arch == "vit-gpt2":
+        from tokenizers import Tokenizer
+        from tokenizers.models import WordLevel
+
+        vocab = {f"t{i}": i for i in range(dec["vocab_size"])}
+        Tokenizer(WordLevel(vocab, unk_token="t0")).save(str(hf_dir / "tokenizer.json"))
+    else:
+        specials = {pad: "[PAD]", 1: "[UNK]", 101: "[CLS]", 102: "[SEP]", 103: "[MASK]"}
+        if arch == "blip":
+            specials[start] = "[DEC]"
+        _bert_tokenizer(dec["vocab_size"], specials).save(str(hf_dir / "tokenizer.json"))
     (hf_dir / SPEC_FILE).write_text(json.dumps(spec))
 
 
-def prepare(cache: Path, preset: str, seed: int, dtypes: list[str]) -> tuple[Path, dict[str, Path]]:
-    """The HF model directory and one engine checkpoint per dtype, built or reused from ``cache``."""
-    spec = model_spec(preset, seed)
+def prepare(cache: Path, arch: str, preset: str, seed: int, dtypes: list[str]) -> tuple[Path, dict[str, Path]]:
+    """The HF model directory and one engine checkpoint per dtype, built or reused from ``cache/arch``."""
+    spec = model_spec(arch, preset, seed)
+    cache = cache / arch
     suffix = "" if preset == "full" else f"_{preset}"
     hf_dir = cache / f"hf{suffix}"
     if _spec_matches(hf_dir / SPEC_FILE, spec):
@@ -117,6 +231,21 @@ def prepare(cache: Path, preset: str, seed: int, dtypes: list[str]) -> tuple[Pat
     return hf_dir, engines
 
 
+def decoder_weight_bytes(hf, arch: str) -> int:
+    """Bytes of the weights a decode step reads: the text decoder's parameters (shared ones once),
+    less an input embedding table that is not also the LM head (a step gathers only its rows)."""
+    if arch == "git":  # the text side of GitForCausalLM: BERT embeddings and layers, LM head
+        owner, modules = hf, [hf.git.embeddings, hf.git.encoder, hf.output]
+    else:
+        owner = hf.decoder if arch == "vit-gpt2" else hf.text_decoder
+        modules = [owner]
+    params = {id(p): p for m in modules for p in m.parameters()}
+    inp, out = owner.get_input_embeddings(), owner.get_output_embeddings()
+    if out is None or inp.weight is not out.weight:
+        params.pop(id(inp.weight), None)
+    return sum(p.numel() * p.element_size() for p in params.values())
+
+
 def decode_rate(first: dict, full: dict, new_tokens: int) -> dict:
     """ms per generated token after the first, from a 1-token and an N-token timing."""
     return {"ms_per_token": (full["median_ms"] - first["median_ms"]) / (new_tokens - 1),
@@ -137,47 +266,50 @@ def time_impl(impl: str, run, device: str, args) -> tuple[dict, torch.Tensor]:
     return record, run(n).cpu()
 
 
-def bench_dtype(dtype: str, engine_dir: Path, hf_dir: Path, args) -> tuple[list[dict], list[dict]]:
-    from transformers import VisionEncoderDecoderModel
+def bench_dtype(arch: str, dtype: str, engine_dir: Path, hf_dir: Path, args) -> tuple[list[dict], list[dict]]:
+    import transformers
 
     device = args.device
     pipe = mm.load(engine_dir, device=device)
-    hf = VisionEncoderDecoderModel.from_pretrained(hf_dir, dtype=DTYPES[dtype]).to(device).eval()
+    hf = getattr(transformers, HF_CLASSES[arch]).from_pretrained(hf_dir, dtype=DTYPES[dtype]).to(device).eval()
+    start = token_ids(model_spec(arch, args.preset, args.seed))[0]
     enc = pipe.config.encoder
     # every decode step reads all decoder weights once (tied lm_head counted once): a lower bound
     # on the bytes a step moves, for a GB/s figure comparable with the memory ceiling
-    step_bytes = sum(p.numel() * p.element_size() for p in hf.decoder.parameters())
+    step_bytes = decoder_weight_bytes(hf, arch)
     results, comparisons = [], []
     for batch in args.batch:
         g = torch.Generator().manual_seed(args.seed + batch)
-        # a ViTImageProcessor output lies in [-1, 1]
+        # preprocessed pixels lie in [-1, 1] (ViT's mean/std) or about [-1.8, 2.1] (CLIP's)
         px = torch.rand(batch, enc.num_channels, enc.image_size, enc.image_size, generator=g) * 2 - 1
         px_engine = px.to(device)
         px_hf = px.to(device, DTYPES[dtype])
+        # GIT's generate takes the start token as input_ids; ViT-GPT2 and BLIP add their own
+        hf_prompt = {"input_ids": torch.full((batch, 1), start, device=device)} if arch == "git" else {}
 
         def run_engine(n):
             return pipe.generate_ids(px_engine, max_new_tokens=n, min_new_tokens=n)
 
         def run_hf(n):
             with torch.inference_mode():
-                out = hf.generate(pixel_values=px_hf, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                  num_beams=1, use_cache=True)
-            return out[:, 1:]  # drop the decoder start token
+                out = hf.generate(pixel_values=px_hf, **hf_prompt, max_new_tokens=n, min_new_tokens=n,
+                                  do_sample=False, num_beams=1, use_cache=True)
+            return out[:, 1:]  # drop the start token
 
-        row = {"device": device, "dtype": dtype, "batch": batch}
-        log(f"timing engine {dtype} batch {batch} ...")
+        row = {"arch": arch, "device": device, "dtype": dtype, "batch": batch}
+        log(f"timing engine {arch} {dtype} batch {batch} ...")
         eng, eng_ids = time_impl("engine", run_engine, device, args)
         timed = [eng]
         if pipe.use_cuda_graphs:  # the same engine without graphs, to show what the graphs buy
             pipe.use_cuda_graphs = False
-            log(f"timing engine (eager) {dtype} batch {batch} ...")
+            log(f"timing engine (eager) {arch} {dtype} batch {batch} ...")
             eager, eager_ids = time_impl("engine-eager", run_engine, device, args)
             pipe.use_cuda_graphs = True
             if not torch.equal(eager_ids, eng_ids):
-                print(f"WARNING: graph and eager ids differ ({device} {dtype} batch {batch})", flush=True)
+                print(f"WARNING: graph and eager ids differ ({arch} {device} {dtype} batch {batch})", flush=True)
             eager["ids_equal_graph"] = torch.equal(eager_ids, eng_ids)
             timed.append(eager)
-        log(f"timing HF {dtype} batch {batch} ...")
+        log(f"timing HF {arch} {dtype} batch {batch} ...")
         ref, ref_ids = time_impl("HF", run_hf, device, args)
         timed.append(ref)
         for rec in timed:
@@ -188,16 +320,13 @@ def bench_dtype(dtype: str, engine_dir: Path, hf_dir: Path, args) -> tuple[list[
         same = eng_ids.shape == ref_ids.shape and bool((eng_ids == ref_ids).all())
         agree = float((eng_ids == ref_ids).float().mean()) if eng_ids.shape == ref_ids.shape else 0.0
         if not same:
-            print(f"WARNING: engine and HF greedy ids differ ({device} {dtype} batch {batch}): "
+            print(f"WARNING: engine and HF greedy ids differ ({arch} {device} {dtype} batch {batch}): "
                   f"{agree:.1%} of tokens agree", flush=True)
         comparisons.append({**row, "impl": "engine/HF",
                             "first_token_ms": eng["first_token_ms"] / ref["first_token_ms"],
                             "ms_per_token": eng["ms_per_token"] / ref["ms_per_token"],
                             "ids_match": same, "ids_agree_fraction": agree,
                             "hf_attn_implementation": getattr(hf.config, "_attn_implementation", None)})
-    del pipe, hf
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
     return results, comparisons
 
 
@@ -205,6 +334,8 @@ def parse_args(argv=None):
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", nargs="+", choices=ARCHS, default=["vit-gpt2"],
+                    help="captioners to time, each in turn (default vit-gpt2)")
     ap.add_argument("--device", default=default_device, help=f"cpu | cuda | cuda:N (default {default_device})")
     ap.add_argument("--dtype", nargs="+", choices=list(DTYPES),
                     help="dtypes to time (default float32 on CPU, float16 on CUDA)")
@@ -214,23 +345,25 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=3, help="untimed calls before each figure (default 3, min 2)")
     ap.add_argument("--flush-l2", action="store_true", help="CUDA: write 256 MB before each timed call")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: leave torch's choice)")
-    ap.add_argument("--quick", action="store_true", help="tiny random model, for smoke tests and CI")
+    ap.add_argument("--quick", action="store_true", help="tiny random models, for smoke tests and CI")
     ap.add_argument("--seed", type=int, default=0, help="weights and inputs seed (default 0)")
     ap.add_argument("--cache-dir", type=Path, default=Path("build/bench_caption"),
-                    help="where the HF model and engine checkpoints are kept (default build/bench_caption)")
+                    help="where the HF models and engine checkpoints are kept, one folder per arch "
+                         "(default build/bench_caption)")
     ap.add_argument("--json", type=Path, help="results file (default <cache-dir>/results.json; "
                                               "results_quick.json with --quick)")
     args = ap.parse_args(argv)
+    args.arch = list(dict.fromkeys(args.arch))  # in the order given, once each
     args.preset = "quick" if args.quick else "full"
     try:
         args.device = str(torch.device(args.device))
     except RuntimeError:
         ap.error(f"invalid --device {args.device!r}; use cpu, cuda or cuda:N")
     args.dtype = args.dtype or (["float16"] if args.device.startswith("cuda") else ["float32"])
-    args.new_tokens = args.new_tokens or PRESETS[args.preset]["new_tokens"]
+    args.new_tokens = args.new_tokens or max(PRESETS[a][args.preset]["new_tokens"] for a in args.arch)
     args.repeats = args.repeats or (3 if args.quick else 5)
     args.json = args.json or args.cache_dir / ("results_quick.json" if args.quick else "results.json")
-    max_new = PRESETS[args.preset]["decoder"]["n_positions"] - 1
+    max_new = min(max_positions(a, args.preset) for a in args.arch) - 1  # the start token takes a position
     if not 2 <= args.new_tokens <= max_new:
         ap.error(f"--new-tokens must be in [2, {max_new}]")
     if args.warmup < 2 or args.repeats < 1 or min(args.batch) < 1:
@@ -248,34 +381,40 @@ def main(argv=None) -> int:
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
 
-    hf_dir, engines = prepare(args.cache_dir, args.preset, args.seed, args.dtype)
     results, comparisons = [], []
-    for dtype in args.dtype:
-        r, c = bench_dtype(dtype, engines[dtype], hf_dir, args)
-        results += r
-        comparisons += c
+    for arch in args.arch:
+        hf_dir, engines = prepare(args.cache_dir, arch, args.preset, args.seed, args.dtype)
+        for dtype in args.dtype:
+            r, c = bench_dtype(arch, dtype, engines[dtype], hf_dir, args)
+            results += r
+            comparisons += c
+            if args.device.startswith("cuda"):  # the two models went with bench_dtype's frame
+                torch.cuda.empty_cache()
 
     ids_match = all(c["ids_match"] for c in comparisons)
     info = mm.build_info()
     payload = {"benchmark": "caption", "machine": machine_info(args.device),
                "engine": {"version": info["version"], "cuda": info["cuda"], "triton": info["triton"]},
                "transformers": transformers.__version__,
-               "model": model_spec(args.preset, args.seed),
-               "settings": {"device": args.device, "dtypes": args.dtype, "batch": args.batch,
+               "models": {arch: {"name": PRESETS[arch][args.preset]["name"],
+                                 **model_spec(arch, args.preset, args.seed)} for arch in args.arch},
+               "settings": {"archs": args.arch, "device": args.device, "dtypes": args.dtype, "batch": args.batch,
                             "new_tokens": args.new_tokens, "warmup": args.warmup, "repeats": args.repeats,
                             "flush_l2": args.flush_l2, "threads": torch.get_num_threads()},
                "results": results, "comparisons": comparisons, "ids_match": ids_match}
     write_json(args.json, payload)
     log(f"wrote {args.json}")
 
+    keys = ("arch", "device", "dtype", "batch")
     rows = []
     for c in comparisons:
-        rows += [r for r in results if (r["device"], r["dtype"], r["batch"]) == (c["device"], c["dtype"], c["batch"])]
+        rows += [r for r in results if all(r[k] == c[k] for k in keys)]
         rows.append(c)
-    columns = ["device", "dtype", "batch", "impl", "first_token_ms", "first_token_p90_ms", "ms_per_token",
+    columns = ["arch", "device", "dtype", "batch", "impl", "first_token_ms", "first_token_p90_ms", "ms_per_token",
                "ms_per_token_p90", "weight_GBps"]
     m = payload["machine"]
-    print(f"\ncaption benchmark ({args.preset}, N={args.new_tokens}, {args.repeats} repeats) on "
+    models = ", ".join(f"{a}: {PRESETS[a][args.preset]['name']}" for a in args.arch)
+    print(f"\ncaption benchmark ({args.preset}; {models}; N={args.new_tokens}, {args.repeats} repeats) on "
           f"{m.get('gpu', m['cpu'])}, torch threads {m['torch_threads']}")
     print(format_table(rows, columns))
     bad = [k for r in results for k in ("first_token_ms", "ms_per_token") if not math.isfinite(r[k])]

@@ -26,7 +26,9 @@ def _caption(args) -> None:
     from . import load
 
     pipe = load(args.model, device=args.device, dtype=args.dtype)
-    captions = pipe.caption(args.images, max_new_tokens=args.max_new_tokens)
+    if pipe.task != "captioning":
+        raise MMGenError(f"{args.model}: a {pipe.task} checkpoint, not a captioning one")
+    captions = pipe.caption(args.images, max_new_tokens=args.max_new_tokens, prompt=args.prompt)
     if args.json:
         print(json.dumps([{"image": str(i), "caption": c} for i, c in zip(args.images, captions)], indent=2))
     else:
@@ -101,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default="cpu")
     c.add_argument("--dtype", choices=DTYPES, default=None)
     c.add_argument("--max-new-tokens", type=int, default=20)
+    c.add_argument("--prompt", help="text the captions continue (and start with), e.g. BLIP's \"a picture of\"")
     c.add_argument("--json", action="store_true", help="print JSON instead of plain text")
     c.set_defaults(func=_caption)
 

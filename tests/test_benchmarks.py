@@ -29,10 +29,12 @@ def test_bench_caption_quick(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     # the table comes last on stdout: header, rule, engine, HF, ratio rows per batch
     lines = proc.stdout.strip().splitlines()
-    assert lines[-8].startswith("| device") and "engine/HF" in lines[-1]
+    assert lines[-8].startswith("| arch") and "engine/HF" in lines[-1]
 
     data = json.loads(out.read_text())
     assert data["ids_match"] is True
+    assert data["settings"]["archs"] == ["vit-gpt2"] and list(data["models"]) == ["vit-gpt2"]
+    assert {r["arch"] for r in data["results"] + data["comparisons"]} == {"vit-gpt2"}
     for key in ("cpu", "cpu_count", "torch_threads", "torch"):
         assert key in data["machine"]
     assert data["machine"]["torch_threads"] == data["settings"]["threads"] == 1
@@ -53,6 +55,38 @@ def test_bench_caption_quick(tmp_path):
     for c in data["comparisons"]:
         assert c["ids_match"] is True and c["ids_agree_fraction"] == 1.0
         assert _positive(c["first_token_ms"]) and _positive(c["ms_per_token"])
+
+
+@pytest.mark.parametrize("arch", ["blip", "git"])
+def test_bench_caption_quick_arch(tmp_path, arch):
+    """--arch blip / git: a tiny random BLIP / GIT, the engine against transformers' generate."""
+    pytest.importorskip("transformers")
+    out = tmp_path / "results.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_caption.py"), "--quick", "--arch", arch, "--device", "cpu",
+         "--batch", "1", "2", "--threads", "1", "--warmup", "2", "--repeats", "2",
+         "--cache-dir", str(tmp_path / "cache"), "--json", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "WARNING" not in proc.stdout, proc.stdout[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-8].startswith("| arch") and lines[-1].startswith(f"| {arch} ") and "engine/HF" in lines[-1]
+    assert (tmp_path / "cache" / arch / "hf_quick" / "config.json").is_file()
+
+    data = json.loads(out.read_text())
+    assert data["settings"]["archs"] == [arch] and list(data["models"]) == [arch]
+    assert data["models"][arch]["arch"] == arch and data["machine"]["torch_threads"] == 1
+    assert sorted((r["arch"], r["impl"], r["batch"]) for r in data["results"]) == [
+        (arch, i, b) for i in ("HF", "engine") for b in (1, 2)]
+    for r in data["results"]:
+        assert r["new_tokens"] == 16 and r["n_tokens"]["repeats"] == 2
+        for key in ("first_token_ms", "ms_per_token", "weight_GBps"):
+            assert _positive(r[key]), (r["impl"], r["batch"], key, r[key])
+    # the engine's greedy ids equal transformers' on the timed batches
+    assert data["ids_match"] is True
+    assert [(c["arch"], c["batch"]) for c in data["comparisons"]] == [(arch, 1), (arch, 2)]
+    for c in data["comparisons"]:
+        assert c["ids_match"] is True and c["ids_agree_fraction"] == 1.0
 
 
 def test_bench_linear_quick(tmp_path):

@@ -35,3 +35,15 @@ def test_convert_then_caption(tmp_path):
     assert [r["caption"] for r in result] == expected and [r["image"] for r in result] == list(map(str, images))
     proc = run("caption", images[0], "--model", tmp_path / "engine", "--max-new-tokens", "8")
     assert proc.returncode == 0 and proc.stdout.strip() == expected[0]
+
+
+def test_blip_caption_with_a_prompt(tmp_path):
+    from hf_models import make_blip, save_blip
+    src = save_blip(make_blip(seed=3), tmp_path / "hf")
+    assert run("convert", src, tmp_path / "engine").returncode == 0
+    image = tmp_path / "img.png"
+    PIL.Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(image)
+    proc = run("caption", image, "--model", tmp_path / "engine", "--prompt", "W5 w6", "--max-new-tokens", "6")
+    assert proc.returncode == 0, proc.stderr
+    expected = mm.load(tmp_path / "engine").caption([image], max_new_tokens=6, prompt="w5 w6")[0]
+    assert proc.stdout.strip() == expected and expected.startswith("w5 w6 ")
