@@ -302,3 +302,26 @@ def test_detection_and_half_precision(tmp_path):
     half = mm.load(mm.convert(paths["hf-git"], tmp_path / "half", dtype="float16"))
     assert half.config.dtype == "float16" and half.model.decoder.wte.dtype == torch.float16
     assert half.generate_ids(pixels(2), 6).shape == (2, 6)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda c: c.update(mapper_sizes=[24, 512]) if c["architecture"] == "clipcap" else None, None),
+    (lambda c: c.update(architecture="git"), "needs a BertConfig decoder"),
+    (lambda c: c.update(prefix_length=5), "mapper_sizes must run from"),
+    (lambda c: c["generation"].update(decoder_start_token_id=None, eos_token_id=500), "outside the vocabulary"),
+    (lambda c: c["decoder"].update(cross_attention=True), "has no cross-attention"),
+    (lambda c: c["preprocess"].update(shortest_edge=16), "center crop"),
+], ids=["consistent-edit", "decoder-family", "prefix-length", "eos-range", "cross-attention", "crop"])
+def test_edited_checkpoint_configs_fail_at_load(tmp_path, edit, message):
+    """A converted ClipCap checkpoint whose config.json was edited inconsistently: one clear line."""
+    model, clip = make_clipcap()
+    out = mm.convert(save_clipcap(model, clip, tmp_path / "src"), tmp_path / "engine")
+    cfg = json.loads((out / "config.json").read_text())
+    edit(cfg)
+    (out / "config.json").write_text(json.dumps(cfg))
+    if message is None:  # an edit that keeps the config valid but no longer matches the weights
+        with pytest.raises(mm.CheckpointError, match="mapper"):
+            mm.load(out)
+        return
+    with pytest.raises(mm.CheckpointError, match=message):
+        mm.load(out)
