@@ -34,10 +34,10 @@ timeout 80 "$PY" benchmarks/bench_kernels.py ${QUICK:+--quick} --json "$OUT/benc
   >"$OUT/bench_kernels.log" 2>&1 || status=1
 tail -5 "$OUT/bench_kernels.log"
 
-step "captioning benchmark: engine vs transformers, ViT-B/16 + GPT-2 small, fp16"
-timeout 120 "$PY" benchmarks/bench_caption.py --device cuda --dtype float16 --batch 1 16 --new-tokens 32 \
-  --repeats 5 --warmup 3 --cache-dir build/bench_caption --json "$OUT/bench_caption.json" \
-  >"$OUT/bench_caption.log" 2>&1 || status=1
+step "captioning benchmark: engine vs transformers, ViT-B/16 + GPT-2 small, BLIP-base, GIT-base, fp16"
+timeout 240 "$PY" benchmarks/bench_caption.py --arch vit-gpt2 blip git --device cuda --dtype float16 \
+  --batch 1 16 --new-tokens 32 --repeats 5 --warmup 3 --cache-dir build/bench_caption \
+  --json "$OUT/bench_caption.json" >"$OUT/bench_caption.log" 2>&1 || status=1
 
 step "text-to-image: engine vs min-dalle, DALL-E Mini size, random weights, fp16"
 # min-dalle, dall-e and taming ship as wheels carried in build/upstream_wheels (the machine has no
