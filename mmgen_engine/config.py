@@ -130,9 +130,8 @@ class ViTConfig:
 
 
 @dataclass(frozen=True)
-class GPT2Config:
-    """GPT-2 decoder: blocks ln_1 > attn, (ln_cross > cross-attn,) ln_2 > mlp. Without
-    ``cross_attention`` the encoder states are a prefix of input embeddings (ClipCap)."""
+class TextDecoderConfig:
+    """The sizes every text decoder has; a family's config adds its own fields."""
 
     vocab_size: int
     hidden_size: int
@@ -140,12 +139,8 @@ class GPT2Config:
     num_heads: int
     intermediate_size: int
     max_positions: int
-    layer_norm_eps: float = 1e-5
-    activation: str = "gelu_tanh"
-    scale_attn_weights: bool = True
-    scale_attn_by_inverse_layer_idx: bool = False
-    tie_word_embeddings: bool = True
-    cross_attention: bool = True
+    layer_norm_eps: float
+    activation: str
 
     @property
     def head_dim(self) -> int:
@@ -160,7 +155,20 @@ class GPT2Config:
 
 
 @dataclass(frozen=True)
-class BertConfig:
+class GPT2Config(TextDecoderConfig):
+    """GPT-2 decoder: blocks ln_1 > attn, (ln_cross > cross-attn,) ln_2 > mlp. Without
+    ``cross_attention`` the encoder states are a prefix of input embeddings (ClipCap)."""
+
+    layer_norm_eps: float = 1e-5
+    activation: str = "gelu_tanh"
+    scale_attn_weights: bool = True
+    scale_attn_by_inverse_layer_idx: bool = False
+    tie_word_embeddings: bool = True
+    cross_attention: bool = True
+
+
+@dataclass(frozen=True)
+class BertConfig(TextDecoderConfig):
     """BERT-style post-LayerNorm text decoder (BLIP's text decoder, GIT's): embeddings + LayerNorm,
     blocks ``h = ln(h + attn(h)); (h = ln(h + cross(h));) h = ln(h + mlp(h))``, then the head.
     ``encoder_hidden_size`` set: cross-attention to encoder states of that width (BLIP); None: the
@@ -169,30 +177,16 @@ class BertConfig:
     the vocabulary projection (BLIP); the projection is tied to the word embeddings when
     ``tie_word_embeddings`` and always has a bias."""
 
-    vocab_size: int
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    intermediate_size: int
-    max_positions: int
     layer_norm_eps: float = 1e-12
     activation: str = "gelu"
     encoder_hidden_size: int | None = None
     head_transform: bool = False
     tie_word_embeddings: bool = False
 
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
     def validate(self, where: str):
-        _positive(where, vocab_size=self.vocab_size, hidden_size=self.hidden_size,
-                  num_layers=self.num_layers, num_heads=self.num_heads,
-                  intermediate_size=self.intermediate_size, max_positions=self.max_positions,
-                  layer_norm_eps=self.layer_norm_eps)
+        super().validate(where)
         if self.encoder_hidden_size is not None:
             _positive(where, encoder_hidden_size=self.encoder_hidden_size)
-        _check_transformer(where, self.hidden_size, self.num_heads, self.activation)
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ from pathlib import Path
 from ..config import FORMAT_NAME, FORMAT_VERSION, CaptioningConfig
 from ..errors import ConversionError
 from . import hf
-from .hf_towers import (BLIP_VISION_DEFAULTS, activation, bert_decoder_rules, blip_vision_rules, check_config,
-                        image_preprocess, settings, tied_copy, token_id, vit_config)
+from .hf_towers import (BLIP_VISION_DEFAULTS, bert_config, bert_decoder_rules, blip_vision_rules, check_config,
+                        image_preprocess, model_type, read_config, settings, tied_copy, token_id, vit_config)
 from .keymap import apply_rules, finish, rule
 
 NAME = "hf-blip"
@@ -34,22 +34,12 @@ IGNORED = [r".*\.position_ids"]
 
 
 def detect(src: Path) -> bool:
-    if not (src.is_dir() and (src / "config.json").is_file()):
-        return False
-    try:
-        return hf.read_json(src / "config.json").get("model_type") == "blip"
-    except ConversionError:
-        return False
+    return model_type(src) == "blip"
 
 
 def convert(src: Path, dtype: str | None, workdir: Path, trust_pickle: bool = False):
     """Returns ``(config dict, tensors, files to copy)``; never unpickles."""
-    if not src.is_dir():
-        raise ConversionError(f"{src}: expected a Hugging Face model directory")
-    where = str(src / "config.json")
-    top = hf.read_json(src / "config.json")
-    if top.get("model_type") != "blip":
-        raise ConversionError(f"{where}: model_type {top.get('model_type')!r} is not 'blip'")
+    top, where = read_config(src, "blip")
     archs = top.get("architectures") or ["BlipForConditionalGeneration"]
     if "BlipForConditionalGeneration" not in archs:
         raise ConversionError(f"{where}: {archs} is not a BLIP captioning model (BlipForConditionalGeneration); "
@@ -58,12 +48,8 @@ def convert(src: Path, dtype: str | None, workdir: Path, trust_pickle: bool = Fa
     text = settings(top.get("text_config"), TEXT_DEFAULTS, where + ": text_config")
     tied = bool(text["tie_word_embeddings"]) and bool(top.get("tie_word_embeddings", True))
     encoder = vit_config(vision, where, clip=False)
-    decoder = {"vocab_size": text["vocab_size"], "hidden_size": text["hidden_size"],
-               "num_layers": text["num_hidden_layers"], "num_heads": text["num_attention_heads"],
-               "intermediate_size": text["intermediate_size"], "max_positions": text["max_position_embeddings"],
-               "layer_norm_eps": text["layer_norm_eps"], "activation": activation(text["hidden_act"], where),
-               # BlipConfig sets the text decoder's cross-attention width to the vision width
-               "encoder_hidden_size": vision["hidden_size"], "head_transform": True, "tie_word_embeddings": tied}
+    # BlipConfig sets the text decoder's cross-attention width to the vision width
+    decoder = bert_config(text, where, vision["hidden_size"], head_transform=True, tied=tied)
     sources = [text]
     generation = {"decoder_start_token_id": token_id(sources, "bos_token_id", where),
                   "eos_token_id": token_id(sources, "sep_token_id", where),

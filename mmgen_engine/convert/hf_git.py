@@ -16,8 +16,9 @@ from pathlib import Path
 from ..config import FORMAT_NAME, FORMAT_VERSION, CaptioningConfig
 from ..errors import ConversionError
 from . import hf
-from .hf_towers import (GIT_VISION_DEFAULTS, activation, bert_decoder_rules, check_config, clip_vision_rules,
-                        generation_sources, image_preprocess, settings, tied_copy, token_id, vit_config)
+from .hf_towers import (GIT_VISION_DEFAULTS, bert_config, bert_decoder_rules, check_config, clip_vision_rules,
+                        generation_sources, image_preprocess, model_type, read_config, settings, tied_copy, token_id,
+                        vit_config)
 from .keymap import apply_rules, finish, rule
 
 NAME = "hf-git"
@@ -29,33 +30,19 @@ IGNORED = [r".*\.position_ids"]
 
 
 def detect(src: Path) -> bool:
-    if not (src.is_dir() and (src / "config.json").is_file()):
-        return False
-    try:
-        return hf.read_json(src / "config.json").get("model_type") == "git"
-    except ConversionError:
-        return False
+    return model_type(src) == "git"
 
 
 def convert(src: Path, dtype: str | None, workdir: Path, trust_pickle: bool = False):
     """Returns ``(config dict, tensors, files to copy)``; never unpickles."""
-    if not src.is_dir():
-        raise ConversionError(f"{src}: expected a Hugging Face model directory")
-    where = str(src / "config.json")
-    top = hf.read_json(src / "config.json")
-    if top.get("model_type") != "git":
-        raise ConversionError(f"{where}: model_type {top.get('model_type')!r} is not 'git'")
+    top, where = read_config(src, "git")
     if top.get("num_image_with_embedding") is not None:
         raise ConversionError(f"{where}: video GIT (num_image_with_embedding) is not supported")
     vision = settings(top.get("vision_config"), GIT_VISION_DEFAULTS, where + ": vision_config")
     text = settings(top, TEXT_DEFAULTS, where)
     tied = bool(text["tie_word_embeddings"])
     encoder = vit_config(vision, where, clip=True)
-    decoder = {"vocab_size": text["vocab_size"], "hidden_size": text["hidden_size"],
-               "num_layers": text["num_hidden_layers"], "num_heads": text["num_attention_heads"],
-               "intermediate_size": text["intermediate_size"], "max_positions": text["max_position_embeddings"],
-               "layer_norm_eps": text["layer_norm_eps"], "activation": activation(text["hidden_act"], where),
-               "encoder_hidden_size": None, "head_transform": False, "tie_word_embeddings": tied}
+    decoder = bert_config(text, where, None, head_transform=False, tied=tied)
     sources = generation_sources(src, text)
     eos = token_id(sources, "eos_token_id", where)
     generation = {"decoder_start_token_id": token_id(sources, "bos_token_id", where), "eos_token_id": eos,

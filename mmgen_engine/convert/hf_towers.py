@@ -27,6 +27,27 @@ BLIP_VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_
                             num_channels=3, image_size=384, patch_size=16, hidden_act="gelu", layer_norm_eps=1e-5)
 
 
+def model_type(src: Path) -> str | None:
+    """``model_type`` of the HF directory ``src`` (None: not a readable HF directory), for ``detect``."""
+    if not (src.is_dir() and (src / "config.json").is_file()):
+        return None
+    try:
+        return hf.read_json(src / "config.json").get("model_type")
+    except ConversionError:
+        return None
+
+
+def read_config(src: Path, expected: str) -> tuple[dict, str]:
+    """``(config.json of the HF directory src, its path for messages)``; its model_type must be ``expected``."""
+    if not src.is_dir():
+        raise ConversionError(f"{src}: expected a Hugging Face model directory")
+    where = str(src / "config.json")
+    top = hf.read_json(src / "config.json")
+    if top.get("model_type") != expected:
+        raise ConversionError(f"{where}: model_type {top.get('model_type')!r} is not {expected!r}")
+    return top, where
+
+
 def settings(cfg, defaults: dict, where: str) -> dict:
     """``cfg`` (a config.json object) over ``defaults``; a non-object is an error."""
     if cfg is None:
@@ -67,6 +88,16 @@ def vit_config(v: dict, where: str, clip: bool) -> dict:
             "patch_size": square(v["patch_size"], "patch_size", where), "num_channels": v["num_channels"],
             "layer_norm_eps": v["layer_norm_eps"], "activation": activation(v["hidden_act"], where),
             "qkv_bias": True, "patch_bias": not clip, "pre_norm": clip}
+
+
+def bert_config(text: dict, where: str, encoder_hidden_size: int | None, head_transform: bool,
+                tied: bool) -> dict:
+    """The engine BertConfig of a BERT-style text config (BLIP's text_config, GIT's top level)."""
+    return {"vocab_size": text["vocab_size"], "hidden_size": text["hidden_size"],
+            "num_layers": text["num_hidden_layers"], "num_heads": text["num_attention_heads"],
+            "intermediate_size": text["intermediate_size"], "max_positions": text["max_position_embeddings"],
+            "layer_norm_eps": text["layer_norm_eps"], "activation": activation(text["hidden_act"], where),
+            "encoder_hidden_size": encoder_hidden_size, "head_transform": head_transform, "tie_word_embeddings": tied}
 
 
 def token_id(sources: list[dict], key: str, where: str, default=None) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 from ..config import FORMAT_NAME, FORMAT_VERSION, CaptioningConfig
 from ..errors import ConversionError
 from . import hf
-from .hf_towers import activation, check_config, generation_sources, image_preprocess, require, token_id
+from .hf_towers import activation, check_config, generation_sources, image_preprocess, model_type, require, token_id
 from .keymap import apply_rules, concat, finish, flatten_conv, rename_keys, rule, squeeze_leading, transpose
 
 NAME = "hf-vision-encoder-decoder"
@@ -81,15 +81,7 @@ IGNORED = [r"encoder\.pooler\..*", r"decoder\.transformer\.h\.\d+\.(attn|crossat
 
 
 def detect(src: Path) -> bool:
-    if not src.is_dir():
-        return False
-    cfg = src / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        return hf.read_json(cfg).get("model_type") == "vision-encoder-decoder"
-    except ConversionError:
-        return False
+    return model_type(src) == "vision-encoder-decoder"
 
 
 def convert(src: Path, dtype: str | None, workdir: Path, trust_pickle: bool = False):
