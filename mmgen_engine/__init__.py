@@ -18,7 +18,8 @@ from .convert import convert
 from .demo import demo_model
 from .errors import BackendError, CheckpointError, ConversionError, InputError, MMGenError
 from .ops import available_backends
-from .pipelines import PIPELINES, CaptioningPipeline, ImageDetokenizer, TextToImagePipeline
+from .pipelines import (PIPELINES, CaptioningPipeline, ImageDetokenizer, SpeechToGesturePipeline,
+                        TextToImagePipeline)
 from .runtime import SamplingParams
 
 __version__ = importlib.metadata.version("mmgen-engine")
@@ -72,4 +73,4 @@ def build_info() -> dict:
 
 __all__ = ["BackendError", "build_info", "CaptioningPipeline", "CheckpointError", "ConversionError",
            "convert", "demo_model", "ImageDetokenizer", "InputError", "load", "MMGenError", "SamplingParams",
-           "TextToImagePipeline"]
+           "SpeechToGesturePipeline", "TextToImagePipeline"]

@@ -536,6 +536,116 @@ class ImageDetokenizerConfig(CheckpointConfig):
                                   f"detokenizer.architecture {self.detokenizer.architecture!r}")
 
 
+@dataclass(frozen=True)
+class AudioEncoderConfig:
+    """a2g-gpt's audio encoder: two Conv1d (kernel 3, stride 2, padding 1, exact GELU) over log-mel
+    frames, learned positions, pre-LN transformer blocks, a final LayerNorm."""
+
+    n_mels: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    max_positions: int
+    layer_norm_eps: float = 1e-5
+
+    def validate(self, where: str):
+        _positive(where, n_mels=self.n_mels, hidden_size=self.hidden_size, num_layers=self.num_layers,
+                  num_heads=self.num_heads, intermediate_size=self.intermediate_size,
+                  max_positions=self.max_positions, layer_norm_eps=self.layer_norm_eps)
+        _check_transformer(where, self.hidden_size, self.num_heads, "gelu")
+
+
+@dataclass(frozen=True)
+class MotionVQConfig:
+    """The decoder of a T2M-GPT-style motion VQ-VAE: codebook -> Conv1d -> ReLU -> ``levels`` x
+    (ResStack with dilations ``growth**i`` reversed, nearest 2x upsample, Conv1d) -> Conv1d -> ReLU ->
+    Conv1d to ``2 * joints`` normalized coordinates per frame."""
+
+    codebook_size: int
+    code_dim: int
+    width: int
+    depth: int
+    growth: int
+    joints: int = 52
+    levels: int = 2
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** self.levels
+
+    def validate(self, where: str):
+        _positive(where, codebook_size=self.codebook_size, code_dim=self.code_dim, width=self.width,
+                  depth=self.depth, growth=self.growth, joints=self.joints, levels=self.levels)
+
+
+GESTURE_FRONT_ENDS = ("log_mel_400",)
+
+
+@dataclass(frozen=True)
+class GestureConfig:
+    """How audio becomes poses: the audio front end, the frame rate, the sliding windows (see
+    :mod:`mmgen_engine.pipelines.gesture_windows`), the decoder's special tokens and the skeleton
+    (parent of each joint, -1 for the root)."""
+
+    bos_token_id: int
+    eos_token_id: int
+    skeleton: list[int]
+    front_end: str = "log_mel_400"
+    sample_rate: int = 16000
+    fps: int = 15
+    window_frames: int = 64
+    seed_tokens: int = 4
+
+    def validate(self, where: str):
+        _positive(where, fps=self.fps, window_frames=self.window_frames, seed_tokens=self.seed_tokens)
+        if self.front_end not in GESTURE_FRONT_ENDS or self.sample_rate != 16000:
+            raise CheckpointError(f"{where}: unsupported audio front end {self.front_end!r} at "
+                                  f"{self.sample_rate} Hz (log_mel_400 at 16000 Hz)")
+        if self.skeleton[:1] != [-1] or any(not 0 <= p < i for i, p in enumerate(self.skeleton) if i):
+            raise CheckpointError(f"{where}.skeleton must list each joint's parent, an earlier joint, "
+                                  f"with -1 for joint 0")
+
+
+@dataclass(frozen=True)
+class SpeechToGestureConfig(CheckpointConfig):
+    """A speech-to-gesture checkpoint (a2g-gpt): audio encoder, GPT-2 decoder with cross-attention
+    over motion tokens, motion VQ decoder."""
+
+    audio_encoder: AudioEncoderConfig
+    decoder: GPT2Config
+    motion: MotionVQConfig
+    gesture: GestureConfig
+
+    TASK = "speech-to-gesture"
+    ARCHITECTURES = ("a2g-gpt",)
+
+    @property
+    def window_tokens(self) -> int:
+        return self.gesture.window_frames // self.motion.downsample_factor
+
+    def validate(self, where: str):
+        self.validate_header(where)
+        enc, dec, motion, g = self.audio_encoder, self.decoder, self.motion, self.gesture
+        if not dec.cross_attention or enc.hidden_size != dec.hidden_size:
+            raise CheckpointError(f"{where}: the decoder must cross-attend to the {enc.hidden_size}-wide audio "
+                                  f"states")
+        if g.window_frames % motion.downsample_factor or g.seed_tokens >= self.window_tokens:
+            raise CheckpointError(f"{where}.gesture: a window of {g.window_frames} frames must be whole motion "
+                                  f"tokens ({motion.downsample_factor} frames each) and longer than its "
+                                  f"{g.seed_tokens} seed tokens")
+        if dec.max_positions < self.window_tokens + 1:
+            raise CheckpointError(f"{where}: the decoder's {dec.max_positions} positions do not hold a window's "
+                                  f"{self.window_tokens} tokens after bos")
+        ids = {g.bos_token_id, g.eos_token_id}
+        if len(ids) != 2 or min(ids) < motion.codebook_size or max(ids) >= dec.vocab_size:
+            raise CheckpointError(f"{where}.gesture: bos and eos must be distinct ids after the "
+                                  f"{motion.codebook_size} motion codes, inside the vocabulary of {dec.vocab_size}")
+        if len(g.skeleton) != motion.joints:
+            raise CheckpointError(f"{where}.gesture.skeleton has {len(g.skeleton)} joints, the motion decoder "
+                                  f"{motion.joints}")
+
+
 # task -> top-level config class; the one place a task name chooses a config type.
 CONFIG_CLASSES = {"captioning": CaptioningConfig, "text-to-image": TextToImageConfig,
-                  "image-detokenizer": ImageDetokenizerConfig}
+                  "speech-to-gesture": SpeechToGestureConfig, "image-detokenizer": ImageDetokenizerConfig}

@@ -12,10 +12,10 @@ from pathlib import Path
 from ..checkpoint import save_checkpoint
 from ..config import DTYPES
 from ..errors import CheckpointError, ConversionError
-from . import clipcap, hf_blip, hf_git, hf_vision_encoder_decoder, min_dalle, openai_dvae, taming_vqgan
+from . import a2g_gpt, clipcap, hf_blip, hf_git, hf_vision_encoder_decoder, min_dalle, openai_dvae, taming_vqgan
 
 CONVERTERS = {m.NAME: m for m in (hf_vision_encoder_decoder, hf_blip, hf_git, clipcap, min_dalle, taming_vqgan,
-                                  openai_dvae)}
+                                  openai_dvae, a2g_gpt)}
 
 
 def detect_format(src: Path) -> str:

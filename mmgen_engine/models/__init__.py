@@ -1,6 +1,7 @@
 """Model families. ``ARCHITECTURES`` maps a checkpoint's ``architecture`` to its model class;
 ``DETOKENIZERS`` maps an image detokenizer's architecture to its class."""
 from ..config import DetokenizerConfig
+from .a2g_gpt import A2GGpt
 from .bert import BertDecoder
 from .blip import Blip
 from .clipcap import ClipCap
@@ -12,7 +13,8 @@ from .vit import ViTEncoder
 from .vit_gpt2 import VitGpt2
 from .vqgan import VQGANDecoder
 
-ARCHITECTURES = {"vit-gpt2": VitGpt2, "blip": Blip, "git": Git, "clipcap": ClipCap, "dalle-bart": DalleBart}
+ARCHITECTURES = {"vit-gpt2": VitGpt2, "blip": Blip, "git": Git, "clipcap": ClipCap, "dalle-bart": DalleBart,
+                 "a2g-gpt": A2GGpt}
 DETOKENIZERS = {"vqgan": VQGANDecoder, "dvae": DVAEDecoder}
 
 
@@ -28,5 +30,5 @@ def build_model(cfg, device=None):
     return ARCHITECTURES[cfg.architecture](cfg, device)
 
 
-__all__ = ["ARCHITECTURES", "BertDecoder", "Blip", "ClipCap", "DalleBart", "Git", "build_detokenizer", "build_model", "DETOKENIZERS", "DVAEDecoder", "GPT2Decoder", "ViTEncoder",
+__all__ = ["A2GGpt", "ARCHITECTURES", "BertDecoder", "Blip", "ClipCap", "DalleBart", "Git", "build_detokenizer", "build_model", "DETOKENIZERS", "DVAEDecoder", "GPT2Decoder", "ViTEncoder",
            "VitGpt2", "VQGANDecoder"]

@@ -10,27 +10,11 @@ exactly that matmul over non-overlapping patches).
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from ..config import ViTConfig
-from ..layers import MLP, LayerNorm, Linear, SelfAttention
-
-
-class ViTBlock(nn.Module):
-    def __init__(self, cfg: ViTConfig, device=None):
-        super().__init__()
-        d = cfg.hidden_size
-        self.ln1 = LayerNorm(d, cfg.layer_norm_eps, device)
-        self.attn = SelfAttention(d, cfg.num_heads, 1 / math.sqrt(d // cfg.num_heads), cfg.qkv_bias, device)
-        self.ln2 = LayerNorm(d, cfg.layer_norm_eps, device)
-        self.mlp = MLP(d, cfg.intermediate_size, cfg.activation, device)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        x, h = self.ln2.add(self.attn(self.ln1(h)), h)  # x = ln2(h + attn), h = h + attn
-        return h + self.mlp(x)
+from ..layers import EncoderBlock, LayerNorm, Linear
 
 
 class ViTEncoder(nn.Module):
@@ -42,7 +26,8 @@ class ViTEncoder(nn.Module):
         self.cls_token = nn.Parameter(torch.empty(d, device=device))
         self.pos_embed = nn.Parameter(torch.empty(cfg.num_patches + 1, d, device=device))
         self.ln_pre = LayerNorm(d, cfg.layer_norm_eps, device) if cfg.pre_norm else None
-        self.layers = nn.ModuleList(ViTBlock(cfg, device) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(EncoderBlock(d, cfg.num_heads, cfg.intermediate_size, cfg.layer_norm_eps,
+                                                 cfg.activation, cfg.qkv_bias, device) for _ in range(cfg.num_layers))
         self.ln_f = LayerNorm(d, cfg.layer_norm_eps, device)
         self.requires_grad_(False)
 

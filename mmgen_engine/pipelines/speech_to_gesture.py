@@ -1,0 +1,115 @@
+"""Speech-to-gesture: speech audio -> log-mel -> audio encoder -> GPT over motion tokens (cross-attention
+to the audio) -> motion VQ decoder -> 2D upper-body poses, window by window.
+
+The audio (a WAV file or an array; any rate, mixed down to mono and resampled to 16 kHz) is cut into
+the fixed windows of :mod:`.gesture_windows`: per window the encoder runs once, the decoder continues
+the previous window's last tokens with the window's new tokens (only motion codes are drawn), and
+the decoded window is cross-faded into the output. :meth:`SpeechToGesturePipeline.generate_stream`
+yields the poses as windows complete; :meth:`~SpeechToGesturePipeline.generate` returns them all.
+Window ``w`` samples with seed ``seed + w`` when a seed is given, so the same audio and seed give the
+same poses whether streamed or not.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from ..checkpoint import assign_weights, load_weights, torch_dtype
+from ..config import SpeechToGestureConfig
+from ..errors import InputError
+from ..models import ARCHITECTURES
+from ..runtime import CUDAGraphs, GraphedCall, SamplingParams, generate
+from ..runtime.layout import column_major_weights
+from .audio import load_audio, log_mel_400
+from .gesture_windows import Stitcher, WindowPlan
+
+# sampling when none is given: the motion codes' own distribution, seeded, so a call is reproducible
+DEFAULT_SAMPLING = SamplingParams(do_sample=True, temperature=1.0, top_k=0, top_p=0.95, seed=0)
+HOP, N_FFT = 160, 512  # log_mel_400
+
+
+class SpeechToGesturePipeline:
+    """Generates gestures with a converted a2g-gpt checkpoint (see :func:`mmgen_engine.load`)."""
+
+    task = "speech-to-gesture"
+
+    def __init__(self, model, config: SpeechToGestureConfig, device: torch.device):
+        self.model, self.config, self.device = model, config, device
+        self.dtype = model.decoder.wte.dtype
+        g = config.gesture
+        self.plan = WindowPlan(g.sample_rate, g.fps, HOP, N_FFT, g.window_frames,
+                               g.seed_tokens * config.motion.downsample_factor)
+        self.use_cuda_graphs = device.type == "cuda"
+        if device.type == "cuda":
+            self._graphs = CUDAGraphs(model.decoder, self.dtype, device, vocab_limit=config.motion.codebook_size)
+            self._graphed_encode = GraphedCall(model.encode)
+
+    @classmethod
+    def from_checkpoint(cls, path: Path, config: SpeechToGestureConfig, device: torch.device,
+                        dtype: torch.dtype | None) -> "SpeechToGesturePipeline":
+        model = ARCHITECTURES[config.architecture](config, device="meta")
+        assign_weights(model, load_weights(path, device), str(path), torch_dtype(config.dtype), dtype)
+        if device.type == "cpu":
+            column_major_weights(model.decoder)
+        return cls(model, config, device)
+
+    @property
+    def fps(self) -> float:
+        return float(self.config.gesture.fps)
+
+    @property
+    def skeleton(self) -> list[int]:
+        """The parent of each joint, -1 for the root (the neck)."""
+        return list(self.config.gesture.skeleton)
+
+    def generate(self, audio, sample_rate: int | None = None, sampling: SamplingParams | None = None) -> np.ndarray:
+        """Poses ``[T, joints, 2]`` float32 (neck-relative, y up, ``fps`` frames per second, ``T =
+        round(seconds * fps)``) for ``audio``: a WAV file path, or a 1-D (or ``[n, channels]``) float
+        array with its ``sample_rate``. ``sampling`` None: :data:`DEFAULT_SAMPLING`."""
+        return np.concatenate(list(self.generate_stream(audio, sample_rate, sampling)))
+
+    def generate_stream(self, audio, sample_rate: int | None = None,
+                        sampling: SamplingParams | None = None) -> Iterator[np.ndarray]:
+        """The poses of :meth:`generate` in chunks ``[n, joints, 2]``, each yielded as soon as its
+        window is decoded (the last window's final frames come last)."""
+        samples = load_audio(audio, sample_rate, self.config.gesture.sample_rate)
+        sampling = DEFAULT_SAMPLING if sampling is None else sampling
+        if not isinstance(sampling, SamplingParams):
+            raise InputError(f"sampling must be SamplingParams, got {type(sampling).__name__}")
+        if sampling.guidance_scale is not None:
+            raise InputError("speech-to-gesture has no guidance; leave guidance_scale unset")
+        return self._stream(samples, sampling)
+
+    def _stream(self, samples: np.ndarray, sampling: SamplingParams) -> Iterator[np.ndarray]:
+        stitch = Stitcher(self.plan, self.plan.frames(samples.shape[0]))
+        seed: list[int] = []
+        for w in range(self.plan.windows(samples.shape[0])):
+            window_sampling = sampling
+            if sampling.seed is not None:
+                window_sampling = dataclasses.replace(sampling, seed=sampling.seed + w)
+            tokens = self.window_tokens(self.plan.window_audio(samples, w), seed, window_sampling)
+            seed = tokens[-self.config.gesture.seed_tokens:]
+            with torch.inference_mode():
+                poses = self.model.poses(torch.tensor([tokens], device=self.device))[0]
+            yield stitch.add(poses.cpu().numpy())
+        yield stitch.finish()
+
+    def window_tokens(self, window_audio: np.ndarray, seed: list[int], sampling: SamplingParams) -> list[int]:
+        """The motion tokens of one window: ``seed`` (the previous window's last tokens, or none)
+        continued to a full window, conditioned on ``window_audio`` (16 kHz, ``plan.window_samples``)."""
+        cfg = self.config
+        mel = log_mel_400(window_audio)[None].to(self.device, self.dtype)  # (1, F, 64)
+        with torch.inference_mode():
+            encode = self._graphed_encode if self.use_cuda_graphs else self.model.encode
+            states = encode(mel)
+            prompt = torch.tensor([[cfg.gesture.bos_token_id, *seed]], dtype=torch.int64, device=self.device)
+            lengths = torch.full((1,), states.shape[1], dtype=torch.int64, device=self.device)
+            new = generate(self.model.decoder, prompt, states, lengths, cfg.window_tokens - len(seed),
+                           eos_token_id=None, pad_token_id=cfg.gesture.eos_token_id, sampling=sampling,
+                           vocab_limit=cfg.motion.codebook_size,
+                           graphs=self._graphs if self.use_cuda_graphs else None)
+        return seed + new[0].tolist()
