@@ -55,6 +55,25 @@ def _txt2img(args) -> None:
     print(f"{out}: {args.grid}x{args.grid} grid of {images[0].size[0]}x{images[0].size[1]} images")
 
 
+def _gesture(args) -> None:
+    from . import SamplingParams, load
+    from .pipelines.audio import read_wav, to_mono
+    from .pipelines.poses import SUFFIXES, save_poses
+
+    out = Path(args.output)
+    if out.suffix.lower() not in SUFFIXES:
+        raise MMGenError(f"{out}: the output must be one of {', '.join(SUFFIXES)}")
+    pipe = load(args.model, device=args.device, dtype=args.dtype)
+    if pipe.task != "speech-to-gesture":
+        raise MMGenError(f"{args.model}: a {pipe.task} checkpoint, not a speech-to-gesture one")
+    sampling = SamplingParams() if args.greedy else SamplingParams(
+        do_sample=True, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    poses = pipe.generate(args.audio, sampling=sampling)
+    audio, rate = read_wav(args.audio) if out.suffix.lower() == ".mp4" else (None, None)
+    save_poses(out, poses, pipe.fps, audio=None if audio is None else to_mono(audio), sample_rate=rate)
+    print(f"{out}: {poses.shape[0]} frames of {poses.shape[1]} joints at {pipe.fps:g} fps")
+
+
 def _demo(args) -> None:
     from .demo import run_demo, run_txt2img_demo
 
@@ -122,6 +141,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default="cpu")
     c.add_argument("--dtype", choices=DTYPES, default=None)
     c.set_defaults(func=_txt2img)
+
+    from .pipelines.speech_to_gesture import DEFAULT_SAMPLING as GESTURE_SAMPLING
+
+    c = sub.add_parser("gesture", help="generate gestures for speech (speech-to-gesture checkpoint)")
+    c.add_argument("audio", help="speech as a WAV file (any PCM/float format and sample rate)")
+    c.add_argument("--model", required=True, help="converted checkpoint directory")
+    c.add_argument("-o", "--output", required=True, help="output .npz (poses, fps, skeleton), .gif or .mp4 "
+                   "(stick figure; the MP4 carries the speech)")
+    c.add_argument("--seed", type=int, default=GESTURE_SAMPLING.seed)
+    c.add_argument("--top-p", type=float, default=GESTURE_SAMPLING.top_p)
+    c.add_argument("--temperature", type=float, default=GESTURE_SAMPLING.temperature)
+    c.add_argument("--greedy", action="store_true", help="always take the most likely motion token")
+    c.add_argument("--device", default="cpu")
+    c.add_argument("--dtype", choices=DTYPES, default=None)
+    c.set_defaults(func=_gesture)
 
     c = sub.add_parser("demo", help="run every bundled demo model")
     c.add_argument("--out", default="out/demo", help="directory for the demo outputs")

@@ -272,3 +272,29 @@ def test_cuda_graphs_give_the_eager_poses(converted, dtype):
         cpu_tokens, _ = engine_tokens(mm.load(path), audio)
         pipe.use_cuda_graphs = True
         assert engine_tokens(pipe, audio)[0] == cpu_tokens
+
+
+def test_cli_gesture_writes_every_format(converted, tmp_path):
+    import subprocess
+    import sys
+    _, path = converted
+    wav = tmp_path / "speech.wav"
+    write_wav_int16(wav, speech_like(2.0, seed=3, rate=44100), 44100)
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "mmgen_engine.cli", "gesture", str(wav), "--model", str(path),
+                               *args], capture_output=True, text=True, timeout=300)
+    for suffix in (".npz", ".gif", ".mp4"):
+        proc = run("-o", str(tmp_path / f"out{suffix}"), "--seed", "3")
+        assert proc.returncode == 0, proc.stderr
+        assert "30 frames of 52 joints at 15 fps" in proc.stdout
+    data = np.load(tmp_path / "out.npz", allow_pickle=False)
+    expected = mm.load(path).generate(wav, sampling=mm.SamplingParams(do_sample=True, top_p=0.95, seed=3))
+    assert np.array_equal(data["poses"], expected) and float(data["fps"]) == 15.0
+    assert list(data["skeleton"]) == mm.load(path).skeleton
+    proc = run("-o", str(tmp_path / "out.avi"))
+    assert proc.returncode == 2 and "must be one of .npz, .gif, .mp4" in proc.stderr
+    (tmp_path / "bad.wav").write_bytes(b"not a wav")
+    proc = subprocess.run([sys.executable, "-m", "mmgen_engine.cli", "gesture", str(tmp_path / "bad.wav"), "--model",
+                           str(path), "-o", str(tmp_path / "x.npz")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "bad.wav" in proc.stderr

@@ -178,6 +178,9 @@ def save_mp4(path, poses, fps: float, audio=None, sample_rate: int | None = None
             _run_ffmpeg(cmd + [str(tmp)], (im.tobytes() for im in frames), path)
 
 
+SUFFIXES = (".npz", ".gif", ".mp4")
+
+
 def save_poses(path, poses, fps: float, audio=None, sample_rate: int | None = None) -> None:
     """Write ``poses`` ``[T, 52, 2]`` at ``fps`` to ``path`` in the format of its suffix (any
     case): ``.npz`` (:func:`save_npz`), ``.gif`` (:func:`save_gif`) or ``.mp4`` (:func:`save_mp4`,
@@ -190,7 +193,7 @@ def save_poses(path, poses, fps: float, audio=None, sample_rate: int | None = No
     elif suffix == ".mp4":
         save_mp4(path, poses, fps, audio, sample_rate)
     else:
-        raise InputError(f"{path}: unsupported pose output {suffix or '(no suffix)'}; use .npz, .gif or .mp4")
+        raise InputError(f"{path}: unsupported pose output {suffix or '(no suffix)'}; use {', '.join(SUFFIXES)}")
 
 
 def _frames(poses: np.ndarray, size: int, limits):
