@@ -224,9 +224,9 @@ class Quantizer(nn.Module):
     """Nearest-code quantization; in training the codebook follows an EMA of its assigned vectors
     and unused codes are re-seeded from the batch."""
 
-    def __init__(self, cfg: A2GConfig, decay: float = 0.99):
+    def __init__(self, cfg: A2GConfig, decay: float = 0.99, restart_below: float = 0.5):
         super().__init__()
-        self.decay = decay
+        self.decay, self.restart_below = decay, restart_below  # EMA usage (vectors per step) of a dead code
         self.register_buffer("codebook", torch.randn(cfg.codebook_size, cfg.code_dim) * 0.1)
         self.register_buffer("ema_count", torch.ones(cfg.codebook_size), persistent=False)
         self.register_buffer("ema_sum", self.codebook.clone(), persistent=False)
@@ -240,12 +240,21 @@ class Quantizer(nn.Module):
         return self.codebook[codes].transpose(1, 2)
 
     @torch.no_grad()
+    def seed_from(self, z, generator: torch.Generator | None = None):
+        """Start the codebook at randomly chosen encoder outputs ``z [B, C, n]`` (repeated if fewer)."""
+        flat = z.transpose(1, 2).reshape(-1, z.shape[1])
+        pick = torch.randint(0, flat.shape[0], (self.codebook.shape[0],), generator=generator)
+        self.codebook.copy_(flat[pick])
+        self.ema_sum.copy_(flat[pick])
+        self.ema_count.fill_(1.0)
+
+    @torch.no_grad()
     def update(self, z, codes, generator: torch.Generator | None = None):
         flat = z.transpose(1, 2).reshape(-1, z.shape[1])
         onehot = F.one_hot(codes.reshape(-1), self.codebook.shape[0]).type(flat.dtype)
         self.ema_count.mul_(self.decay).add_(onehot.sum(0), alpha=1 - self.decay)
         self.ema_sum.mul_(self.decay).add_(onehot.t() @ flat, alpha=1 - self.decay)
-        dead = self.ema_count < 1e-3
+        dead = self.ema_count < self.restart_below
         if dead.any():  # restart unused codes at random encoder outputs
             pick = torch.randint(0, flat.shape[0], (int(dead.sum()),), generator=generator)
             self.ema_sum[dead] = flat[pick]
@@ -297,6 +306,14 @@ class MotionGPT(nn.Module):
         return self.ln_f(x) @ self.wte.weight.t()
 
 
+def _init_transformer(module: nn.Module) -> None:
+    """GPT-2's initialization: linear and embedding weights N(0, 0.02), biases 0."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, 0.0, 0.02)
+    if isinstance(module, nn.Linear):
+        nn.init.zeros_(module.bias)
+
+
 class A2GGpt(nn.Module):
     def __init__(self, cfg: A2GConfig):
         super().__init__()
@@ -307,6 +324,9 @@ class A2GGpt(nn.Module):
         self.gpt = MotionGPT(cfg)
         self.register_buffer("pose_mean", torch.zeros(2 * JOINTS))
         self.register_buffer("pose_std", torch.ones(2 * JOINTS))
+        self.gpt.apply(_init_transformer)
+        self.audio.blocks.apply(_init_transformer)
+        nn.init.normal_(self.audio.pos, 0.0, 0.02)
 
     def normalize(self, poses):  # (B, T, 52, 2) -> (B, T, 104)
         return (poses.reshape(*poses.shape[:-2], 2 * JOINTS) - self.pose_mean) / self.pose_std
@@ -346,23 +366,26 @@ def plan(cfg: A2GConfig):
 @torch.no_grad()
 def generate(model: A2GGpt, audio: np.ndarray) -> tuple[list[list[int]], np.ndarray]:
     """Greedy gestures for 16 kHz mono ``audio``: ``(tokens of every window, poses [T, 52, 2])``, by
-    full recomputation of the decoder at every step (the spec the engine is tested against)."""
+    full recomputation of the decoder at every step (the spec the engine is tested against). Runs
+    where ``model`` is (CPU or CUDA); the audio and the poses stay NumPy arrays on the host."""
     from ..pipelines.audio import log_mel_400
     from ..pipelines.gesture_windows import Stitcher
 
     cfg = model.cfg
+    device = model.pose_mean.device
     p = plan(cfg)
     stitch, chunks, all_tokens, seed = Stitcher(p, p.frames(audio.shape[0])), [], [], []
     for w in range(p.windows(audio.shape[0])):
-        mel = log_mel_400(p.window_audio(audio, w))[None]
+        mel = log_mel_400(p.window_audio(audio, w))[None].to(device)
         memory = model.audio(mel)
         tokens = [cfg.bos] + seed
         while len(tokens) <= cfg.window_tokens:
-            logits = model.gpt(torch.tensor([tokens]), memory)[0, -1, :cfg.codebook_size]
+            logits = model.gpt(torch.tensor([tokens], device=device), memory)[0, -1, :cfg.codebook_size]
             tokens.append(int(logits.argmax()))
         window = tokens[1:]
         all_tokens.append(window)
         seed = window[-cfg.seed_tokens:]
-        chunks.append(stitch.add(model.denormalize(model.motion.detokenize(torch.tensor([window])))[0].numpy()))
+        window_poses = model.denormalize(model.motion.detokenize(torch.tensor([window], device=device)))[0]
+        chunks.append(stitch.add(window_poses.cpu().numpy()))
     chunks.append(stitch.finish())
     return all_tokens, np.concatenate(chunks)
