@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 # One call on a lent GPU (see ../shared/GPU.md): build the CUDA extension in place, run the GPU
-# tests, the per-kernel benchmark and the end-to-end captioning benchmark against transformers in
-# the same run, and print a short table last. Full logs and JSON go to $OUT (or build/gpu_check).
-# Budget: about 10 minutes on an H100/H200 (each stage has its own timeout); at most 12 files in $OUT.
-#   usage: bash benchmarks/gpu_check.sh [--quick]
+# tests, the per-kernel benchmark and the end-to-end benchmarks against their peers (captioning,
+# text-to-image, detokenizers, speech-to-gesture) in the same run, and print the tables last. Full
+# logs and JSON go to $OUT (or build/gpu_check).
+# Budget: about 12 minutes on an H100/H200 for every stage (each has its own timeout), more than one
+# device command may run: pick stages with STAGES (default all), e.g. two calls
+#   STAGES="pytest kernels caption" bash benchmarks/gpu_check.sh
+#   STAGES="txt2img gesture" bash benchmarks/gpu_check.sh
+# (the build runs every time; on a warm machine it is quick). Stages: pytest kernels caption txt2img gesture.
+#   usage: [STAGES="..."] bash benchmarks/gpu_check.sh [--quick]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-build/gpu_check}"
@@ -12,7 +17,10 @@ PY="${PYTHON:-python3}"
 QUICK="${1:-}"
 export PYTHONUNBUFFERED=1
 status=0
+STAGES="${STAGES:-pytest kernels caption txt2img gesture}"
 step() { echo; echo "=== $1 ($(date +%T))"; }
+want() { [[ " $STAGES " == *" $1 "* ]]; }
+show() { [ -f "$2" ] && sed -n "/^$1/,\$p" "$2"; }
 
 step "machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/machine.txt"
@@ -25,20 +33,27 @@ step "build (CUDA extension in place)"
   || { echo "build failed, see build.log"; tail -20 "$OUT/build.log"; exit 1; }
 "$PY" -c "import mmgen_engine as mm, json; i = mm.build_info(); print(json.dumps({k: i[k] for k in ('version', 'cuda', 'cuda_archs', 'triton')}))"
 
+if want pytest; then
 step "pytest -m gpu"
 timeout 150 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest_gpu.log" | tail -25
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
+fi
 
+if want kernels; then
 step "kernel benchmark"
 timeout 80 "$PY" benchmarks/bench_kernels.py ${QUICK:+--quick} --json "$OUT/bench_kernels.json" \
   >"$OUT/bench_kernels.log" 2>&1 || status=1
 tail -5 "$OUT/bench_kernels.log"
+fi
 
+if want caption; then
 step "captioning benchmark: engine vs transformers, ViT-B/16 + GPT-2 small, BLIP-base, GIT-base, fp16"
 timeout 240 "$PY" benchmarks/bench_caption.py --arch vit-gpt2 blip git --device cuda --dtype float16 \
   --batch 1 16 --new-tokens 32 --repeats 5 --warmup 3 --cache-dir build/bench_caption \
   --json "$OUT/bench_caption.json" >"$OUT/bench_caption.log" 2>&1 || status=1
+fi
 
+if want txt2img; then
 step "text-to-image: engine vs min-dalle, DALL-E Mini size, random weights, fp16"
 # min-dalle, dall-e and taming ship as wheels carried in build/upstream_wheels (the machine has no
 # network): pip download --no-deps min-dalle==0.4.11 dall-e==0.1 taming-transformers==0.0.1 emoji attrs
@@ -50,13 +65,21 @@ timeout 240 "$PY" benchmarks/bench_txt2img.py --device cuda --dtype float16 --gr
   --cache-dir build/bench_txt2img --json "$OUT/bench_txt2img.json" >"$OUT/bench_txt2img.log" 2>&1 || status=1
 timeout 90 "$PY" benchmarks/bench_detok.py --device cuda --json "$OUT/bench_detok.json" \
   >"$OUT/bench_detok.log" 2>&1 || status=1
+fi
+
+if want gesture; then
+step "speech-to-gesture: engine vs the plain PyTorch a2g-gpt, demo size, random weights, fp16, 60 s of audio"
+timeout 120 "$PY" benchmarks/bench_gesture.py --device cuda --dtype float16 --seconds 60 \
+  --json "$OUT/bench_gesture.json" >"$OUT/bench_gesture.log" 2>&1 || status=1
+fi
 
 step "results"
-sed -n '/^kernel benchmark/,$p' "$OUT/bench_kernels.log"
-sed -n '/^caption benchmark/,$p' "$OUT/bench_caption.log"
-sed -n '/^txt2img benchmark/,$p' "$OUT/bench_txt2img.log"
-sed -n '/^detok/,$p' "$OUT/bench_detok.log"
-grep -E "WARNING|FAILED|Error" "$OUT"/bench_*.log | head -10
-grep -E "passed|failed" "$OUT/pytest_gpu.log" | tail -1
+show "kernel benchmark" "$OUT/bench_kernels.log"
+show "caption benchmark" "$OUT/bench_caption.log"
+show "txt2img benchmark" "$OUT/bench_txt2img.log"
+show "detok" "$OUT/bench_detok.log"
+show "gesture benchmark" "$OUT/bench_gesture.log"
+grep -E "WARNING|FAILED|Error" "$OUT"/bench_*.log 2>/dev/null | head -10
+[ -f "$OUT/pytest_gpu.log" ] && grep -E "passed|failed" "$OUT/pytest_gpu.log" | tail -1
 echo "gpu_check status $status"
 exit $status

@@ -138,6 +138,39 @@ def test_bench_txt2img_quick(tmp_path):
         assert _positive(r["first_token_s"]) and math.isfinite(r["s_per_token"] + r["s_per_image_256"])
 
 
+def test_bench_gesture_quick(tmp_path):
+    """A tiny a2g-gpt on 6 s of audio: the engine (greedy and default sampling) against the plain
+    PyTorch reference, with the greedy poses compared."""
+    out = tmp_path / "gesture.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gesture.py"), "--quick", "--device", "cpu",
+                           "--threads", "1", "--repeats", "1", "--cache-dir", str(tmp_path / "cache"),
+                           "--json", str(out)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "WARNING" not in proc.stdout, proc.stdout[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-6].startswith("| device") and "engine/reference" in lines[-1]
+    assert (tmp_path / "cache" / "a2g_quick" / "a2g_gpt.json").is_file()
+    assert (tmp_path / "cache" / "engine_quick" / "config.json").is_file()
+
+    data = json.loads(out.read_text())
+    assert data["machine"]["torch_threads"] == data["settings"]["threads"] == 1
+    assert data["settings"]["seconds"] == 6.0 and data["settings"]["repeats"] == 1
+    rows = data["results"]
+    assert [(r["impl"], r["sampling"]) for r in rows] == [
+        ("engine", "greedy"), ("engine", "top-p 0.95"), ("reference", "greedy")]
+    for r in rows:
+        assert r["device"] == "cpu" and r["dtype"] == "float32" and r["windows"] == 2
+        assert r["motion_s"] == pytest.approx(6.0)
+        for key in ("rtf", "rtf_p90", "first_chunk_ms", "ms_per_window", "compute_s"):
+            assert _positive(r[key]), (r["impl"], r["sampling"], key, r[key])
+        assert r["rtf"] == pytest.approx(r["motion_s"] / r["compute_s"])
+        assert r["generate"]["repeats"] == r["first_chunk"]["repeats"] == 1
+    # the engine's greedy poses are the reference's, token for token
+    (c,) = data["comparisons"]
+    assert data["poses_match"] is True and c["poses_match"] is True and c["checked"] is True
+    assert c["tokens_match"] is True and c["max_rel_diff"] <= 1e-4 and c["distinct_tokens"] > 1
+
+
 def test_percentile_matches_linear_interpolation():
     assert timing.percentile([5, 1, 3], 50) == 3
     assert timing.percentile([1, 2, 3, 4, 5], 90) == pytest.approx(4.6)
