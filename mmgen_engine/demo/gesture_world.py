@@ -16,14 +16,14 @@ depends on numpy only.
 Coordinates
 -----------
 A pose is a float32 ``[52, 2]`` array in the joint order of
-:data:`mmgen_engine.pipelines.poses.PARENTS` (PATS order, root 0 = Neck; 'R' / 'L' are the
-person's sides, so the person's right side is at negative x). Coordinates are neck-relative, x to
-the image right and y UP, in PATS-like pixel units: shoulder to shoulder 164, upper arm 135,
-forearm 128, wrists 254 below the shoulders at rest, hands ~60 long (hand root 4 beyond the wrist, middle finger 28 + 14 + 10 + 8). Per clip the body proportions vary (a global
-scale in [0.95, 1.05] times per-part factors in [0.97, 1.03] for shoulder width, upper arm,
-forearm, hand and head, clipped to [0.92, 1.08]). Pose frame ``k`` is the time ``(k + 0.5) / FPS``,
-the centre of the audio window of energy frame ``k``; a clip of ``n`` samples has
-``T = round(n / SAMPLE_RATE * FPS)`` frames.
+:data:`mmgen_engine.pipelines.poses.PARENTS` (PATS order, root 0 = Neck; 'R' / 'L' are the person's
+sides, so the person's right side is at negative x). Coordinates are neck-relative, x to the image
+right and y UP, in PATS-like pixel units: shoulder to shoulder 164, upper arm 135, forearm 128,
+wrists 254 below the shoulders at rest, hands ~60 long (hand root 4 beyond the wrist, middle finger
+28 + 14 + 10 + 8). Per clip the body proportions vary (a global scale in [0.95, 1.05] times per-part
+factors in [0.97, 1.03] for shoulder width, upper arm, forearm, hand and head, clipped to [0.92,
+1.08]). Pose frame ``k`` is the time ``(k + 0.5) / FPS``, the centre of the audio window of energy
+frame ``k``; a clip of ``n`` samples has ``T = round(n / SAMPLE_RATE * FPS)`` frames.
 
 Audio (``speech``)
 ------------------
