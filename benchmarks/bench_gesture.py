@@ -160,20 +160,8 @@ def rel_diff(poses: np.ndarray, ref: np.ndarray) -> float:
 
 
 def engine_greedy(pipe, audio: np.ndarray) -> tuple[list[list[int]], np.ndarray]:
-    """Every window's tokens of one greedy engine ``generate``, and its poses."""
-    seen = []
-    original = pipe.window_tokens
-
-    def record(*args, **kwargs):
-        seen.append(original(*args, **kwargs))
-        return seen[-1]
-
-    pipe.window_tokens = record
-    try:
-        poses = pipe.generate(audio, SAMPLE_RATE, sampling=GREEDY)
-    finally:
-        del pipe.window_tokens
-    return seen, poses
+    """Every window's tokens of a greedy engine run, and its poses."""
+    return pipe.generate_tokens(audio, SAMPLE_RATE, GREEDY), pipe.generate(audio, SAMPLE_RATE, sampling=GREEDY)
 
 
 def rates(full: dict, first: dict, motion_s: float, windows: int) -> dict:

@@ -55,18 +55,7 @@ def converted(tmp_path_factory):
 
 def engine_tokens(pipe, audio, sampling=GREEDY):
     """Every window's tokens of one generate call, and its poses."""
-    seen = []
-    original = pipe.window_tokens
-
-    def record(*args, **kwargs):
-        seen.append(original(*args, **kwargs))
-        return seen[-1]
-    pipe.window_tokens = record
-    try:
-        poses = pipe.generate(audio, 16000, sampling=sampling)
-    finally:
-        del pipe.window_tokens
-    return seen, poses
+    return pipe.generate_tokens(audio, 16000, sampling), pipe.generate(audio, 16000, sampling=sampling)
 
 
 @pytest.mark.parametrize("seconds", [0.5, 4.3, 9.0], ids=["under-a-window", "one-window", "three-windows"])

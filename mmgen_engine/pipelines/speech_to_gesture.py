@@ -76,16 +76,33 @@ class SpeechToGesturePipeline:
                         sampling: SamplingParams | None = None) -> Iterator[np.ndarray]:
         """The poses of :meth:`generate` in chunks ``[n, joints, 2]``, each yielded as soon as its
         window is decoded (the last window's final frames come last)."""
+        samples, sampling = self._inputs(audio, sample_rate, sampling)
+        return self._stream(samples, sampling)
+
+    def generate_tokens(self, audio, sample_rate: int | None = None,
+                        sampling: SamplingParams | None = None) -> list[list[int]]:
+        """The motion tokens of every window of :meth:`generate` (each window's full
+        ``window_frames / 4`` tokens, its seed included)."""
+        samples, sampling = self._inputs(audio, sample_rate, sampling)
+        return [tokens for tokens, _ in self._windows(samples, sampling)]
+
+    def _inputs(self, audio, sample_rate, sampling) -> tuple[np.ndarray, SamplingParams]:
         samples = load_audio(audio, sample_rate, self.config.gesture.sample_rate)
         sampling = DEFAULT_SAMPLING if sampling is None else sampling
         if not isinstance(sampling, SamplingParams):
             raise InputError(f"sampling must be SamplingParams, got {type(sampling).__name__}")
         if sampling.guidance_scale is not None:
             raise InputError("speech-to-gesture has no guidance; leave guidance_scale unset")
-        return self._stream(samples, sampling)
+        return samples, sampling
 
     def _stream(self, samples: np.ndarray, sampling: SamplingParams) -> Iterator[np.ndarray]:
         stitch = Stitcher(self.plan, self.plan.frames(samples.shape[0]))
+        for _, poses in self._windows(samples, sampling):
+            yield stitch.add(poses)
+        yield stitch.finish()
+
+    def _windows(self, samples: np.ndarray, sampling: SamplingParams) -> Iterator[tuple[list[int], np.ndarray]]:
+        """``(tokens, poses [window_frames, joints, 2])`` of every window in turn."""
         seed: list[int] = []
         for w in range(self.plan.windows(samples.shape[0])):
             window_sampling = sampling
@@ -95,8 +112,7 @@ class SpeechToGesturePipeline:
             seed = tokens[-self.config.gesture.seed_tokens:]
             with torch.inference_mode():
                 poses = self.model.poses(torch.tensor([tokens], device=self.device))[0]
-            yield stitch.add(poses.cpu().numpy())
-        yield stitch.finish()
+            yield tokens, poses.cpu().numpy()
 
     def window_tokens(self, window_audio: np.ndarray, seed: list[int], sampling: SamplingParams) -> list[int]:
         """The motion tokens of one window: ``seed`` (the previous window's last tokens, or none)
