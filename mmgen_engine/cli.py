@@ -75,7 +75,7 @@ def _gesture(args) -> None:
 
 
 def _demo(args) -> None:
-    from .demo import run_demo, run_txt2img_demo
+    from .demo import run_demo, run_gesture_demo, run_txt2img_demo
 
     print("captioning demo (shapes world, bundled demo model):")
     for r in run_demo(Path(args.out)):
@@ -85,6 +85,10 @@ def _demo(args) -> None:
     print(f"text-to-image demo: {grid} (a row per prompt), each image captioned by the demo captioner:")
     for r in results:
         print(f"  {r['prompt']}: {r['caption']}  [{'ok' if r['caption'] == r['prompt'] else 'differs'}]")
+    g = run_gesture_demo(Path(args.out))
+    print(f"speech-to-gesture demo: {g['gif']} ({g['seconds']:g} s of held-out synthetic speech; poses in "
+          f"{g['npz']}): wrist motion {g['speech_motion']:.2f} per frame for speech, "
+          f"{g['silence_motion']:.2f} for near-silence")
 
 
 def _bench(args) -> None:

@@ -43,3 +43,6 @@ def test_mmgen_demo_command(tmp_path):
     with PIL.Image.open(tmp_path / "txt2img_grid.png") as grid:  # 6 prompts x 4 images of 64x64
         assert grid.size == (4 * 64, 6 * 64)
     assert "text-to-image demo" in proc.stdout
+    with PIL.Image.open(tmp_path / "gesture.gif") as gif:  # 8 s of held-out speech at 15 fps
+        assert gif.n_frames > 1
+    assert "speech-to-gesture demo" in proc.stdout

@@ -66,3 +66,24 @@ def run_txt2img_demo(out: Path, images_per_prompt: int = 4, seed: int = 2) -> tu
     captions = load(demo_model("captioning")).caption(images)
     prompts = [p for p in TXT2IMG_PROMPTS for _ in range(images_per_prompt)]
     return path, [{"prompt": p, "caption": c} for p, c in zip(prompts, captions)]
+
+
+def run_gesture_demo(out: Path, seconds: float = 8.0, seed: int = 0) -> dict:
+    """Gestures of the demo speech-to-gesture model for a held-out synthetic speech clip (and for
+    near-silence of the same length): writes ``gesture.gif`` (the stick figure) and ``gesture.npz``
+    to ``out`` and returns ``{"gif", "npz", "seconds", "speech_motion", "silence_motion"}`` (mean
+    wrist displacement per frame)."""
+    from .. import load
+    from ..pipelines.poses import save_gif, save_npz
+    from . import gesture_world as world
+
+    out.mkdir(parents=True, exist_ok=True)
+    pipe = load(demo_model("speech-to-gesture"))
+    audio, _ = world.clip(world.HELD_OUT_SEED + seed, seconds)
+    poses = pipe.generate(audio, world.SAMPLE_RATE)
+    still = pipe.generate(world.near_silence(world.HELD_OUT_SEED + seed, seconds), world.SAMPLE_RATE)
+    gif, npz = out / "gesture.gif", out / "gesture.npz"
+    save_gif(gif, poses, pipe.fps)
+    save_npz(npz, poses, pipe.fps)
+    return {"gif": str(gif), "npz": str(npz), "seconds": seconds, "speech_motion": world.wrist_speed(poses),
+            "silence_motion": world.wrist_speed(still)}
