@@ -238,7 +238,7 @@ def test_bad_input_is_rejected_before_writing(tmp_path):
         with pytest.raises(InputError):
             P.save_mp4(path, **kwargs)
     for name in ("out.avi", "out", "out.npz.txt"):
-        with pytest.raises(InputError, match=r"\.npz, \.gif or \.mp4"):
+        with pytest.raises(InputError, match=r"\.npz, \.gif, \.mp4"):
             P.save_poses(tmp_path / name, clip, 15)
     with pytest.raises(InputError, match="does not exist"):
         P.save_poses(tmp_path / "missing" / "out.gif", clip, 15)
