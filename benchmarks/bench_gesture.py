@@ -46,6 +46,8 @@ import mmgen_engine as mm  # noqa: E402
 from mmgen_engine.pipelines.speech_to_gesture import DEFAULT_SAMPLING  # noqa: E402
 from mmgen_engine.training import a2g_gpt as a2g  # noqa: E402
 
+DEFAULT_LABEL = f"T {DEFAULT_SAMPLING.temperature:g}, top-p {DEFAULT_SAMPLING.top_p:g}"  # the pipeline's sampling
+
 PRESETS = {
     "full": {"name": "a2g-gpt demo size", "config": {}, "seconds": 30.0},
     "quick": {"name": "tiny a2g-gpt", "seconds": 6.0,
@@ -192,7 +194,7 @@ def bench(src: Path, engine_dir: Path, args) -> tuple[list[dict], dict]:
         stream.close()
         return chunk
 
-    for impl, sampling, label in (("engine", GREEDY, "greedy"), ("engine", DEFAULT_SAMPLING, "top-p 0.95")):
+    for impl, sampling, label in (("engine", GREEDY, "greedy"), ("engine", DEFAULT_SAMPLING, DEFAULT_LABEL)):
         log(f"timing engine {label} ...")
         full = measure(lambda: pipe.generate(audio, SAMPLE_RATE, sampling=sampling), **timing)
         first = measure(lambda: engine_first(sampling), **timing)

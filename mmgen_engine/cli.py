@@ -63,6 +63,8 @@ def _gesture(args) -> None:
     out = Path(args.output)
     if out.suffix.lower() not in SUFFIXES:
         raise MMGenError(f"{out}: the output must be one of {', '.join(SUFFIXES)}")
+    if not out.parent.is_dir() or out.is_dir():
+        raise MMGenError(f"{out}: cannot write there (no such directory, or a directory of that name)")
     pipe = load(args.model, device=args.device, dtype=args.dtype)
     if pipe.task != "speech-to-gesture":
         raise MMGenError(f"{args.model}: a {pipe.task} checkpoint, not a speech-to-gesture one")

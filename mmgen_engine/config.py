@@ -8,6 +8,7 @@ checkpoint fails at load time with one clear line instead of deep inside a forwa
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -644,6 +645,18 @@ class SpeechToGestureConfig(CheckpointConfig):
         if len(g.skeleton) != motion.joints:
             raise CheckpointError(f"{where}.gesture.skeleton has {len(g.skeleton)} joints, the motion decoder "
                                   f"{motion.joints}")
+        from .pipelines.poses import PARENTS
+        if g.skeleton != PARENTS:
+            raise CheckpointError(f"{where}.gesture.skeleton: a2g-gpt's poses are the PATS 52-joint upper body; "
+                                  f"this skeleton differs")
+        mels = (g.sample_rate // 160) * (g.window_frames - g.seed_tokens * motion.downsample_factor)
+        if mels % g.fps:
+            raise CheckpointError(f"{where}.gesture: windows of {g.window_frames} frames seeded with "
+                                  f"{g.seed_tokens} tokens do not start on a log-mel frame at {g.fps} fps")
+        positions = math.ceil(math.ceil(math.ceil(g.window_frames * (g.sample_rate // 160) / g.fps) / 2) / 2)
+        if enc.n_mels != 64 or enc.max_positions != positions:
+            raise CheckpointError(f"{where}.audio_encoder: a window gives {positions} states of 64 log-mel bins, "
+                                  f"the encoder takes {enc.max_positions} of {enc.n_mels}")
 
 
 # task -> top-level config class; the one place a task name chooses a config type.

@@ -1,10 +1,11 @@
 """Train the bundled demo speech-to-gesture model (a2g-gpt, :mod:`mmgen_engine.training.a2g_gpt`) on
 the synthetic speech/gesture world (:mod:`mmgen_engine.demo.gesture_world`).
 
-Reproduce the shipped demo model (CPU, 1 torch thread)::
+Reproduce the shipped demo model (CPU, 1 torch thread; it overwrites the bundled checkpoint
+``mmgen_engine/demo/models/speech-to-gesture``, relative to the working directory, by converting
+its result with ``mm.convert``)::
 
     python scripts/train_demo_gesture.py
-    mmgen convert build/demo_gesture/a2g_gpt mmgen_engine/demo/models/speech-to-gesture --from a2g-gpt
 
 Deterministic (fixed seeds, clips drawn from fixed world seeds below ``HELD_OUT_SEED``, fixed order):
 
@@ -69,7 +70,8 @@ def build_data(cfg: a2g.A2GConfig, clips: int, seconds: float) -> tuple[torch.Te
 
 
 def windows(poses, mels, cfg, batch: int, gen: torch.Generator):
-    """A random batch of aligned windows: normalized-later poses ``[B, 64, 52, 2]`` and log-mel ``[B, F, 64]``."""
+    """A random batch of aligned windows: poses ``[B, 64, 52, 2]`` (not normalized) and their log-mel
+    ``[B, F, 64]``."""
     n, frames = poses.shape[:2]
     starts = torch.randint(0, (frames - cfg.window_frames) // 3 + 1, (batch,), generator=gen) * 3
     clips = torch.randint(0, n, (batch,), generator=gen)
@@ -137,7 +139,7 @@ def evaluate(engine_dir: Path, model: a2g.A2GGpt, args) -> float:
         speech.append(world.wrist_speed(pipe.generate(audio, world.SAMPLE_RATE)))
         silence.append(world.wrist_speed(pipe.generate(world.near_silence(seed, args.clip_seconds), world.SAMPLE_RATE)))
         with torch.no_grad():
-            x = torch.from_numpy(poses[None, :cfg_frames(model, poses)])
+            x = torch.from_numpy(poses[None, :whole_token_frames(poses)])
             codes = model.motion.tokenize(model.normalize(x))
             rec = model.denormalize(model.motion.detokenize(codes))
             recon.append((rec - x).abs().mean().item())
@@ -147,7 +149,7 @@ def evaluate(engine_dir: Path, model: a2g.A2GGpt, args) -> float:
     return ratio
 
 
-def cfg_frames(model: a2g.A2GGpt, poses: np.ndarray) -> int:
+def whole_token_frames(poses: np.ndarray) -> int:
     """The longest prefix of ``poses`` the tokenizer takes whole (a multiple of 4 frames)."""
     return poses.shape[0] // a2g.DOWNSAMPLE * a2g.DOWNSAMPLE
 

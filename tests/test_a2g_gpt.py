@@ -160,7 +160,7 @@ def test_file_array_and_stream_give_identical_poses(converted, tmp_path):
     chunks = list(pipe.generate_stream(wav, sampling=sampling))
     assert np.array_equal(from_file, from_array)
     assert np.array_equal(np.concatenate(chunks), from_file) and from_file.shape == (90, 52, 2)
-    assert [c.shape[0] for c in chunks] == [48, 42, 0]  # 48 per window, the rest at the end
+    assert [c.shape[0] for c in chunks] == [48, 42]  # 48 per window, the rest at the end (no empty chunk)
     other = pipe.generate(wav, sampling=mm.SamplingParams(do_sample=True, top_k=8, seed=8))
     assert not np.array_equal(other, from_file)
     assert np.array_equal(pipe.generate(wav), pipe.generate(wav))  # the default sampling is seeded
@@ -195,6 +195,19 @@ def test_bad_and_edge_audio(converted, tmp_path):
     assert silent.shape == (15, 52, 2) and np.isfinite(silent).all()
     tiny = pipe.generate(np.full(10, 0.1, np.float32), 16000, sampling=GREEDY)  # shorter than one frame
     assert tiny.shape == (1, 52, 2)
+
+
+def test_window_seeds_and_array_layout(converted):
+    from mmgen_engine.pipelines.speech_to_gesture import window_seed
+    seeds = {window_seed(s, w) for s in (0, 1, 2**63 - 1) for w in range(4)}
+    assert len(seeds) == 12 and all(0 <= s < 2**63 for s in seeds)
+    _, path = converted
+    pipe = mm.load(path)
+    audio = speech_like(4.0, seed=1)
+    top = mm.SamplingParams(do_sample=True, seed=2**63 - 1)  # the largest seed works across windows
+    assert pipe.generate(audio, 16000, sampling=top).shape == (60, 52, 2)
+    with pytest.raises(InputError, match="looks like \\[channels, n\\]"):
+        pipe.generate(np.stack([audio, audio]), 16000)
 
 
 def test_long_audio_streams_in_bounded_windows(converted):
@@ -237,6 +250,9 @@ def test_converter_rejects_bad_sources(tmp_path):
     (lambda c: c["gesture"].update(bos_token_id=3), "bos and eos"),
     (lambda c: c["gesture"].update(front_end="mfcc"), "unsupported audio front end"),
     (lambda c: c["decoder"].update(hidden_size=64, num_heads=2), "cross-attend"),
+    (lambda c: c["gesture"].update(window_frames=60), "do not start on a log-mel frame"),
+    (lambda c: c["gesture"].update(window_frames=32, seed_tokens=2), "the encoder takes 107"),
+    (lambda c: c["gesture"].update(skeleton=[-1] + list(range(51))), "PATS 52-joint upper body"),
 ])
 def test_edited_checkpoint_configs_fail_at_load(converted, tmp_path, edit, message):
     import shutil
@@ -285,6 +301,8 @@ def test_cli_gesture_writes_every_format(converted, tmp_path):
     assert list(data["skeleton"]) == mm.load(path).skeleton
     proc = run("-o", str(tmp_path / "out.avi"))
     assert proc.returncode == 2 and "must be one of .npz, .gif, .mp4" in proc.stderr
+    proc = run("-o", str(tmp_path / "missing" / "out.gif"))
+    assert proc.returncode == 2 and "cannot write there" in proc.stderr
     (tmp_path / "bad.wav").write_bytes(b"not a wav")
     proc = subprocess.run([sys.executable, "-m", "mmgen_engine.cli", "gesture", str(tmp_path / "bad.wav"), "--model",
                            str(path), "-o", str(tmp_path / "x.npz")], capture_output=True, text=True, timeout=300)

@@ -157,7 +157,7 @@ def test_bench_gesture_quick(tmp_path):
     assert data["settings"]["seconds"] == 6.0 and data["settings"]["repeats"] == 1
     rows = data["results"]
     assert [(r["impl"], r["sampling"]) for r in rows] == [
-        ("engine", "greedy"), ("engine", "top-p 0.95"), ("reference", "greedy")]
+        ("engine", "greedy"), ("engine", "T 0.5, top-p 0.9"), ("reference", "greedy")]
     for r in rows:
         assert r["device"] == "cpu" and r["dtype"] == "float32" and r["windows"] == 2
         assert r["motion_s"] == pytest.approx(6.0)

@@ -1,4 +1,5 @@
-"""Bundled demo models of the synthetic shapes world (see :mod:`mmgen_engine.demo.world`).
+"""Bundled demo models of the synthetic shapes world (:mod:`mmgen_engine.demo.world`: captioning,
+text-to-image) and of the synthetic speech/gesture world (:mod:`mmgen_engine.demo.gesture_world`).
 
 The checkpoints under ``demo/models/<task>/`` are produced by the training scripts in ``scripts/``
 and converted with the production converters; ``mmgen demo`` runs them.

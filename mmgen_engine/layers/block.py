@@ -1,5 +1,5 @@
 """Pre-LayerNorm transformer encoder block (ViT, CLIP, the a2g-gpt audio encoder):
-``h = h + attn(ln1(h)); h = h + mlp(ln2(h))``, bidirectional attention, optional key lengths."""
+``h = h + attn(ln1(h)); h = h + mlp(ln2(h))``, bidirectional attention."""
 from __future__ import annotations
 
 import math
@@ -21,6 +21,6 @@ class EncoderBlock(nn.Module):
         self.ln2 = LayerNorm(dim, eps, device)
         self.mlp = MLP(dim, hidden, activation, device)
 
-    def forward(self, h: torch.Tensor, key_lengths: torch.Tensor | None = None) -> torch.Tensor:
-        x, h = self.ln2.add(self.attn(self.ln1(h), key_lengths), h)  # x = ln2(h + attn), h = h + attn
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        x, h = self.ln2.add(self.attn(self.ln1(h)), h)  # x = ln2(h + attn), h = h + attn
         return h + self.mlp(x)

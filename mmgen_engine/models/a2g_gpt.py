@@ -30,7 +30,7 @@ class A2GGpt(nn.Module):
 
     def poses(self, codes: torch.Tensor) -> torch.Tensor:
         """Motion token ids ``[B, n]`` -> poses ``[B, 4 n, joints, 2]`` (fp32, the root at the origin)."""
-        feats = self.motion(codes).float() * self.pose_std.float() + self.pose_mean.float()
+        feats = self.motion(codes).float() * self.pose_std + self.pose_mean  # statistics kept in fp32
         poses = feats.view(*feats.shape[:-1], self.cfg.motion.joints, 2)
         poses[..., 0, :] = 0
         return poses

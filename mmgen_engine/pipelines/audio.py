@@ -24,6 +24,7 @@ import torch
 from ..errors import InputError
 
 MIN_RATE, MAX_RATE = 1000, 384000
+MAX_CHANNELS = 32  # an array with more columns than this (and few rows) is taken for [channels, n]
 
 _PCM, _FLOAT, _ALAW, _MULAW, _EXTENSIBLE = 0x0001, 0x0003, 0x0006, 0x0007, 0xFFFE
 _WIDTHS = {_PCM: (1, 2, 3, 4), _FLOAT: (4, 8), _ALAW: (1,), _MULAW: (1,)}  # bytes per sample
@@ -315,6 +316,9 @@ def _check_array(audio: np.ndarray) -> np.ndarray:
                          f"pass floats in [-1, 1] (e.g. int16 / 32768)")
     if audio.ndim not in (1, 2):
         raise InputError(f"audio arrays must be [n] or [n, channels], got shape {audio.shape}")
+    if audio.ndim == 2 and audio.shape[1] > MAX_CHANNELS and audio.shape[0] <= MAX_CHANNELS:
+        raise InputError(f"audio array of shape {audio.shape} looks like [channels, n]; pass [n, channels] "
+                         f"(transpose it)")
     if audio.size == 0:
         raise InputError(f"no audio samples (array of shape {audio.shape})")
     if not np.isfinite(audio).all():

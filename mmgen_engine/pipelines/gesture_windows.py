@@ -86,8 +86,7 @@ class Stitcher:
     def __init__(self, plan: WindowPlan, total: int):
         self.plan, self.total, self.done = plan, total, 0
         self.tail: np.ndarray | None = None
-        ramp = (np.arange(plan.overlap, dtype=np.float32) + 0.5) / plan.overlap
-        self.ramp = ramp
+        self.ramp = (np.arange(plan.overlap, dtype=np.float32) + 0.5) / plan.overlap
 
     def _emit(self, frames: np.ndarray) -> np.ndarray:
         frames = frames[:max(0, self.total - self.done)]

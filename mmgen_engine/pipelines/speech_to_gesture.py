@@ -6,8 +6,8 @@ the fixed windows of :mod:`.gesture_windows`: per window the encoder runs once, 
 the previous window's last tokens with the window's new tokens (only motion codes are drawn), and
 the decoded window is cross-faded into the output. :meth:`SpeechToGesturePipeline.generate_stream`
 yields the poses as windows complete; :meth:`~SpeechToGesturePipeline.generate` returns them all.
-Window ``w`` samples with seed ``seed + w`` when a seed is given, so the same audio and seed give the
-same poses whether streamed or not.
+Window ``w`` samples with its own seed mixed from the request's seed and ``w`` (:func:`window_seed`),
+so the same audio and seed give the same poses whether streamed or not.
 """
 from __future__ import annotations
 
@@ -24,14 +24,22 @@ from ..errors import InputError
 from ..models import ARCHITECTURES
 from ..runtime import CUDAGraphs, GraphedCall, SamplingParams, generate
 from ..runtime.layout import column_major_weights
-from .audio import load_audio, log_mel_400
+from .audio import LOG_MEL_HOP, LOG_MEL_N_FFT, load_audio, log_mel_400
 from .gesture_windows import Stitcher, WindowPlan
 
 # sampling when none is given: seeded, so a call is reproducible; a lowered temperature and top-p keep
 # still speakers still (greedy decoding damps gestures to a third of the demo data's motion, sampling at
 # temperature 1 adds jitter between near-rest codes in silence; see scripts/train_demo_gesture.py)
 DEFAULT_SAMPLING = SamplingParams(do_sample=True, temperature=0.5, top_p=0.9, seed=0)
-HOP, N_FFT = 160, 512  # log_mel_400
+
+
+def window_seed(seed: int, w: int) -> int:
+    """The sampling seed of window ``w``: SplitMix64 of ``seed`` and ``w``, in ``[0, 2**63)`` (neighbouring
+    seeds or windows give unrelated streams)."""
+    z = (seed + (w + 1) * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) >> 1
 
 
 class SpeechToGesturePipeline:
@@ -43,7 +51,7 @@ class SpeechToGesturePipeline:
         self.model, self.config, self.device = model, config, device
         self.dtype = model.decoder.wte.dtype
         g = config.gesture
-        self.plan = WindowPlan(g.sample_rate, g.fps, HOP, N_FFT, g.window_frames,
+        self.plan = WindowPlan(g.sample_rate, g.fps, LOG_MEL_HOP, LOG_MEL_N_FFT, g.window_frames,
                                g.seed_tokens * config.motion.downsample_factor)
         self.use_cuda_graphs = device.type == "cuda"
         if device.type == "cuda":
@@ -54,7 +62,10 @@ class SpeechToGesturePipeline:
     def from_checkpoint(cls, path: Path, config: SpeechToGestureConfig, device: torch.device,
                         dtype: torch.dtype | None) -> "SpeechToGesturePipeline":
         model = ARCHITECTURES[config.architecture](config, device="meta")
-        assign_weights(model, load_weights(path, device), str(path), torch_dtype(config.dtype), dtype)
+        tensors = load_weights(path, device)
+        assign_weights(model, tensors, str(path), torch_dtype(config.dtype), dtype)
+        for name in ("pose_mean", "pose_std"):  # 104 values each: kept in fp32 at any weight dtype
+            getattr(model, name).data = tensors[name].float()
         if device.type == "cpu":
             column_major_weights(model.decoder)
         return cls(model, config, device)
@@ -100,34 +111,38 @@ class SpeechToGesturePipeline:
     def _stream(self, samples: np.ndarray, sampling: SamplingParams) -> Iterator[np.ndarray]:
         stitch = Stitcher(self.plan, self.plan.frames(samples.shape[0]))
         for _, poses in self._windows(samples, sampling):
-            yield stitch.add(poses)
-        yield stitch.finish()
+            chunk = stitch.add(poses)
+            if chunk.shape[0]:
+                yield chunk
+        chunk = stitch.finish()
+        if chunk.shape[0]:
+            yield chunk
 
     def _windows(self, samples: np.ndarray, sampling: SamplingParams) -> Iterator[tuple[list[int], np.ndarray]]:
         """``(tokens, poses [window_frames, joints, 2])`` of every window in turn."""
-        seed: list[int] = []
+        context: list[int] = []
         for w in range(self.plan.windows(samples.shape[0])):
             window_sampling = sampling
             if sampling.seed is not None:
-                window_sampling = dataclasses.replace(sampling, seed=sampling.seed + w)
-            tokens = self.window_tokens(self.plan.window_audio(samples, w), seed, window_sampling)
-            seed = tokens[-self.config.gesture.seed_tokens:]
+                window_sampling = dataclasses.replace(sampling, seed=window_seed(sampling.seed, w))
+            tokens = self.decode_window(self.plan.window_audio(samples, w), context, window_sampling)
+            context = tokens[-self.config.gesture.seed_tokens:]
             with torch.inference_mode():
                 poses = self.model.poses(torch.tensor([tokens], device=self.device))[0]
             yield tokens, poses.cpu().numpy()
 
-    def window_tokens(self, window_audio: np.ndarray, seed: list[int], sampling: SamplingParams) -> list[int]:
-        """The motion tokens of one window: ``seed`` (the previous window's last tokens, or none)
+    def decode_window(self, window_audio: np.ndarray, context: list[int], sampling: SamplingParams) -> list[int]:
+        """The motion tokens of one window: ``context`` (the previous window's last tokens, or none)
         continued to a full window, conditioned on ``window_audio`` (16 kHz, ``plan.window_samples``)."""
         cfg = self.config
         mel = log_mel_400(window_audio)[None].to(self.device, self.dtype)  # (1, F, 64)
         with torch.inference_mode():
             encode = self._graphed_encode if self.use_cuda_graphs else self.model.encode
             states = encode(mel)
-            prompt = torch.tensor([[cfg.gesture.bos_token_id, *seed]], dtype=torch.int64, device=self.device)
+            prompt = torch.tensor([[cfg.gesture.bos_token_id, *context]], dtype=torch.int64, device=self.device)
             lengths = torch.full((1,), states.shape[1], dtype=torch.int64, device=self.device)
-            new = generate(self.model.decoder, prompt, states, lengths, cfg.window_tokens - len(seed),
+            new = generate(self.model.decoder, prompt, states, lengths, cfg.window_tokens - len(context),
                            eos_token_id=None, pad_token_id=cfg.gesture.eos_token_id, sampling=sampling,
                            vocab_limit=cfg.motion.codebook_size,
                            graphs=self._graphs if self.use_cuda_graphs else None)
-        return seed + new[0].tolist()
+        return context + new[0].tolist()

@@ -79,7 +79,8 @@ class A2GConfig:
 
     @property
     def max_positions(self) -> int:
-        """bos + a window's tokens + eos."""
+        """Positions of a training sequence ``[bos, t_0 .. t_n-1, eos]`` (eos is a target, never an input:
+        the last row of ``wpe`` is not trained)."""
         return self.window_tokens + 2
 
     @property
@@ -95,12 +96,15 @@ class A2GConfig:
         return n
 
     def check(self) -> None:
-        if self.window_frames % DOWNSAMPLE or not 0 < self.seed_tokens < self.window_tokens:
-            raise ValueError(f"window_frames must be a multiple of {DOWNSAMPLE} and 0 < seed_tokens < "
+        for f in fields(self):
+            if not isinstance(getattr(self, f.name), int) or getattr(self, f.name) <= 0:
+                raise ValueError(f"{f.name} must be a positive integer, got {getattr(self, f.name)!r}")
+        if self.window_frames % DOWNSAMPLE or not self.seed_tokens < self.window_tokens:
+            raise ValueError(f"window_frames must be a multiple of {DOWNSAMPLE} and seed_tokens < "
                              f"window_frames / {DOWNSAMPLE}")
-        for name in ("width", "audio_ff", "ff", "vq_width", "code_dim", "codebook_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive")
+        if ((self.window_frames - DOWNSAMPLE * self.seed_tokens) * (SAMPLE_RATE // HOP)) % FPS:
+            raise ValueError(f"windows of {self.window_frames} frames seeded with {self.seed_tokens} tokens do not "
+                             f"start on a log-mel frame (window_frames - 4 seed_tokens must be a multiple of 3)")
         if self.width % self.audio_heads or self.width % self.heads:
             raise ValueError("width must be divisible by audio_heads and heads")
 
@@ -349,9 +353,7 @@ def save(model: A2GGpt, out: Path) -> Path:
 def load(src: Path) -> A2GGpt:
     """The model :func:`save` wrote (strict: every tensor present, none extra)."""
     src = Path(src)
-    raw = json.loads((src / CONFIG_FILE).read_text())
-    known = {f.name for f in fields(A2GConfig)}
-    model = A2GGpt(A2GConfig(**{k: v for k, v in raw.items() if k in known}))
+    model = A2GGpt(A2GConfig(**json.loads((src / CONFIG_FILE).read_text())))
     model.load_state_dict(load_file(str(src / WEIGHTS_FILE)))
     return model.eval()
 
