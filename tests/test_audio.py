@@ -150,6 +150,9 @@ def test_reads_in_pieces(tmp_path, monkeypatch):
     ints = random_ints(np.random.default_rng(4), 24, (101, 2))
     path = write(tmp_path, riff(fmt(1, 2, 16000, 24), chunk(b"data", int_bytes(ints, 3))))
     np.testing.assert_array_equal(read_wav(path)[0], scaled(ints, 24))
+    mono, rate = read_wav(path, mono=True)  # mixed block by block: the same as mixing the whole
+    assert rate == 16000 and mono.shape == (101,)
+    np.testing.assert_array_equal(mono, to_mono(scaled(ints, 24)))
 
 
 @pytest.mark.parametrize("dtype,bits", [(np.int16, 16), (np.int32, 32), (np.uint8, 8),

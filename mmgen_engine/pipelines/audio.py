@@ -144,9 +144,10 @@ def _decode(raw: bytes, tag: int, width: int) -> np.ndarray:
     return ints * np.float32(2.0 ** (1 - 8 * width))
 
 
-def read_wav(path) -> tuple[np.ndarray, int]:
-    """A RIFF/WAVE file -> ``(samples [n, channels] float32, sample rate)``. Only whole frames of the
-    ``data`` chunk are read; anything wrong with the file raises InputError naming it."""
+def read_wav(path, mono: bool = False) -> tuple[np.ndarray, int]:
+    """A RIFF/WAVE file -> ``(samples [n, channels] float32, sample rate)``, or with ``mono`` the
+    channels' mean ``[n]``, mixed block by block (a long multichannel file is never held whole). Only
+    whole frames of the ``data`` chunk are read; anything wrong with the file raises InputError naming it."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: audio file not found")
@@ -156,7 +157,7 @@ def read_wav(path) -> tuple[np.ndarray, int]:
         frames = nbytes // frame
         if frames == 0:
             raise InputError(f"{path}: no audio samples")
-        out = np.empty((frames, channels), np.float32)
+        out = np.empty((frames,) if mono else (frames, channels), np.float32)
         step = max(1, _READ_BYTES // frame)
         f.seek(offset)
         for start in range(0, frames, step):
@@ -164,7 +165,8 @@ def read_wav(path) -> tuple[np.ndarray, int]:
             raw = f.read(count * frame)
             if len(raw) < count * frame:  # the file shrank while we read it
                 raise InputError(f"{path}: truncated WAV data")
-            out[start:start + count] = _decode(raw, tag, width).reshape(count, channels)
+            block = _decode(raw, tag, width).reshape(count, channels)
+            out[start:start + count] = to_mono(block) if mono else block
     if tag == _FLOAT and not np.isfinite(out).all():
         raise InputError(f"{path}: WAV file has non-finite samples (NaN or inf)")
     return out, rate
@@ -294,7 +296,7 @@ def load_audio(audio, sample_rate: int | None = None, target_rate: int = 16000) 
     path, ``sample_rate`` may be left out or must equal the file's."""
     target_rate = _check_rate(target_rate, "target_rate")
     if isinstance(audio, (str, os.PathLike)):
-        samples, rate = read_wav(audio)
+        samples, rate = read_wav(audio, mono=True)
         if sample_rate is not None and sample_rate != rate:
             raise InputError(f"{audio}: sample_rate={sample_rate} given but the file is {rate} Hz")
     elif isinstance(audio, np.ndarray):
