@@ -28,8 +28,7 @@ from .audio import LOG_MEL_HOP, LOG_MEL_N_FFT, load_audio, log_mel_400
 from .gesture_windows import Stitcher, WindowPlan
 
 # sampling when none is given: seeded, so a call is reproducible; a lowered temperature and top-p keep
-# still speakers still (greedy decoding damps gestures to a third of the demo data's motion, sampling at
-# temperature 1 adds jitter between near-rest codes in silence; see scripts/train_demo_gesture.py)
+# a silent speaker still (at temperature 1 the demo model jitters between near-rest codes in silence)
 DEFAULT_SAMPLING = SamplingParams(do_sample=True, temperature=0.5, top_p=0.9, seed=0)
 
 
