@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import format_table, machine_info, measure, write_json  # noqa: E402
+from timing import checked_device, format_table, machine_info, measure, write_json  # noqa: E402
 
 import mmgen_engine as mm  # noqa: E402
 
@@ -355,10 +355,7 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     args.arch = list(dict.fromkeys(args.arch))  # in the order given, once each
     args.preset = "quick" if args.quick else "full"
-    try:
-        args.device = str(torch.device(args.device))
-    except RuntimeError:
-        ap.error(f"invalid --device {args.device!r}; use cpu, cuda or cuda:N")
+    args.device = checked_device(ap, args.device)
     args.dtype = args.dtype or (["float16"] if args.device.startswith("cuda") else ["float32"])
     args.new_tokens = args.new_tokens or max(PRESETS[a][args.preset]["new_tokens"] for a in args.arch)
     args.repeats = args.repeats or (3 if args.quick else 5)
@@ -368,8 +365,6 @@ def parse_args(argv=None):
         ap.error(f"--new-tokens must be in [2, {max_new}]")
     if args.warmup < 2 or args.repeats < 1 or min(args.batch) < 1:
         ap.error("need --warmup >= 2, --repeats >= 1 and batch sizes >= 1")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        ap.error("--device cuda requested but CUDA is not available")
     return args
 
 

@@ -32,7 +32,7 @@ from dall_e.utils import unmap_pixels
 from min_dalle.models import VQGanDetokenizer  # sets torch's thread count on import: before --threads
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import format_table, machine_info, measure, write_json  # noqa: E402
+from timing import checked_device, format_table, machine_info, measure, write_json  # noqa: E402
 
 import mmgen_engine as mm  # noqa: E402
 from mmgen_engine.checkpoint import save_checkpoint  # noqa: E402
@@ -135,13 +135,8 @@ def parse_args(argv=None):
                     help="results file (default build/bench_detok/results.json)")
     args = ap.parse_args(argv)
     args.preset = "quick" if args.quick else "full"
-    try:
-        args.device = str(torch.device(args.device))
-    except RuntimeError:
-        ap.error(f"invalid --device {args.device!r}; use cpu, cuda or cuda:N")
+    args.device = checked_device(ap, args.device)
     cuda = args.device.startswith("cuda")
-    if cuda and not torch.cuda.is_available():
-        ap.error("--device cuda requested but CUDA is not available")
     args.dtype = args.dtype or ("float16" if cuda else "float32")
     # a CPU batch of 8 takes seconds per call: one warm-up and one timed call keep the default run short
     args.repeats = args.repeats or (10 if cuda else 1)

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import format_table, machine_info, measure, write_json  # noqa: E402
+from timing import checked_device, format_table, machine_info, measure, write_json  # noqa: E402
 
 import mmgen_engine as mm  # noqa: E402
 from mmgen_engine.pipelines.speech_to_gesture import DEFAULT_SAMPLING  # noqa: E402
@@ -259,13 +259,8 @@ def parse_args(argv=None):
                                               "results_quick.json with --quick)")
     args = ap.parse_args(argv)
     args.preset = "quick" if args.quick else "full"
-    try:
-        args.device = str(torch.device(args.device))
-    except RuntimeError:
-        ap.error(f"invalid --device {args.device!r}; use cpu, cuda or cuda:N")
+    args.device = checked_device(ap, args.device)
     cuda = args.device.startswith("cuda")
-    if cuda and not torch.cuda.is_available():
-        ap.error("--device cuda requested but CUDA is not available")
     args.dtype = args.dtype or ("float16" if cuda else "float32")
     args.seconds = args.seconds if args.seconds is not None else PRESETS[args.preset]["seconds"]
     args.json = args.json or args.cache_dir / ("results_quick.json" if args.quick else "results.json")

@@ -21,6 +21,18 @@ import torch
 L2_FLUSH_BYTES = 256 * 1024 * 1024
 
 
+def checked_device(ap, device: str) -> str:
+    """``--device`` normalized ("cuda" -> "cuda", "cuda:1" ...), or ``ap.error`` for a bad name or a
+    CUDA device on a machine without CUDA."""
+    try:
+        device = str(torch.device(device))
+    except RuntimeError:
+        ap.error(f"invalid --device {device!r}; use cpu, cuda or cuda:N")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error("--device cuda requested but CUDA is not available")
+    return device
+
+
 def percentile(values, q: float) -> float:
     """The ``q``-th percentile (0..100) of ``values``, linear between order statistics (numpy's
     default): ``v[floor(k)] + (k - floor(k)) * (v[ceil(k)] - v[floor(k)])``, ``k = q/100 * (n-1)``."""
