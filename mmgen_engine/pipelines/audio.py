@@ -149,6 +149,8 @@ def read_wav(path, mono: bool = False) -> tuple[np.ndarray, int]:
     channels' mean ``[n]``, mixed block by block (a long multichannel file is never held whole). Only
     whole frames of the ``data`` chunk are read; anything wrong with the file raises InputError naming it."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, not an audio file")
     if not path.is_file():
         raise InputError(f"{path}: audio file not found")
     with open(path, "rb") as f:
