@@ -62,6 +62,7 @@ def cases(dtype, device, quick: bool):
         yield "add_layer_norm", f"{rows}x{d}", (x, r, w, b, 1e-5), nbytes(x, r) * 2
         hid, bias = rnd(rows, ff), rnd(ff)
         yield "bias_gelu", f"{rows}x{ff} tanh", (hid, bias, "tanh"), nbytes(hid) * 2
+        yield "bias_gelu", f"{rows}x{ff} sigmoid (CLIP quick GELU)", (hid, bias, "sigmoid"), nbytes(hid) * 2
         glu = rnd(2 * rows, 2 * 2730)  # DALL-E Mini's GLU, [uncond; cond] rows: fc0 | fc1 outputs
         yield "gelu_mul", f"{2 * rows}x2x2730", (glu,), nbytes(glu) * 3 // 2
         tok = torch.randint(0, vocab, (rows,), device=device)
@@ -91,6 +92,10 @@ def cases(dtype, device, quick: bool):
             yield "linear", f"{rows}x{kdim}->{n}", (x, w, bias), nbytes(x, w, bias) + rows * n * x.element_size()
     q, k, v = (rnd(4, h, 197, dh) for _ in range(3))
     yield "attention", "B4 H12 T197 D64 (ViT)", (q, k, v, dh ** -0.5, False, None), nbytes(q, k, v, q)
+    text = rnd(4, h, 16, dh)  # GIT's prefill: 16 text queries, causal after 197 image keys
+    yield "attention", "B4 H12 Tq16 Tk213 D64 causal (GIT text)", \
+        (text, torch.cat([k, k[:, :, :16]], 2), torch.cat([v, v[:, :, :16]], 2), dh ** -0.5, True, None), \
+        nbytes(text, k, v, text)
     yield from conv_cases(rnd, quick)
 
 

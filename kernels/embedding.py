@@ -41,6 +41,8 @@ def embedding(tokens, positions, wte, wpe, ln_weight=None, ln_bias=None, eps=1e-
     pos = positions.reshape(-1).contiguous()
     n = tok.numel()
     out = torch.empty(n, d, dtype=wte.dtype, device=wte.device)
+    if n == 0:  # an empty prompt (ClipCap's): nothing to launch
+        return out.view(*tokens.shape, d)
     block_d = triton.next_power_of_2(d)
     rows = max(1, min(16, 4096 // block_d))
     has_ln = ln_weight is not None

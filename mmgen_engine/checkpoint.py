@@ -86,10 +86,18 @@ def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu") ->
     return tensors
 
 
+def tensor_dtype(module: torch.nn.Module, name: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype floating tensor ``name`` of ``module`` is stored and run in when the weights are
+    ``dtype``: float32 for the few a model lists in its ``fp32_tensors`` (statistics whose rounding
+    would show in the output), ``dtype`` for the rest."""
+    return torch.float32 if name in getattr(module, "fp32_tensors", ()) else dtype
+
+
 def check_tensors(module: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str,
                   stored_dtype: torch.dtype) -> None:
     """Check that ``tensors`` are exactly the state of ``module`` (built on the meta device): same
-    names, same shapes, floating-point where the module's are, stored as ``stored_dtype``.
+    names, same shapes, floating-point where the module's are, stored as ``stored_dtype`` (see
+    :func:`tensor_dtype`).
     Any difference raises :class:`CheckpointError` naming the tensor."""
     expected = module.state_dict()
     for kind, names in (("missing", expected.keys() - tensors.keys()), ("unexpected", tensors.keys() - expected.keys())):
@@ -102,7 +110,7 @@ def check_tensors(module: torch.nn.Module, tensors: dict[str, torch.Tensor], whe
         if tuple(t.shape) != tuple(ref.shape):
             raise CheckpointError(f"{where}: tensor {name!r} has shape {tuple(t.shape)}, "
                                   f"the config implies {tuple(ref.shape)}")
-        want = stored_dtype if ref.is_floating_point() else ref.dtype
+        want = tensor_dtype(module, name, stored_dtype) if ref.is_floating_point() else ref.dtype
         if t.dtype != want:
             raise CheckpointError(f"{where}: tensor {name!r} is {str(t.dtype).removeprefix('torch.')}, "
                                   f"expected {str(want).removeprefix('torch.')}")
@@ -113,7 +121,8 @@ def assign_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], wh
     """:func:`check_tensors`, then put ``tensors`` into ``module``, cast to ``dtype`` when given."""
     check_tensors(module, tensors, where, stored_dtype)
     if dtype is not None:
-        tensors = {k: (t.to(dtype) if t.is_floating_point() else t) for k, t in tensors.items()}
+        tensors = {k: (t.to(tensor_dtype(module, k, dtype)) if t.is_floating_point() else t)
+                   for k, t in tensors.items()}
     module.load_state_dict(tensors, assign=True)
 
 

@@ -166,6 +166,25 @@ def test_file_array_and_stream_give_identical_poses(converted, tmp_path):
     assert np.array_equal(pipe.generate(wav), pipe.generate(wav))  # the default sampling is seeded
 
 
+def test_pose_statistics_stay_fp32_at_half_precision(converted, tmp_path):
+    """Converted or loaded in half precision, the pose mean/std keep fp32: poses of the same tokens
+    then differ from fp32 only by the motion decoder's rounding."""
+    from safetensors import safe_open
+    model, path = converted
+    src = tmp_path / "src"
+    a2g.save(model, src)
+    half = mm.convert(src, tmp_path / "half", dtype="float16")
+    with safe_open(str(half / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("pose_mean").dtype == torch.float32
+        assert f.get_tensor("decoder.wte").dtype == torch.float16
+    codes = torch.randint(0, TINY.codebook_size, (1, 16))
+    with torch.inference_mode():
+        ref = mm.load(path).model.poses(codes)
+        for pipe in (mm.load(half), mm.load(path, dtype="bfloat16")):
+            assert pipe.model.pose_mean.dtype == torch.float32
+            assert (pipe.model.poses(codes) - ref).abs().max() <= 0.05 * ref.abs().max()
+
+
 def test_triton_backend_gives_the_reference_tokens(converted, monkeypatch):
     pytest.importorskip("triton")
     _, path = converted

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import FORMAT_NAME, FORMAT_VERSION, SpeechToGestureConfig
 from ..errors import ConversionError
 from ..layers.conv1d import tap_major
 from ..training import a2g_gpt as a2g
 from . import hf
-from .hf_towers import check_config
-from .keymap import apply_rules, finish, rule
+from .keymap import apply_rules, check_config, finish, header, rule
 
 NAME = "a2g-gpt"
 IGNORED = [r"motion\.encoder\..*"]
@@ -69,9 +67,7 @@ def convert(src: Path, dtype: str | None, workdir: Path, trust_pickle: bool = Fa
         raise ConversionError(f"{src}: expected an a2g-gpt directory ({a2g.CONFIG_FILE} + {a2g.WEIGHTS_FILE})")
     cfg = _source_config(src)
     from ..pipelines.poses import PARENTS
-    config = {
-        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "task": "speech-to-gesture",
-        "architecture": "a2g-gpt", "source_format": NAME, "dtype": dtype or "float32",
+    config = {**header("speech-to-gesture", "a2g-gpt", NAME, dtype),
         "audio_encoder": {"n_mels": a2g.N_MELS, "hidden_size": cfg.width, "num_layers": cfg.audio_layers,
                           "num_heads": cfg.audio_heads, "intermediate_size": cfg.audio_ff,
                           "max_positions": cfg.audio_positions},
@@ -85,7 +81,7 @@ def convert(src: Path, dtype: str | None, workdir: Path, trust_pickle: bool = Fa
                     "front_end": "log_mel_400", "sample_rate": a2g.SAMPLE_RATE, "fps": a2g.FPS,
                     "window_frames": cfg.window_frames, "seed_tokens": cfg.seed_tokens},
     }
-    check_config(SpeechToGestureConfig, config, str(src / a2g.CONFIG_FILE))
+    check_config(config, str(src / a2g.CONFIG_FILE))
     tensors = hf.load_safetensors(src / a2g.WEIGHTS_FILE)
     out = apply_rules(_rules(cfg), tensors, {"audio": cfg.audio_layers, "dec": cfg.layers}, IGNORED, where=str(src))
     config, out = finish(config, out, dtype, str(src))

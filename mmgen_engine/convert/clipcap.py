@@ -22,11 +22,10 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from ..config import FORMAT_NAME, FORMAT_VERSION, CaptioningConfig
 from ..errors import ConversionError
 from . import hf, keymap, weights_file
-from .hf_towers import CLIP_VISION_DEFAULTS, check_config, clip_vision_rules, image_preprocess, settings, tied_copy, vit_config
-from .keymap import apply_rules, finish, rule, transpose
+from .hf_towers import CLIP_VISION_DEFAULTS, clip_vision_rules, image_preprocess, settings, tied_copy, vit_config
+from .keymap import apply_rules, check_config, finish, header, rule, transpose
 
 NAME = "clipcap"
 SIGNATURE = {"clip_project.model.0.weight", "gpt.transformer.wte.weight"}
@@ -115,15 +114,14 @@ def convert(src: Path, dtype: str | None, workdir: Path, trust_pickle: bool = Fa
     tokenizer = hf.tokenizer_json(src, workdir)
     stop = _stop_token(tokenizer, where)
     width = decoder["hidden_size"]
-    config = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "task": "captioning",
-              "architecture": "clipcap", "source_format": NAME, "dtype": dtype or "float32",
+    config = {**header("captioning", "clipcap", NAME, dtype),
               "encoder": vit_config(vision, str(clip / "config.json"), clip=True), "decoder": decoder,
               "generation": {"decoder_start_token_id": None, "eos_token_id": stop, "pad_token_id": stop,
                              "include_eos": True},
               "preprocess": image_preprocess(clip / "preprocessor_config.json", "CLIPImageProcessor"),
               "projection_dim": projection_dim, "mapper_sizes": sizes,
               "prefix_length": sizes[-1] // width if sizes[-1] % width == 0 else 0}
-    check_config(CaptioningConfig, config, where)
+    check_config(config, where)
 
     overlap = set(tensors) & set(clip_tensors)
     if overlap:

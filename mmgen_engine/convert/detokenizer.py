@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from ..config import FORMAT_NAME, FORMAT_VERSION, DetokenizerConfig, from_dict
+from ..config import DetokenizerConfig, from_dict
 from ..errors import CheckpointError, ConversionError
 from ..models import build_detokenizer
-from .keymap import finish
+from .keymap import finish, header
 
 
 def state_names(architecture: str, model_config: dict, where: str) -> list[str]:
@@ -24,7 +24,6 @@ def checkpoint(source_format: str, architecture: str, model_config: dict, tensor
     """``(config dict, tensors)`` of an ``image-detokenizer`` checkpoint: ``model_config`` is the
     VQGANConfig / DVAEConfig dict, ``tensors`` the model's state dict; floating tensors are cast to
     ``dtype`` (None: the dtype most of them have). Any inconsistency raises ConversionError."""
-    config = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "task": "image-detokenizer",
-              "architecture": architecture, "source_format": source_format, "dtype": dtype,
+    config = {**header("image-detokenizer", architecture, source_format, dtype),
               "detokenizer": {"architecture": architecture, architecture: model_config}}
     return finish(config, tensors, dtype, where)

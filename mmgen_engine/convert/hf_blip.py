@@ -15,12 +15,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import FORMAT_NAME, FORMAT_VERSION, CaptioningConfig
 from ..errors import ConversionError
 from . import hf
-from .hf_towers import (BLIP_VISION_DEFAULTS, bert_config, bert_decoder_rules, blip_vision_rules, check_config,
-                        image_preprocess, model_type, read_config, settings, tied_copy, token_id, vit_config)
-from .keymap import apply_rules, finish, rule
+from .hf_towers import (BLIP_VISION_DEFAULTS, bert_config, bert_decoder_rules, blip_vision_rules, image_preprocess,
+                        model_type, processor_files, read_config, settings, tied_copy, token_id, vit_config)
+from .keymap import apply_rules, check_config, finish, header, rule
 
 NAME = "hf-blip"
 
@@ -54,11 +53,10 @@ def convert(src: Path, dtype: str | None, workdir: Path, trust_pickle: bool = Fa
     generation = {"decoder_start_token_id": token_id(sources, "bos_token_id", where),
                   "eos_token_id": token_id(sources, "sep_token_id", where),
                   "pad_token_id": token_id(sources, "pad_token_id", where)}
-    config = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "task": "captioning",
-              "architecture": "blip", "source_format": NAME, "dtype": dtype or "float32",
+    config = {**header("captioning", "blip", NAME, dtype),
               "encoder": encoder, "decoder": decoder, "generation": generation,
               "preprocess": image_preprocess(src / "preprocessor_config.json", "BlipImageProcessor")}
-    check_config(CaptioningConfig, config, where)  # consistent before any weight is read
+    check_config(config, where)  # consistent before any weight is read
 
     tensors = hf.read_weights(src)
     if tied:
@@ -77,6 +75,4 @@ def convert(src: Path, dtype: str | None, workdir: Path, trust_pickle: bool = Fa
     out = apply_rules(rules, tensors, {"enc": encoder["num_layers"], "dec": decoder["num_layers"]}, ignored,
                       where=str(src))
     config, out = finish(config, out, dtype, str(src))
-    files = {"tokenizer.json": hf.tokenizer_json(src, workdir),
-             "preprocessor_config.json": src / "preprocessor_config.json"}
-    return config, out, files
+    return config, out, processor_files(src, workdir)

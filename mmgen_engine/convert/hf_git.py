@@ -13,13 +13,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import FORMAT_NAME, FORMAT_VERSION, CaptioningConfig
 from ..errors import ConversionError
 from . import hf
-from .hf_towers import (GIT_VISION_DEFAULTS, bert_config, bert_decoder_rules, check_config, clip_vision_rules,
-                        generation_sources, image_preprocess, model_type, read_config, settings, tied_copy, token_id,
+from .hf_towers import (GIT_VISION_DEFAULTS, bert_config, bert_decoder_rules, clip_vision_rules, generation_sources,
+                        image_preprocess, model_type, processor_files, read_config, settings, tied_copy, token_id,
                         vit_config)
-from .keymap import apply_rules, finish, rule
+from .keymap import apply_rules, check_config, finish, header, rule
 
 NAME = "hf-git"
 
@@ -47,11 +46,10 @@ def convert(src: Path, dtype: str | None, workdir: Path, trust_pickle: bool = Fa
     eos = token_id(sources, "eos_token_id", where)
     generation = {"decoder_start_token_id": token_id(sources, "bos_token_id", where), "eos_token_id": eos,
                   "pad_token_id": token_id(sources, "pad_token_id", where, default=eos)}
-    config = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "task": "captioning",
-              "architecture": "git", "source_format": NAME, "dtype": dtype or "float32",
+    config = {**header("captioning", "git", NAME, dtype),
               "encoder": encoder, "decoder": decoder, "generation": generation,
               "preprocess": image_preprocess(src / "preprocessor_config.json", "CLIPImageProcessor")}
-    check_config(CaptioningConfig, config, where)  # consistent before any weight is read
+    check_config(config, where)  # consistent before any weight is read
 
     tensors = hf.read_weights(src)
     projection = "git.visual_projection.visual_projection."
@@ -66,6 +64,4 @@ def convert(src: Path, dtype: str | None, workdir: Path, trust_pickle: bool = Fa
     out = apply_rules(rules, tensors, {"enc": encoder["num_layers"], "dec": decoder["num_layers"]}, IGNORED,
                       where=str(src))
     config, out = finish(config, out, dtype, str(src))
-    files = {"tokenizer.json": hf.tokenizer_json(src, workdir),
-             "preprocessor_config.json": src / "preprocessor_config.json"}
-    return config, out, files
+    return config, out, processor_files(src, workdir)

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import CheckpointConfig, from_dict
-from ..errors import CheckpointError, ConversionError
+from ..errors import ConversionError
 from . import hf
 from .keymap import concat, flatten_conv, rule, squeeze_leading
 
@@ -160,12 +159,10 @@ def image_preprocess(path: Path, expected: str) -> dict:
                           f"shortest edge followed by a center crop, expected)")
 
 
-def check_config(cls: type[CheckpointConfig], config: dict, where: str) -> None:
-    """Validate ``config`` before any weight is read, as a ConversionError."""
-    try:
-        from_dict(cls, config, where)
-    except CheckpointError as e:
-        raise ConversionError(str(e)) from None
+def processor_files(src: Path, workdir: Path) -> dict[str, Path]:
+    """The files a converted HF captioner keeps: its tokenizer (as ``tokenizer.json``) and its image
+    processor settings."""
+    return {"tokenizer.json": hf.tokenizer_json(src, workdir), "preprocessor_config.json": src / "preprocessor_config.json"}
 
 
 def clip_vision_rules(prefix: str) -> list:

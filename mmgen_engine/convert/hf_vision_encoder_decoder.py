@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import FORMAT_NAME, FORMAT_VERSION, CaptioningConfig
 from ..errors import ConversionError
 from . import hf
-from .hf_towers import activation, check_config, generation_sources, image_preprocess, model_type, require, token_id
-from .keymap import apply_rules, concat, finish, flatten_conv, rename_keys, rule, squeeze_leading, transpose
+from .hf_towers import (activation, generation_sources, image_preprocess, model_type, processor_files, require,
+                        token_id)
+from .keymap import (apply_rules, check_config, concat, finish, flatten_conv, header, rename_keys, rule,
+                     squeeze_leading, transpose)
 
 NAME = "hf-vision-encoder-decoder"
 
@@ -128,12 +129,11 @@ def convert(src: Path, dtype: str | None, workdir: Path, trust_pickle: bool = Fa
                "scale_attn_by_inverse_layer_idx": dec.get("scale_attn_by_inverse_layer_idx", False),
                "tie_word_embeddings": tied}
 
-    config = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "task": "captioning",
-              "architecture": "vit-gpt2", "source_format": NAME, "dtype": dtype or "float32",
+    config = {**header("captioning", "vit-gpt2", NAME, dtype),
               "encoder": encoder, "decoder": decoder, "generation": generation,
               "preprocess": image_preprocess(src / "preprocessor_config.json", "ViTImageProcessor"),
               "enc_to_dec_proj": proj}
-    check_config(CaptioningConfig, config, where)  # consistent before any weight is read
+    check_config(config, where)  # consistent before any weight is read
 
     tensors = rename_keys(hf.read_weights(src), V4_TO_V5)
     if tied and "decoder.lm_head.weight" in tensors:
@@ -145,6 +145,4 @@ def convert(src: Path, dtype: str | None, workdir: Path, trust_pickle: bool = Fa
     out = apply_rules(_rules(encoder["qkv_bias"], proj, tied), tensors,
                       {"enc": encoder["num_layers"], "dec": decoder["num_layers"]}, IGNORED, where=str(src))
     config, out = finish(config, out, dtype, str(src))
-    files = {"tokenizer.json": hf.tokenizer_json(src, workdir),
-             "preprocessor_config.json": src / "preprocessor_config.json"}
-    return config, out, files
+    return config, out, processor_files(src, workdir)

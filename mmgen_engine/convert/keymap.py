@@ -13,8 +13,8 @@ from typing import Callable, Iterable
 
 import torch
 
-from ..checkpoint import check_tensors, torch_dtype
-from ..config import CONFIG_CLASSES, from_dict
+from ..checkpoint import check_tensors, tensor_dtype, torch_dtype
+from ..config import CONFIG_CLASSES, FORMAT_NAME, FORMAT_VERSION, from_dict
 from ..errors import CheckpointError, ConversionError
 
 
@@ -121,6 +121,21 @@ def count(tensors: dict[str, torch.Tensor], pattern: str, start: int = 0) -> int
     return n
 
 
+def header(task: str, architecture: str, source_format: str, dtype: str | None) -> dict:
+    """The fields every engine config starts with (``dtype`` float32 until :func:`finish` stores the
+    tensors' own)."""
+    return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "task": task, "architecture": architecture,
+            "source_format": source_format, "dtype": dtype or "float32"}
+
+
+def check_config(config: dict, where: str) -> None:
+    """Validate ``config`` as its task's config before any weight is read, as a ConversionError."""
+    try:
+        from_dict(CONFIG_CLASSES[config["task"]], config, where)
+    except CheckpointError as e:
+        raise ConversionError(str(e)) from None
+
+
 def finish(config: dict, tensors: dict[str, torch.Tensor], dtype: str | None, where: str):
     """The last step of every converter: validate ``config`` as its task's config, store floating
     tensors as ``dtype`` (None: the dtype most of them have) and check that they are exactly the state
@@ -130,10 +145,10 @@ def finish(config: dict, tensors: dict[str, torch.Tensor], dtype: str | None, wh
 
     config["dtype"] = dtype or tensor_dtype_name(tensors)
     stored = torch_dtype(config["dtype"])
-    out = {k: (v.to(stored) if v.is_floating_point() else v) for k, v in tensors.items()}
     try:
-        cfg = from_dict(CONFIG_CLASSES[config["task"]], config, where)
-        check_tensors(build_model(cfg, device="meta"), out, where, stored)
+        model = build_model(from_dict(CONFIG_CLASSES[config["task"]], config, where), device="meta")
+        out = {k: (v.to(tensor_dtype(model, k, stored)) if v.is_floating_point() else v) for k, v in tensors.items()}
+        check_tensors(model, out, where, stored)
     except CheckpointError as e:
         raise ConversionError(str(e)) from None
     return config, out

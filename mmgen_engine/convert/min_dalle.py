@@ -17,10 +17,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import FORMAT_NAME, FORMAT_VERSION, TextToImageConfig, from_dict
-from ..errors import CheckpointError, ConversionError
+from ..errors import ConversionError
 from . import hf, taming_vqgan
-from .keymap import apply_rules, concat, count, finish, rule, shape
+from .keymap import apply_rules, check_config, concat, count, finish, header, rule, shape
 
 NAME = "min-dalle"
 HEAD_DIM = 64           # min-dalle: attention_head_count = embed_count / 64
@@ -123,16 +122,12 @@ def convert(src: Path, dtype: str | None, workdir: Path, trust_pickle: bool = Fa
     _check_vocab(files["vocab"])
     detok_cfg, detok = taming_vqgan.vqgan_from_tensors(hf.load_torch(files["detoker"]), codebook_key="embedding.weight",
                                                         norm_eps=1e-5, output="0_1", where=str(files["detoker"]))
-    config = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "task": "text-to-image",
-              "architecture": "dalle-bart", "source_format": NAME, "dtype": dtype or "float32",
+    config = {**header("text-to-image", "dalle-bart", NAME, dtype),
               "encoder": encoder, "decoder": decoder,
               "generation": {"bos_token_id": bos, "image_vocab_size": codes, "grid_size": grid,
                              "text_pad_token_id": TEXT_PAD},
               "detokenizer": {"architecture": "vqgan", "vqgan": detok_cfg}}
-    try:  # the sizes are consistent before any tensor is built
-        from_dict(TextToImageConfig, config, str(src))
-    except CheckpointError as e:
-        raise ConversionError(str(e)) from None
+    check_config(config, str(src))  # the sizes are consistent before any tensor is built
     out = apply_rules(_block_rules("encoder.", cross=False), enc_src, {"n": encoder["num_layers"]},
                       where=str(files["encoder"]))
     out |= apply_rules(_block_rules("decoder.", cross=True), dec_src, {"n": decoder["num_layers"]},

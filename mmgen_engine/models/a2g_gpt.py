@@ -13,6 +13,10 @@ from .motion_vq import MotionVQDecoder
 
 
 class A2GGpt(nn.Module):
+    # the pose statistics (104 values each, up to ~270 units) stay fp32 at any weight dtype: rounded
+    # to half precision they would move every joint by up to ~1 unit
+    fp32_tensors = ("pose_mean", "pose_std")
+
     def __init__(self, cfg: SpeechToGestureConfig, device=None):
         super().__init__()
         self.cfg = cfg
@@ -30,7 +34,7 @@ class A2GGpt(nn.Module):
 
     def poses(self, codes: torch.Tensor) -> torch.Tensor:
         """Motion token ids ``[B, n]`` -> poses ``[B, 4 n, joints, 2]`` (fp32, the root at the origin)."""
-        feats = self.motion(codes).float() * self.pose_std + self.pose_mean  # statistics kept in fp32
+        feats = self.motion(codes).float() * self.pose_std + self.pose_mean  # fp32_tensors
         poses = feats.view(*feats.shape[:-1], self.cfg.motion.joints, 2)
         poses[..., 0, :] = 0
         return poses

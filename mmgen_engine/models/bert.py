@@ -108,7 +108,8 @@ class BertDecoder(nn.Module):
 
     def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache, cross) -> torch.Tensor:
         """One token per row at cache slots ``positions [B]`` -> logits ``[B, V]``."""
-        h = self._embed(tokens, positions - self.prefix_length)  # (B, D)
+        text_positions = positions - self.prefix_length if self.prefix_length else positions
+        h = self._embed(tokens, text_positions)  # (B, D)
         lengths = positions + 1
         h = self._blocks(h, lambda i, attn, x: attn.decode(x, cache.k[i], cache.v[i], lengths, cache.span), cross)
         return self._logits(h)

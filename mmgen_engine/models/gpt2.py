@@ -85,11 +85,10 @@ class GPT2Decoder(nn.Module):
         if not self.uses_prefix:
             for i, layer in enumerate(self.layers):
                 layer.cross.fill_cache(encoder_states, cross.k[i], cross.v[i])
-        h = encoder_states + self.wpe[:start] if self.uses_prefix else None  # (B, S, D)
-        if tokens.shape[1]:  # ClipCap's prompt may be empty: no embedding launch over zero tokens
-            positions = torch.arange(start, start + tokens.shape[1], device=tokens.device).expand_as(tokens)
-            text = ops.embedding(tokens, positions, self.wte, self.wpe)  # (B, T, D)
-            h = text if h is None else torch.cat([h, text], dim=1)  # (B, S + T, D)
+        positions = torch.arange(start, start + tokens.shape[1], device=tokens.device).expand_as(tokens)
+        h = ops.embedding(tokens, positions, self.wte, self.wpe)  # (B, T, D); T may be 0 (ClipCap)
+        if self.uses_prefix:
+            h = torch.cat([encoder_states + self.wpe[:start], h], dim=1)  # (B, S + T, D)
         h, delta = self._blocks(h, lambda i, attn, x: attn.prefill(x, cache.k[i], cache.v[i]), cross)
         return self._logits(h[:, -1], delta[:, -1])
 

@@ -37,21 +37,10 @@ import PIL.ImageDraw
 
 from ..errors import InputError, MMGenError, one_line
 
-JOINT_NAMES = [
-    "Neck", "RShoulder", "RElbow", "RWrist", "LShoulder", "LElbow", "LWrist", "Nose", "REye", "LEye",
-    "LHandRoot",
-    "LHandThumb1", "LHandThumb2", "LHandThumb3", "LHandThumb4",
-    "LHandIndex1", "LHandIndex2", "LHandIndex3", "LHandIndex4",
-    "LHandMiddle1", "LHandMiddle2", "LHandMiddle3", "LHandMiddle4",
-    "LHandRing1", "LHandRing2", "LHandRing3", "LHandRing4",
-    "LHandLittle1", "LHandLittle2", "LHandLittle3", "LHandLittle4",
-    "RHandRoot",
-    "RHandThumb1", "RHandThumb2", "RHandThumb3", "RHandThumb4",
-    "RHandIndex1", "RHandIndex2", "RHandIndex3", "RHandIndex4",
-    "RHandMiddle1", "RHandMiddle2", "RHandMiddle3", "RHandMiddle4",
-    "RHandRing1", "RHandRing2", "RHandRing3", "RHandRing4",
-    "RHandLittle1", "RHandLittle2", "RHandLittle3", "RHandLittle4",
-]
+FINGERS = ("Thumb", "Index", "Middle", "Ring", "Little")
+JOINT_NAMES = ["Neck", "RShoulder", "RElbow", "RWrist", "LShoulder", "LElbow", "LWrist", "Nose", "REye", "LEye"] + [
+    name for side in "LR"  # each hand: its root, then 4 joints per finger from the palm out
+    for name in [f"{side}HandRoot"] + [f"{side}Hand{finger}{i}" for finger in FINGERS for i in range(1, 5)]]
 PARENTS = [-1, 0, 1, 2, 0, 4, 5, 0, 7, 7,
            6, 10, 11, 12, 13, 10, 15, 16, 17, 10, 19, 20, 21, 10, 23, 24, 25, 10, 27, 28, 29,
            3, 31, 32, 33, 34, 31, 36, 37, 38, 31, 40, 41, 42, 31, 44, 45, 46, 31, 48, 49, 50]

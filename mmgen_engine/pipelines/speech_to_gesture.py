@@ -61,10 +61,7 @@ class SpeechToGesturePipeline:
     def from_checkpoint(cls, path: Path, config: SpeechToGestureConfig, device: torch.device,
                         dtype: torch.dtype | None) -> "SpeechToGesturePipeline":
         model = ARCHITECTURES[config.architecture](config, device="meta")
-        tensors = load_weights(path, device)
-        assign_weights(model, tensors, str(path), torch_dtype(config.dtype), dtype)
-        for name in ("pose_mean", "pose_std"):  # 104 values each: kept in fp32 at any weight dtype
-            getattr(model, name).data = tensors[name].float()
+        assign_weights(model, load_weights(path, device), str(path), torch_dtype(config.dtype), dtype)
         if device.type == "cpu":
             column_major_weights(model.decoder)
         return cls(model, config, device)
