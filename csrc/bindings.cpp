@@ -4,8 +4,25 @@
 #include <pybind11/stl.h>
 
 #include "native.h"
+#if MMGEN_WITH_CUDA
+#include "kernel_bindings.h"
+#endif
 
 namespace py = pybind11;
+
+#if MMGEN_WITH_CUDA
+namespace {
+
+// The CUDA launchers of csrc/cuda, as bind_kernels wants them.
+struct CudaOps {
+  static constexpr auto decode_attention = &mmgen::decode_attention;
+  static constexpr auto layer_norm = &mmgen::layer_norm;
+  static constexpr auto token_gather = &mmgen::token_gather;
+  static constexpr auto sample = &mmgen::sample;
+};
+
+}  // namespace
+#endif
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "mmgen_engine native library (C++/CUDA kernels, no libtorch)";
@@ -22,5 +39,6 @@ PYBIND11_MODULE(_C, m) {
         "Version of the linked CUDA runtime, 1000 * major + 10 * minor.");
   m.def("cuda_device_count", &mmgen::cuda_device_count,
         "Number of visible CUDA devices; 0 without a driver or a device.");
+  mmgen::bind_kernels<CudaOps>(m);
 #endif
 }

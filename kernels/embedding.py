@@ -1,4 +1,5 @@
-"""Token + position embedding, optionally followed by LayerNorm (BERT/BLIP-style embeddings).
+"""Embedding lookups: token + position embedding, optionally followed by LayerNorm (BERT/BLIP-style
+embeddings), and the image decoders' code gather (``token_gather``, at the end).
 
 ``out[r] = wte[tokens[r]] + wpe[positions[r]]`` (the add in the table dtype, as the reference does),
 then, when ``ln_weight`` is given, LayerNorm over the row in fp32.
@@ -49,4 +50,37 @@ def embedding(tokens, positions, wte, wpe, ln_weight=None, ln_bias=None, eps=1e-
     _embedding_kernel[(triton.cdiv(n, rows),)](
         tok, pos, wte, wpe, ln_weight if has_ln else wte, ln_bias if has_ln else wte, out, n, d,
         wte.stride(0), wpe.stride(0), eps, HAS_LN=has_ln, ROWS=rows, BLOCK_D=block_d)
+    return out.view(*tokens.shape, d)
+
+
+@triton.jit
+def _token_gather_kernel(tok_ptr, table_ptr, bias_ptr, out_ptr, n_rows, D, stride_table,
+                         HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_D)
+    row_ok = rows < n_rows
+    mask = row_ok[:, None] & (cols[None, :] < D)
+    tok = tl.load(tok_ptr + rows, mask=row_ok, other=0)
+    x = tl.load(table_ptr + tok[:, None] * stride_table + cols[None, :], mask=mask, other=0.0)
+    if HAS_BIAS:
+        x += tl.load(bias_ptr + cols, mask=cols < D, other=0.0)[None, :]  # in the table dtype
+    tl.store(out_ptr + rows[:, None] * D + cols[None, :], x, mask=mask)
+
+
+def token_gather(tokens, table, bias=None):
+    """``out[r] = table[tokens[r]] (+ bias)``: the image decoders' code lookup (ops.token_gather);
+    one program per ``ROWS`` rows, ``2·D·e`` bytes per row. Ids must be in range (checked by the
+    pipelines, which decode only tokens they sampled or validated)."""
+    d = table.shape[1]
+    if table.stride(1) != 1:
+        table = table.contiguous()
+    tok = tokens.reshape(-1).contiguous()
+    n = tok.numel()
+    out = torch.empty(n, d, dtype=table.dtype, device=table.device)
+    if n:
+        block_d = triton.next_power_of_2(d)
+        rows = max(1, min(16, 4096 // block_d))
+        _token_gather_kernel[(triton.cdiv(n, rows),)](
+            tok, table, bias if bias is not None else table, out, n, d, table.stride(0),
+            HAS_BIAS=bias is not None, ROWS=rows, BLOCK_D=block_d)
     return out.view(*tokens.shape, d)

@@ -78,7 +78,7 @@ class DVAEDecoder(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """``tokens [B, h, w]`` int64 in ``[0, vocab_size)`` -> ``[B, 3, H, W]`` in ``[0, 1]``,
         ``H = h * downsample_factor``, in the module's dtype (channels-last memory)."""
-        x = (self.embedding[tokens] + self.embedding_bias).permute(0, 3, 1, 2)  # (B, n_init, h, w), NHWC
+        x = ops.token_gather(tokens, self.embedding, self.embedding_bias).permute(0, 3, 1, 2)  # (B, n_init, h, w), NHWC
         for g, group in enumerate(self.groups):
             for b, block in enumerate(group):
                 x = block(x, upsample=g > 0 and b == 0)

@@ -146,7 +146,7 @@ class VQGANDecoder(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """``tokens [B, h, w]`` int64 in ``[0, codebook_size)`` -> ``[B, 3, H, W]`` in ``[0, 1]``,
         ``H = h * downsample_factor``, in the module's dtype (channels-last memory)."""
-        z = self.embedding[tokens].permute(0, 3, 1, 2)  # (B, E, h, w), channels-last
+        z = ops.token_gather(tokens, self.embedding).permute(0, 3, 1, 2)  # (B, E, h, w), channels-last
         z = ops.conv2d(z, self.post_quant_conv.weight, self.post_quant_conv.bias, 0)
         x = self.decoder(z)
         if self.cfg.output == "minus1_1":

@@ -6,11 +6,12 @@ docstring for its math.
 from .activation import bias_gelu, gelu_mul
 from .attention import attention, decode_attention
 from .conv import conv2d, group_norm
-from .embedding import embedding
+from .embedding import embedding, token_gather
 from .linear import linear
 from .norm import add_layer_norm, layer_norm
 from .registry import BackendError, available_backends, forced_backend
 from .sampling import sample
 
 __all__ = ["add_layer_norm", "attention", "available_backends", "BackendError", "bias_gelu", "conv2d",
-           "decode_attention", "embedding", "forced_backend", "gelu_mul", "group_norm", "layer_norm", "linear", "sample"]
+           "decode_attention", "embedding", "forced_backend", "gelu_mul", "group_norm", "layer_norm", "linear", "sample",
+           "token_gather"]

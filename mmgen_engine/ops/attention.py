@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .registry import TRITON_DEVICES, dispatch, register, register_lazy
+from .registry import CUDA_DEVICES, HALF_DTYPES, TRITON_DEVICES, dispatch, register, register_lazy
 
 
 @register("attention", "reference")
@@ -55,6 +55,7 @@ def decode_attention_reference(q, k, v, lengths, scale, new_k=None, new_v=None):
 
 register_lazy("decode_attention", "triton", "mmgen_engine.kernels.decode_attention:decode_attention",
               TRITON_DEVICES)
+register_lazy("decode_attention", "cuda", "mmgen_engine.ops.cuda_ops:decode_attention", CUDA_DEVICES, HALF_DTYPES)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .registry import TRITON_DEVICES, dispatch, register, register_lazy
+from .registry import CUDA_DEVICES, HALF_DTYPES, TRITON_DEVICES, dispatch, register, register_lazy
 
 
 @register("layer_norm", "reference")
@@ -26,6 +26,8 @@ def add_layer_norm_reference(x, residual, weight, bias, eps):
 
 register_lazy("layer_norm", "triton", "mmgen_engine.kernels.norm:layer_norm", TRITON_DEVICES)
 register_lazy("add_layer_norm", "triton", "mmgen_engine.kernels.norm:add_layer_norm", TRITON_DEVICES)
+register_lazy("layer_norm", "cuda", "mmgen_engine.ops.cuda_ops:layer_norm", CUDA_DEVICES, HALF_DTYPES)
+register_lazy("add_layer_norm", "cuda", "mmgen_engine.ops.cuda_ops:add_layer_norm", CUDA_DEVICES, HALF_DTYPES)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:

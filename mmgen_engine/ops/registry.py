@@ -4,16 +4,21 @@ Every op registers a ``reference`` implementation (plain torch: the spec, the CP
 oracle); faster ``triton`` and ``cuda`` implementations register for the devices and dtypes they
 support. Selection, in this order:
 
-1. ``MMGEN_BACKEND=reference|triton|cuda`` forces one backend for every op; if that backend has no
-   implementation for the op on the tensor's device and dtype, :class:`BackendError` is raised
-   (never a silent fallback).
-2. Otherwise the first backend in :data:`PREFERENCE` that supports (device, dtype), except that
-   Triton's CPU interpreter is only ever used when forced.
+1. ``MMGEN_BACKEND`` forces a backend: ``reference|triton|cuda`` for every op, or per op as a
+   comma-separated list ``op=backend`` (``MMGEN_BACKEND=decode_attention=cuda,sample=cuda``; ops not
+   named are chosen as in 2). If the forced backend has no implementation for the op on the
+   tensor's device and dtype, :class:`BackendError` is raised (never a silent fallback).
+2. Otherwise the first backend in the op's order that supports (device, dtype): :data:`PREFERENCE`,
+   or the op's entry in :data:`OP_PREFERENCE` where the benchmarks chose otherwise (the table
+   "Backend defaults" in benchmarks/RESULTS.md says which and why). Triton's CPU interpreter is
+   only ever used when forced.
 
 Triton implementations are registered by dotted path (``"mmgen_engine.kernels.norm:layer_norm"``)
 and imported on first use, so importing the engine never imports Triton. They run on CUDA; on a
 machine without one they also run on CPU when ``TRITON_INTERPRET=1`` (Triton's interpreter: slow,
-for tests only), see :data:`TRITON_DEVICES`.
+for tests only), see :data:`TRITON_DEVICES`. The ``cuda`` implementations
+(:mod:`mmgen_engine.ops.cuda_ops`, the kernels of ``csrc/``) register for CUDA tensors when the
+native library was built with CUDA, see :data:`CUDA_DEVICES`.
 """
 from __future__ import annotations
 
@@ -30,7 +35,14 @@ from ..errors import BackendError
 
 BACKENDS = ("reference", "triton", "cuda")
 PREFERENCE = ("cuda", "triton", "reference")
+# Ops whose default order on GPU differs from PREFERENCE (benchmarks/RESULTS.md, "Backend defaults").
+# The CUDA kernels of these ops have not yet been timed on a GPU (no GPU was lent since they
+# landed), so the Triton kernels, measured there, stay first until benchmarks/gpu_check.sh says
+# otherwise; the CUDA kernels are selected with MMGEN_BACKEND=op=cuda.
+OP_PREFERENCE = {op: ("triton", "cuda", "reference")
+                 for op in ("add_layer_norm", "decode_attention", "layer_norm", "sample", "token_gather")}
 ENV_VAR = "MMGEN_BACKEND"
+HALF_DTYPES = (torch.float16, torch.bfloat16)  # what most CUDA kernels are built for
 
 
 def _triton_devices() -> tuple[str, ...]:
@@ -41,6 +53,18 @@ def _triton_devices() -> tuple[str, ...]:
 
 # devices the Triton kernels can run on in this process (empty without triton)
 TRITON_DEVICES = _triton_devices()
+
+
+def _cuda_devices() -> tuple[str, ...]:
+    try:
+        from .. import _native
+    except ImportError:
+        return ()
+    return ("cuda",) if _native._C.cuda else ()
+
+
+# devices the native CUDA kernels can run on (empty when the library was built without CUDA)
+CUDA_DEVICES = _cuda_devices()
 
 
 @dataclass(frozen=True)
@@ -85,12 +109,24 @@ def _load(target: Callable | str) -> Callable:
     return getattr(importlib.import_module(module), name)
 
 
-def forced_backend() -> str | None:
-    """The backend forced by ``MMGEN_BACKEND`` (None when unset or empty)."""
+def forced_backend(op: str | None = None) -> str | None:
+    """The backend ``MMGEN_BACKEND`` forces for ``op`` (or, with no op, for every op); None when
+    nothing is forced."""
     value = os.environ.get(ENV_VAR, "").strip().lower()
-    if value and value not in BACKENDS:
-        raise BackendError(f"{ENV_VAR}={value!r} is not one of {', '.join(BACKENDS)}")
-    return value or None
+    if "=" not in value:
+        if value and value not in BACKENDS:
+            raise BackendError(f"{ENV_VAR}={value!r} is not one of {', '.join(BACKENDS)} "
+                               "or a list of op=backend")
+        return value or None
+    forced = None
+    for item in value.split(","):
+        name, _, backend = (part.strip() for part in item.partition("="))
+        if backend not in BACKENDS or name not in _TABLE:
+            raise BackendError(f"{ENV_VAR}: {item.strip()!r} is not op=backend with an op of "
+                               f"{', '.join(sorted(_TABLE))} and a backend of {', '.join(BACKENDS)}")
+        if name == op:
+            forced = backend
+    return forced
 
 
 @functools.lru_cache(maxsize=None)
@@ -99,6 +135,8 @@ def resolve(op: str, device_type: str, dtype: torch.dtype, forced: str | None) -
     if impls is None:
         raise BackendError(f"unknown op {op!r}")
     candidates = (forced,) if forced else PREFERENCE
+    if not forced and device_type == "cuda":
+        candidates = OP_PREFERENCE.get(op, PREFERENCE)
     for backend in candidates:
         if backend == "triton" and device_type == "cpu" and not forced:
             continue  # the interpreter is for tests: chosen on CPU only when forced
@@ -113,7 +151,7 @@ def resolve(op: str, device_type: str, dtype: torch.dtype, forced: str | None) -
 
 def dispatch(op: str, like: torch.Tensor) -> Callable:
     """The implementation of ``op`` for tensors like ``like`` (its device type and dtype)."""
-    return resolve(op, like.device.type, like.dtype, forced_backend())
+    return resolve(op, like.device.type, like.dtype, forced_backend(op))
 
 
 def available_backends() -> dict[str, list[str]]:

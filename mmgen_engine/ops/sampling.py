@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 
 from .random import uniform, uniform_at
-from .registry import TRITON_DEVICES, dispatch, register, register_lazy
+from .registry import CUDA_DEVICES, TRITON_DEVICES, dispatch, register, register_lazy
 
 
 def combine(logits, guidance, vocab_limit):
@@ -103,6 +103,7 @@ def sample_reference(logits, temperature, top_k, top_p, do_sample, seeds, offset
 
 
 register_lazy("sample", "triton", "mmgen_engine.kernels.sampling:sample", TRITON_DEVICES)
+register_lazy("sample", "cuda", "mmgen_engine.ops.cuda_ops:sample", CUDA_DEVICES)
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,

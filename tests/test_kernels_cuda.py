@@ -1,0 +1,312 @@
+"""The CUDA kernels of csrc/ (the ``cuda`` backend) against the plain-torch references.
+
+Every check runs twice: on the CPU, with the kernels compiled by g++ against the SIMT emulator
+(tests/native: real block/warp semantics, barriers and shuffles; the wrappers of
+``mmgen_engine.ops.cuda_ops`` unchanged, only ``_C`` swapped for the emulated build), at the shapes
+of the Triton kernels' tests; and, marked ``gpu``, the same checks on a GPU through the real
+``mmgen_engine._C`` plus real sizes. The wrappers' input checks (shapes, dtypes, strides, token ids
+outside the vocabulary, lengths beyond the cache) are tested to fail before any launch.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import emulated
+from mmgen_engine import ops
+from mmgen_engine.errors import BackendError, InputError
+from mmgen_engine.ops import cuda_ops, registry
+from mmgen_engine.ops.attention import decode_attention_reference
+from mmgen_engine.ops.embedding import token_gather_reference
+from mmgen_engine.ops.norm import add_layer_norm_reference, layer_norm_reference
+from mmgen_engine.ops.sampling import sample_reference
+
+from test_kernels_sampling import CASES, grid_params, make_logits
+
+gpu = pytest.mark.gpu
+DTYPES = [torch.float16, torch.bfloat16]
+TOL = {torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2)}
+
+
+@pytest.fixture(params=["emulated", pytest.param("cuda", marks=gpu)])
+def device(request, monkeypatch):
+    """Where the kernels run: "cpu" through the emulator, or "cuda" through the real library."""
+    if request.param == "emulated":
+        monkeypatch.setattr(cuda_ops, "_C", emulated.load())
+        return "cpu"
+    if not cuda_ops._C.cuda:
+        pytest.fail("mmgen_engine._C was built without CUDA on a machine with a GPU")
+    return "cuda"
+
+
+def rand(*shape, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(dtype=dtype, device=device)
+
+
+def close(out, ref):
+    atol, rtol = TOL[ref.dtype]
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
+
+
+# ---- fused residual + LayerNorm ---------------------------------------------------------------
+
+def check_norms(rows, dim, dtype, device, weight_dtype=torch.float32):
+    x, res = rand(*rows, dim, dtype=dtype, device=device, seed=1), rand(*rows, dim, dtype=dtype, device=device, seed=2)
+    w, b = rand(dim, dtype=weight_dtype, device=device, seed=3), rand(dim, dtype=weight_dtype, device=device, seed=4)
+    close(cuda_ops.layer_norm(x, w, b, 1e-5), layer_norm_reference(x, w, b, 1e-5))
+    out, h = cuda_ops.add_layer_norm(x, res, w, b, 1e-5)
+    ref_out, ref_h = add_layer_norm_reference(x, res, w, b, 1e-5)
+    assert torch.equal(h, ref_h)
+    close(out, ref_out)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,dim", [((1,), 1), ((3,), 7), ((2, 5), 97), ((17,), 768), ((2,), 4104)])
+def test_layer_norms(rows, dim, dtype, device):
+    check_norms(rows, dim, dtype, device)
+    check_norms(rows, dim, dtype, device, weight_dtype=dtype)
+
+
+def test_layer_norm_of_an_unaligned_view(device):
+    x = rand(3, 65, dtype=torch.float16, device=device)[:, 1:]  # 2-byte offset rows: scalar loads
+    w, b = rand(64, device=device, seed=1), rand(64, device=device, seed=2)
+    close(cuda_ops.layer_norm(x, w, b, 1e-5), layer_norm_reference(x, w, b, 1e-5))
+
+
+# ---- decode attention -------------------------------------------------------------------------
+
+def check_decode_attention(b, h, s, d, dtype, device, lengths=None, fused_write=False):
+    g = torch.Generator().manual_seed(b * 1000 + s)
+    q = rand(b, h, d, dtype=dtype, device=device, seed=12)
+    k, v = rand(b, h, s, d, dtype=dtype, device=device, seed=13), rand(b, h, s, d, dtype=dtype, device=device, seed=14)
+    if lengths is None:
+        lengths = torch.randint(1, s + 1, (b,), generator=g)
+    lengths = lengths.to(device)
+    scale = 1 / math.sqrt(d)
+    new = (rand(b, h, d, dtype=dtype, device=device, seed=15), rand(b, h, d, dtype=dtype, device=device, seed=16)) \
+        if fused_write else (None, None)
+    k2, v2 = k.clone(), v.clone()
+    out = cuda_ops.decode_attention(q, k2, v2, lengths, scale, *new)
+    ref = decode_attention_reference(q, k, v, lengths, scale, *new)  # writes into k, v too
+    close(out, ref)
+    if fused_write:
+        assert torch.equal(k2, k) and torch.equal(v2, v)
+    return out, (q, k, v, lengths, scale)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fused_write", [False, True])
+@pytest.mark.parametrize("b,h,s,d", [(1, 1, 1, 8), (3, 5, 7, 24), (2, 3, 97, 64), (1, 2, 300, 16), (2, 1, 9, 12),
+                                     (1, 2, 5, 200), (1, 1, 3, 260), (1, 1, 2, 512)])
+def test_decode_attention(b, h, s, d, fused_write, dtype, device):
+    # d = 12, 260: rows of 24 / 520 bytes, not 16-byte multiples (scalar loads); 200: 25 vectors over
+    # 32 lanes; 512: two vectors per lane; s = 300: two splits
+    check_decode_attention(b, h, s, d, dtype, device, fused_write=fused_write)
+
+
+def test_decode_attention_lengths_at_the_edges_splits_and_strided_views(device):
+    # lengths 1 and the full cache, over three splits; k/v are views of a larger cache
+    check_decode_attention(2, 3, 600, 32, torch.float16, device, lengths=torch.tensor([1, 600]), fused_write=True)
+    q = rand(2, 3, 32, dtype=torch.bfloat16, device=device, seed=1)
+    cache_k, cache_v = (rand(2, 3, 700, 32, dtype=torch.bfloat16, device=device, seed=i) for i in (2, 3))
+    lengths = torch.tensor([5, 257], device=device)
+    k, v = cache_k[:, :, :300], cache_v[:, :, :300]
+    close(cuda_ops.decode_attention(q, k, v, lengths, 0.2), decode_attention_reference(q, k, v, lengths, 0.2))
+
+
+def test_decode_attention_rejects_bad_input_before_any_launch(device):
+    q = rand(2, 3, 16, dtype=torch.float16, device=device)
+    k, v = rand(2, 3, 10, 16, dtype=torch.float16, device=device), rand(2, 3, 10, 16, dtype=torch.float16, device=device)
+    new_k, new_v = rand(2, 3, 16, dtype=torch.float16, device=device), rand(2, 3, 16, dtype=torch.float16, device=device)
+    before = k.clone()
+    for lengths, bad in (([0, 4], "0"), ([4, 11], "11"), ([-3, 2], "-3")):
+        with pytest.raises(InputError, match=rf"decode_attention: lengths holds {bad}, outside \[1, 10\]"):
+            cuda_ops.decode_attention(q, k, v, torch.tensor(lengths, device=device), 0.25, new_k, new_v)
+    assert torch.equal(k, before)  # the fused cache write never ran
+    ok = torch.tensor([4, 10], device=device)
+    with pytest.raises(TypeError, match="lengths must be int64"):
+        cuda_ops.decode_attention(q, k, v, ok.int(), 0.25)
+    with pytest.raises(TypeError, match="q must be float16, bfloat16"):
+        cuda_ops.decode_attention(q.float(), k.float(), v.float(), ok, 0.25)
+    with pytest.raises(ValueError, match=r"v must have shape \(2, 3, 10, 16\)"):
+        cuda_ops.decode_attention(q, k, v[:, :, :9], ok, 0.25)
+    with pytest.raises(ValueError, match="k needs a unit last stride"):
+        cuda_ops.decode_attention(q, k.transpose(2, 3).contiguous().transpose(2, 3), v, ok, 0.25)
+    with pytest.raises(ValueError, match="new_k and new_v go together"):
+        cuda_ops.decode_attention(q, k, v, ok, 0.25, new_k, None)
+    wide = rand(1, 1, 1, 520, dtype=torch.float16, device=device)
+    with pytest.raises(ValueError, match=r"head dim 520 outside \[1, 512\]"):
+        cuda_ops.decode_attention(wide[:, :, 0], wide, wide, torch.ones(1, dtype=torch.int64, device=device), 1.0)
+
+
+# ---- image-token gather -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("shape,vocab,dim", [((1,), 1, 1), ((3,), 97, 24), ((2, 7), 1001, 64), ((2, 3, 5), 50, 12),
+                                             ((9,), 8192, 128)])
+def test_token_gather(shape, vocab, dim, with_bias, dtype, device):
+    g = torch.Generator().manual_seed(vocab)
+    tokens = torch.randint(0, vocab, shape, generator=g).to(device)
+    table = rand(vocab, dim, dtype=dtype, device=device, seed=1)
+    bias = rand(dim, dtype=dtype, device=device, seed=2) if with_bias else None
+    out = cuda_ops.token_gather(tokens, table, bias)
+    assert torch.equal(out, token_gather_reference(tokens, table, bias))  # exact: a copy (+ one rounded add)
+
+
+def test_token_gather_of_a_strided_table_and_no_tokens(device):
+    table = rand(40, 33, dtype=torch.bfloat16, device=device)[:, 1:]  # rows 66 bytes apart
+    tokens = torch.tensor([[3, 39], [0, 7]], device=device)
+    assert torch.equal(cuda_ops.token_gather(tokens, table), table[tokens])
+    assert cuda_ops.token_gather(tokens[:0], table).shape == (0, 2, 32)
+
+
+def test_token_gather_rejects_ids_outside_the_codebook(device):
+    table = rand(16, 8, dtype=torch.float16, device=device)
+    for bad in (16, -1):
+        with pytest.raises(InputError, match=rf"tokens holds {bad}, outside \[0, 15\] \(the codebook has 16"):
+            cuda_ops.token_gather(torch.tensor([[1, bad]], device=device), table)
+    with pytest.raises(TypeError, match="tokens must be int64"):
+        cuda_ops.token_gather(torch.tensor([1], dtype=torch.int32, device=device), table)
+    with pytest.raises(ValueError, match=r"bias must have shape \(8,\)"):
+        cuda_ops.token_gather(torch.tensor([1], device=device), table, table[0, :4])
+
+
+# ---- sampling ---------------------------------------------------------------------------------
+
+def check_sample(logits, *params, offset, guidance=None, vocab_limit=None, device="cpu"):
+    args = [t.to(device) for t in (logits, *params, torch.tensor([offset]))]
+    if guidance is not None:
+        guidance = guidance.to(device)
+    out = cuda_ops.sample(*args, guidance, vocab_limit)
+    ref = sample_reference(*args, guidance, vocab_limit)
+    assert out.dtype == torch.int64 and torch.equal(out, ref), (offset, out.tolist(), ref.tolist())
+    return out
+
+
+@pytest.mark.parametrize("batch,vocab,guided,vocab_limit,kind,dtype", CASES)
+def test_sample_matches_reference(batch, vocab, guided, vocab_limit, kind, dtype, device):
+    g = torch.Generator().manual_seed(batch * vocab)
+    logits = make_logits(2 * batch if guided else batch, vocab, kind, dtype, g)
+    guidance = (torch.rand(batch, generator=g) * (1 if kind == "-inf" else 4)) if guided else None
+    params = grid_params(batch, vocab_limit or vocab, g)
+    for offset in [0, 2**32 + 5]:
+        check_sample(logits, *params, offset=offset, guidance=guidance, vocab_limit=vocab_limit, device=device)
+
+
+def test_sample_large_vocabulary_bf16_and_greedy(device):
+    """A GPT-2-sized row (1024 threads), bf16 logits, and the greedy promise."""
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(2, 50257, generator=g) * 3).bfloat16()
+    params = (torch.tensor([0.8, 1.0]), torch.tensor([50, 0]), torch.tensor([0.9, 0.95]), torch.tensor([True, True]),
+              torch.tensor([123, 4]))
+    check_sample(logits, *params, offset=7, device=device)
+    args = [t.to(device) for t in (logits, *params, torch.tensor([7]))]
+    assert torch.equal(cuda_ops.sample(*args, greedy=True), logits.float().argmax(-1).to(device))
+
+
+def test_sample_high_temperature_draws_cover_exactly_the_kept_set(device):
+    """Near-uniform draws over the kept set: any difference in the thresholds would show."""
+    logits = torch.tensor([[4.0, 1.0, 3.0, 3.0, 2.5, 0.0, 3.0, -1.0]]).expand(2, -1).contiguous()
+    params = (torch.full((2,), 1e4), torch.tensor([3, 0]), torch.tensor([1.0, 0.6]), torch.tensor([True, True]),
+              torch.tensor([1, 2]))
+    seen = {tuple(check_sample(logits, *params, offset=o, device=device).tolist()) for o in range(24)}
+    assert {t[0] for t in seen} == {0, 2, 3, 6}
+    assert {t[1] for t in seen} == {0, 2, 3, 4, 6}
+
+
+def test_sample_gives_the_triton_samplers_tokens_for_a_seed(device):
+    triton_sampling = pytest.importorskip("mmgen_engine.kernels.sampling")
+    if device == "cpu" and "cpu" not in registry.TRITON_DEVICES:
+        pytest.skip("Triton's interpreter is not enabled")
+    g = torch.Generator().manual_seed(5)
+    logits = (torch.randn(4, 300, generator=g) * 2).to(device)
+    params = [t.to(device) for t in (torch.ones(4), torch.tensor([0, 10, 0, 300]), torch.tensor([1.0, 1.0, 0.8, 0.5]),
+                                     torch.ones(4, dtype=torch.bool), torch.tensor([1, 2, 3, 2**40]))]
+    for offset in range(3):
+        step = torch.tensor([offset], device=device)
+        assert torch.equal(cuda_ops.sample(logits, *params, step), triton_sampling.sample(logits, *params, step))
+
+
+def test_sample_non_contiguous_logits(device):
+    wide = torch.randn(3, 120, generator=torch.Generator().manual_seed(3))
+    params = (torch.ones(3), torch.tensor([5, 0, 0]), torch.tensor([1.0, 0.9, 1.0]), torch.tensor([True, True, False]),
+              torch.tensor([1, 2, 3]))
+    for logits in [wide[:, :97], wide.t().contiguous().t()]:  # row stride 120; column-major
+        check_sample(logits, *params, offset=0, device=device)
+
+
+# ---- the registry -----------------------------------------------------------------------------
+
+def test_cuda_backend_registration_and_per_op_forcing(monkeypatch):
+    have = ops.available_backends()
+    expected = {"decode_attention", "layer_norm", "add_layer_norm", "sample", "token_gather"}
+    if cuda_ops._C.cuda:
+        assert all("cuda" in have[op] for op in expected)
+        assert registry.resolve("decode_attention", "cuda", torch.float16, "cuda") is cuda_ops.decode_attention
+        assert registry.resolve("sample", "cuda", torch.float32, None) is not cuda_ops.sample  # triton first, for now
+    x = torch.randn(2, 8)
+    monkeypatch.setenv("MMGEN_BACKEND", "layer_norm=cuda, sample=reference")
+    assert registry.forced_backend("layer_norm") == "cuda" and registry.forced_backend("linear") is None
+    with pytest.raises(BackendError, match="layer_norm.*'cuda' on cpu/float32"):
+        ops.layer_norm(x, torch.ones(8), torch.zeros(8), 1e-5)
+    torch.testing.assert_close(ops.linear(x, torch.eye(8), None), x)  # not named: chosen as usual
+    monkeypatch.setenv("MMGEN_BACKEND", "layer_norm=fast")
+    with pytest.raises(BackendError, match="'layer_norm=fast' is not op=backend"):
+        ops.layer_norm(x, torch.ones(8), torch.zeros(8), 1e-5)
+    monkeypatch.setenv("MMGEN_BACKEND", "layernorm=cuda")
+    with pytest.raises(BackendError, match="'layernorm=cuda' is not op=backend"):
+        ops.layer_norm(x, torch.ones(8), torch.zeros(8), 1e-5)
+
+
+# ---- GPU only: real sizes, CUDA graphs --------------------------------------------------------
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_real_sizes(dtype):
+    assert cuda_ops._C.cuda
+    for rows, dim in [((1,), 768), ((16,), 768), ((4, 197), 768), ((3,), 1031), ((8,), 4096)]:
+        check_norms(rows, dim, dtype, "cuda")
+    for b, h, s, d in [(1, 12, 1024, 64), (16, 12, 197, 64), (16, 12, 4096, 64), (3, 5, 97, 24), (4, 16, 256, 128)]:
+        check_decode_attention(b, h, s, d, dtype, "cuda", fused_write=True)
+    tokens = torch.randint(0, 8192, (4, 32, 32), device="cuda")
+    table, bias = rand(8192, 128, dtype=dtype, device="cuda"), rand(128, dtype=dtype, device="cuda")
+    assert torch.equal(cuda_ops.token_gather(tokens, table, bias), token_gather_reference(tokens, table, bias))
+    g = torch.Generator().manual_seed(1)
+    logits = make_logits(32, 50257, "randn", dtype, g)
+    params = grid_params(16, 16384, g)
+    for offset in (0, 2**32 + 5):
+        check_sample(logits, *params, offset=offset, guidance=torch.rand(16, generator=g) * 4, vocab_limit=16384,
+                     device="cuda")
+
+
+@gpu
+def test_gpu_cuda_graph_replay_of_decode_attention_and_sampling():
+    """Captured calls (no value checks, no syncs) replay with new lengths and a new offset."""
+    device = torch.device("cuda")
+    q, k, v = (rand(*shape, dtype=torch.float16, device=device, seed=i)
+               for i, shape in enumerate([(4, 12, 64), (4, 12, 512, 64), (4, 12, 512, 64)]))
+    lengths = torch.tensor([1, 100, 300, 512], device=device)
+    logits = rand(4, 50257, device=device) * 3
+    params = [t.to(device) for t in (torch.ones(4), torch.tensor([0, 50, 0, 5]), torch.tensor([1.0, 0.9, 0.9, 1.0]),
+                                     torch.ones(4, dtype=torch.bool), torch.arange(4))]
+    offset = torch.zeros(1, dtype=torch.int64, device=device)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        cuda_ops.decode_attention(q, k, v, lengths, 0.125)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = cuda_ops.decode_attention(q, k, v, lengths, 0.125)
+        tokens = cuda_ops.sample(logits, *params, offset)
+    for step in range(3):
+        lengths.copy_(torch.tensor([1 + step, 100 - step, 300, 512 - step]))
+        offset.fill_(step)
+        graph.replay()
+        torch.testing.assert_close(out, decode_attention_reference(q, k, v, lengths, 0.125), atol=2e-3, rtol=2e-3)
+        assert torch.equal(tokens, sample_reference(logits, *params, offset.clone()))
