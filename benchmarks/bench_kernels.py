@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
-"""Per-kernel benchmark on CUDA: every Triton kernel of the decode path against the reference
-(plain torch) on the same inputs, at the shapes of ViT-B/16 + GPT-2 small captioning (and of DALL·E
-Mini's gated GELU).
+"""Per-kernel benchmark on CUDA: every backend of each op - the CUDA kernels of csrc/ (``cuda``), the
+Triton kernels and the reference (plain torch) - on the same inputs, at the shapes of ViT-B/16 +
+GPT-2 small captioning (and of DALL·E Mini's gated GELU, the image decoders' code gathers).
 
 Each case reports µs per call (median of CUDA-graph replays, ``triton.testing.do_bench_cudagraph``,
 so launch gaps are not counted, as in the engine's captured decode step), the bytes the op must move at least (each input read once, each
 output written once), GB/s, and the fraction of the copy bandwidth measured in the same run (a
 device-to-device copy of 1 GiB, bytes read + written). The image decoders' convolutions (VQGAN and
 dVAE shapes, every input channels-last; the reference is cuDNN in the same dtype) and GroupNorm are
-timed too, convolutions with TFLOP/s. A markdown table is printed last; all figures go to ``--json``.
+timed too, convolutions with TFLOP/s. A markdown table is printed last, then, per op, which backend
+was fastest in how many of its cases (what the defaults on GPU in ops/registry.py should follow,
+benchmarks/RESULTS.md "Backend defaults"); all figures go to ``--json``.
 """
 from __future__ import annotations
 
@@ -75,6 +77,10 @@ def cases(dtype, device, quick: bool):
         lengths = torch.full((b,), s, device=device)
         # q, k, v read once, the output written once
         yield "decode_attention", f"B{b} H{h} L{s} D{dh}", (q, k, v, lengths, dh ** -0.5), nbytes(q, k, v, q)
+        # the engine's self-attention step: the new key/value stored into the cache by the same call
+        new_k, new_v = rnd(b, h, dh), rnd(b, h, dh)
+        yield "decode_attention", f"B{b} H{h} L{s} D{dh} + cache write", \
+            (q, k, v, lengths, dh ** -0.5, new_k, new_v), nbytes(q, k, v, q, new_k, new_v)
     for b in (1, 16):
         logits = rnd(b, vocab, dt=torch.float32)
         ones = torch.ones(b, device=device)
@@ -96,6 +102,13 @@ def cases(dtype, device, quick: bool):
     yield "attention", "B4 H12 Tq16 Tk213 D64 causal (GIT text)", \
         (text, torch.cat([k, k[:, :, :16]], 2), torch.cat([v, v[:, :, :16]], 2), dh ** -0.5, True, None), \
         nbytes(text, k, v, text)
+    for b in (1, 8):  # the image decoders' first step: DALL-E dVAE (8192 x 128 + bias), VQGAN (16384 x 256)
+        for vocab_size, dim, side, bias in ((8192, 128, 32, True), (16384, 256, 16, False)):
+            tokens = torch.randint(0, vocab_size, (b, side, side), device=device)
+            table = rnd(vocab_size, dim)
+            extra = (rnd(dim),) if bias else ()
+            yield "token_gather", f"B{b} {side}x{side} codes of {vocab_size}x{dim}{' + bias' if bias else ''}", \
+                (tokens, table, *extra), 2 * b * side * side * dim * table.element_size() + nbytes(tokens)
     yield from conv_cases(rnd, quick)
 
 
@@ -131,6 +144,24 @@ def conv_cases(rnd, quick: bool):
             yield "group_norm", f"B{b} {c}x{hw}x{hw} G32 SiLU", (x, rnd(c), rnd(c), 32, 1e-6, "silu"), 2 * nbytes(x)
 
 
+def fastest(rows) -> list[dict]:
+    """Per op: the backends timed and how many of its (dtype, shape) cases each won."""
+    cases_by_op: dict[str, dict] = {}
+    for r in rows:
+        if not math.isnan(r["us"]):
+            cases_by_op.setdefault(r["op"], {}).setdefault((r["dtype"], r["shape"]), []).append(r)
+    out = []
+    for op, cases in cases_by_op.items():
+        wins: dict[str, int] = {}
+        for timed in cases.values():
+            best = min(timed, key=lambda r: r["us"])["backend"]
+            wins[best] = wins.get(best, 0) + 1
+        backends = sorted({r["backend"] for timed in cases.values() for r in timed})
+        out.append({"op": op, "backends": " ".join(backends),
+                    "wins": ", ".join(f"{b} {n}/{len(cases)}" for b, n in sorted(wins.items(), key=lambda x: -x[1]))})
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["float16"])
@@ -147,7 +178,9 @@ def main(argv=None) -> int:
         for op, shape, op_args, moved, *flops in cases(DTYPES[dtype_name], device, args.quick):
             if args.ops and op not in args.ops:
                 continue
-            impls = {b: registry._TABLE[op][b].fn for b in ("triton", "reference")}
+            dtype = op_args[0].dtype if op != "token_gather" else op_args[1].dtype
+            impls = {b: impl.fn for b, impl in registry._TABLE[op].items()
+                     if "cuda" in impl.devices and dtype in impl.dtypes}
             impls.update(KERNEL_ONLY.get(op, {}))
             for backend, target in impls.items():
                 fn = registry._load(target)
@@ -165,6 +198,8 @@ def main(argv=None) -> int:
     print(f"\nkernel benchmark on {torch.cuda.get_device_name(device)}; copy bandwidth {ceiling:.0f} GB/s "
           f"(read + write); µs = median of CUDA-graph replays")
     print(format_table(rows, ["op", "backend", "dtype", "shape", "us", "MB", "GBps", "of_copy_bw", "TFLOPs"]))
+    print("\nfastest backend per op (cases won)")
+    print(format_table(fastest(rows), ["op", "backends", "wins"]))
     return 1 if any(math.isnan(r["us"]) for r in rows) else 0
 
 

@@ -5,9 +5,12 @@
 # logs and JSON go to $OUT (or build/gpu_check).
 # Budget: about 12 minutes on an H100/H200 for every stage (each has its own timeout), more than one
 # device command may run: pick stages with STAGES (default all), e.g. two calls
-#   STAGES="pytest kernels caption" bash benchmarks/gpu_check.sh
+#   STAGES="pytest sanitizer kernels" bash benchmarks/gpu_check.sh
+#   STAGES="caption" bash benchmarks/gpu_check.sh
 #   STAGES="txt2img gesture" bash benchmarks/gpu_check.sh
-# (the build runs every time; on a warm machine it is quick). Stages: pytest kernels caption txt2img gesture.
+# (the build runs every time; on a warm machine it is quick). Stages: pytest sanitizer kernels caption
+# txt2img gesture. `sanitizer` runs the CUDA kernels' GPU tests under compute-sanitizer's memcheck
+# (out-of-bounds and misaligned accesses, launch errors in csrc/kernels).
 #   usage: [STAGES="..."] bash benchmarks/gpu_check.sh [--quick]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +20,7 @@ PY="${PYTHON:-python3}"
 QUICK="${1:-}"
 export PYTHONUNBUFFERED=1
 status=0
-STAGES="${STAGES:-pytest kernels caption txt2img gesture}"
+STAGES="${STAGES:-pytest sanitizer kernels caption txt2img gesture}"
 step() { echo; echo "=== $1 ($(date +%T))"; }
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 show() { [ -f "$2" ] && sed -n "/^$1/,\$p" "$2"; }
@@ -37,6 +40,19 @@ if want pytest; then
 step "pytest -m gpu"
 timeout 150 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest_gpu.log" | tail -25
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
+fi
+
+if want sanitizer; then
+step "compute-sanitizer memcheck on the CUDA kernel tests"
+SANITIZER="$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)"
+if [ -n "$SANITIZER" ]; then
+  timeout 300 "$SANITIZER" --tool memcheck --error-exitcode 3 --print-limit 20 \
+    "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_cuda.py 2>&1 \
+    | tee "$OUT/sanitizer.log" | tail -15
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+else
+  echo "compute-sanitizer not found"; status=1
+fi
 fi
 
 if want kernels; then
@@ -81,5 +97,6 @@ show "detok" "$OUT/bench_detok.log"
 show "gesture benchmark" "$OUT/bench_gesture.log"
 grep -E "WARNING|FAILED|Error" "$OUT"/bench_*.log 2>/dev/null | head -10
 [ -f "$OUT/pytest_gpu.log" ] && grep -E "passed|failed" "$OUT/pytest_gpu.log" | tail -1
+[ -f "$OUT/sanitizer.log" ] && grep -E "ERROR SUMMARY|passed|failed" "$OUT/sanitizer.log" | tail -2
 echo "gpu_check status $status"
 exit $status

@@ -2,6 +2,11 @@
 
 import importlib
 import importlib.metadata
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,3 +55,40 @@ def test_kernels_subpackage_imports():
     kernels = importlib.import_module("mmgen_engine.kernels")
     assert kernels.__name__ == "mmgen_engine.kernels"
     assert kernels.__doc__
+
+
+def test_cpu_only_build_without_nvcc(tmp_path):
+    """With no CUDA compiler on PATH (MMGEN_CUDA=auto), CMake builds the CPU-only module: it imports,
+    reports no CUDA and has no kernel launchers (the ops then never register a cuda backend)."""
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        pytest.skip("cmake not found")
+    dirs = {str(Path(shutil.which(tool)).parent) for tool in ("cmake", "c++", "g++") if shutil.which(tool)}
+    path = os.pathsep.join(d for d in sorted(dirs) if not (Path(d) / "nvcc").exists())
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDACXX", "CUDA_HOME", "CUDA_PATH")}
+    env["PATH"] = path
+    build, out = tmp_path / "build", tmp_path / "out"
+    root = Path(__file__).resolve().parents[1]
+    configure = subprocess.run([cmake, "-S", str(root), "-B", str(build), f"-DPython_EXECUTABLE={sys.executable}",
+                                f"-DMMGEN_OUTPUT_DIR={out}", "-DMMGEN_CUDA=auto"], env=env, capture_output=True,
+                               text=True, timeout=300)
+    assert configure.returncode == 0, configure.stdout[-2000:] + configure.stderr[-2000:]
+    assert "CUDA OFF" in configure.stdout
+    compiled = subprocess.run([cmake, "--build", str(build), "--parallel", "2"], env=env, capture_output=True,
+                              text=True, timeout=600)
+    assert compiled.returncode == 0, compiled.stdout[-2000:] + compiled.stderr[-2000:]
+    (module,) = out.glob("_C*.so")
+    probe = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('mmgen_engine._C', sys.argv[1]); "
+             "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
+             "print(m.cuda, hasattr(m, 'decode_attention'), m.cuda_archs)")
+    run = subprocess.run([sys.executable, "-c", probe, str(module)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["False", "False", "()"]
+
+
+def test_ops_register_the_cuda_backend_iff_the_library_has_cuda():
+    from mmgen_engine.ops import available_backends, registry
+    assert registry.CUDA_DEVICES == (("cuda",) if native_info()["cuda"] else ())
+    cuda_ops = {op for op, backends in available_backends().items() if "cuda" in backends}
+    assert cuda_ops == ({"add_layer_norm", "decode_attention", "layer_norm", "sample", "token_gather"}
+                        if native_info()["cuda"] else set())

@@ -13,7 +13,7 @@ import torch
 
 from mmgen_engine import ops
 from mmgen_engine.ops.attention import decode_attention_reference
-from mmgen_engine.ops.embedding import embedding_reference
+from mmgen_engine.ops.embedding import embedding_reference, token_gather_reference
 
 from test_ops import relative_error
 
@@ -111,6 +111,20 @@ def test_embedding(shape, vocab, dim, with_ln, dtype):
     check_embedding(shape, vocab, dim, with_ln, dtype, "cpu")
 
 
+def check_token_gather(shape, vocab, dim, with_bias, dtype, device):
+    tokens = torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(vocab)).to(device)
+    table = rand(vocab, dim, dtype=dtype, device=device, seed=1)
+    bias = rand(dim, dtype=dtype, device=device, seed=2) if with_bias else None
+    assert torch.equal(embedding.token_gather(tokens, table, bias), token_gather_reference(tokens, table, bias))
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("shape,vocab,dim", [((1,), 1, 1), ((3,), 97, 24), ((2, 7), 1001, 64), ((2, 3, 5), 50, 12)])
+def test_token_gather(shape, vocab, dim, with_bias, dtype):
+    check_token_gather(shape, vocab, dim, with_bias, dtype, "cpu")
+
+
 def check_decode_attention(b, h, s, d, dtype, device, lengths=None, fused_write=False):
     g = torch.Generator().manual_seed(b * 1000 + s)
     q = rand(b, h, d, dtype=dtype, device=device, seed=12)
@@ -170,6 +184,8 @@ def test_gpu_elementwise_kernels(dtype):
     check_gelu_mul((32, 2 * 2730), dtype, "cuda")
     check_embedding((16,), 50257, 768, False, dtype, "cuda")
     check_embedding((4, 35), 30524, 768, True, dtype, "cuda")
+    check_token_gather((4, 32, 32), 8192, 128, True, dtype, "cuda")  # dVAE codes
+    check_token_gather((4, 16, 16), 16384, 256, False, dtype, "cuda")  # VQGAN codes
 
 
 @gpu
