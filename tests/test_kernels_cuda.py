@@ -209,6 +209,22 @@ def test_sample_large_vocabulary_bf16_and_greedy(device):
     assert torch.equal(cuda_ops.sample(*args, greedy=True), logits.float().argmax(-1).to(device))
 
 
+def test_sample_top_p_candidate_paths(device):
+    """Rows over 5000 columns (more than the kernel's 2048 shared-memory candidates) taking each
+    top-p path: a peaked row (the threshold among the 2048 largest), top-k 3000 then top-p (the
+    survivors trimmed to 2048), a flat row (the 2048 largest hold too little mass: the search
+    over the whole row), ties overflowing the copy (whole row), and top-k 40 (all survivors copied)."""
+    g = torch.Generator().manual_seed(9)
+    peaked = torch.randn(5, 5000, generator=g) * 3
+    ties = torch.randint(-2, 3, (1, 5000), generator=g).float()
+    logits = torch.cat([peaked, ties])
+    params = (torch.tensor([0.3, 1.0, 30.0, 1.0, 1.0, 1.0]), torch.tensor([0, 3000, 0, 40, 0, 0]),
+              torch.tensor([0.9, 0.9, 0.6, 0.8, 1.0, 0.5]), torch.ones(6, dtype=torch.bool),
+              torch.arange(6) * 977)
+    for offset in range(8):
+        check_sample(logits, *params, offset=offset, device=device)
+
+
 def test_sample_high_temperature_draws_cover_exactly_the_kept_set(device):
     """Near-uniform draws over the kept set: any difference in the thresholds would show."""
     logits = torch.tensor([[4.0, 1.0, 3.0, 3.0, 2.5, 0.0, 3.0, -1.0]]).expand(2, -1).contiguous()

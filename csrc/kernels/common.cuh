@@ -82,13 +82,14 @@ __device__ __forceinline__ T group_sum(T x) {
 
 // Sum of x over the block (blockDim.x a multiple of 32, at most 1024), returned to every thread:
 // warp sums, then the warps' sums added in warp order by every thread. Deterministic; every
-// thread must call it. `scratch` is the caller's __shared__ array of 32 floats.
-__device__ __forceinline__ float block_sum(float x, float* scratch) {
+// thread must call it. `scratch` is the caller's __shared__ array of 32 values.
+template <class T>
+__device__ __forceinline__ T block_sum(T x, T* scratch) {
   x = group_sum(x);
   const int warp = threadIdx.x / kWarpSize;
   if (threadIdx.x % kWarpSize == 0) scratch[warp] = x;
   __syncthreads();
-  float total = 0.f;
+  T total = 0;
   const int warps = blockDim.x / kWarpSize;
   for (int w = 0; w < warps; ++w) total += scratch[w];
   __syncthreads();  // scratch may be reused at once
