@@ -326,3 +326,43 @@ def test_gpu_cuda_graph_replay_of_decode_attention_and_sampling():
         graph.replay()
         torch.testing.assert_close(out, decode_attention_reference(q, k, v, lengths, 0.125), atol=2e-3, rtol=2e-3)
         assert torch.equal(tokens, sample_reference(logits, *params, offset.clone()))
+
+
+# ---- end to end: the captioning decode loop on the CUDA kernels -------------------------------
+
+CUDA_OPS = ("add_layer_norm", "decode_attention", "layer_norm", "sample")
+
+
+@pytest.fixture
+def cuda_kernels_on_cpu(monkeypatch):
+    """The cuda backend's registrations opened to CPU tensors, running the emulated kernels."""
+    monkeypatch.setattr(cuda_ops, "_C", emulated.load())
+    for op in CUDA_OPS:
+        impl = registry._TABLE[op].get("cuda") or registry.Impl(
+            f"mmgen_engine.ops.cuda_ops:{op}", frozenset(), frozenset(DTYPES))
+        monkeypatch.setitem(registry._TABLE[op], "cuda", registry.Impl(impl.fn, impl.devices | {"cpu"}, impl.dtypes))
+    registry.resolve.cache_clear()
+    yield
+    registry.resolve.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
+def test_captioning_decode_on_the_cuda_kernels_gives_the_reference_tokens(cuda_kernels_on_cpu, monkeypatch, tmp_path,
+                                                                           dtype, sampled):
+    """ViT + GPT-2 with cross-attention: self-attention with the fused cache write, cross-attention
+    over the encoder cache, residual + LayerNorm and the sampler all on the CUDA kernels."""
+    import mmgen_engine as mm
+    from hf_models import IMAGE, make_model, save
+
+    checkpoint = mm.convert(save(make_model(seed=21), tmp_path / "hf"), tmp_path / "engine")
+    pipe = mm.load(checkpoint, dtype=dtype)
+    pixels = torch.randn(3, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(0))
+    sampling = mm.SamplingParams(do_sample=True, temperature=0.8, top_k=7, top_p=0.9, seed=11) if sampled else None
+    monkeypatch.setenv("MMGEN_BACKEND", "reference")
+    ref = pipe.generate_ids(pixels, 12, sampling=sampling)
+    monkeypatch.setenv("MMGEN_BACKEND", ",".join(f"{op}=cuda" for op in CUDA_OPS))
+    assert registry.dispatch("decode_attention", torch.zeros(1, dtype=dtype)) is cuda_ops.decode_attention
+    out = pipe.generate_ids(pixels, 12, sampling=sampling)
+    assert torch.equal(out, ref)
+    assert (ref != ref[:, :1]).any()  # not a degenerate constant output
