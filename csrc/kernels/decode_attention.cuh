@@ -31,6 +31,7 @@ namespace mmgen {
 namespace kernels {
 
 constexpr int kDecodeThreads = 128;
+constexpr int kDecodeUnroll = 2;  // keys per group and iteration
 
 template <class T, int VEC, int TPK, int NCHUNK>
 __global__ void __launch_bounds__(kDecodeThreads) decode_attention_kernel(DecodeAttentionParams p) {
@@ -80,40 +81,48 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_attention_kernel(Decode
   }
 
   float m = -INFINITY, l = 0.f;
-  // every group runs the same number of iterations: the score reduction is a warp collective
-  for (int n0 = start; n0 < end; n0 += kGroups) {
-    const int n = n0 + group;
-    const bool valid = n < end;
-    const bool is_new = has_new && n == length - 1;
-    const T* k_vec = is_new ? new_k : k_row + static_cast<int64_t>(n) * p.k_s;
-    const T* v_vec = is_new ? new_v : v_row + static_cast<int64_t>(n) * p.v_s;
-    float s = 0.f;
-    float vals[NCHUNK][VEC];
+  // A group takes keys group, group + kGroups, ... in order, kDecodeUnroll of them per iteration
+  // with all their loads issued first (more bytes in flight). Every group runs the same number of
+  // iterations: the score reduction is a warp collective.
+  for (int n0 = start; n0 < end; n0 += kGroups * kDecodeUnroll) {
+    float s[kDecodeUnroll], vals[kDecodeUnroll][NCHUNK][VEC];
 #pragma unroll
-    for (int c = 0; c < NCHUNK; ++c) {
-      const int d = (c * TPK + lane) * VEC;
-      if (valid && d < D) {
-        float kv[VEC];
-        load_floats<T, VEC>(k_vec + d, kv);
-        load_floats<T, VEC>(v_vec + d, vals[c]);
+    for (int u = 0; u < kDecodeUnroll; ++u) {
+      const int n = n0 + u * kGroups + group;
+      const bool valid = n < end;
+      const bool is_new = has_new && n == length - 1;
+      const T* k_vec = is_new ? new_k : k_row + static_cast<int64_t>(n) * p.k_s;
+      const T* v_vec = is_new ? new_v : v_row + static_cast<int64_t>(n) * p.v_s;
+      s[u] = 0.f;
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) s += q[c][i] * kv[i];
-      } else {
+      for (int c = 0; c < NCHUNK; ++c) {
+        const int d = (c * TPK + lane) * VEC;
+        if (valid && d < D) {
+          float kv[VEC];
+          load_floats<T, VEC>(k_vec + d, kv);
+          load_floats<T, VEC>(v_vec + d, vals[u][c]);
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) vals[c][i] = 0.f;
+          for (int i = 0; i < VEC; ++i) s[u] += q[c][i] * kv[i];
+        } else {
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) vals[u][c][i] = 0.f;
+        }
       }
     }
-    s = group_sum<TPK>(s);
-    if (valid) {
-      const float m_new = fmaxf(m, s);
-      const float alpha = expf(m - m_new);  // 0 on the first key (m = -inf)
-      const float e = expf(s - m_new);
-      l = l * alpha + e;
 #pragma unroll
-      for (int c = 0; c < NCHUNK; ++c)
+    for (int u = 0; u < kDecodeUnroll; ++u) {
+      const float score = group_sum<TPK>(s[u]);
+      if (n0 + u * kGroups + group < end) {
+        const float m_new = fmaxf(m, score);
+        const float alpha = expf(m - m_new);  // 0 on the first key (m = -inf)
+        const float e = expf(score - m_new);
+        l = l * alpha + e;
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) acc[c][i] = acc[c][i] * alpha + e * vals[c][i];
-      m = m_new;
+        for (int c = 0; c < NCHUNK; ++c)
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) acc[c][i] = acc[c][i] * alpha + e * vals[u][c][i];
+        m = m_new;
+      }
     }
   }
 
