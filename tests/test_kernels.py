@@ -38,11 +38,13 @@ def close(out, ref):
     torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
 
 
-def check_norms(rows, dim, dtype, device):
+def check_norms(rows, dim, dtype, device, kernels=norm, weight_dtype=torch.float32):
+    """``kernels``: a module with ``layer_norm`` and ``add_layer_norm`` (the Triton ones, or the CUDA
+    wrappers of test_kernels_cuda)."""
     x, res = rand(*rows, dim, dtype=dtype, device=device, seed=1), rand(*rows, dim, dtype=dtype, device=device, seed=2)
-    w, b = rand(dim, device=device, seed=3), rand(dim, device=device, seed=4)
-    close(norm.layer_norm(x, w, b, 1e-5), ops.norm.layer_norm_reference(x, w, b, 1e-5))
-    out, h = norm.add_layer_norm(x, res, w, b, 1e-5)
+    w, b = rand(dim, dtype=weight_dtype, device=device, seed=3), rand(dim, dtype=weight_dtype, device=device, seed=4)
+    close(kernels.layer_norm(x, w, b, 1e-5), ops.norm.layer_norm_reference(x, w, b, 1e-5))
+    out, h = kernels.add_layer_norm(x, res, w, b, 1e-5)
     ref_out, ref_h = ops.norm.add_layer_norm_reference(x, res, w, b, 1e-5)
     assert torch.equal(h, ref_h)
     close(out, ref_out)
@@ -111,11 +113,11 @@ def test_embedding(shape, vocab, dim, with_ln, dtype):
     check_embedding(shape, vocab, dim, with_ln, dtype, "cpu")
 
 
-def check_token_gather(shape, vocab, dim, with_bias, dtype, device):
+def check_token_gather(shape, vocab, dim, with_bias, dtype, device, fn=embedding.token_gather):
     tokens = torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(vocab)).to(device)
     table = rand(vocab, dim, dtype=dtype, device=device, seed=1)
     bias = rand(dim, dtype=dtype, device=device, seed=2) if with_bias else None
-    assert torch.equal(embedding.token_gather(tokens, table, bias), token_gather_reference(tokens, table, bias))
+    assert torch.equal(fn(tokens, table, bias), token_gather_reference(tokens, table, bias))  # a copy (+ one rounded add)
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
@@ -125,7 +127,8 @@ def test_token_gather(shape, vocab, dim, with_bias, dtype):
     check_token_gather(shape, vocab, dim, with_bias, dtype, "cpu")
 
 
-def check_decode_attention(b, h, s, d, dtype, device, lengths=None, fused_write=False):
+def check_decode_attention(b, h, s, d, dtype, device, lengths=None, fused_write=False,
+                           fn=decode_attention.decode_attention):
     g = torch.Generator().manual_seed(b * 1000 + s)
     q = rand(b, h, d, dtype=dtype, device=device, seed=12)
     k, v = rand(b, h, s, d, dtype=dtype, device=device, seed=13), rand(b, h, s, d, dtype=dtype, device=device, seed=14)
@@ -136,7 +139,7 @@ def check_decode_attention(b, h, s, d, dtype, device, lengths=None, fused_write=
     new = (rand(b, h, d, dtype=dtype, device=device, seed=15), rand(b, h, d, dtype=dtype, device=device, seed=16)) \
         if fused_write else (None, None)
     k2, v2 = k.clone(), v.clone()
-    out = decode_attention.decode_attention(q, k2, v2, lengths, scale, *new)
+    out = fn(q, k2, v2, lengths, scale, *new)
     ref = decode_attention_reference(q, k, v, lengths, scale, *new)  # writes into k, v too
     close(out, ref)
     if fused_write:

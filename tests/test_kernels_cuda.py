@@ -9,8 +9,6 @@ outside the vocabulary, lengths beyond the cache) are tested to fail before any 
 """
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -19,15 +17,15 @@ from mmgen_engine import ops
 from mmgen_engine.errors import BackendError, InputError
 from mmgen_engine.ops import cuda_ops, registry
 from mmgen_engine.ops.attention import decode_attention_reference
-from mmgen_engine.ops.embedding import token_gather_reference
-from mmgen_engine.ops.norm import add_layer_norm_reference, layer_norm_reference
+from mmgen_engine.ops.norm import layer_norm_reference
 from mmgen_engine.ops.sampling import sample_reference
 
+import test_kernels
+from test_kernels import close, rand
 from test_kernels_sampling import CASES, grid_params, make_logits
 
 gpu = pytest.mark.gpu
 DTYPES = [torch.float16, torch.bfloat16]
-TOL = {torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2)}
 
 
 @pytest.fixture(params=["emulated", pytest.param("cuda", marks=gpu)])
@@ -41,27 +39,8 @@ def device(request, monkeypatch):
     return "cuda"
 
 
-def rand(*shape, dtype=torch.float32, device="cpu", seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g).to(dtype=dtype, device=device)
-
-
-def close(out, ref):
-    atol, rtol = TOL[ref.dtype]
-    assert out.dtype == ref.dtype and out.shape == ref.shape
-    torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
-
-
-# ---- fused residual + LayerNorm ---------------------------------------------------------------
-
 def check_norms(rows, dim, dtype, device, weight_dtype=torch.float32):
-    x, res = rand(*rows, dim, dtype=dtype, device=device, seed=1), rand(*rows, dim, dtype=dtype, device=device, seed=2)
-    w, b = rand(dim, dtype=weight_dtype, device=device, seed=3), rand(dim, dtype=weight_dtype, device=device, seed=4)
-    close(cuda_ops.layer_norm(x, w, b, 1e-5), layer_norm_reference(x, w, b, 1e-5))
-    out, h = cuda_ops.add_layer_norm(x, res, w, b, 1e-5)
-    ref_out, ref_h = add_layer_norm_reference(x, res, w, b, 1e-5)
-    assert torch.equal(h, ref_h)
-    close(out, ref_out)
+    test_kernels.check_norms(rows, dim, dtype, device, kernels=cuda_ops, weight_dtype=weight_dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -80,22 +59,8 @@ def test_layer_norm_of_an_unaligned_view(device):
 # ---- decode attention -------------------------------------------------------------------------
 
 def check_decode_attention(b, h, s, d, dtype, device, lengths=None, fused_write=False):
-    g = torch.Generator().manual_seed(b * 1000 + s)
-    q = rand(b, h, d, dtype=dtype, device=device, seed=12)
-    k, v = rand(b, h, s, d, dtype=dtype, device=device, seed=13), rand(b, h, s, d, dtype=dtype, device=device, seed=14)
-    if lengths is None:
-        lengths = torch.randint(1, s + 1, (b,), generator=g)
-    lengths = lengths.to(device)
-    scale = 1 / math.sqrt(d)
-    new = (rand(b, h, d, dtype=dtype, device=device, seed=15), rand(b, h, d, dtype=dtype, device=device, seed=16)) \
-        if fused_write else (None, None)
-    k2, v2 = k.clone(), v.clone()
-    out = cuda_ops.decode_attention(q, k2, v2, lengths, scale, *new)
-    ref = decode_attention_reference(q, k, v, lengths, scale, *new)  # writes into k, v too
-    close(out, ref)
-    if fused_write:
-        assert torch.equal(k2, k) and torch.equal(v2, v)
-    return out, (q, k, v, lengths, scale)
+    return test_kernels.check_decode_attention(b, h, s, d, dtype, device, lengths, fused_write,
+                                               fn=cuda_ops.decode_attention)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -150,12 +115,7 @@ def test_decode_attention_rejects_bad_input_before_any_launch(device):
 @pytest.mark.parametrize("shape,vocab,dim", [((1,), 1, 1), ((3,), 97, 24), ((2, 7), 1001, 64), ((2, 3, 5), 50, 12),
                                              ((9,), 8192, 128)])
 def test_token_gather(shape, vocab, dim, with_bias, dtype, device):
-    g = torch.Generator().manual_seed(vocab)
-    tokens = torch.randint(0, vocab, shape, generator=g).to(device)
-    table = rand(vocab, dim, dtype=dtype, device=device, seed=1)
-    bias = rand(dim, dtype=dtype, device=device, seed=2) if with_bias else None
-    out = cuda_ops.token_gather(tokens, table, bias)
-    assert torch.equal(out, token_gather_reference(tokens, table, bias))  # exact: a copy (+ one rounded add)
+    test_kernels.check_token_gather(shape, vocab, dim, with_bias, dtype, device, fn=cuda_ops.token_gather)
 
 
 def test_token_gather_of_a_strided_table_and_no_tokens(device):
@@ -289,9 +249,7 @@ def test_gpu_real_sizes(dtype):
         check_norms(rows, dim, dtype, "cuda")
     for b, h, s, d in [(1, 12, 1024, 64), (16, 12, 197, 64), (16, 12, 4096, 64), (3, 5, 97, 24), (4, 16, 256, 128)]:
         check_decode_attention(b, h, s, d, dtype, "cuda", fused_write=True)
-    tokens = torch.randint(0, 8192, (4, 32, 32), device="cuda")
-    table, bias = rand(8192, 128, dtype=dtype, device="cuda"), rand(128, dtype=dtype, device="cuda")
-    assert torch.equal(cuda_ops.token_gather(tokens, table, bias), token_gather_reference(tokens, table, bias))
+    test_kernels.check_token_gather((4, 32, 32), 8192, 128, True, dtype, "cuda", fn=cuda_ops.token_gather)
     g = torch.Generator().manual_seed(1)
     logits = make_logits(32, 50257, "randn", dtype, g)
     params = grid_params(16, 16384, g)
