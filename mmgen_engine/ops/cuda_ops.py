@@ -3,8 +3,10 @@
 Each wrapper has its op's reference signature, checks what the kernel assumes - devices, dtypes,
 shapes, unit last strides, and the values that index memory (cache lengths, token ids) - with a
 one-line error before anything is launched, allocates the outputs and any workspace with torch, and
-passes raw pointers, sizes, strides and the current stream to ``mmgen_engine._C`` (no libtorch in
-the library). Whether 16-byte vector loads can be used (every pointer 16-byte aligned, every row
+passes raw pointers, sizes, strides and the tensors' device's current stream to ``mmgen_engine._C``
+(no libtorch in the library), with that device current. The kernels are built for compute
+capability 8.0 and newer (sm_80 code, with PTX for later GPUs, and sm_90a); an older GPU gets a
+:class:`BackendError`. Whether 16-byte vector loads can be used (every pointer 16-byte aligned, every row
 stride a multiple of 16 bytes) is decided here and passed down.
 
 Value checks read the values back (one host sync): they run on every eager call and are skipped
@@ -14,10 +16,12 @@ bfloat16 (sampling also float32 logits); see the registrations in the op modules
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import _native
-from ..errors import InputError
+from ..errors import BackendError, InputError
 
 _C = _native._C  # the tests swap in the CPU-emulated build of the same kernels (tests/native)
 
@@ -26,8 +30,22 @@ DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def _stream(t: torch.Tensor) -> int:
-    return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
+@functools.lru_cache(maxsize=None)
+def _check_capability(index: int) -> None:
+    major, minor = torch.cuda.get_device_capability(index)
+    if major < 8:
+        raise BackendError(f"the cuda backend's kernels need compute capability 8.0 or newer (built for "
+                           f"{', '.join(_C.cuda_archs)}); {torch.cuda.get_device_name(index)} has {major}.{minor}: "
+                           "use MMGEN_BACKEND=triton")
+
+
+def _launch(kernel: str, like: torch.Tensor, *args) -> None:
+    """``_C.<kernel>(*args, stream)`` on ``like``'s device and its current stream."""
+    if not like.is_cuda:  # the emulated build of the tests
+        return getattr(_C, kernel)(*args, 0)
+    _check_capability(like.device.index if like.device.index is not None else torch.cuda.current_device())
+    with torch.cuda.device(like.device):
+        getattr(_C, kernel)(*args, torch.cuda.current_stream(like.device).cuda_stream)
 
 
 def _capturing(t: torch.Tensor) -> bool:
@@ -109,12 +127,12 @@ def decode_attention(q, k, v, lengths, scale, new_k=None, new_v=None):
     new_strides = tuple(new_k.stride()[:2]) if new_k is not None else (0, 0)
     strides = [x * size for x in (*q.stride()[:2], *k.stride()[:3], *v.stride()[:3], *new_strides)]
     vectorized = _vectorizable((q, k, v, new_k, new_v, out), strides)
-    _C.decode_attention(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), new_k.data_ptr() if new_k is not None else 0,
-        new_v.data_ptr() if new_v is not None else 0, lengths.data_ptr(), out.data_ptr(),
-        partial.data_ptr() if partial is not None else 0, ml.data_ptr() if ml is not None else 0,
-        DTYPES[q.dtype], b, h, s, d, splits, tuple(q.stride()[:2]), tuple(k.stride()[:3]), tuple(v.stride()[:3]),
-        new_strides, float(scale), vectorized, _stream(q))
+    _launch("decode_attention", q,
+            q.data_ptr(), k.data_ptr(), v.data_ptr(), new_k.data_ptr() if new_k is not None else 0,
+            new_v.data_ptr() if new_v is not None else 0, lengths.data_ptr(), out.data_ptr(),
+            partial.data_ptr() if partial is not None else 0, ml.data_ptr() if ml is not None else 0,
+            DTYPES[q.dtype], b, h, s, d, splits, tuple(q.stride()[:2]), tuple(k.stride()[:3]), tuple(v.stride()[:3]),
+            new_strides, float(scale), vectorized)
     return out
 
 
@@ -143,10 +161,9 @@ def _layer_norm(op, x, residual, weight, bias, eps):
     if not 1 <= d <= widest:
         raise ValueError(f"{op}: row width {d} outside [1, {widest}]")
     if rows:
-        _C.layer_norm(x2.data_ptr(), res.data_ptr() if res is not None else 0, out.data_ptr(),
-                      h.data_ptr() if h is not None else 0, weight.contiguous().data_ptr(),
-                      bias.contiguous().data_ptr(), DTYPES[x.dtype], weight.dtype == torch.float32, rows, d,
-                      float(eps), vectorized, _stream(x))
+        _launch("layer_norm", x, x2.data_ptr(), res.data_ptr() if res is not None else 0, out.data_ptr(),
+                h.data_ptr() if h is not None else 0, weight.contiguous().data_ptr(), bias.contiguous().data_ptr(),
+                DTYPES[x.dtype], weight.dtype == torch.float32, rows, d, float(eps), vectorized)
     return out.view(x.shape), (h.view(x.shape) if h is not None else None)
 
 
@@ -181,9 +198,8 @@ def token_gather(tokens, table, bias=None):
     if flat.numel():
         vectorized = _vectorizable((table, bias, out), [table.stride(0) * table.element_size(),
                                                         d * table.element_size()])
-        _C.token_gather(flat.data_ptr(), table.data_ptr(), bias.data_ptr() if bias is not None else 0,
-                        out.data_ptr(), DTYPES[table.dtype], flat.numel(), table.stride(0), d, vectorized,
-                        _stream(table))
+        _launch("token_gather", table, flat.data_ptr(), table.data_ptr(), bias.data_ptr() if bias is not None else 0,
+                out.data_ptr(), DTYPES[table.dtype], flat.numel(), table.stride(0), d, vectorized)
     return out.view(*tokens.shape, d)
 
 
@@ -205,7 +221,7 @@ def sample(logits, temperature, top_k, top_p, do_sample, seeds, offset, guidance
     _check(op, logits, inv_t=inv_t, top_k=top_k, top_p=top_p, do_sample=do_sample, seeds=seeds, offset=offset,
            guidance=guidance)
     out = torch.empty(batch, dtype=torch.int64, device=logits.device)
-    _C.sample(logits.data_ptr(), logits.stride(0), guidance.data_ptr() if guidance is not None else 0,
-              inv_t.data_ptr(), top_k.data_ptr(), top_p.data_ptr(), do_sample.data_ptr(), seeds.data_ptr(),
-              offset.data_ptr(), out.data_ptr(), DTYPES[logits.dtype], batch, n, bool(greedy), _stream(logits))
+    _launch("sample", logits, logits.data_ptr(), logits.stride(0), guidance.data_ptr() if guidance is not None else 0,
+            inv_t.data_ptr(), top_k.data_ptr(), top_p.data_ptr(), do_sample.data_ptr(), seeds.data_ptr(),
+            offset.data_ptr(), out.data_ptr(), DTYPES[logits.dtype], batch, n, bool(greedy))
     return out
