@@ -65,13 +65,13 @@ void bind_kernels(pybind11::module_& m) {
   m.def(
       "token_gather",
       [](std::uintptr_t tokens, std::uintptr_t table, std::uintptr_t bias, std::uintptr_t out, int dtype,
-         int64_t count, int64_t table_stride, int dim, bool vectorized, std::uintptr_t stream) {
+         int64_t count, int64_t vocab, int64_t table_stride, int dim, bool vectorized, std::uintptr_t stream) {
         const kernels::TokenGatherParams p{ptr<const int64_t>(tokens), ptr(table), ptr(bias), ptr(out),
-                                           count, table_stride, dim};
+                                           count, vocab, table_stride, dim};
         Ops::token_gather(p, static_cast<DType>(dtype), vectorized, stream);
       },
       "Embedding-row gather for image tokens (csrc/kernels/token_gather.cuh).", py::arg("tokens"),
-      py::arg("table"), py::arg("bias"), py::arg("out"), py::arg("dtype"), py::arg("count"),
+      py::arg("table"), py::arg("bias"), py::arg("out"), py::arg("dtype"), py::arg("count"), py::arg("vocab"),
       py::arg("table_stride"), py::arg("dim"), py::arg("vectorized"), py::arg("stream"));
 
   m.def(

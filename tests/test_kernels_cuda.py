@@ -50,10 +50,14 @@ def test_layer_norms(rows, dim, dtype, device):
     check_norms(rows, dim, dtype, device, weight_dtype=dtype)
 
 
-def test_layer_norm_of_an_unaligned_view(device):
+def test_layer_norm_of_unaligned_views(device):
     x = rand(3, 65, dtype=torch.float16, device=device)[:, 1:]  # 2-byte offset rows: scalar loads
     w, b = rand(64, device=device, seed=1), rand(64, device=device, seed=2)
     close(cuda_ops.layer_norm(x, w, b, 1e-5), layer_norm_reference(x, w, b, 1e-5))
+    # rows wider than scalar loads allow (4096), contiguous but 2 bytes off: copied to aligned memory
+    wide = rand(2 * 8192 + 1, dtype=torch.bfloat16, device=device)[1:].view(2, 8192)
+    w, b = rand(8192, device=device, seed=1)[::1], rand(16384, device=device, seed=2)[::2]  # b non-contiguous
+    close(cuda_ops.layer_norm(wide, w, b, 1e-5), layer_norm_reference(wide, w, b, 1e-5))
 
 
 # ---- decode attention -------------------------------------------------------------------------
@@ -123,6 +127,16 @@ def test_token_gather_of_a_strided_table_and_no_tokens(device):
     tokens = torch.tensor([[3, 39], [0, 7]], device=device)
     assert torch.equal(cuda_ops.token_gather(tokens, table), table[tokens])
     assert cuda_ops.token_gather(tokens[:0], table).shape == (0, 2, 32)
+
+
+def test_token_gather_kernel_clamps_ids_it_is_not_protected_from(device):
+    """Inside a captured graph the wrapper cannot check ids: the kernel clamps them (stays in bounds)."""
+    table = rand(16, 8, dtype=torch.float16, device=device)
+    tokens = torch.tensor([-5, 3, 16, 99], device=device)
+    out = torch.empty(4, 8, dtype=torch.float16, device=device)
+    cuda_ops._launch("token_gather", table, tokens.data_ptr(), table.data_ptr(), 0, out.data_ptr(),
+                     cuda_ops.DTYPES[table.dtype], 4, 16, 8, 8, True)
+    assert torch.equal(out, table[torch.tensor([0, 3, 15, 15], device=device)])
 
 
 def test_token_gather_rejects_ids_outside_the_codebook(device):
@@ -206,6 +220,16 @@ def test_sample_gives_the_triton_samplers_tokens_for_a_seed(device):
     for offset in range(3):
         step = torch.tensor([offset], device=device)
         assert torch.equal(cuda_ops.sample(logits, *params, step), triton_sampling.sample(logits, *params, step))
+
+
+def test_sample_greedy_row_of_nan_gives_token_0(device):
+    logits = torch.full((2, 300), float("nan"))
+    logits[1, 7] = 1.0
+    params = (torch.ones(2), torch.zeros(2, dtype=torch.int64), torch.ones(2), torch.zeros(2, dtype=torch.bool),
+              torch.tensor([1, 2]))
+    args = [t.to(device) for t in (logits, *params, torch.tensor([0]))]
+    out = cuda_ops.sample(*args)
+    assert out[0] == 0 and 0 <= out[1] < 300  # never the out-of-vocabulary index n (NaNs are skipped)
 
 
 def test_sample_non_contiguous_logits(device):

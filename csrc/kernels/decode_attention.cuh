@@ -18,8 +18,9 @@
 // group's lanes read consecutive 16-byte pieces of a key. Scores are reduced over the group by
 // shuffles; at the end the groups' (m, l, acc) are merged through shared memory.
 //
-// Same arithmetic as the Triton kernel (kernels/decode_attention.py): q is multiplied by the
-// scale in fp32 first, scores and softmax in fp32, exp via expf.
+// Arithmetic as in the Triton kernel (kernels/decode_attention.py): q is multiplied by the scale in
+// fp32 first, scores and softmax in fp32; exp is expf here (Triton's is exp2-based), so the two agree
+// to rounding, not bit for bit.
 #pragma once
 
 #include <cmath>
@@ -44,7 +45,8 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_attention_kernel(Decode
   const int bh = blockIdx.x, split = blockIdx.y;
   const int b = bh / p.heads, h = bh % p.heads;
   const int D = p.head_dim;
-  const int length = static_cast<int>(p.lengths[b]);
+  // in [1, S] (the wrapper checks eagerly; clamped so that a bad value in a captured graph stays in bounds)
+  const int length = static_cast<int>(p.lengths[b] < 1 ? 1 : p.lengths[b] > p.slots ? p.slots : p.lengths[b]);
   const int start = split * p.chunk;
   const int end = start + p.chunk < length ? start + p.chunk : length;
   const int group = threadIdx.x / TPK, lane = threadIdx.x % TPK;
@@ -219,6 +221,7 @@ void dispatch_decode_attention(const DecodeAttentionParams& p, DType dtype, bool
   require(p.chunk == kDecodeChunk && p.splits == (p.slots + kDecodeChunk - 1) / kDecodeChunk,
           "decode_attention: chunk / splits do not match the cache size");
   require(p.splits == 1 || (p.partial && p.ml), "decode_attention: split-K needs the partial buffers");
+  require(p.splits <= 65535, "decode_attention: cache too long (more than 65535 splits)");
   switch (dtype) {
     case DType::kFloat16: return launch_decode_attention<__half>(p, vectorized, launch);
     case DType::kBFloat16: return launch_decode_attention<__nv_bfloat16>(p, vectorized, launch);

@@ -98,7 +98,7 @@ void launch_layer_norm(const LayerNormParams& p, bool vectorized, Launch&& launc
 
 template <class T, class Launch>
 void launch_layer_norm_for(const LayerNormParams& p, bool weight_fp32, bool vectorized, Launch&& launch) {
-  require(p.dim <= layer_norm_max_dim<T>(vectorized), "layer_norm: row too wide");
+  require(p.dim <= layer_norm_max_dim<T>(vectorized && p.dim % (16 / sizeof(T)) == 0), "layer_norm: row too wide");
   weight_fp32 ? launch_layer_norm<T, float>(p, vectorized, launch) : launch_layer_norm<T, T>(p, vectorized, launch);
 }
 

@@ -28,7 +28,7 @@ struct DecodeAttentionParams {
   void* v;
   const void* new_k;   // [B, H, D] or null
   const void* new_v;
-  const int64_t* lengths;  // [B], each in [1, S]
+  const int64_t* lengths;  // [B], each in [1, S] (clamped by the kernel: a bad value stays in bounds)
   void* out;           // [B, H, D] contiguous
   float* partial;      // [B * H * splits, D] fp32, when splits > 1
   float* ml;           // [B * H * splits, 2] (max, sum), when splits > 1
@@ -54,17 +54,18 @@ struct LayerNormParams {
 };
 
 struct TokenGatherParams {
-  const int64_t* tokens;  // [N]
+  const int64_t* tokens;  // [N], each in [0, V) (clamped by the kernel: a bad id stays in bounds)
   const void* table;      // [V, D], rows `table_stride` elements apart, unit last stride
   const void* bias;       // [D] or null
   void* out;              // [N, D] contiguous
   int64_t count;          // N
+  int64_t vocab;          // V
   int64_t table_stride;
   int dim;
 };
 
 struct SampleParams {
-  const void* logits;        // [R, stride] rows (R = B, or 2B with guidance), unit last stride
+  const void* logits;        // R rows `stride` elements apart (R = B, or 2B with guidance), unit last stride
   int64_t stride;
   const float* guidance;     // [B] or null
   const float* inv_t;        // [B] fp32 1 / temperature (computed by torch)

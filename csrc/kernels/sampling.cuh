@@ -5,7 +5,8 @@
 // Per row b, every value in fp32 with explicitly rounded operations (no FMA contraction), as torch
 // computes them: z = logits[b] (guided: uncond * (1 - g) + cond * g), l = z * inv_t. Tokens are
 // compared through order-preserving uint32 keys of l (-0.0 keyed as +0.0).
-//   1. Max pass: max z and its first index - the token of a greedy row, which stops here.
+//   1. Max pass: max z and its first index - the token of a greedy row, which stops here. NaN
+//      logits are skipped (torch's argmax would return the first NaN); a row of NaN gives token 0.
 //   2. Top-k (0 < k < n): the k-th largest key by radix select, 8 bits per pass (4 passes, a
 //      256-bin count histogram in shared memory; integer counts, so exact and deterministic).
 //      Tokens with key >= it are kept (ties at the boundary kept).
@@ -311,7 +312,7 @@ __global__ void __launch_bounds__(1024) sample_kernel(SampleParams p) {
   }
   block_argmax(best, arg, sh.values, sh.indices);
   if (p.greedy || !p.do_sample[b]) {
-    if (threadIdx.x == 0) p.out[b] = arg;
+    if (threadIdx.x == 0) p.out[b] = arg < n ? arg : 0;  // a row of NaN: token 0, never n
     return;
   }
   row.inv_t = p.inv_t[b];
@@ -375,7 +376,7 @@ template <class Launch>
 void dispatch_sample(const SampleParams& p, DType dtype, Launch&& launch) {
   require(p.logits && p.out && p.inv_t && p.top_k && p.top_p && p.do_sample && p.seeds && p.offset,
           "sample: null pointer");
-  require(p.batch > 0 && p.n > 0 && p.stride >= p.n, "sample: batch, vocabulary or row stride out of range");
+  require(p.batch > 0 && p.n > 0 && p.stride >= 0, "sample: batch, vocabulary or row stride out of range");
   switch (dtype) {
     case DType::kFloat32: return launch_sample<float>(p, launch);
     case DType::kFloat16: return launch_sample<__half>(p, launch);

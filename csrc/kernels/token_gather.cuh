@@ -21,7 +21,8 @@ __global__ void __launch_bounds__(kGatherRowsPerBlock * kWarpSize) token_gather_
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kGatherRowsPerBlock + threadIdx.x / kWarpSize;
   if (row >= p.count) return;
   const int lane = threadIdx.x % kWarpSize;
-  const T* src = static_cast<const T*>(p.table) + p.tokens[row] * p.table_stride;
+  const int64_t token = p.tokens[row];  // clamped: a bad id in a captured graph stays in bounds
+  const T* src = static_cast<const T*>(p.table) + (token < 0 ? 0 : token >= p.vocab ? p.vocab - 1 : token) * p.table_stride;
   T* dst = static_cast<T*>(p.out) + row * p.dim;
   for (int d = lane * VEC; d < p.dim; d += kWarpSize * VEC) {
     if constexpr (BIAS) {
@@ -57,7 +58,7 @@ void launch_token_gather(const TokenGatherParams& p, bool vectorized, Launch&& l
 // Checks the arguments and launches for `dtype` (float16 or bfloat16).
 template <class Launch>
 void dispatch_token_gather(const TokenGatherParams& p, DType dtype, bool vectorized, Launch&& launch) {
-  require(p.tokens && p.table && p.out, "token_gather: null pointer");
+  require(p.tokens && p.table && p.out && p.vocab > 0, "token_gather: null pointer or empty table");
   require(p.count >= 0 && p.count <= 0x7fffffffLL * kGatherRowsPerBlock && p.dim > 0,
           "token_gather: count or dim out of range");
   switch (dtype) {

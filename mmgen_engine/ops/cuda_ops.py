@@ -49,7 +49,10 @@ def _launch(kernel: str, like: torch.Tensor, *args) -> None:
 
 
 def _capturing(t: torch.Tensor) -> bool:
-    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not t.is_cuda:
+        return False
+    with torch.cuda.device(t.device):  # the question is about t's device's current stream
+        return torch.cuda.is_current_stream_capturing()
 
 
 def _check(op: str, like: torch.Tensor, rows=(), **tensors) -> None:
@@ -151,18 +154,21 @@ def _layer_norm(op, x, residual, weight, bias, eps):
         raise TypeError(f"{op}: weight and bias dtypes differ ({weight.dtype}, {bias.dtype})")
     _check(op, x, residual=residual, weight=weight, bias=bias)
     rows = x.numel() // d if d else 0
+    vec_elems = 16 // x.element_size()
     x2 = x.contiguous().view(rows, d)
     res = residual.contiguous().view(rows, d) if residual is not None else None
+    if d % vec_elems == 0 and d > 1024 * _C.NORM_CHUNKS:  # wide rows need vector loads: aligned copies
+        x2, res = (t if t is None or t.data_ptr() % 16 == 0 else t.clone() for t in (x2, res))
     out = torch.empty_like(x2)
     h = torch.empty_like(x2) if residual is not None else None
-    vec_elems = 16 // x.element_size()
     vectorized = _vectorizable((x2, res, out, h), [d * x.element_size()])
     widest = 1024 * _C.NORM_CHUNKS * (vec_elems if vectorized and d % vec_elems == 0 else 1)
     if not 1 <= d <= widest:
         raise ValueError(f"{op}: row width {d} outside [1, {widest}]")
     if rows:
+        weight, bias = weight.contiguous(), bias.contiguous()  # held until the launch is queued
         _launch("layer_norm", x, x2.data_ptr(), res.data_ptr() if res is not None else 0, out.data_ptr(),
-                h.data_ptr() if h is not None else 0, weight.contiguous().data_ptr(), bias.contiguous().data_ptr(),
+                h.data_ptr() if h is not None else 0, weight.data_ptr(), bias.data_ptr(),
                 DTYPES[x.dtype], weight.dtype == torch.float32, rows, d, float(eps), vectorized)
     return out.view(x.shape), (h.view(x.shape) if h is not None else None)
 
@@ -199,7 +205,7 @@ def token_gather(tokens, table, bias=None):
         vectorized = _vectorizable((table, bias, out), [table.stride(0) * table.element_size(),
                                                         d * table.element_size()])
         _launch("token_gather", table, flat.data_ptr(), table.data_ptr(), bias.data_ptr() if bias is not None else 0,
-                out.data_ptr(), DTYPES[table.dtype], flat.numel(), table.stride(0), d, vectorized)
+                out.data_ptr(), DTYPES[table.dtype], flat.numel(), vocab, table.stride(0), d, vectorized)
     return out.view(*tokens.shape, d)
 
 
