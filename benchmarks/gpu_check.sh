@@ -9,7 +9,8 @@
 #   STAGES="caption" bash benchmarks/gpu_check.sh
 #   STAGES="txt2img gesture" bash benchmarks/gpu_check.sh
 # (the build runs every time; on a warm machine it is quick). Stages: pytest sanitizer kernels caption
-# txt2img gesture. `sanitizer` runs the CUDA kernels' GPU tests under compute-sanitizer's memcheck
+# txt2img gesture, and caption_cuda (not in the default list): the ViT-GPT2 benchmark with the CUDA
+# kernels selected for the ops that have them. `sanitizer` runs the CUDA kernels' GPU tests under compute-sanitizer's memcheck
 # (out-of-bounds and misaligned accesses, launch errors in csrc/kernels) at the test shapes.
 #   usage: [STAGES="..."] bash benchmarks/gpu_check.sh [--quick]
 set -uo pipefail
@@ -69,6 +70,14 @@ timeout 240 "$PY" benchmarks/bench_caption.py --arch vit-gpt2 blip git --device 
   --json "$OUT/bench_caption.json" >"$OUT/bench_caption.log" 2>&1 || status=1
 fi
 
+if want caption_cuda; then
+step "captioning benchmark with the CUDA kernels of csrc/ (decode attention, sampler, LayerNorms)"
+MMGEN_BACKEND=decode_attention=cuda,sample=cuda,add_layer_norm=cuda,layer_norm=cuda \
+timeout 150 "$PY" benchmarks/bench_caption.py --arch vit-gpt2 --device cuda --dtype float16 \
+  --batch 1 16 --new-tokens 32 --repeats 5 --warmup 3 --cache-dir build/bench_caption \
+  --json "$OUT/bench_caption_cuda.json" >"$OUT/bench_caption_cuda.log" 2>&1 || status=1
+fi
+
 if want txt2img; then
 step "text-to-image: engine vs min-dalle, DALL-E Mini size, random weights, fp16"
 # min-dalle, dall-e and taming ship as wheels carried in build/upstream_wheels (the machine has no
@@ -92,6 +101,8 @@ fi
 step "results"
 show "kernel benchmark" "$OUT/bench_kernels.log"
 show "caption benchmark" "$OUT/bench_caption.log"
+[ -f "$OUT/bench_caption_cuda.log" ] && echo "--- the same with the CUDA kernels (caption_cuda):" \
+  && show "caption benchmark" "$OUT/bench_caption_cuda.log"
 show "txt2img benchmark" "$OUT/bench_txt2img.log"
 show "detok" "$OUT/bench_detok.log"
 show "gesture benchmark" "$OUT/bench_gesture.log"
