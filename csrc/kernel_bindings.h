@@ -28,7 +28,7 @@ void bind_kernels(pybind11::module_& m) {
   using Strides3 = std::array<int64_t, 3>;
   m.attr("DECODE_CHUNK") = kernels::kDecodeChunk;
   m.attr("DECODE_MAX_HEAD_DIM") = kernels::kDecodeMaxHeadDim;
-  m.attr("NORM_CHUNKS") = kernels::kNormChunks;
+  m.attr("NORM_MAX_DIM") = kernels::kNormMaxDim;
 
   m.def(
       "decode_attention",

@@ -44,7 +44,8 @@ def check_norms(rows, dim, dtype, device, weight_dtype=torch.float32):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows,dim", [((1,), 1), ((3,), 7), ((2, 5), 97), ((17,), 768), ((2,), 4104)])
+@pytest.mark.parametrize("rows,dim", [((1,), 1), ((3,), 7), ((2, 5), 97), ((17,), 768), ((1,), 769), ((2,), 4104),
+                                      ((2,), 5125)])
 def test_layer_norms(rows, dim, dtype, device):
     check_norms(rows, dim, dtype, device)
     check_norms(rows, dim, dtype, device, weight_dtype=dtype)
@@ -54,10 +55,13 @@ def test_layer_norm_of_unaligned_views(device):
     x = rand(3, 65, dtype=torch.float16, device=device)[:, 1:]  # 2-byte offset rows: scalar loads
     w, b = rand(64, device=device, seed=1), rand(64, device=device, seed=2)
     close(cuda_ops.layer_norm(x, w, b, 1e-5), layer_norm_reference(x, w, b, 1e-5))
-    # rows wider than scalar loads allow (4096), contiguous but 2 bytes off: copied to aligned memory
+    # wide rows, contiguous but 2 bytes off (scalar loads), a non-contiguous bias
     wide = rand(2 * 8192 + 1, dtype=torch.bfloat16, device=device)[1:].view(2, 8192)
-    w, b = rand(8192, device=device, seed=1)[::1], rand(16384, device=device, seed=2)[::2]  # b non-contiguous
+    w, b = rand(8192, device=device, seed=1), rand(16384, device=device, seed=2)[::2]
     close(cuda_ops.layer_norm(wide, w, b, 1e-5), layer_norm_reference(wide, w, b, 1e-5))
+    too_wide = torch.zeros(1, 16385, dtype=torch.float16, device=device)
+    with pytest.raises(ValueError, match=r"row width 16385 outside \[1, 16384\]"):
+        cuda_ops.layer_norm(too_wide, too_wide[0], too_wide[0], 1e-5)
 
 
 # ---- decode attention -------------------------------------------------------------------------

@@ -4,9 +4,10 @@
 //   add_layer_norm:  h = x + residual (rounded to T, as the reference adds in the input dtype),
 //                    out = layer_norm(h); both written
 //
-// One block per row. A thread holds NCHUNK vectors of VEC elements of the row in registers
-// (vector j = c * blockDim + thread), so the row is read once and written once (add_layer_norm:
-// x and residual read, h and out written: 4 * D * sizeof(T) bytes per row). Statistics in fp32,
+// One block per row, the smallest power-of-two block (32 to 1024 threads) whose threads hold the
+// row in registers: up to CHUNKS = kNormMaxDim / (1024 * VEC) vectors of VEC elements each (vector j
+// = c * blockDim + thread; 16 values at most), so the row is read once and written once
+// (add_layer_norm: x and residual read, h and out written: 4 * D * sizeof(T) bytes per row). Statistics in fp32,
 // two-pass (mean, then the mean of squared deviations) over the registers, block sums in a fixed
 // order. weight and bias are W: fp32 or T.
 #pragma once
@@ -26,10 +27,11 @@ __global__ void __launch_bounds__(1024) layer_norm_kernel(LayerNormParams p) {
   const int D = p.dim;
   const int64_t base = row * D;
   const T* x = static_cast<const T*>(p.x) + base;
-  float v[kNormChunks][VEC];
+  constexpr int CHUNKS = kNormMaxDim / (1024 * VEC);
+  float v[CHUNKS][VEC];
   float sum = 0.f;
 #pragma unroll
-  for (int c = 0; c < kNormChunks; ++c) {
+  for (int c = 0; c < CHUNKS; ++c) {
     const int d = (c * blockDim.x + threadIdx.x) * VEC;
     if (d < D) {
       load_floats<T, VEC>(x + d, v[c]);
@@ -47,7 +49,7 @@ __global__ void __launch_bounds__(1024) layer_norm_kernel(LayerNormParams p) {
   const float mean = block_sum(sum, scratch) / D;
   float squares = 0.f;
 #pragma unroll
-  for (int c = 0; c < kNormChunks; ++c) {
+  for (int c = 0; c < CHUNKS; ++c) {
     const int d = (c * blockDim.x + threadIdx.x) * VEC;
     if (d < D) {
 #pragma unroll
@@ -61,7 +63,7 @@ __global__ void __launch_bounds__(1024) layer_norm_kernel(LayerNormParams p) {
   const W* weight = static_cast<const W*>(p.weight);
   const W* bias = static_cast<const W*>(p.bias);
 #pragma unroll
-  for (int c = 0; c < kNormChunks; ++c) {
+  for (int c = 0; c < CHUNKS; ++c) {
     const int d = (c * blockDim.x + threadIdx.x) * VEC;
     if (d < D) {
 #pragma unroll
@@ -71,12 +73,6 @@ __global__ void __launch_bounds__(1024) layer_norm_kernel(LayerNormParams p) {
   }
 }
 
-// Widest row: every thread of a 1024-thread block holding kNormChunks vectors.
-template <class T>
-constexpr int layer_norm_max_dim(bool vectorized) {
-  return 1024 * kNormChunks * (vectorized ? 16 / static_cast<int>(sizeof(T)) : 1);
-}
-
 // Host side: `vectorized` = x, residual, out and h 16-byte aligned and D a multiple of the vector.
 template <class T, class W, class Launch>
 void launch_layer_norm(const LayerNormParams& p, bool vectorized, Launch&& launch) {
@@ -84,7 +80,8 @@ void launch_layer_norm(const LayerNormParams& p, bool vectorized, Launch&& launc
   const bool vec = vectorized && p.dim % V == 0;
   const int vectors = vec ? p.dim / V : p.dim;
   int threads = kWarpSize;
-  while (threads * kNormChunks < vectors) threads *= 2;
+  const int chunks = kNormMaxDim / (1024 * (vec ? V : 1));
+  while (threads * chunks < vectors) threads *= 2;
   const dim3 grid(static_cast<unsigned>(p.rows)), block(threads);
   const bool res = p.residual != nullptr;
   if (vec) {
@@ -98,7 +95,6 @@ void launch_layer_norm(const LayerNormParams& p, bool vectorized, Launch&& launc
 
 template <class T, class Launch>
 void launch_layer_norm_for(const LayerNormParams& p, bool weight_fp32, bool vectorized, Launch&& launch) {
-  require(p.dim <= layer_norm_max_dim<T>(vectorized && p.dim % (16 / sizeof(T)) == 0), "layer_norm: row too wide");
   weight_fp32 ? launch_layer_norm<T, float>(p, vectorized, launch) : launch_layer_norm<T, T>(p, vectorized, launch);
 }
 
@@ -108,7 +104,8 @@ template <class Launch>
 void dispatch_layer_norm(const LayerNormParams& p, DType dtype, bool weight_fp32, bool vectorized, Launch&& launch) {
   require(p.x && p.out && p.weight && p.bias, "layer_norm: null pointer");
   require(p.residual == nullptr || p.h != nullptr, "layer_norm: a residual needs the h output");
-  require(p.rows >= 0 && p.rows <= 0x7fffffff && p.dim > 0, "layer_norm: rows or dim out of range");
+  require(p.rows >= 0 && p.rows <= 0x7fffffff && p.dim > 0 && p.dim <= kNormMaxDim,
+          "layer_norm: rows or dim out of range");
   switch (dtype) {
     case DType::kFloat16: return launch_layer_norm_for<__half>(p, weight_fp32, vectorized, launch);
     case DType::kBFloat16: return launch_layer_norm_for<__nv_bfloat16>(p, weight_fp32, vectorized, launch);

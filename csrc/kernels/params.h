@@ -15,7 +15,7 @@ enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 // Limits the Python wrappers check against (exposed by the bindings).
 constexpr int kDecodeChunk = 256;        // keys per split of decode attention
 constexpr int kDecodeMaxHeadDim = 512;
-constexpr int kNormChunks = 4;           // LayerNorm: vectors per thread of a <= 1024-thread block
+constexpr int kNormMaxDim = 16384;      // LayerNorm: widest row (1024 threads holding 16 values each)
 
 // The host dispatchers' argument checks (the Python wrappers check first, with friendlier messages).
 inline void require(bool ok, const char* message) {

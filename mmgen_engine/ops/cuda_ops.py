@@ -153,18 +153,14 @@ def _layer_norm(op, x, residual, weight, bias, eps):
     if weight.dtype != bias.dtype:
         raise TypeError(f"{op}: weight and bias dtypes differ ({weight.dtype}, {bias.dtype})")
     _check(op, x, residual=residual, weight=weight, bias=bias)
-    rows = x.numel() // d if d else 0
-    vec_elems = 16 // x.element_size()
+    if not 1 <= d <= _C.NORM_MAX_DIM:
+        raise ValueError(f"{op}: row width {d} outside [1, {_C.NORM_MAX_DIM}]")
+    rows = x.numel() // d
     x2 = x.contiguous().view(rows, d)
     res = residual.contiguous().view(rows, d) if residual is not None else None
-    if d % vec_elems == 0 and d > 1024 * _C.NORM_CHUNKS:  # wide rows need vector loads: aligned copies
-        x2, res = (t if t is None or t.data_ptr() % 16 == 0 else t.clone() for t in (x2, res))
     out = torch.empty_like(x2)
     h = torch.empty_like(x2) if residual is not None else None
     vectorized = _vectorizable((x2, res, out, h), [d * x.element_size()])
-    widest = 1024 * _C.NORM_CHUNKS * (vec_elems if vectorized and d % vec_elems == 0 else 1)
-    if not 1 <= d <= widest:
-        raise ValueError(f"{op}: row width {d} outside [1, {widest}]")
     if rows:
         weight, bias = weight.contiguous(), bias.contiguous()  # held until the launch is queued
         _launch("layer_norm", x, x2.data_ptr(), res.data_ptr() if res is not None else 0, out.data_ptr(),
