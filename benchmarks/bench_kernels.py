@@ -30,6 +30,8 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 # the triton backend of linear routes small few-row products to cuBLAS (ops/linear.py): time the
 # Triton kernel itself too, so the table shows the comparison behind that rule
 KERNEL_ONLY = {"linear": {"triton kernel": "mmgen_engine.kernels.linear:linear"}}
+# which argument an op dispatches on (ops/*.py: the table, not the token ids), when not the first
+LIKE_ARG = {"embedding": 2, "token_gather": 1}
 
 
 def bench_us(fn) -> float:
@@ -178,7 +180,7 @@ def main(argv=None) -> int:
         for op, shape, op_args, moved, *flops in cases(DTYPES[dtype_name], device, args.quick):
             if args.ops and op not in args.ops:
                 continue
-            dtype = op_args[0].dtype if op != "token_gather" else op_args[1].dtype
+            dtype = op_args[LIKE_ARG.get(op, 0)].dtype  # the tensor the op dispatches on
             impls = {b: impl.fn for b, impl in registry._TABLE[op].items()
                      if "cuda" in impl.devices and dtype in impl.dtypes}
             impls.update(KERNEL_ONLY.get(op, {}))
