@@ -146,6 +146,15 @@ def conv_cases(rnd, quick: bool):
             yield "group_norm", f"B{b} {c}x{hw}x{hw} G32 SiLU", (x, rnd(c), rnd(c), 32, 1e-6, "silu"), 2 * nbytes(x)
 
 
+def implementations(op: str, op_args) -> dict:
+    """``{backend: target}`` of ``op`` for CUDA tensors of the dtype of the argument it dispatches on,
+    plus the op's KERNEL_ONLY rows."""
+    dtype = op_args[LIKE_ARG.get(op, 0)].dtype
+    impls = {b: impl.fn for b, impl in registry._TABLE[op].items() if "cuda" in impl.devices and dtype in impl.dtypes}
+    impls.update(KERNEL_ONLY.get(op, {}))
+    return impls
+
+
 def fastest(rows) -> list[dict]:
     """Per op: the backends timed and how many of its (dtype, shape) cases each won."""
     cases_by_op: dict[str, dict] = {}
@@ -180,11 +189,7 @@ def main(argv=None) -> int:
         for op, shape, op_args, moved, *flops in cases(DTYPES[dtype_name], device, args.quick):
             if args.ops and op not in args.ops:
                 continue
-            dtype = op_args[LIKE_ARG.get(op, 0)].dtype  # the tensor the op dispatches on
-            impls = {b: impl.fn for b, impl in registry._TABLE[op].items()
-                     if "cuda" in impl.devices and dtype in impl.dtypes}
-            impls.update(KERNEL_ONLY.get(op, {}))
-            for backend, target in impls.items():
+            for backend, target in implementations(op, op_args).items():
                 fn = registry._load(target)
                 try:
                     us = bench_us(lambda: fn(*op_args))

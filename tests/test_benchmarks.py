@@ -197,3 +197,26 @@ def test_write_json_and_machine_info(tmp_path):
     data = json.loads(path.read_text())
     assert data["p"] == "x" and data["machine"]["torch_threads"] >= 1
     assert "gpu" not in data["machine"]
+
+
+def test_bench_kernels_times_every_backend_of_each_case():
+    """bench_kernels needs a GPU to time; its cases build on CPU too: each names the backends it times
+    (the reference always; Triton where installed; the CUDA kernels where the library has them), and
+    the per-op summary counts each case's winner."""
+    import torch
+    import bench_kernels
+    from mmgen_engine.ops import registry
+
+    seen = {}
+    for op, _shape, op_args, _bytes, *_ in bench_kernels.cases(torch.float16, torch.device("cpu"), quick=True):
+        backends = set(bench_kernels.implementations(op, op_args))
+        assert "reference" in backends, op
+        assert ("triton" in backends) == bool(registry.TRITON_DEVICES), op
+        seen.setdefault(op, set()).update(backends)
+    assert {"decode_attention", "sample", "add_layer_norm", "token_gather", "embedding", "conv2d"} <= set(seen)
+    if registry.CUDA_DEVICES:
+        assert all("cuda" in seen[op] for op in ("decode_attention", "sample", "add_layer_norm", "token_gather"))
+    rows = [{"op": "x", "backend": b, "dtype": "f", "shape": s, "us": us}
+            for b, s, us in [("cuda", 1, 1.0), ("triton", 1, 2.0), ("cuda", 2, 3.0), ("triton", 2, 2.0),
+                             ("reference", 2, math.nan)]]
+    assert bench_kernels.fastest(rows) == [{"op": "x", "backends": "cuda triton", "wins": "cuda 1/2, triton 1/2"}]
