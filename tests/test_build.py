@@ -92,3 +92,32 @@ def test_ops_register_the_cuda_backend_iff_the_library_has_cuda():
     cuda_ops = {op for op, backends in available_backends().items() if "cuda" in backends}
     assert cuda_ops == ({"add_layer_norm", "decode_attention", "layer_norm", "sample", "token_gather"}
                         if native_info()["cuda"] else set())
+
+
+def test_cpp_program_links_the_installed_native_library(tmp_path):
+    """`cmake -DMMGEN_PYTHON=OFF` builds and installs the kernels as a static library with headers; a
+    plain C++ program (tests/native/embed_check.cpp) compiles against it, links, and runs here: no
+    GPU is needed to query the build and the devices, or to have a launcher refuse bad arguments."""
+    cmake, gxx = shutil.which("cmake"), shutil.which("g++")
+    if cmake is None or gxx is None or not native_info()["cuda"]:
+        pytest.skip("needs cmake, g++ and a CUDA toolkit (nvcc)")
+    root = Path(__file__).resolve().parents[1]
+    build, prefix = tmp_path / "build", tmp_path / "prefix"
+
+    def run(cmd, timeout=600):
+        done = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout)
+        assert done.returncode == 0, f"{' '.join(map(str, cmd))}\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
+        return done.stdout
+
+    run([cmake, "-S", root, "-B", build, "-DMMGEN_PYTHON=OFF", "-DMMGEN_CUDA=1", "-DMMGEN_CUDA_ARCHS=80"])
+    run([cmake, "--build", build, "--parallel", "2"])
+    run([cmake, "--install", build, "--prefix", prefix])
+    assert (prefix / "lib" / "libmmgen_native.a").is_file() and (prefix / "include/mmgen/kernels/sampling.cuh").is_file()
+    cudart = next(Path(line.split("=", 1)[1]) for line in (build / "CMakeCache.txt").read_text().splitlines()
+                  if line.startswith("CUDA_cudart_static_LIBRARY"))
+    exe = tmp_path / "embed_check"
+    run([gxx, "-std=c++17", f"-I{prefix / 'include'}", root / "tests/native/embed_check.cpp", "-o", exe,
+         prefix / "lib/libmmgen_native.a", cudart, "-ldl", "-lpthread", "-lrt"])
+    out = run([exe], timeout=60)
+    assert "cuda 1" in out and "refused: layer_norm: null pointer" in out, out
+    assert f"devices {native_info()['cuda_runtime_devices']}" in out
