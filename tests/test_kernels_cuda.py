@@ -352,3 +352,21 @@ def test_captioning_decode_on_the_cuda_kernels_gives_the_reference_tokens(cuda_k
     out = pipe.generate_ids(pixels, 12, sampling=sampling)
     assert torch.equal(out, ref)
     assert (ref != ref[:, :1]).any()  # not a degenerate constant output
+
+
+@gpu
+def test_gpu_captioning_on_the_cuda_kernels_graphs_match_eager(monkeypatch, tmp_path):
+    """The runtime's captured decode steps (no value checks inside the capture) give the eager steps'
+    tokens with the CUDA kernels selected, greedy and sampled."""
+    import mmgen_engine as mm
+    from hf_models import IMAGE, make_model, save
+
+    checkpoint = mm.convert(save(make_model(seed=21), tmp_path / "hf"), tmp_path / "engine")
+    monkeypatch.setenv("MMGEN_BACKEND", ",".join(f"{op}=cuda" for op in CUDA_OPS))
+    pixels = torch.randn(3, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(0))
+    graphed = mm.load(checkpoint, device="cuda", dtype=torch.float16)
+    eager = mm.load(checkpoint, device="cuda", dtype=torch.float16, cuda_graphs=False)
+    assert registry.dispatch("sample", torch.zeros(1, device="cuda")) is cuda_ops.sample
+    for sampling in (None, mm.SamplingParams(do_sample=True, temperature=0.8, top_k=7, top_p=0.9, seed=11)):
+        assert torch.equal(graphed.generate_ids(pixels, 16, sampling=sampling),
+                           eager.generate_ids(pixels, 16, sampling=sampling))
