@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import checked_device, format_table, machine_info, measure, write_json  # noqa: E402
+from timing import add_device_arguments, checked_device, format_table, machine_info, measure, write_json  # noqa: E402
 
 import mmgen_engine as mm  # noqa: E402
 
@@ -331,12 +331,11 @@ def bench_dtype(arch: str, dtype: str, engine_dir: Path, hf_dir: Path, args) -> 
 
 
 def parse_args(argv=None):
-    default_device = "cuda" if torch.cuda.is_available() else "cpu"
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", nargs="+", choices=ARCHS, default=["vit-gpt2"],
                     help="captioners to time, each in turn (default vit-gpt2)")
-    ap.add_argument("--device", default=default_device, help=f"cpu | cuda | cuda:N (default {default_device})")
+    add_device_arguments(ap)
     ap.add_argument("--dtype", nargs="+", choices=list(DTYPES),
                     help="dtypes to time (default float32 on CPU, float16 on CUDA)")
     ap.add_argument("--batch", nargs="+", type=int, default=[1, 8], help="batch sizes (default 1 8)")
@@ -344,7 +343,6 @@ def parse_args(argv=None):
     ap.add_argument("--repeats", type=int, help="timed calls per figure (default 5; 3 with --quick)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed calls before each figure (default 3, min 2)")
     ap.add_argument("--flush-l2", action="store_true", help="CUDA: write 256 MB before each timed call")
-    ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: leave torch's choice)")
     ap.add_argument("--quick", action="store_true", help="tiny random models, for smoke tests and CI")
     ap.add_argument("--seed", type=int, default=0, help="weights and inputs seed (default 0)")
     ap.add_argument("--cache-dir", type=Path, default=Path("build/bench_caption"),

@@ -32,7 +32,7 @@ from dall_e.utils import unmap_pixels
 from min_dalle.models import VQGanDetokenizer  # sets torch's thread count on import: before --threads
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import checked_device, format_table, machine_info, measure, write_json  # noqa: E402
+from timing import add_device_arguments, checked_device, format_table, machine_info, measure, write_json  # noqa: E402
 
 import mmgen_engine as mm  # noqa: E402
 from mmgen_engine.checkpoint import save_checkpoint  # noqa: E402
@@ -118,17 +118,15 @@ def bench_model(name: str, args, workdir: Path) -> tuple[list[dict], list[dict]]
 
 
 def parse_args(argv=None):
-    default_device = "cuda" if torch.cuda.is_available() else "cpu"
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default=default_device, help=f"cpu | cuda | cuda:N (default {default_device})")
+    add_device_arguments(ap)
     ap.add_argument("--dtype", choices=list(DTYPES), help="engine dtype (default float32 on CPU, float16 on CUDA)")
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 8], help="batch sizes (default 1 8)")
     ap.add_argument("--models", nargs="+", choices=list(BUILDERS), default=list(BUILDERS), help="default: both")
     ap.add_argument("--repeats", type=int, help="timed calls per figure (default 10 on CUDA, 1 on CPU)")
     ap.add_argument("--warmup", type=int, help="untimed calls before each figure, the first of them compared "
                                                "with upstream (default 3 on CUDA, 1 on CPU)")
-    ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: leave torch's choice)")
     ap.add_argument("--quick", action="store_true", help="tiny token grids and dVAE, for smoke tests")
     ap.add_argument("--seed", type=int, default=0, help="weights and tokens seed (default 0)")
     ap.add_argument("--json", type=Path, default=Path("build/bench_detok/results.json"),

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import checked_device, format_table, machine_info, measure, write_json  # noqa: E402
+from timing import add_device_arguments, checked_device, format_table, machine_info, measure, write_json  # noqa: E402
 
 import mmgen_engine as mm  # noqa: E402
 from mmgen_engine.pipelines.speech_to_gesture import DEFAULT_SAMPLING  # noqa: E402
@@ -241,16 +241,14 @@ def bench(src: Path, engine_dir: Path, args) -> tuple[list[dict], dict]:
 
 
 def parse_args(argv=None):
-    default_device = "cuda" if torch.cuda.is_available() else "cpu"
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default=default_device, help=f"cpu | cuda | cuda:N (default {default_device})")
+    add_device_arguments(ap)
     ap.add_argument("--dtype", choices=DTYPES, help="engine dtype (default float32 on CPU, float16 on CUDA; "
                                                     "the reference always runs float32)")
     ap.add_argument("--seconds", type=float, help="audio length (default 30; 6 with --quick)")
     ap.add_argument("--repeats", type=int, default=3, help="timed calls per figure (default 3)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed calls before each figure (default 1)")
-    ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: leave torch's choice)")
     ap.add_argument("--seed", type=int, default=0, help="weights and audio seed (default 0)")
     ap.add_argument("--quick", action="store_true", help="a tiny model and 6 s of audio, for smoke tests and CI")
     ap.add_argument("--cache-dir", type=Path, default=Path("build/bench_gesture"),

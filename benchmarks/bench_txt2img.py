@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import format_table, machine_info, measure, write_json  # noqa: E402
+from timing import add_device_arguments, checked_device, format_table, machine_info, measure, write_json  # noqa: E402
 
 import mmgen_engine as mm  # noqa: E402
 
@@ -118,25 +118,21 @@ def engine_generate(pipe, text, images: int, tokens: int, sampling):
 
 
 def parse_args(argv=None):
-    cuda = torch.cuda.is_available()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if cuda else "cpu")
+    add_device_arguments(ap)
     ap.add_argument("--dtype", choices=list(DTYPES), help="default float16 on CUDA, float32 on CPU")
     ap.add_argument("--grid", type=int, default=4, help="grid side for the multi-image run (default 4)")
     ap.add_argument("--tokens", type=int, help="tokens timed per run (default 256 on CUDA, 8 on CPU)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--threads", type=int)
     ap.add_argument("--quick", action="store_true", help="tiny random model, for smoke tests and CI")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache-dir", type=Path, default=Path("build/bench_txt2img"))
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     args.preset = "quick" if args.quick else "mini"
-    args.device = torch.device(args.device)
-    if args.device.type == "cuda" and not cuda:
-        ap.error("--device cuda requested but CUDA is not available")
+    args.device = torch.device(checked_device(ap, args.device))
     args.dtype = args.dtype or ("float16" if args.device.type == "cuda" else "float32")
     args.tokens = args.tokens or (IMAGE_TOKENS if args.device.type == "cuda" else 8)
     if not 1 <= args.tokens <= IMAGE_TOKENS or args.grid < 1 or args.repeats < 1 or args.warmup < 0:

@@ -21,6 +21,14 @@ import torch
 L2_FLUSH_BYTES = 256 * 1024 * 1024
 
 
+def add_device_arguments(ap) -> None:
+    """``--device`` (default cuda when available; normalize with :func:`checked_device`) and
+    ``--threads`` (``torch.set_num_threads``), which every pipeline benchmark takes."""
+    default = "cuda" if torch.cuda.is_available() else "cpu"
+    ap.add_argument("--device", default=default, help=f"cpu | cuda | cuda:N (default {default})")
+    ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: leave torch's choice)")
+
+
 def checked_device(ap, device: str) -> str:
     """``--device`` normalized ("cuda" -> "cuda", "cuda:1" ...), or ``ap.error`` for a bad name or a
     CUDA device on a machine without CUDA."""

@@ -57,7 +57,7 @@ def _txt2img(args) -> None:
 
 def _gesture(args) -> None:
     from . import SamplingParams, load
-    from .pipelines.audio import read_wav, to_mono
+    from .pipelines.audio import read_wav
     from .pipelines.poses import SUFFIXES, save_poses
 
     out = Path(args.output)
@@ -70,9 +70,9 @@ def _gesture(args) -> None:
         raise MMGenError(f"{args.model}: a {pipe.task} checkpoint, not a speech-to-gesture one")
     sampling = SamplingParams() if args.greedy else SamplingParams(
         do_sample=True, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    poses = pipe.generate(args.audio, sampling=sampling)
-    audio, rate = read_wav(args.audio) if out.suffix.lower() == ".mp4" else (None, None)
-    save_poses(out, poses, pipe.fps, audio=None if audio is None else to_mono(audio), sample_rate=rate)
+    audio, rate = read_wav(args.audio, mono=True)  # read once: the MP4 carries it too
+    poses = pipe.generate(audio, rate, sampling=sampling)
+    save_poses(out, poses, pipe.fps, audio=audio, sample_rate=rate)
     print(f"{out}: {poses.shape[0]} frames of {poses.shape[1]} joints at {pipe.fps:g} fps")
 
 

@@ -603,9 +603,10 @@ class GestureConfig:
         if self.front_end not in GESTURE_FRONT_ENDS or self.sample_rate != 16000:
             raise CheckpointError(f"{where}: unsupported audio front end {self.front_end!r} at "
                                   f"{self.sample_rate} Hz (log_mel_400 at 16000 Hz)")
-        if self.skeleton[:1] != [-1] or any(not 0 <= p < i for i, p in enumerate(self.skeleton) if i):
-            raise CheckpointError(f"{where}.skeleton must list each joint's parent, an earlier joint, "
-                                  f"with -1 for joint 0")
+        from .pipelines.poses import PARENTS
+        if self.skeleton != PARENTS:
+            raise CheckpointError(f"{where}.skeleton: a2g-gpt's poses are the PATS 52-joint upper body; "
+                                  f"this skeleton differs")
 
 
 @dataclass(frozen=True)
@@ -645,10 +646,6 @@ class SpeechToGestureConfig(CheckpointConfig):
         if len(g.skeleton) != motion.joints:
             raise CheckpointError(f"{where}.gesture.skeleton has {len(g.skeleton)} joints, the motion decoder "
                                   f"{motion.joints}")
-        from .pipelines.poses import PARENTS
-        if g.skeleton != PARENTS:
-            raise CheckpointError(f"{where}.gesture.skeleton: a2g-gpt's poses are the PATS 52-joint upper body; "
-                                  f"this skeleton differs")
         mels = (g.sample_rate // 160) * (g.window_frames - g.seed_tokens * motion.downsample_factor)
         if mels % g.fps:
             raise CheckpointError(f"{where}.gesture: windows of {g.window_frames} frames seeded with "

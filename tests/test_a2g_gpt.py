@@ -264,7 +264,8 @@ def test_converter_rejects_bad_sources(tmp_path):
 
 
 @pytest.mark.parametrize("edit,message", [
-    (lambda c: c["gesture"].update(skeleton=[-1] + [0] * 50), "skeleton has 51 joints"),
+    (lambda c: c["motion"].update(joints=51), "skeleton has 52 joints, the motion decoder 51"),
+    (lambda c: c["gesture"].update(skeleton=[-1] + [0] * 50), "PATS 52-joint upper body"),
     (lambda c: c["gesture"].update(seed_tokens=16), "longer than its 16 seed tokens"),
     (lambda c: c["gesture"].update(bos_token_id=3), "bos and eos"),
     (lambda c: c["gesture"].update(front_end="mfcc"), "unsupported audio front end"),

@@ -24,8 +24,9 @@ from tokenizers import Tokenizer
 
 from ..errors import ConversionError
 from . import hf, keymap, weights_file
-from .hf_towers import CLIP_VISION_DEFAULTS, clip_vision_rules, image_preprocess, settings, tied_copy, vit_config
-from .keymap import apply_rules, check_config, finish, header, rule, transpose
+from .hf_towers import (CLIP_VISION_DEFAULTS, clip_vision_rules, gpt2_decoder_rules, image_preprocess, settings,
+                        tied_copy, vit_config)
+from .keymap import apply_rules, check_config, finish, header, rule
 
 NAME = "clipcap"
 SIGNATURE = {"clip_project.model.0.weight", "gpt.transformer.wte.weight"}
@@ -62,20 +63,6 @@ def _gpt2_config(tensors: dict, where: str) -> dict:
             "max_positions": keymap.shape(tensors, "gpt.transformer.wpe.weight", 2, where)[0],
             "layer_norm_eps": 1e-5, "activation": "gelu_tanh", "tie_word_embeddings": True,
             "cross_attention": False}
-
-
-def _gpt2_rules() -> list:
-    dec = "gpt.transformer.h.{i}."
-    rules = [rule("decoder.wte", "gpt.transformer.wte.weight"), rule("decoder.wpe", "gpt.transformer.wpe.weight"),
-             rule("decoder.ln_f.weight", "gpt.transformer.ln_f.weight"),
-             rule("decoder.ln_f.bias", "gpt.transformer.ln_f.bias")]
-    for name, src in [("ln1", "ln_1"), ("ln2", "ln_2")]:
-        rules += [rule(f"decoder.layers.{{i}}.{name}.{p}", dec + f"{src}.{p}", layers="dec") for p in ("weight", "bias")]
-    for dst, src in [("attn.qkv", "attn.c_attn"), ("attn.out", "attn.c_proj"), ("mlp.fc1", "mlp.c_fc"),
-                     ("mlp.fc2", "mlp.c_proj")]:
-        rules += [rule(f"decoder.layers.{{i}}.{dst}.weight", dec + f"{src}.weight", transform=transpose, layers="dec"),
-                  rule(f"decoder.layers.{{i}}.{dst}.bias", dec + f"{src}.bias", layers="dec")]
-    return rules
 
 
 def _stop_token(tokenizer_file: Path, where: str) -> int:
@@ -129,7 +116,7 @@ def convert(src: Path, dtype: str | None, workdir: Path, trust_pickle: bool = Fa
     rules = [*clip_vision_rules("vision_model."), rule("projection.weight", "visual_projection.weight"),
              *(rule(f"mapper.{n}.{p}", f"clip_project.model.{i}.{p}") for n, i in enumerate(layers)
                for p in ("weight", "bias")),
-             *_gpt2_rules()]
+             *gpt2_decoder_rules("gpt.transformer.", cross=False)]
     out = apply_rules(rules, {**tensors, **clip_tensors},
                       {"enc": config["encoder"]["num_layers"], "dec": decoder["num_layers"]}, IGNORED, where=where)
     config, out = finish(config, out, dtype, where)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..errors import ConversionError
 from . import hf
-from .keymap import concat, flatten_conv, rule, squeeze_leading
+from .keymap import concat, flatten_conv, rule, squeeze_leading, transpose
 
 # transformers' activation names -> engine activation names
 ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "quick_gelu": "quick_gelu"}
@@ -230,6 +230,27 @@ def bert_decoder_rules(prefix: str, cross: bool) -> list:
                                                                       for x in ("key", "value")),
                               transform=concat, layers="dec"))
         rules += [rule(f"decoder.layers.{{i}}.{dst}.{p}", layer + f"{src}.{p}", layers="dec") for dst, src in pairs]
+    return rules
+
+
+def gpt2_decoder_rules(prefix: str, cross: bool) -> list:
+    """HF GPT-2 (``GPT2LMHeadModel.transformer``) under ``prefix`` (ending in ``transformer.``) ->
+    ``decoder.*``: embeddings, blocks (Conv1D weights transposed; with ``cross`` the
+    ``add_cross_attention`` blocks), ``ln_f``. The LM head is the caller's (tied or not)."""
+    layer = prefix + "h.{i}."
+    rules = [rule("decoder.wte", prefix + "wte.weight"), rule("decoder.wpe", prefix + "wpe.weight"),
+             rule("decoder.ln_f.weight", prefix + "ln_f.weight"), rule("decoder.ln_f.bias", prefix + "ln_f.bias")]
+    norms = [("ln1", "ln_1"), ("ln2", "ln_2")] + ([("ln_cross", "ln_cross_attn")] if cross else [])
+    linears = [("attn.qkv", "attn.c_attn"), ("attn.out", "attn.c_proj"), ("mlp.fc1", "mlp.c_fc"),
+               ("mlp.fc2", "mlp.c_proj")]
+    if cross:
+        linears += [("cross.q", "crossattention.q_attn"), ("cross.kv", "crossattention.c_attn"),
+                    ("cross.out", "crossattention.c_proj")]
+    for dst, src in norms:
+        rules += [rule(f"decoder.layers.{{i}}.{dst}.{p}", layer + f"{src}.{p}", layers="dec") for p in ("weight", "bias")]
+    for dst, src in linears:
+        rules += [rule(f"decoder.layers.{{i}}.{dst}.weight", layer + f"{src}.weight", transform=transpose, layers="dec"),
+                  rule(f"decoder.layers.{{i}}.{dst}.bias", layer + f"{src}.bias", layers="dec")]
     return rules
 
 

@@ -12,10 +12,9 @@ from pathlib import Path
 
 from ..errors import ConversionError
 from . import hf
-from .hf_towers import (activation, generation_sources, image_preprocess, model_type, processor_files, require,
-                        token_id)
-from .keymap import (apply_rules, check_config, concat, finish, flatten_conv, header, rename_keys, rule,
-                     squeeze_leading, transpose)
+from .hf_towers import (activation, generation_sources, gpt2_decoder_rules, image_preprocess, model_type,
+                        processor_files, require, token_id)
+from .keymap import apply_rules, check_config, concat, finish, flatten_conv, header, rename_keys, rule, squeeze_leading
 
 NAME = "hf-vision-encoder-decoder"
 
@@ -31,7 +30,6 @@ V4_TO_V5 = [
 ]
 
 ENC = "encoder.layers.{i}."
-DEC = "decoder.transformer.h.{i}."
 
 
 def _rules(qkv_bias: bool, proj: bool, tied: bool):
@@ -55,10 +53,7 @@ def _rules(qkv_bias: bool, proj: bool, tied: bool):
         rule("encoder.layers.{i}.mlp.fc2.bias", ENC + "mlp.fc2.bias", layers="enc"),
         rule("encoder.ln_f.weight", "encoder.layernorm.weight"),
         rule("encoder.ln_f.bias", "encoder.layernorm.bias"),
-        rule("decoder.wte", "decoder.transformer.wte.weight"),
-        rule("decoder.wpe", "decoder.transformer.wpe.weight"),
-        rule("decoder.ln_f.weight", "decoder.transformer.ln_f.weight"),
-        rule("decoder.ln_f.bias", "decoder.transformer.ln_f.bias"),
+        *gpt2_decoder_rules("decoder.transformer.", cross=True),
     ]
     if qkv_bias:
         rules.append(rule("encoder.layers.{i}.attn.qkv.bias", *(ENC + f"attention.{p}_proj.bias" for p in "qkv"),
@@ -67,13 +62,6 @@ def _rules(qkv_bias: bool, proj: bool, tied: bool):
         rules += [rule("enc_to_dec.weight", "enc_to_dec_proj.weight"), rule("enc_to_dec.bias", "enc_to_dec_proj.bias")]
     if not tied:
         rules.append(rule("decoder.lm_head", "decoder.lm_head.weight"))
-    for name, src in [("ln1", "ln_1"), ("ln_cross", "ln_cross_attn"), ("ln2", "ln_2")]:
-        rules += [rule(f"decoder.layers.{{i}}.{name}.{p}", DEC + f"{src}.{p}", layers="dec") for p in ("weight", "bias")]
-    for dst, src in [("attn.qkv", "attn.c_attn"), ("attn.out", "attn.c_proj"), ("cross.q", "crossattention.q_attn"),
-                     ("cross.kv", "crossattention.c_attn"), ("cross.out", "crossattention.c_proj"),
-                     ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")]:
-        rules += [rule(f"decoder.layers.{{i}}.{dst}.weight", DEC + f"{src}.weight", transform=transpose, layers="dec"),
-                  rule(f"decoder.layers.{{i}}.{dst}.bias", DEC + f"{src}.bias", layers="dec")]
     return rules
 
 

@@ -1,7 +1,7 @@
 """The decoder of a T2M-GPT-style motion VQ-VAE (Zhang et al. 2023): motion token ids ``[B, n]`` ->
 normalized pose features ``[B, n * 2**levels, 2 * joints]``.
 
-``codebook[ids]`` -> Conv1d(k3) -> ReLU -> ``levels`` x (ResStack, nearest 2x upsample in time,
+``codebook[ids]`` (:func:`mmgen_engine.ops.token_gather`) -> Conv1d(k3) -> ReLU -> ``levels`` x (ResStack, nearest 2x upsample in time,
 Conv1d(k3)) -> Conv1d(k3) -> ReLU -> Conv1d(k3). A ResStack applies ``depth`` residual blocks
 ``x + conv_k1(relu(conv_k3_dilated(relu(x))))`` with dilations ``growth**(depth-1) .. 1`` (the
 encoder's, reversed). Everything is channels-last ``[B, T, C]``; the convolutions are
@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import ops
 from ..config import MotionVQConfig
 from ..layers import Conv1d
 
@@ -40,7 +41,7 @@ class MotionVQDecoder(nn.Module):
         self.conv_out = Conv1d(w, 2 * cfg.joints, 3, padding=1, device=device)
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.conv_in(self.codebook[codes]))  # (B, n, W)
+        x = torch.relu(self.conv_in(ops.token_gather(codes, self.codebook)))  # (B, n, W)
         for stack, conv in zip(self.res, self.up_conv):
             for block in stack:
                 x = block(x)

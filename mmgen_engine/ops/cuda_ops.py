@@ -22,12 +22,12 @@ import torch
 
 from .. import _native
 from ..errors import BackendError, InputError
+from .registry import HALF_DTYPES
 
 _C = _native._C  # the tests swap in the CPU-emulated build of the same kernels (tests/native)
 
 # element type codes of csrc/kernels/params.h (DType)
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 @functools.lru_cache(maxsize=None)
