@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import add_device_arguments, checked_device, format_table, machine_info, measure, write_json  # noqa: E402
+from timing import (add_device_arguments, checked_device, engine_info, format_table, machine_info,  # noqa: E402
+                    measure, write_json)
 
 import mmgen_engine as mm  # noqa: E402
 
@@ -385,9 +386,8 @@ def main(argv=None) -> int:
                 torch.cuda.empty_cache()
 
     ids_match = all(c["ids_match"] for c in comparisons)
-    info = mm.build_info()
     payload = {"benchmark": "caption", "machine": machine_info(args.device),
-               "engine": {"version": info["version"], "cuda": info["cuda"], "triton": info["triton"]},
+               "engine": engine_info(),
                "transformers": transformers.__version__,
                "models": {arch: {"name": PRESETS[arch][args.preset]["name"],
                                  **model_spec(arch, args.preset, args.seed)} for arch in args.arch},

@@ -32,7 +32,8 @@ from dall_e.utils import unmap_pixels
 from min_dalle.models import VQGanDetokenizer  # sets torch's thread count on import: before --threads
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import add_device_arguments, checked_device, format_table, machine_info, measure, write_json  # noqa: E402
+from timing import (add_device_arguments, checked_device, engine_info, format_table, machine_info,  # noqa: E402
+                    measure, write_json)
 
 import mmgen_engine as mm  # noqa: E402
 from mmgen_engine.checkpoint import save_checkpoint  # noqa: E402
@@ -154,9 +155,8 @@ def main(argv=None) -> int:
             r, c = bench_model(name, args, Path(workdir))
             results += r
             comparisons += c
-    info = mm.build_info()
     payload = {"benchmark": "detok", "machine": machine_info(args.device),
-               "engine": {"version": info["version"], "cuda": info["cuda"], "triton": info["triton"]},
+               "engine": engine_info(),
                "settings": {"preset": args.preset, "device": args.device, "dtype": args.dtype,
                             "batches": args.batches, "models": args.models, "warmup": args.warmup,
                             "repeats": args.repeats, "threads": torch.get_num_threads(), "seed": args.seed},

@@ -40,7 +40,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import add_device_arguments, checked_device, format_table, machine_info, measure, write_json  # noqa: E402
+from timing import (add_device_arguments, checked_device, engine_info, format_table, machine_info,  # noqa: E402
+                    measure, write_json)
 
 import mmgen_engine as mm  # noqa: E402
 from mmgen_engine.pipelines.speech_to_gesture import DEFAULT_SAMPLING  # noqa: E402
@@ -278,9 +279,8 @@ def main(argv=None) -> int:
 
     cfg = model_config(args.preset)
     params = sum(p.numel() for p in a2g.A2GGpt(cfg).parameters())
-    info = mm.build_info()
     payload = {"benchmark": "gesture", "machine": machine_info(args.device),
-               "engine": {"version": info["version"], "cuda": info["cuda"], "triton": info["triton"]},
+               "engine": engine_info(),
                "model": {"name": PRESETS[args.preset]["name"], "parameters": params,
                          **model_spec(args.preset, args.seed)},
                "settings": {"preset": args.preset, "device": args.device, "dtype": args.dtype,

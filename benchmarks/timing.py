@@ -117,6 +117,13 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def engine_info() -> dict:
+    """The engine build a result came from: version, CUDA kernels compiled in, Triton available."""
+    import mmgen_engine as mm
+    info = mm.build_info()
+    return {"version": info["version"], "cuda": info["cuda"], "triton": info["triton"]}
+
+
 def machine_info(device=None) -> dict:
     """What the numbers were taken on, without the host name: CPU model, cores, torch threads,
     versions, and the GPU name when ``device`` (default: CUDA if available) is a CUDA device."""
