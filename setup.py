@@ -53,11 +53,11 @@ class CMakeBuild(build_ext):
 
 
 setup(
-    packages=find_packages(include=["mmgen_engine", "mmgen_engine.*"])
-    + ["mmgen_engine.kernels"]
-    + [f"mmgen_engine.kernels.{p}" for p in find_packages("kernels")],
-    # Triton kernels live in the top-level kernels/ directory and install as mmgen_engine.kernels.
-    package_dir={"mmgen_engine": "mmgen_engine", "mmgen_engine.kernels": "kernels"},
+    packages=find_packages(include=["mmgen_engine", "mmgen_engine.*"]) + ["mmgen_engine.kernels"],
+    # The Triton kernels live in kernels/triton/ and install as mmgen_engine.kernels. kernels/ itself
+    # is no package (no __init__.py): a top-level `import kernels` run from a checkout's root must
+    # find Hugging Face's `kernels` (a transformers dependency), never these sources.
+    package_dir={"mmgen_engine": "mmgen_engine", "mmgen_engine.kernels": "kernels/triton"},
     # Demo checkpoints ship in the wheel.
     package_data={
         "mmgen_engine": [

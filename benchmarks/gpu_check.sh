@@ -31,7 +31,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --f
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/machine.txt"
 
 step "build (CUDA extension in place)"
-# pip's editable install maps kernels/ to mmgen_engine.kernels; --no-deps/--no-build-isolation:
+# pip's editable install maps kernels/triton/ to mmgen_engine.kernels; --no-deps/--no-build-isolation:
 # the machine has no network and already has torch
 "$PY" -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/build.log" 2>&1 \
   || { echo "build failed, see build.log"; tail -20 "$OUT/build.log"; exit 1; }

@@ -51,10 +51,39 @@ def test_native_sees_the_devices_torch_sees():
     assert info["cuda_runtime_devices"] == torch.cuda.device_count()
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
 def test_kernels_subpackage_imports():
     kernels = importlib.import_module("mmgen_engine.kernels")
     assert kernels.__name__ == "mmgen_engine.kernels"
     assert kernels.__doc__
+
+
+def test_repository_root_shadows_no_installed_package():
+    """A process started in the repository root has the root first on sys.path (`python -c`,
+    `python -m pytest`, a notebook): transformers' model classes must import there, and the
+    top-level name `kernels` must be Hugging Face's package (or nothing), never our Triton sources."""
+    code = ("import sys, kernels\n"
+            "from transformers import GPT2LMHeadModel, ViTModel, BlipForConditionalGeneration, GitForCausalLM\n"
+            "import mmgen_engine.kernels.norm\n"
+            "print(sys.path[0] == '', getattr(kernels, '__file__', None))")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    first_is_cwd, kernels_file = run.stdout.split()
+    assert first_is_cwd == "True"
+    assert kernels_file == "None" or not Path(kernels_file).resolve().is_relative_to(ROOT / "kernels")
+    assert not (ROOT / "kernels" / "__init__.py").exists()
+
+
+def test_package_layout_installs_kernels_under_mmgen_engine(tmp_path):
+    """What setup.py puts in a wheel: the Triton sources as mmgen_engine/kernels/, no top-level kernels."""
+    run = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(tmp_path)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    installed = {p.name for p in (tmp_path / "mmgen_engine" / "kernels").glob("*.py")}
+    assert installed == {p.name for p in (ROOT / "kernels" / "triton").glob("*.py")} and "__init__.py" in installed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mmgen_engine"]
 
 
 def test_cpu_only_build_without_nvcc(tmp_path):
@@ -68,8 +97,7 @@ def test_cpu_only_build_without_nvcc(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("CUDACXX", "CUDA_HOME", "CUDA_PATH")}
     env["PATH"] = path
     build, out = tmp_path / "build", tmp_path / "out"
-    root = Path(__file__).resolve().parents[1]
-    configure = subprocess.run([cmake, "-S", str(root), "-B", str(build), f"-DPython_EXECUTABLE={sys.executable}",
+    configure = subprocess.run([cmake, "-S", str(ROOT), "-B", str(build), f"-DPython_EXECUTABLE={sys.executable}",
                                 f"-DMMGEN_OUTPUT_DIR={out}", "-DMMGEN_CUDA=auto"], env=env, capture_output=True,
                                text=True, timeout=300)
     assert configure.returncode == 0, configure.stdout[-2000:] + configure.stderr[-2000:]
@@ -101,7 +129,6 @@ def test_cpp_program_links_the_installed_native_library(tmp_path):
     cmake, gxx = shutil.which("cmake"), shutil.which("g++")
     if cmake is None or gxx is None or not native_info()["cuda"]:
         pytest.skip("needs cmake, g++ and a CUDA toolkit (nvcc)")
-    root = Path(__file__).resolve().parents[1]
     build, prefix = tmp_path / "build", tmp_path / "prefix"
 
     def run(cmd, timeout=600):
@@ -109,14 +136,14 @@ def test_cpp_program_links_the_installed_native_library(tmp_path):
         assert done.returncode == 0, f"{' '.join(map(str, cmd))}\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
         return done.stdout
 
-    run([cmake, "-S", root, "-B", build, "-DMMGEN_PYTHON=OFF", "-DMMGEN_CUDA=1", "-DMMGEN_CUDA_ARCHS=80"])
+    run([cmake, "-S", ROOT, "-B", build, "-DMMGEN_PYTHON=OFF", "-DMMGEN_CUDA=1", "-DMMGEN_CUDA_ARCHS=80"])
     run([cmake, "--build", build, "--parallel", "2"])
     run([cmake, "--install", build, "--prefix", prefix])
     assert (prefix / "lib" / "libmmgen_native.a").is_file() and (prefix / "include/mmgen/kernels/sampling.cuh").is_file()
     cudart = next(Path(line.split("=", 1)[1]) for line in (build / "CMakeCache.txt").read_text().splitlines()
                   if line.startswith("CUDA_cudart_static_LIBRARY"))
     exe = tmp_path / "embed_check"
-    run([gxx, "-std=c++17", f"-I{prefix / 'include'}", root / "tests/native/embed_check.cpp", "-o", exe,
+    run([gxx, "-std=c++17", f"-I{prefix / 'include'}", ROOT / "tests/native/embed_check.cpp", "-o", exe,
          prefix / "lib/libmmgen_native.a", cudart, "-ldl", "-lpthread", "-lrt"])
     out = run([exe], timeout=60)
     assert "cuda 1" in out and "refused: layer_norm: null pointer" in out, out

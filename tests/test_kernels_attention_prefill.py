@@ -1,4 +1,4 @@
-"""The Triton prefill / encoder attention kernel (kernels/flash_attention.py) against float64 math.
+"""The Triton prefill / encoder attention kernel (kernels/triton/flash_attention.py) against float64 math.
 
 Small awkward shapes: odd head counts, sequence lengths that are not block multiples, head dims that
 are not powers of two. They run on the GPU when there is one, else on CPU in Triton's interpreter

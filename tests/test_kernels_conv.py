@@ -1,4 +1,4 @@
-"""The Triton convolution and GroupNorm kernels (kernels/conv.py) against the references in
+"""The Triton convolution and GroupNorm kernels (kernels/triton/conv.py) against the references in
 mmgen_engine/ops/conv.py.
 
 Every stage of the fused conv alone and together (upsample, GroupNorm with 1, 2 or 4 groups, ReLU /

@@ -1,4 +1,4 @@
-"""The Triton linear kernel (kernels/linear.py) against float64 math.
+"""The Triton linear kernel (kernels/triton/linear.py) against float64 math.
 
 Both launch shapes (split-K for few rows, tiled GEMM for many), shapes that are not block multiples,
 both weight layouts. They run on the GPU when there is one, else on CPU in Triton's interpreter

@@ -1,4 +1,4 @@
-"""The Triton sampling kernel (kernels/sampling.py) against the reference, token for token.
+"""The Triton sampling kernel (kernels/triton/sampling.py) against the reference, token for token.
 
 On CPU the kernel runs in Triton's interpreter (conftest sets TRITON_INTERPRET=1), so shapes are
 small and awkward: one-column and odd vocabularies, guidance, vocab_limit, every top-k / top-p kind
