@@ -2,6 +2,13 @@ import os
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
+
+# Property-based fuzz tests: a bounded number of examples per test in `make test` / CI; set
+# MMGEN_FUZZ_EXAMPLES (e.g. 5000) for a longer search. No deadline: two shared cores time badly.
+settings.register_profile("mmgen", max_examples=int(os.environ.get("MMGEN_FUZZ_EXAMPLES", "60")), deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow], print_blob=True)
+settings.load_profile("mmgen")
 
 CUDA_AVAILABLE = torch.cuda.is_available()
 
