@@ -14,6 +14,7 @@ import typing
 from dataclasses import dataclass, field
 
 from .errors import CheckpointError
+from .gesture_format import PARENTS
 
 FORMAT_NAME = "mmgen"
 FORMAT_VERSION = 1
@@ -603,7 +604,6 @@ class GestureConfig:
         if self.front_end not in GESTURE_FRONT_ENDS or self.sample_rate != 16000:
             raise CheckpointError(f"{where}: unsupported audio front end {self.front_end!r} at "
                                   f"{self.sample_rate} Hz (log_mel_400 at 16000 Hz)")
-        from .pipelines.poses import PARENTS
         if self.skeleton != PARENTS:
             raise CheckpointError(f"{where}.skeleton: a2g-gpt's poses are the PATS 52-joint upper body; "
                                   f"this skeleton differs")

@@ -1,4 +1,4 @@
-"""Converter ``a2g-gpt``: a model saved by :func:`mmgen_engine.training.a2g_gpt.save` (a directory
+"""Converter ``a2g-gpt``: a model saved by :func:`mmgen_engine.training.a2g_gpt.save` (format: :mod:`mmgen_engine.gesture_format`) (a directory
 with ``a2g_gpt.json`` and ``model.safetensors``) -> a ``speech-to-gesture`` checkpoint.
 
 Conv1d weights ``[Cout, Cin, k]`` become the engine's tap-major ``[Cout, k Cin]``; the decoder is a
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..errors import ConversionError
 from ..layers.conv1d import tap_major
-from ..training import a2g_gpt as a2g
+from .. import gesture_format as a2g
 from . import hf
 from .keymap import apply_rules, check_config, finish, header, rule
 
@@ -66,7 +66,6 @@ def convert(src: Path, dtype: str | None, workdir: Path, trust_pickle: bool = Fa
     if not detect(src):
         raise ConversionError(f"{src}: expected an a2g-gpt directory ({a2g.CONFIG_FILE} + {a2g.WEIGHTS_FILE})")
     cfg = _source_config(src)
-    from ..pipelines.poses import PARENTS
     config = {**header("speech-to-gesture", "a2g-gpt", NAME, dtype),
         "audio_encoder": {"n_mels": a2g.N_MELS, "hidden_size": cfg.width, "num_layers": cfg.audio_layers,
                           "num_heads": cfg.audio_heads, "intermediate_size": cfg.audio_ff,
@@ -77,7 +76,7 @@ def convert(src: Path, dtype: str | None, workdir: Path, trust_pickle: bool = Fa
                     "cross_attention": True},
         "motion": {"codebook_size": cfg.codebook_size, "code_dim": cfg.code_dim, "width": cfg.vq_width,
                    "depth": cfg.vq_depth, "growth": cfg.vq_growth, "joints": a2g.JOINTS, "levels": 2},
-        "gesture": {"bos_token_id": cfg.bos, "eos_token_id": cfg.eos, "skeleton": list(PARENTS),
+        "gesture": {"bos_token_id": cfg.bos, "eos_token_id": cfg.eos, "skeleton": list(a2g.PARENTS),
                     "front_end": "log_mel_400", "sample_rate": a2g.SAMPLE_RATE, "fps": a2g.FPS,
                     "window_frames": cfg.window_frames, "seed_tokens": cfg.seed_tokens},
     }

@@ -33,7 +33,7 @@ def demo_model(task: str) -> Path:
 def run_demo(out: Path, count: int = 4, seed: int | None = None) -> list[dict]:
     """Render ``count`` held-out shapes-world scenes (never seen in training) into ``out``, caption
     them with the demo captioner and return ``[{"image", "caption", "expected"}]``."""
-    from .. import load
+    from ..pipelines import load
     from .world import HELD_OUT_SEED, sample
 
     seed = HELD_OUT_SEED + 2026 if seed is None else seed
@@ -55,7 +55,8 @@ def run_txt2img_demo(out: Path, images_per_prompt: int = 4, seed: int = 2) -> tu
     captioner and return ``(grid path, [{"prompt", "caption"}])``. (The default seed is a good draw:
     over seeds 0-5, 67-96% of these 24 images are captioned exactly with their prompt; the rest
     mostly show the prompt's shape twice.)"""
-    from .. import SamplingParams, load
+    from ..pipelines import load
+    from ..runtime import SamplingParams
     from ..pipelines.text_to_image import image_grid
 
     out.mkdir(parents=True, exist_ok=True)
@@ -74,7 +75,7 @@ def run_gesture_demo(out: Path, seconds: float = 8.0, seed: int = 0) -> dict:
     near-silence of the same length): writes ``gesture.gif`` (the stick figure) and ``gesture.npz``
     to ``out`` and returns ``{"gif", "npz", "seconds", "speech_motion", "silence_motion"}`` (mean
     wrist displacement per frame)."""
-    from .. import load
+    from ..pipelines import load
     from ..pipelines.poses import save_gif, save_npz
     from . import gesture_world as world
 

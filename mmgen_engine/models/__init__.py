@@ -1,12 +1,12 @@
 """Model families. ``ARCHITECTURES`` maps a checkpoint's ``architecture`` to its model class;
-``DETOKENIZERS`` maps an image detokenizer's architecture to its class."""
-from ..config import DetokenizerConfig
+``DETOKENIZERS`` (:mod:`.detokenizers`) maps an image detokenizer's architecture to its class."""
 from .a2g_gpt import A2GGpt
 from .bert import BertDecoder
 from .blip import Blip
 from .clipcap import ClipCap
 from .dvae import DVAEDecoder
 from .dalle_bart import DalleBart
+from .detokenizers import DETOKENIZERS, build_detokenizer
 from .git import Git
 from .gpt2 import GPT2Decoder
 from .vit import ViTEncoder
@@ -15,12 +15,6 @@ from .vqgan import VQGANDecoder
 
 ARCHITECTURES = {"vit-gpt2": VitGpt2, "blip": Blip, "git": Git, "clipcap": ClipCap, "dalle-bart": DalleBart,
                  "a2g-gpt": A2GGpt}
-DETOKENIZERS = {"vqgan": VQGANDecoder, "dvae": DVAEDecoder}
-
-
-def build_detokenizer(cfg: DetokenizerConfig, device=None) -> VQGANDecoder | DVAEDecoder:
-    """The image detokenizer ``cfg`` describes (``device="meta"`` to assign weights afterwards)."""
-    return DETOKENIZERS[cfg.architecture](cfg.model, device)
 
 
 def build_model(cfg, device=None):

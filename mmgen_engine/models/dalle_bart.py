@@ -24,6 +24,7 @@ from torch import nn
 from .. import ops
 from ..config import BartConfig, TextToImageConfig
 from ..layers import GLU, CrossAttention, LayerNorm, SelfAttention
+from .detokenizers import build_detokenizer
 
 
 class BartBlock(nn.Module):
@@ -128,7 +129,5 @@ class DalleBart(nn.Module):
         self.cfg = cfg
         self.encoder = BartEncoder(cfg.encoder, device)
         self.decoder = BartDecoder(cfg.decoder, device)
-        from . import build_detokenizer  # the package's table of detokenizer families
-
         self.detokenizer = build_detokenizer(cfg.detokenizer, device)
         self.requires_grad_(False)

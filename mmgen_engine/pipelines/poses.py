@@ -36,16 +36,8 @@ import PIL.Image
 import PIL.ImageDraw
 
 from ..errors import InputError, MMGenError, one_line
+from ..gesture_format import JOINT_NAMES, NUM_JOINTS, PARENTS, ROOT  # noqa: F401  (the skeleton, re-exported)
 
-FINGERS = ("Thumb", "Index", "Middle", "Ring", "Little")
-JOINT_NAMES = ["Neck", "RShoulder", "RElbow", "RWrist", "LShoulder", "LElbow", "LWrist", "Nose", "REye", "LEye"] + [
-    name for side in "LR"  # each hand: its root, then 4 joints per finger from the palm out
-    for name in [f"{side}HandRoot"] + [f"{side}Hand{finger}{i}" for finger in FINGERS for i in range(1, 5)]]
-PARENTS = [-1, 0, 1, 2, 0, 4, 5, 0, 7, 7,
-           6, 10, 11, 12, 13, 10, 15, 16, 17, 10, 19, 20, 21, 10, 23, 24, 25, 10, 27, 28, 29,
-           3, 31, 32, 33, 34, 31, 36, 37, 38, 31, 40, 41, 42, 31, 44, 45, 46, 31, 48, 49, 50]
-ROOT = 0
-NUM_JOINTS = 52
 
 # Drawing: joints 0-9 are the body, 10-30 the left hand (hanging off LWrist), 31-51 the right hand
 # (off RWrist). A limb is drawn from each joint to its parent, in the color of the joint's group.

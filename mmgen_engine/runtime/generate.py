@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InputError
+from .decoder import Decoder
 from .kv_cache import CrossKVCache, KVCache
 from .sampler import Sampler, SamplingParams
 
@@ -55,7 +56,7 @@ class DecodeState:
     pad: int
 
     @classmethod
-    def allocate(cls, decoder, batch: int, cache_len: int, enc_len: int, out_len: int, dtype, device,
+    def allocate(cls, decoder: Decoder, batch: int, cache_len: int, enc_len: int, out_len: int, dtype, device,
                  eos: int | None, pad: int, guided: bool = False, vocab_limit: int | None = None) -> "DecodeState":
         layers, heads, head_dim, _ = decoder.cache_geometry()
         rows = 2 * batch if guided else batch
@@ -86,7 +87,7 @@ def pick(logits: torch.Tensor, st: DecodeState) -> None:
     st.step += 1
 
 
-def decode_step(decoder, st: DecodeState) -> None:
+def decode_step(decoder: Decoder, st: DecodeState) -> None:
     """Feed ``st.tokens`` at ``st.positions``, pick the next tokens; what a CUDA graph captures."""
     pick(decoder.decode_step(st.tokens, st.positions, st.cache, st.cross), st)
     st.positions += 1
@@ -110,14 +111,13 @@ def generate(*args, **kwargs) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def generate_stream(decoder, prompt: torch.Tensor, encoder_states: torch.Tensor, encoder_lengths: torch.Tensor,
+def generate_stream(decoder: Decoder, prompt: torch.Tensor, encoder_states: torch.Tensor, encoder_lengths: torch.Tensor,
                     max_new_tokens: int, *, eos_token_id: int | None, pad_token_id: int, min_new_tokens: int = 0,
                     sampling: SamplingParams | None = None, graphs=None, guided: bool = False,
                     vocab_limit: int | None = None, every: int | None = None):
     """Generate ``[B, max_new_tokens]`` token ids after ``prompt [R, T]`` (prompt excluded), a generator.
 
-    ``decoder`` exposes ``uses_prefix``, ``cache_geometry()``, ``prefill(tokens, encoder_states, cache,
-    cross)`` and ``decode_step(tokens, positions, cache, cross)``. ``encoder_states [R, S, D]`` with
+    ``decoder``: a :class:`~mmgen_engine.runtime.decoder.Decoder`. ``encoder_states [R, S, D]`` with
     valid lengths ``encoder_lengths [R]`` (a prefix takes S cache slots before the prompt, which may
     then be empty). R = B, or with ``guided`` R = 2B: the unconditioned rows of the B
     requests, then the conditioned ones (``sampling.guidance_scale`` combines them). ``eos_token_id``

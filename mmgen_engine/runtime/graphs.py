@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from .decoder import Decoder
 from .generate import DecodeState, decode_step, pick
 
 WARMUP_CALLS = 2  # before capture: compiles Triton kernels and creates library handles
@@ -68,7 +69,7 @@ class DecodeGraphs:
     for greedy requests (the sampler only takes argmaxes) and for sampling ones, chosen by the state's
     ``sampler.greedy`` when called."""
 
-    def __init__(self, decoder, state: DecodeState, device: torch.device):
+    def __init__(self, decoder: Decoder, state: DecodeState, device: torch.device):
         self.decoder, self.state, self.device = decoder, state, device
         self._steps: dict = {}
         self._prefills: dict = {}
@@ -108,7 +109,7 @@ class DecodeGraphs:
 class CUDAGraphs:
     """Captured decode steps and prefills of one decoder (weights on one CUDA device, one dtype)."""
 
-    def __init__(self, decoder, dtype: torch.dtype, device: torch.device, guided: bool = False,
+    def __init__(self, decoder: Decoder, dtype: torch.dtype, device: torch.device, guided: bool = False,
                  vocab_limit: int | None = None):
         self.decoder, self.dtype, self.device = decoder, dtype, torch.device(device)
         self.guided, self.vocab_limit = guided, vocab_limit  # as generate() is called with

@@ -29,8 +29,7 @@ feature vector of a frame is ``poses.reshape(104)`` (joint-major).
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -39,75 +38,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-SAMPLE_RATE, HOP, N_FFT, N_MELS = 16000, 160, 512, 64  # PATS log_mel_400
-FPS, JOINTS, DOWNSAMPLE = 15, 52, 4
-CONFIG_FILE, WEIGHTS_FILE = "a2g_gpt.json", "model.safetensors"
-
-
-@dataclass(frozen=True)
-class A2GConfig:
-    width: int = 128            # audio encoder output = decoder width
-    audio_layers: int = 2
-    audio_heads: int = 4
-    audio_ff: int = 512
-    layers: int = 3             # decoder
-    heads: int = 4
-    ff: int = 512
-    codebook_size: int = 512
-    code_dim: int = 64
-    vq_width: int = 128
-    vq_depth: int = 2
-    vq_growth: int = 3
-    window_frames: int = 64
-    seed_tokens: int = 4
-
-    @property
-    def window_tokens(self) -> int:
-        return self.window_frames // DOWNSAMPLE
-
-    @property
-    def bos(self) -> int:
-        return self.codebook_size
-
-    @property
-    def eos(self) -> int:
-        return self.codebook_size + 1
-
-    @property
-    def vocab_size(self) -> int:
-        return self.codebook_size + 2
-
-    @property
-    def max_positions(self) -> int:
-        """Positions of a training sequence ``[bos, t_0 .. t_n-1, eos]`` (eos is a target, never an input:
-        the last row of ``wpe`` is not trained)."""
-        return self.window_tokens + 2
-
-    @property
-    def mel_frames(self) -> int:
-        return math.ceil(self.window_frames * (SAMPLE_RATE // HOP) / FPS)
-
-    @property
-    def audio_positions(self) -> int:
-        """Audio encoder states per window (two stride-2 convolutions)."""
-        n = self.mel_frames
-        for _ in range(2):
-            n = (n - 1) // 2 + 1
-        return n
-
-    def check(self) -> None:
-        for f in fields(self):
-            if not isinstance(getattr(self, f.name), int) or getattr(self, f.name) <= 0:
-                raise ValueError(f"{f.name} must be a positive integer, got {getattr(self, f.name)!r}")
-        if self.window_frames % DOWNSAMPLE or not self.seed_tokens < self.window_tokens:
-            raise ValueError(f"window_frames must be a multiple of {DOWNSAMPLE} and seed_tokens < "
-                             f"window_frames / {DOWNSAMPLE}")
-        if ((self.window_frames - DOWNSAMPLE * self.seed_tokens) * (SAMPLE_RATE // HOP)) % FPS:
-            raise ValueError(f"windows of {self.window_frames} frames seeded with {self.seed_tokens} tokens do not "
-                             f"start on a log-mel frame (window_frames - 4 seed_tokens must be a multiple of 3)")
-        if self.width % self.audio_heads or self.width % self.heads:
-            raise ValueError("width must be divisible by audio_heads and heads")
-
+from ..gesture_format import (CONFIG_FILE, DOWNSAMPLE, FPS, HOP, JOINTS, N_FFT, N_MELS, SAMPLE_RATE,  # noqa: F401
+                              WEIGHTS_FILE, A2GConfig)
+from ..pipelines.audio import log_mel_400
+from ..pipelines.gesture_windows import Stitcher, WindowPlan
 
 # ---- shared blocks --------------------------------------------------------------------------------
 
@@ -361,7 +295,6 @@ def load(src: Path) -> A2GGpt:
 # ---- reference generation (no caches) -----------------------------------------------------------------
 
 def plan(cfg: A2GConfig):
-    from ..pipelines.gesture_windows import WindowPlan
     return WindowPlan(SAMPLE_RATE, FPS, HOP, N_FFT, cfg.window_frames, cfg.seed_tokens * DOWNSAMPLE)
 
 
@@ -370,8 +303,6 @@ def generate(model: A2GGpt, audio: np.ndarray) -> tuple[list[list[int]], np.ndar
     """Greedy gestures for 16 kHz mono ``audio``: ``(tokens of every window, poses [T, 52, 2])``, by
     full recomputation of the decoder at every step (the spec the engine is tested against). Runs
     where ``model`` is (CPU or CUDA); the audio and the poses stay NumPy arrays on the host."""
-    from ..pipelines.audio import log_mel_400
-    from ..pipelines.gesture_windows import Stitcher
 
     cfg = model.cfg
     device = model.pose_mean.device
