@@ -27,7 +27,7 @@ UNLOCKED := torch triton dall-e taming-transformers mmgen-engine
 
 export MMGEN_CUDA MMGEN_CUDA_ARCHS
 
-.PHONY: venv install demo test test-latest lock bench clean FORCE
+.PHONY: venv install demo lint test test-latest lock bench clean FORCE
 
 venv: $(VENV)/.venv-ready
 
@@ -58,8 +58,12 @@ $(VENV)/.installed: $(VENV)/.build-config $(NATIVE_INPUTS) $(CONSTRAINTS)
 demo: install
 	$(VENV)/bin/mmgen demo
 
+# Lint and import order (configuration in pyproject.toml); `ruff check --fix .` mends most findings.
+lint: install
+	$(VENV)/bin/ruff check .
+
 # pytest exits with 5 when it collected no tests: that is a failure here.
-test: install
+test: install lint
 	@$(VPY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; \
 	exit $$rc
