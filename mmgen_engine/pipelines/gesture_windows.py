@@ -10,8 +10,9 @@ Audio: log-mel frames come every ``hop`` samples; a window hears the ``mel_frame
 fps)`` frames (427) starting at mel frame ``w * stride * 100 / fps`` (320 w), i.e. the samples
 ``[w * stride_samples, w * stride_samples + window_samples)`` with ``window_samples = n_fft + (mel_frames
 - 1) * hop``. Because each window starts on a hop boundary, its log-mel is exactly the slice of the
-whole clip's log-mel, so windows can be computed one at a time (streaming, bounded memory). The
-audio is zero-padded at the end to fill the last window.
+whole clip's log-mel, so windows can be computed one at a time (streaming, bounded memory):
+:meth:`WindowPlan.stream_windows` cuts them from the audio's blocks as they are decoded. The audio
+is zero-padded at the end to fill the last window.
 
 Joining: the ``overlap`` frames a window shares with the previous one are cross-faded linearly
 (weights ``(i + 0.5) / overlap`` for the new window); each window then contributes its frames up to
@@ -21,6 +22,7 @@ fps / sample_rate)`` frames (at least 1).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,6 +79,22 @@ class WindowPlan:
         if piece.shape[0] < self.window_samples:
             piece = np.concatenate([piece, np.zeros(self.window_samples - piece.shape[0], dtype=audio.dtype)])
         return piece
+
+    def stream_windows(self, blocks: Iterable[np.ndarray], samples: int) -> Iterator[np.ndarray]:
+        """:meth:`window_audio` of each of the ``windows(samples)`` windows in turn, cut from
+        ``blocks``: 1-D pieces of any sizes of ``samples``-long audio, read only as far as the
+        current window needs, so only that window's samples and one block are held at a time."""
+        blocks = iter(blocks)
+        held, offset = np.zeros(0, np.float32), 0  # held = the audio's samples [offset, offset + len(held))
+        for w in range(self.windows(samples)):
+            start = w * self.stride_samples  # < offset + window_samples: consecutive windows overlap
+            pieces = [held[start - offset:]]
+            have = len(pieces[0])
+            while have < self.window_samples and (block := next(blocks, None)) is not None:
+                pieces.append(block)
+                have += len(block)
+            held, offset = np.concatenate(pieces), start
+            yield self.window_audio(held, 0)
 
 
 class Stitcher:

@@ -1,19 +1,21 @@
 """Speech-to-gesture: speech audio -> log-mel -> audio encoder -> GPT over motion tokens (cross-attention
 to the audio) -> motion VQ decoder -> 2D upper-body poses, window by window.
 
-The audio (a WAV file or an array; any rate, mixed down to mono and resampled to 16 kHz) is cut into
-the fixed windows of :mod:`.gesture_windows`: per window the encoder runs once, the decoder continues
-the previous window's last tokens with the window's new tokens (only motion codes are drawn), and
-the decoded window is cross-faded into the output. :meth:`SpeechToGesturePipeline.generate_stream`
-yields the poses as windows complete; :meth:`~SpeechToGesturePipeline.generate` returns them all.
-Window ``w`` samples with its own seed mixed from the request's seed and ``w`` (:func:`window_seed`),
-so the same audio and seed give the same poses whether streamed or not.
+The audio (an audio file or an array; any rate, mixed down to mono and resampled to 16 kHz) is
+decoded, mixed and resampled block by block (:mod:`.audio`) and cut into the fixed windows of
+:mod:`.gesture_windows` as it arrives, so memory does not grow with its length: per window the
+encoder runs once, the decoder continues the previous window's last tokens with the window's new
+tokens (only motion codes are drawn), and the decoded window is cross-faded into the output.
+:meth:`SpeechToGesturePipeline.generate_stream` yields the poses as windows complete;
+:meth:`~SpeechToGesturePipeline.generate` returns them all. Window ``w`` samples with its own seed
+mixed from the request's seed and ``w`` (:func:`window_seed`), so the same audio and seed give the
+same poses whether streamed or not.
 """
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -24,7 +26,7 @@ from ..errors import InputError
 from ..models import ARCHITECTURES
 from ..runtime import CUDAGraphs, GraphedCall, SamplingParams, generate
 from ..runtime.layout import column_major_weights
-from .audio import LOG_MEL_HOP, LOG_MEL_N_FFT, load_audio, log_mel_400
+from .audio import LOG_MEL_HOP, LOG_MEL_N_FFT, AudioStream, log_mel_400, open_audio
 from .gesture_windows import Stitcher, WindowPlan
 
 # sampling when none is given: seeded, so a call is reproducible; a lowered temperature and top-p keep
@@ -59,7 +61,7 @@ class SpeechToGesturePipeline:
 
     @classmethod
     def from_checkpoint(cls, path: Path, config: SpeechToGestureConfig, device: torch.device,
-                        dtype: torch.dtype | None) -> "SpeechToGesturePipeline":
+                        dtype: torch.dtype | None) -> SpeechToGesturePipeline:
         model = ARCHITECTURES[config.architecture](config, device="meta")
         assign_weights(model, load_weights(path, device), str(path), torch_dtype(config.dtype), dtype)
         if device.type == "cpu":
@@ -75,11 +77,16 @@ class SpeechToGesturePipeline:
         """The parent of each joint, -1 for the root (the neck)."""
         return list(self.config.gesture.skeleton)
 
-    def generate(self, audio, sample_rate: int | None = None, sampling: SamplingParams | None = None) -> np.ndarray:
+    def generate(self, audio, sample_rate: int | None = None, sampling: SamplingParams | None = None,
+                 progress: Callable[[int, int | None], object] | None = None) -> np.ndarray:
         """Poses ``[T, joints, 2]`` float32 (neck-relative, y up, ``fps`` frames per second, ``T =
-        round(seconds * fps)``) for ``audio``: a WAV file path, or a 1-D (or ``[n, channels]``) float
-        array with its ``sample_rate``. ``sampling`` None: :data:`DEFAULT_SAMPLING`."""
-        return np.concatenate(list(self.generate_stream(audio, sample_rate, sampling)))
+        round(seconds * fps)``) for ``audio``: an audio file path, or a 1-D (or ``[n, channels]``)
+        float array with its ``sample_rate``. ``sampling`` None: :data:`DEFAULT_SAMPLING`.
+        ``progress``, if given, is called as ``progress(done, total)`` after each generated window:
+        ``done`` windows of ``total`` (None where the length is not known up front; files and
+        arrays always know theirs)."""
+        samples, sampling = self._inputs(audio, sample_rate, sampling)
+        return np.concatenate(list(self._stream(samples, sampling, progress)))
 
     def generate_stream(self, audio, sample_rate: int | None = None,
                         sampling: SamplingParams | None = None) -> Iterator[np.ndarray]:
@@ -95,33 +102,38 @@ class SpeechToGesturePipeline:
         samples, sampling = self._inputs(audio, sample_rate, sampling)
         return [tokens for tokens, _ in self._windows(samples, sampling)]
 
-    def _inputs(self, audio, sample_rate, sampling) -> tuple[np.ndarray, SamplingParams]:
-        samples = load_audio(audio, sample_rate, self.config.gesture.sample_rate)
+    def _inputs(self, audio, sample_rate, sampling) -> tuple[AudioStream, SamplingParams]:
+        """The checked request: its audio as a stream at the model's rate (decoded only as windows
+        need it) and its sampling."""
         sampling = DEFAULT_SAMPLING if sampling is None else sampling
         if not isinstance(sampling, SamplingParams):
             raise InputError(f"sampling must be SamplingParams, got {type(sampling).__name__}")
         if sampling.guidance_scale is not None:
             raise InputError("speech-to-gesture has no guidance; leave guidance_scale unset")
-        return samples, sampling
+        return open_audio(audio, sample_rate).resampled(self.config.gesture.sample_rate), sampling
 
-    def _stream(self, samples: np.ndarray, sampling: SamplingParams) -> Iterator[np.ndarray]:
-        stitch = Stitcher(self.plan, self.plan.frames(samples.shape[0]))
-        for _, poses in self._windows(samples, sampling):
+    def _stream(self, samples: AudioStream, sampling: SamplingParams,
+                progress: Callable[[int, int | None], object] | None = None) -> Iterator[np.ndarray]:
+        stitch = Stitcher(self.plan, self.plan.frames(samples.frames))
+        total = self.plan.windows(samples.frames)
+        for done, (_, poses) in enumerate(self._windows(samples, sampling), 1):
             chunk = stitch.add(poses)
+            if progress is not None:
+                progress(done, total)
             if chunk.shape[0]:
                 yield chunk
         chunk = stitch.finish()
         if chunk.shape[0]:
             yield chunk
 
-    def _windows(self, samples: np.ndarray, sampling: SamplingParams) -> Iterator[tuple[list[int], np.ndarray]]:
+    def _windows(self, samples: AudioStream, sampling: SamplingParams) -> Iterator[tuple[list[int], np.ndarray]]:
         """``(tokens, poses [window_frames, joints, 2])`` of every window in turn."""
         context: list[int] = []
-        for w in range(self.plan.windows(samples.shape[0])):
+        for w, window_audio in enumerate(self.plan.stream_windows(samples, samples.frames)):
             window_sampling = sampling
             if sampling.seed is not None:
                 window_sampling = dataclasses.replace(sampling, seed=window_seed(sampling.seed, w))
-            tokens = self.decode_window(self.plan.window_audio(samples, w), context, window_sampling)
+            tokens = self.decode_window(window_audio, context, window_sampling)
             context = tokens[-self.config.gesture.seed_tokens:]
             with torch.inference_mode():
                 poses = self.model.poses(torch.tensor([tokens], device=self.device))[0]
