@@ -1,17 +1,59 @@
-"""The ``mmgen`` command. User errors print one line on stderr and exit with status 2."""
+"""The ``mmgen`` command. User errors print one line on stderr and exit with status 2.
+
+Every option and path a command takes is checked before it loads a model or does other work (the
+limits of :mod:`mmgen_engine.runtime.limits`, writable outputs). Long commands draw a tqdm
+progress bar on stderr when stderr is a terminal, unless ``--quiet``.
+"""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
+import os
 import runpy
 import sys
 import warnings
 from pathlib import Path
 
+from tqdm import tqdm
+
 from .config import DTYPES
-from .errors import MMGenError, one_line
+from .errors import InputError, MMGenError, one_line
 
 BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@contextlib.contextmanager
+def _progress_bar(args, desc: str, unit: str):
+    """Yields a ``progress(done, total)`` callback (``total`` may be None: unknown) that draws a
+    tqdm bar on stderr, or None, no bar, with ``--quiet`` or when stderr is not a terminal (a log
+    file or a pipe would fill with carriage returns). The bar is erased when the block ends, so
+    only the command's result (or its one-line error) stays on the screen."""
+    if args.quiet or not sys.stderr.isatty():
+        yield None
+        return
+    with tqdm(desc=desc, unit=unit, file=sys.stderr, leave=False, dynamic_ncols=True) as bar:
+        def progress(done: int, total: int | None) -> None:
+            if total != bar.total:
+                bar.total = total
+                bar.refresh()
+            bar.update(done - bar.n)
+
+        yield progress
+
+
+def _check_output_dir(path: Path) -> Path:
+    """``path`` if it is a directory, or can be made one, where this process may write; InputError
+    otherwise."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:  # its nearest existing ancestor
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"{path}: cannot make the output directory there ({existing} is not a directory)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{path}: cannot write there: no write permission in {existing}")
+    return path
 
 
 def _convert(args) -> None:
@@ -24,11 +66,21 @@ def _convert(args) -> None:
 
 def _caption(args) -> None:
     from . import load
+    from .pipelines.captioning import open_image_file
+    from .runtime.limits import MAX_IMAGES_PER_CALL, check_new_tokens, check_prompt
 
+    check_new_tokens(args.max_new_tokens)
+    if args.prompt is not None:
+        check_prompt(args.prompt)
+    for image in args.images:  # every file is there and a regular file before the model loads
+        open_image_file(Path(image)).close()
     pipe = load(args.model, device=args.device, dtype=args.dtype)
     if pipe.task != "captioning":
         raise MMGenError(f"{args.model}: a {pipe.task} checkpoint, not a captioning one")
-    captions = pipe.caption(args.images, max_new_tokens=args.max_new_tokens, prompt=args.prompt)
+    captions = []
+    for start in range(0, len(args.images), MAX_IMAGES_PER_CALL):  # any number of images, in calls the API takes
+        captions += pipe.caption(args.images[start:start + MAX_IMAGES_PER_CALL], max_new_tokens=args.max_new_tokens,
+                                 prompt=args.prompt)
     if args.json:
         print(json.dumps([{"image": str(i), "caption": c} for i, c in zip(args.images, captions)], indent=2))
     else:
@@ -38,40 +90,42 @@ def _caption(args) -> None:
 
 def _txt2img(args) -> None:
     from . import SamplingParams, load
+    from .pipelines.poses import atomic_output, check_output_file
     from .pipelines.text_to_image import image_grid
+    from .runtime.limits import MAX_IMAGES_PER_CALL, check_prompt
 
-    if args.grid < 1:
-        raise MMGenError(f"--grid must be a positive integer, got {args.grid}")
-    out = Path(args.output)
-    if out.suffix.lower() != ".png":
-        raise MMGenError(f"{out}: the output must be a .png file")
+    max_grid = math.isqrt(MAX_IMAGES_PER_CALL)
+    if not 1 <= args.grid <= max_grid:
+        raise InputError(f"--grid must be in [1, {max_grid}] (an NxN grid; at most {MAX_IMAGES_PER_CALL} images "
+                         f"per call), got {args.grid}")
+    out = check_output_file(args.output, (".png",))
+    check_prompt(args.prompt)
+    sampling = SamplingParams(do_sample=True, temperature=args.temperature, top_k=args.top_k,
+                              guidance_scale=args.guidance, seed=args.seed)
     pipe = load(args.model, device=args.device, dtype=args.dtype)
     if pipe.task != "text-to-image":
         raise MMGenError(f"{args.model}: a {pipe.task} checkpoint, not a text-to-image one")
-    sampling = SamplingParams(do_sample=True, temperature=args.temperature, top_k=args.top_k,
-                              guidance_scale=args.guidance, seed=args.seed)
-    images = pipe.generate(args.prompt, images_per_prompt=args.grid ** 2, sampling=sampling)
-    image_grid(images, args.grid).save(out)
+    with _progress_bar(args, "image tokens", "token") as progress:
+        images = pipe.generate(args.prompt, images_per_prompt=args.grid ** 2, sampling=sampling, progress=progress)
+    with atomic_output(out) as tmp:
+        image_grid(images, args.grid).save(tmp, format="PNG")
     print(f"{out}: {args.grid}x{args.grid} grid of {images[0].size[0]}x{images[0].size[1]} images")
 
 
 def _gesture(args) -> None:
     from . import SamplingParams, load
     from .pipelines.audio import read_wav
-    from .pipelines.poses import SUFFIXES, save_poses
+    from .pipelines.poses import SUFFIXES, check_output_file, save_poses
 
-    out = Path(args.output)
-    if out.suffix.lower() not in SUFFIXES:
-        raise MMGenError(f"{out}: the output must be one of {', '.join(SUFFIXES)}")
-    if not out.parent.is_dir() or out.is_dir():
-        raise MMGenError(f"{out}: cannot write there (no such directory, or a directory of that name)")
+    out = check_output_file(args.output, SUFFIXES)
+    sampling = SamplingParams() if args.greedy else SamplingParams(
+        do_sample=True, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     pipe = load(args.model, device=args.device, dtype=args.dtype)
     if pipe.task != "speech-to-gesture":
         raise MMGenError(f"{args.model}: a {pipe.task} checkpoint, not a speech-to-gesture one")
-    sampling = SamplingParams() if args.greedy else SamplingParams(
-        do_sample=True, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     audio, rate = read_wav(args.audio, mono=True)  # read once: the MP4 carries it too
-    poses = pipe.generate(audio, rate, sampling=sampling)
+    with _progress_bar(args, "gesture windows", "window") as progress:
+        poses = pipe.generate(audio, rate, sampling=sampling, progress=progress)
     save_poses(out, poses, pipe.fps, audio=audio, sample_rate=rate)
     print(f"{out}: {poses.shape[0]} frames of {poses.shape[1]} joints at {pipe.fps:g} fps")
 
@@ -79,6 +133,7 @@ def _gesture(args) -> None:
 def _demo(args) -> None:
     from .demo import run_demo, run_gesture_demo, run_txt2img_demo
 
+    _check_output_dir(Path(args.out))
     print("captioning demo (shapes world, bundled demo model):")
     for r in run_demo(Path(args.out)):
         mark = "ok" if r["caption"] == r["expected"] else f"expected: {r['expected']}"
@@ -120,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", choices=DTYPES, default=None)
     c.add_argument("--trust-pickle", action="store_true", help="allow sources that need full unpickling")
     c.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=_convert)
 
     c = sub.add_parser("caption", help="caption images")
@@ -146,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=None)
     c.add_argument("--device", default="cpu")
     c.add_argument("--dtype", choices=DTYPES, default=None)
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=_txt2img)
 
     from .pipelines.speech_to_gesture import DEFAULT_SAMPLING as GESTURE_SAMPLING
@@ -161,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--greedy", action="store_true", help="always take the most likely motion token")
     c.add_argument("--device", default="cpu")
     c.add_argument("--dtype", choices=DTYPES, default=None)
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=_gesture)
 
     c = sub.add_parser("demo", help="run every bundled demo model")

@@ -231,7 +231,9 @@ def test_out_of_range_options(engine_dir, image_file, capsys):
     assert "max_new_tokens" in cli_error(capsys, ["caption", image_file, "--model", engine_dir,
                                                   "--max-new-tokens", "-1"])
     assert "exceeds the model's" in cli_error(capsys, ["caption", image_file, "--model", engine_dir,
-                                                       "--max-new-tokens", "100000"])
+                                                       "--max-new-tokens", "1000"])
+    assert "max_new_tokens must be an integer in [1, 4096]" in cli_error(
+        capsys, ["caption", image_file, "--model", engine_dir, "--max-new-tokens", "100000"])
 
 
 def test_cli_process_exit_code_and_single_line(engine_dir, tmp_path):

@@ -14,6 +14,7 @@ with the prompt, as theirs do.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -27,27 +28,112 @@ from ..errors import CheckpointError, InputError, one_line
 from ..models import ARCHITECTURES
 from ..runtime import CUDAGraphs, GraphedCall, SamplingParams, generate
 from ..runtime.layout import column_major_weights
+from ..runtime.limits import MAX_PROMPT_TOKENS, check_count, check_new_tokens, check_prompt
+from ..runtime.sampler import check_sampling
+
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def open_image_file(path: Path):
+    """``path`` opened for binary reading if it is a regular file; InputError naming it otherwise.
+
+    It is opened non-blocking and checked on the open descriptor, so a FIFO or a device
+    (``/dev/zero``) is refused at once instead of blocking the open or being read forever."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise InputError(f"{path}: image file not found") from None
+    except (OSError, ValueError) as e:  # permissions, a name too long, an embedded NUL, ...
+        raise InputError(f"{path}: cannot open the image file ({getattr(e, 'strerror', None) or e})") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO, socket or device"
+        raise InputError(f"{path}: not a regular file ({kind}); pass an image file")
+    return os.fdopen(fd, "rb")
+
+
+def to_rgb(im: PIL.Image.Image) -> PIL.Image.Image:
+    """An image of any PIL mode as 8-bit RGB, converted by value.
+
+    - 16-bit modes (``I;16``, ``I;16L``, ``I;16B``, ``I;16N``; what Pillow opens 16-bit grayscale
+      PNGs as) map 0..65535 onto 0..255 (``round(v / 257)``, the inverse of the usual 8-to-16-bit
+      ``v * 257``). ``I`` (32-bit integers) is read the same way, as 16-bit data: it is the mode
+      older Pillow versions give 16-bit PNG and TIFF files, and what ``I;16`` images convert to;
+      values outside 0..65535 are clipped. ``F`` (32-bit floats) is read as ``[0, 1]``, the
+      convention of float images in numpy, torch and transformers' processors (which rescale
+      floats by 255), clipped to it (NaN as 0).
+    - Transparency (an alpha band, or a palette or gray image's transparent color) is composited
+      onto white; every other mode goes through PIL's ``convert("RGB")``.
+
+    Transformers' image processors convert with ``convert_to_rgb``: alpha composited onto white
+    (as here, so RGBA, LA and transparent-palette images give their processors' pixels), then
+    PIL's ``convert("RGB")``, which *clips* ``I;16``, ``I`` and ``F`` values to 0..255 instead of
+    scaling them: a 16-bit photo becomes almost all white and captions as nothing. Scaling gives
+    the 8-bit image the models were trained on. Unsupported modes raise InputError.
+    """
+    if im.mode in SIXTEEN_BIT_MODES or im.mode == "I":
+        values = np.clip(np.asarray(im, dtype=np.int64), 0, 65535)
+        im = PIL.Image.fromarray(((values + 128) // 257).astype(np.uint8), "L")
+    elif im.mode == "F":
+        values = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0)
+        im = PIL.Image.fromarray(np.round(np.clip(values, 0.0, 1.0) * 255).astype(np.uint8), "L")
+    try:
+        if "A" in im.getbands() or im.info.get("transparency") is not None:
+            white = PIL.Image.new("RGBA", im.size, (255, 255, 255, 255))
+            return PIL.Image.alpha_composite(white, im.convert("RGBA")).convert("RGB")
+        return im.convert("RGB")
+    except ValueError as e:  # a mode PIL cannot convert (e.g. "La")
+        raise InputError(f"unsupported image mode {im.mode} ({one_line(e)})") from None
+
+
+def _decoded(im: PIL.Image.Image, where: str) -> PIL.Image.Image:
+    """``im`` loaded and converted to RGB (:func:`to_rgb`); InputError if it is empty, closed or
+    cannot be decoded."""
+    if im.width == 0 or im.height == 0:
+        raise InputError(f"{where}: the image is empty ({im.width}x{im.height} pixels)")
+    try:
+        im.load()
+    # PIL's format decoders raise many types on corrupt data (OSError, SyntaxError, ValueError,
+    # struct.error, EOFError, ...): every one means an unreadable image
+    except Exception as e:  # noqa: BLE001
+        raise InputError(f"{where}: unreadable image ({one_line(e)})") from None
+    return to_rgb(im)
+
 
 def load_image(image) -> PIL.Image.Image:
-    """A path, ``PIL.Image`` or ``HxWx3`` uint8 array -> RGB ``PIL.Image``; bad input -> InputError."""
+    """A path, ``PIL.Image`` or ``HxWx3`` uint8 array -> RGB ``PIL.Image`` (:func:`to_rgb`); bad
+    input -> InputError (a missing or non-regular file, an undecodable or empty image, a closed
+    ``PIL.Image``)."""
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
-        if not path.is_file():
-            raise InputError(f"{path}: image file not found")
-        try:
-            with PIL.Image.open(path) as im:  # PIL refuses decompression bombs here
-                im.load()
-                return im.convert("RGB")
-        except (PIL.UnidentifiedImageError, OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as e:
-            raise InputError(f"{path}: unreadable image ({one_line(e)})") from None
+        with open_image_file(path) as f:
+            try:
+                im = PIL.Image.open(f)  # PIL refuses decompression bombs here
+            except Exception as e:  # noqa: BLE001  (as in _decoded)
+                raise InputError(f"{path}: unreadable image ({one_line(e)})") from None
+            with im:
+                return _decoded(im, str(path))
     if isinstance(image, PIL.Image.Image):
-        return image.convert("RGB")
+        return _decoded(image, "PIL image")
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
             raise InputError(f"image arrays must be HxWx3 uint8, got {image.dtype} of shape {image.shape}")
         return PIL.Image.fromarray(image, "RGB")
     raise InputError(f"unsupported image input of type {type(image).__name__}; "
                      f"pass a file path, a PIL.Image or an HxWx3 uint8 array")
+
+
+def _token_ids(ids) -> torch.Tensor:
+    """Token ids (a list, numpy array or tensor of integers) as an int64 tensor; InputError for
+    anything else, floats and bools included (a float id would be truncated silently)."""
+    try:
+        tensor = torch.as_tensor(ids)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as e:  # ragged, non-numeric, beyond int64
+        raise InputError(f"prompt_ids must be integer token ids ({one_line(e)})") from None
+    if tensor.numel() and (tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool):
+        raise InputError(f"prompt_ids must be integer token ids, got {str(tensor.dtype).removeprefix('torch.')}")
+    return tensor.to(torch.int64)
 
 
 def resized_size(width: int, height: int, shortest_edge: int) -> tuple[int, int]:
@@ -94,11 +180,13 @@ class CaptioningPipeline:
         return cls(model, tokenizer, config, device)
 
     def preprocess(self, images) -> torch.Tensor:
-        """Images (paths, PIL images or uint8 arrays) -> ``pixel_values [B, 3, H, W]`` float32."""
+        """Images (paths, PIL images or uint8 arrays; at most ``MAX_IMAGES_PER_CALL``) ->
+        ``pixel_values [B, 3, H, W]`` float32."""
         if not isinstance(images, (list, tuple)):
             images = [images]
         if not images:
             raise InputError("no images given")
+        check_count("images", len(images))
         p = self.config.preprocess
         out = []
         for image in images:
@@ -122,24 +210,31 @@ class CaptioningPipeline:
         return torch.from_numpy(np.stack(out))
 
     def tokenize_prompt(self, prompt: str) -> list[int]:
-        """The ids of a text prompt as they follow the start token (no special tokens)."""
-        if not isinstance(prompt, str):
-            raise InputError(f"prompt must be a string, got {type(prompt).__name__}")
-        return self.tokenizer.encode(prompt, add_special_tokens=False).ids
+        """The ids of a text prompt as they follow the start token (no special tokens); at most
+        ``MAX_PROMPT_CHARS`` characters and ``MAX_PROMPT_TOKENS`` tokens."""
+        ids = self.tokenizer.encode(check_prompt(prompt), add_special_tokens=False).ids
+        if len(ids) > MAX_PROMPT_TOKENS:
+            raise InputError(f"prompt has {len(ids)} tokens; at most {MAX_PROMPT_TOKENS}")
+        return ids
 
     def generate_ids(self, pixel_values: torch.Tensor, max_new_tokens: int, min_new_tokens: int = 0,
                      sampling: SamplingParams | None = None, prompt_ids=None) -> torch.LongTensor:
         """``pixel_values [B, 3, H, W]`` (preprocessed) -> generated ids ``[B, max_new_tokens]``, start
         token and prompt excluded; after ``eos`` a row holds ``pad_token_id``. Greedy when ``sampling``
         is None. ``prompt_ids``: text ids that follow the start token in every row (a list, ``[T]`` or
-        ``[B, T]``), e.g. :meth:`tokenize_prompt` of BLIP's "a picture of"."""
+        ``[B, T]``, at most ``MAX_PROMPT_TOKENS``), e.g. :meth:`tokenize_prompt` of BLIP's "a
+        picture of". Every argument is checked before the encoder runs."""
         enc = self.config.encoder
         want = (enc.num_channels, enc.image_size, enc.image_size)
-        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != want:
+        if (not isinstance(pixel_values, torch.Tensor) or not pixel_values.is_floating_point()
+                or pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != want):
             shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
-            raise InputError(f"pixel_values must be [B, {want[0]}, {want[1]}, {want[2]}], got {shape}")
+            raise InputError(f"pixel_values must be a float tensor [B, {want[0]}, {want[1]}, {want[2]}], got {shape}")
         if pixel_values.shape[0] == 0:
             raise InputError("pixel_values has an empty batch")
+        check_count("images", pixel_values.shape[0])
+        check_new_tokens(max_new_tokens, min_new_tokens)
+        check_sampling(sampling)
         gen = self.config.generation
         prompt = self._prompt(pixel_values.shape[0], prompt_ids)
         with torch.inference_mode():
@@ -155,12 +250,14 @@ class CaptioningPipeline:
     def _prompt(self, batch: int, prompt_ids) -> torch.Tensor:
         """``[B, T]`` decoder input: the start token (if the model has one), then the prompt ids."""
         start = self.config.generation.decoder_start_token_id
-        ids = torch.as_tensor([] if prompt_ids is None else prompt_ids, dtype=torch.int64)
+        ids = _token_ids([] if prompt_ids is None else prompt_ids)
         if ids.dim() == 1:
             ids = ids.expand(batch, -1)
         vocab = self.config.decoder.vocab_size
         if ids.dim() != 2 or ids.shape[0] != batch:
             raise InputError(f"prompt_ids must be [T] or [{batch}, T], got {tuple(ids.shape)}")
+        if ids.shape[1] > MAX_PROMPT_TOKENS:
+            raise InputError(f"prompt_ids has {ids.shape[1]} tokens; at most {MAX_PROMPT_TOKENS}")
         if ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < vocab):
             raise InputError(f"prompt_ids must lie in the vocabulary 0..{vocab - 1}")
         if start is not None:
@@ -170,7 +267,10 @@ class CaptioningPipeline:
     def caption(self, images, max_new_tokens: int = 20, sampling: SamplingParams | None = None,
                 prompt: str | None = None) -> list[str]:
         """Captions of ``images`` (a list of paths, PIL images or HxWx3 uint8 arrays). With a text
-        ``prompt`` the model continues it and the caption starts with it."""
+        ``prompt`` the model continues it and the caption starts with it. Every argument is
+        checked before an image is read (limits in :mod:`~mmgen_engine.runtime.limits`)."""
+        check_new_tokens(max_new_tokens)
+        check_sampling(sampling)
         prompt_ids = self.tokenize_prompt(prompt) if prompt is not None else []
         ids = self.generate_ids(self.preprocess(images), max_new_tokens, sampling=sampling,
                                 prompt_ids=prompt_ids).tolist()

@@ -13,18 +13,25 @@ import torch
 
 from ..checkpoint import assign_weights, load_weights, torch_dtype
 from ..config import ImageDetokenizerConfig
-from ..errors import InputError
+from ..errors import InputError, one_line
 from ..models import build_detokenizer
 from ..runtime.layout import channels_last_weights
+from ..runtime.limits import MAX_IMAGE_TOKENS_PER_CALL, MAX_TOKEN_GRID_SIDE, check_count
 
 
 def check_image_tokens(tokens, codebook_size: int) -> torch.Tensor:
     """Integer ids ``[B, h, w]``, or ``[B, n]`` with ``n = s * s`` (a row-major ``s x s`` grid), each
     in ``[0, codebook_size)`` -> int64 ``[B, h, w]`` on the same device. A torch tensor or numpy
     array; anything else (float or bool ids, another rank, a non-square count, an empty batch, an id
-    out of range) raises :class:`InputError`."""
+    out of range) raises :class:`InputError`, and so does a request over the limits of
+    :mod:`~mmgen_engine.runtime.limits` (``h, w <= MAX_TOKEN_GRID_SIDE``, ``B <=
+    MAX_IMAGES_PER_CALL``, ``B * h * w <= MAX_IMAGE_TOKENS_PER_CALL``), checked before the ids are
+    read."""
     if isinstance(tokens, np.ndarray):
-        tokens = torch.from_numpy(tokens)
+        try:
+            tokens = torch.from_numpy(tokens)
+        except (TypeError, ValueError) as e:  # object or string dtypes, negative strides
+            raise InputError(f"image tokens must be an integer array ({one_line(e)})") from None
     if not isinstance(tokens, torch.Tensor):
         raise InputError(f"image tokens must be an integer tensor [B, h, w] or [B, h*w], got {type(tokens).__name__}")
     if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
@@ -37,11 +44,18 @@ def check_image_tokens(tokens, codebook_size: int) -> torch.Tensor:
         side = math.isqrt(tokens.shape[1])
         if side * side != tokens.shape[1]:
             raise InputError(f"{tokens.shape[1]} image tokens per row are not a square grid; pass [B, h, w]")
-        tokens = tokens.reshape(tokens.shape[0], side, side)
+        batch, h, w = tokens.shape[0], side, side
+    else:
+        batch, h, w = tokens.shape
+    if max(h, w) > MAX_TOKEN_GRID_SIDE:
+        raise InputError(f"image token grids of {h}x{w}; at most {MAX_TOKEN_GRID_SIDE} tokens a side")
+    check_count("images", batch)
+    check_count("image tokens", tokens.numel(), MAX_IMAGE_TOKENS_PER_CALL)
+    tokens = tokens.reshape(batch, h, w).long()
     lo, hi = int(tokens.min()), int(tokens.max())
     if lo < 0 or hi >= codebook_size:
         raise InputError(f"image token ids must be in [0, {codebook_size}), got values in [{lo}, {hi}]")
-    return tokens.long()
+    return tokens
 
 
 def decode(model: torch.nn.Module, image_tokens, codebook_size: int, device: torch.device) -> torch.Tensor:

@@ -38,7 +38,6 @@ import PIL.ImageDraw
 from ..errors import InputError, MMGenError, one_line
 from ..gesture_format import JOINT_NAMES, NUM_JOINTS, PARENTS, ROOT  # noqa: F401  (the skeleton, re-exported)
 
-
 # Drawing: joints 0-9 are the body, 10-30 the left hand (hanging off LWrist), 31-51 the right hand
 # (off RWrist). A limb is drawn from each joint to its parent, in the color of the joint's group.
 _BODY, _LEFT_HAND, _RIGHT_HAND = range(1, 10), range(10, 31), range(31, 52)
@@ -105,7 +104,7 @@ def save_npz(path, poses, fps: float, skeleton=PARENTS, joint_names=JOINT_NAMES)
     if joint_names.shape != (NUM_JOINTS,) or joint_names.dtype.kind != "U":
         raise InputError(f"joint_names must be {NUM_JOINTS} strings, got {joint_names.dtype} "
                          f"of shape {joint_names.shape}")
-    with _atomic_output(path) as tmp, open(tmp, "wb") as f:
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, poses=poses, fps=np.float64(fps), skeleton=skeleton.astype(np.int64),
                  joint_names=joint_names)
 
@@ -124,7 +123,7 @@ def save_gif(path, poses, fps: float, size: int = 256) -> None:
     frames = [im.quantize(palette=palette, dither=PIL.Image.Dither.NONE) for im in _frames(poses, size, None)]
     ends = [round(100 * (k + 1) / fps) for k in range(len(frames))]
     delays = [10 * (end - start) for start, end in zip([0] + ends, ends)]
-    with _atomic_output(path) as tmp:
+    with atomic_output(path) as tmp:
         frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=delays, loop=0)
 
 
@@ -155,7 +154,7 @@ def save_mp4(path, poses, fps: float, audio=None, sample_rate: int | None = None
             cmd += ["-i", str(wav), "-map", "0:v:0", "-map", "1:a:0", "-c:a", "aac", "-b:a", "128k"]
         cmd += ["-c:v", "libx264", "-preset", "veryfast", "-crf", "18", "-pix_fmt", "yuv420p",
                 "-movflags", "+faststart", "-f", "mp4"]
-        with _atomic_output(path) as tmp:
+        with atomic_output(path) as tmp:
             _run_ffmpeg(cmd + [str(tmp)], (im.tobytes() for im in frames), path)
 
 
@@ -299,15 +298,27 @@ def _run_ffmpeg(cmd: list[str], chunks, path) -> None:
             raise MMGenError(f"{path}: ffmpeg failed: {lines[-1] if lines else f'exit status {proc.returncode}'}")
 
 
-@contextlib.contextmanager
-def _atomic_output(path):
-    """Yields a temporary path next to ``path`` that replaces ``path`` when the block succeeds and
-    is removed when it fails."""
+def check_output_file(path, suffixes: tuple[str, ...] = ()) -> Path:
+    """``path`` as a Path if a file can be written there: its directory exists and is writable, it
+    is not a directory, and its suffix (any case) is one of ``suffixes`` (when given); InputError
+    otherwise. Commands call it before any work, so a bad output path never costs a generation."""
     path = Path(path)
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise InputError(f"{path}: the output must be one of {', '.join(suffixes)}")
     if not path.parent.is_dir():
-        raise InputError(f"{path}: the output directory {path.parent} does not exist")
+        raise InputError(f"{path}: cannot write there: the output directory {path.parent} does not exist")
     if path.is_dir():
-        raise InputError(f"{path}: is a directory")
+        raise InputError(f"{path}: cannot write there: is a directory")
+    if not os.access(path.parent, os.W_OK):
+        raise InputError(f"{path}: cannot write there: no write permission in {path.parent}")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_output(path):
+    """Yields a temporary path next to ``path`` (checked by :func:`check_output_file`) that replaces
+    ``path`` when the block succeeds and is removed when it fails."""
+    path = check_output_file(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)

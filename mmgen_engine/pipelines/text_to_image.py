@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import PIL.Image
@@ -26,12 +27,15 @@ from ..errors import CheckpointError, InputError, one_line
 from ..models import ARCHITECTURES
 from ..runtime import CUDAGraphs, SamplingParams, generate_stream
 from ..runtime.layout import channels_last_weights, column_major_weights
+from ..runtime.limits import MAX_IMAGES_PER_CALL, check_count, check_int, check_prompt
+from ..runtime.sampler import check_sampling
 from .detokenizer import decode, to_pil
 
 # min-dalle's defaults (generate_image: top_k 256, supercondition_factor 16, temperature 1)
 DEFAULT_SAMPLING = SamplingParams(do_sample=True, top_k=256, guidance_scale=16.0)
 WORD_START = chr(ord(" ") + 256)  # "Ġ"
 STREAM_EVERY = 32
+PROGRESS_EVERY = 8  # generate(progress=...) reports every this many image tokens
 
 
 class MinDalleTokenizer:
@@ -103,17 +107,13 @@ class TextToImagePipeline:
         return cls(model, tokenizer, config, device)
 
     def tokenize(self, prompts) -> torch.Tensor:
-        """Prompt strings -> text rows ``[B, 64]`` as min-dalle makes them (cut to the context, with a
-        warning, then padded)."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if not prompts:
-            raise InputError("no prompts given")
+        """Prompt strings (a string or a list of at most ``MAX_IMAGES_PER_CALL``, each of at most
+        ``MAX_PROMPT_CHARS`` characters) -> text rows ``[B, 64]`` as min-dalle makes them (cut to
+        the context, with a warning, then padded)."""
+        prompts = _prompt_list(prompts)
         pad = self.config.generation.text_pad_token_id
         rows = torch.full((len(prompts), self.text_len), pad, dtype=torch.int64)
         for i, prompt in enumerate(prompts):
-            if not isinstance(prompt, str):
-                raise InputError(f"prompts must be strings, got {type(prompt).__name__}")
             ids = self.tokenizer.encode(prompt)
             if len(ids) == 2:
                 raise InputError(f"prompt {prompt!r} is empty (no words left after min-dalle's normalization: "
@@ -134,6 +134,7 @@ class TextToImagePipeline:
             raise InputError(f"text_tokens must be an integer tensor [B, {self.text_len}], got {shape}")
         if text_tokens.shape[0] == 0:
             raise InputError("text_tokens has an empty batch")
+        check_count("text_tokens rows", text_tokens.shape[0])
         if bool(((text_tokens < 0) | (text_tokens >= vocab)).any()):
             raise InputError(f"text_tokens holds ids outside the vocabulary [0, {vocab})")
         real = text_tokens != pad
@@ -145,10 +146,8 @@ class TextToImagePipeline:
         return lengths
 
     def _params(self, sampling: SamplingParams | None) -> SamplingParams:
-        if sampling is None:
+        if check_sampling(sampling) is None:
             return DEFAULT_SAMPLING
-        if not isinstance(sampling, SamplingParams):
-            raise InputError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
         if sampling.guidance_scale is None:  # min-dalle always superconditions
             return SamplingParams(sampling.do_sample, sampling.temperature, sampling.top_k, sampling.top_p,
                                   DEFAULT_SAMPLING.guidance_scale, sampling.seed)
@@ -198,23 +197,57 @@ class TextToImagePipeline:
         full[:, :tokens.shape[1]] = tokens
         return full
 
+    def _request(self, prompts, images_per_prompt, sampling) -> tuple[torch.Tensor, SamplingParams]:
+        """The text rows (each prompt's ``images_per_prompt`` times) and the sampling of a request,
+        every limit checked before a prompt is tokenized."""
+        images_per_prompt = check_int("images_per_prompt", images_per_prompt, 1, MAX_IMAGES_PER_CALL)
+        params = self._params(sampling)
+        prompts = _prompt_list(prompts)
+        check_count(f"images ({len(prompts)} prompts x {images_per_prompt} images_per_prompt)",
+                    len(prompts) * images_per_prompt)
+        return self.tokenize(prompts).repeat_interleave(images_per_prompt, dim=0), params
+
     def generate_stream(self, prompts, images_per_prompt: int = 1, sampling: SamplingParams | None = None,
                         every: int | None = STREAM_EVERY):
         """Like :meth:`generate`, yielding the partial images every ``every`` tokens (None: only the
         final ones), then the final ones."""
-        if not isinstance(images_per_prompt, int) or isinstance(images_per_prompt, bool) or images_per_prompt < 1:
-            raise InputError(f"images_per_prompt must be a positive integer, got {images_per_prompt!r}")
-        if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
-            raise InputError(f"every must be a positive integer or None, got {every!r}")
-        text = self.tokenize(prompts).repeat_interleave(images_per_prompt, dim=0)
-        for tokens in self.generate_tokens_stream(text, sampling, every):
+        if every is not None:
+            check_int("every", every, 1, self.num_tokens)
+        text, params = self._request(prompts, images_per_prompt, sampling)
+        for tokens in self.generate_tokens_stream(text, params, every):
             yield to_pil(self.decode_tokens(self._partial(tokens)))
 
-    def generate(self, prompts, images_per_prompt: int = 1, sampling: SamplingParams | None = None) -> list:
-        """``images_per_prompt`` images per prompt (a string or a list), as PIL images in prompt order."""
-        for images in self.generate_stream(prompts, images_per_prompt, sampling, every=None):
-            pass
-        return images
+    def generate(self, prompts, images_per_prompt: int = 1, sampling: SamplingParams | None = None,
+                 progress: Callable[[int, int], object] | None = None) -> list:
+        """``images_per_prompt`` images per prompt (a string or a list), as PIL images in prompt order;
+        at most ``MAX_IMAGES_PER_CALL`` in all. ``progress``, if given, is called as
+        ``progress(done, total)`` while the image tokens are drawn: ``done`` of every image's
+        ``total`` (``grid_size ** 2``) tokens so far, every :data:`PROGRESS_EVERY` tokens and once
+        at the end."""
+        if progress is not None and not callable(progress):
+            raise InputError(f"progress must be a callable or None, got {type(progress).__name__}")
+        text, params = self._request(prompts, images_per_prompt, sampling)
+        every = PROGRESS_EVERY if progress is not None else None
+        for tokens in self.generate_tokens_stream(text, params, every):
+            if progress is not None:
+                if tokens.is_cuda:  # the host runs ahead of the device: report tokens that exist
+                    torch.cuda.current_stream(tokens.device).synchronize()
+                progress(tokens.shape[1], self.num_tokens)
+        return to_pil(self.decode_tokens(tokens))
+
+
+def _prompt_list(prompts) -> list[str]:
+    """``prompts`` (a string or a list or tuple of them) as a list of checked prompts (see
+    :func:`~mmgen_engine.runtime.limits.check_prompt`), at most ``MAX_IMAGES_PER_CALL``."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not isinstance(prompts, (list, tuple)):
+        hint = " (decode bytes to str first)" if isinstance(prompts, (bytes, bytearray)) else ""
+        raise InputError(f"prompts must be a string or a list of strings, got {type(prompts).__name__}{hint}")
+    if not prompts:
+        raise InputError("no prompts given")
+    check_count("prompts", len(prompts))
+    return [check_prompt(prompt, f"prompt {i}" if len(prompts) > 1 else "prompt") for i, prompt in enumerate(prompts)]
 
 
 def image_grid(images: list, columns: int) -> PIL.Image.Image:

@@ -28,7 +28,8 @@ import torch
 from ..errors import InputError
 from .decoder import Decoder
 from .kv_cache import CrossKVCache, KVCache
-from .sampler import Sampler, SamplingParams
+from .limits import check_new_tokens
+from .sampler import Sampler, SamplingParams, check_sampling
 
 # on CUDA, host reads of "all rows done?" happen every this many steps (each read is a sync)
 CHECK_EVERY = 8
@@ -134,10 +135,8 @@ def generate_stream(decoder: Decoder, prompt: torch.Tensor, encoder_states: torc
     batch, prompt_len = prompt.shape[0] // groups, prompt.shape[1]
     prefix = encoder_states.shape[1] if decoder.uses_prefix else 0
     _, _, _, max_positions = decoder.cache_geometry()
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if not isinstance(min_new_tokens, int) or not 0 <= min_new_tokens <= max_new_tokens:
-        raise InputError(f"min_new_tokens must be an integer in [0, max_new_tokens], got {min_new_tokens!r}")
+    max_new_tokens, min_new_tokens = check_new_tokens(max_new_tokens, min_new_tokens)
+    check_sampling(sampling)
     # the last new token is never fed back, so the model sees prefix + prompt + max_new_tokens - 1 positions
     fed = prefix + prompt_len + max_new_tokens - 1
     if fed > max_positions:

@@ -1,14 +1,15 @@
 """Sampling parameters and the per-request sampler (math in :mod:`mmgen_engine.ops.sampling`)."""
 from __future__ import annotations
 
-import math
 import secrets
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .. import ops
 from ..errors import InputError
+from .limits import FLOAT32_MAX, FLOAT32_TINY, check_float32, check_int, show
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,10 @@ class SamplingParams:
     ties at the boundary kept); ``top_p`` in (0, 1] keeps the smallest set whose probability
     reaches it; ``guidance_scale`` is classifier-free guidance / min-dalle's supercondition factor
     (tasks without guidance reject it); ``seed`` makes sampling reproducible.
+
+    The sampler computes in float32, so ``temperature`` and ``guidance_scale`` must lie in
+    ``[FLOAT32_TINY, FLOAT32_MAX]`` (about 1.2e-38 to 3.4e38; ``guidance_scale`` may also be 0) and
+    ``top_p`` in ``[FLOAT32_TINY, 1]``: see :mod:`.limits`. ``top_k`` and ``seed`` fit int64.
     """
 
     do_sample: bool = False
@@ -30,27 +35,28 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
-        if not isinstance(self.do_sample, bool):
-            raise InputError(f"do_sample must be True or False, got {self.do_sample!r}")
-        if not _is_number(self.temperature) or not (0 < self.temperature < math.inf):
-            raise InputError(f"temperature must be a positive finite number, got {self.temperature!r}")
-        if not _is_int(self.top_k) or self.top_k < 0:
-            raise InputError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
-        if not _is_number(self.top_p) or not (0 < self.top_p <= 1):
-            raise InputError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.guidance_scale is not None and (not _is_number(self.guidance_scale)
-                                                or not (0 <= self.guidance_scale < math.inf)):
-            raise InputError(f"guidance_scale must be a finite number >= 0, got {self.guidance_scale!r}")
-        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**63):
-            raise InputError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+        # each field is checked and stored as a plain bool / int / float (numpy numbers are accepted),
+        # so the sampler's float32 and int64 buffers take it without overflow
+        if not isinstance(self.do_sample, (bool, np.bool_)):
+            raise InputError(f"do_sample must be True or False, got {show(self.do_sample)}")
+        fields = {"do_sample": bool(self.do_sample),
+                  "temperature": check_float32("temperature", self.temperature, FLOAT32_TINY, FLOAT32_MAX),
+                  "top_k": check_int("top_k", self.top_k, 0, 2**63 - 1),
+                  "top_p": check_float32("top_p", self.top_p, FLOAT32_TINY, 1.0)}
+        if self.guidance_scale is not None:
+            fields["guidance_scale"] = check_float32("guidance_scale", self.guidance_scale, FLOAT32_TINY, FLOAT32_MAX,
+                                                     zero=True)
+        if self.seed is not None:
+            fields["seed"] = check_int("seed", self.seed, 0, 2**63 - 1)
+        for name, value in fields.items():
+            object.__setattr__(self, name, value)
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_number(x) -> bool:
-    return (isinstance(x, (int, float)) and not isinstance(x, bool)) and not math.isnan(x)
+def check_sampling(sampling) -> SamplingParams | None:
+    """``sampling`` if it is a :class:`SamplingParams` or None; InputError otherwise (e.g. a dict)."""
+    if sampling is not None and not isinstance(sampling, SamplingParams):
+        raise InputError(f"sampling must be a SamplingParams or None, got {type(sampling).__name__}")
+    return sampling
 
 
 class Sampler:
@@ -80,18 +86,18 @@ class Sampler:
 
     def load(self, params: SamplingParams | None) -> None:
         """Take ``params`` (None: greedy) for every row, in place."""
-        params = params or SamplingParams()
+        params = check_sampling(params) or SamplingParams()
         if self.guidance is not None and params.guidance_scale is None:
             raise InputError("this task needs guidance_scale")
         if self.guidance is None and params.guidance_scale is not None:
             raise InputError("guidance_scale is not supported by this task")
-        self.temperature.fill_(float(params.temperature))
+        self.temperature.fill_(params.temperature)
         self.top_k.fill_(params.top_k)
-        self.top_p.fill_(float(params.top_p))
+        self.top_p.fill_(params.top_p)
         self.do_sample.fill_(params.do_sample)
         self.seeds.fill_(secrets.randbits(63) if params.seed is None else params.seed)
         if self.guidance is not None:
-            self.guidance.fill_(float(params.guidance_scale))
+            self.guidance.fill_(params.guidance_scale)
         self.greedy = not params.do_sample  # host-known: no row samples, the sampler only takes argmaxes
 
     def __call__(self, logits: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
