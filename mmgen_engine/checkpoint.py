@@ -2,37 +2,107 @@
 
 ``config.json`` holds ``{"format": "mmgen", "format_version": 1, "task", "architecture", ...}``;
 the weights are read with safetensors (memory-mapped), never unpickled. Tokenizer and
-preprocessing files the task needs sit beside them. Writing goes to a temporary sibling directory
-that is renamed into place only when complete, so a failed conversion never leaves a half checkpoint
-and never destroys an existing one.
+preprocessing files the task needs sit beside them.
+
+Loading (:func:`load_model`) treats every file as untrusted and checks it fully before allocating
+anything: JSON files are read with bounds on size and nesting, the config's sizes are bounded (see
+:mod:`mmgen_engine.config`), the weights' headers are checked against the config and a memory
+estimate before any module is built, and every tensor is checked for NaN and infinities as it is read.
+
+Writing (:func:`save_checkpoint`) goes to a temporary sibling directory that is renamed into place
+only when complete, so a failed conversion never leaves a half checkpoint and never destroys an
+existing one. Its name carries the writer's process id, so that the next write into the same
+directory can remove what a killed writer left (:func:`remove_stale_writes`); SIGTERM removes it
+at once.
 """
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
+import math
 import os
+import re
 import shutil
+import signal
+import struct
 import tempfile
+import threading
+import time
+from collections.abc import Callable, Collection
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
 
 from .config import CONFIG_CLASSES, DTYPES, FORMAT_NAME, FORMAT_VERSION, TASKS, from_dict
-from .errors import CheckpointError, one_line
+from .errors import CheckpointError, MMGenError, one_line
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}
+# safetensors' dtype names of the torch dtypes a checkpoint may hold
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+
+MAX_JSON_BYTES = 16 * 2 ** 20      # a JSON file (config, preprocessor, shard index); configs are kilobytes
+MAX_JSON_DEPTH = 32                # nesting of JSON arrays and objects; configs nest 4 deep
+MAX_HEADER_BYTES = 16 * 2 ** 20    # a safetensors header: ~100 bytes per tensor, so 100k+ tensors
+MAX_MODEL_BYTES = 256 * 2 ** 30    # the weights of one model, at the dtype they are loaded in
+# a tokenizer may cover less than the model's vocabulary, which models pad to a multiple of 64 or
+# more (GPT-2 variants 50257 -> 50304, Phi-2 50295 -> 51200, Qwen2 151646 -> 151936): a few percent
+# at most. One that covers less than this fraction belongs to another model; the ids it lacks would
+# decode to nothing.
+MIN_TOKENIZER_COVERAGE = 0.5
+
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_NESTING = {"[": 1, "{": 1, "]": -1, "}": -1}
 
 
 def torch_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     """Map ``"float16"`` (or a torch dtype, or None) to a torch dtype; reject anything else."""
     if name is None or (isinstance(name, torch.dtype) and name in TORCH_DTYPES.values()):
         return name
-    if name not in TORCH_DTYPES:
+    if not isinstance(name, str) or name not in TORCH_DTYPES:
         raise CheckpointError(f"unsupported dtype {name!r}; choose one of {', '.join(TORCH_DTYPES)}")
     return TORCH_DTYPES[name]
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def read_json(path: Path, error: type[MMGenError] = CheckpointError):
+    """The JSON value in file ``path``, read with bounds: at most :data:`MAX_JSON_BYTES` bytes and
+    :data:`MAX_JSON_DEPTH` levels of nesting (checked before parsing, so deep nesting cannot exhaust
+    the stack), finite numbers only (no ``NaN``, ``Infinity`` or ``1e999``). Any problem raises
+    ``error`` with one line naming the file."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_JSON_BYTES + 1)
+    except OSError as e:
+        raise error(f"{path}: unreadable ({one_line(e)})") from None
+    if len(data) > MAX_JSON_BYTES:
+        raise error(f"{path}: larger than the limit of {MAX_JSON_BYTES} bytes for a JSON file")
+    try:
+        text = data.decode("utf-8")
+        brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
+        if max(itertools.accumulate(map(_NESTING.__getitem__, brackets), initial=0)) > MAX_JSON_DEPTH:
+            raise ValueError(f"nested deeper than the limit of {MAX_JSON_DEPTH} levels")
+        return json.loads(text, parse_float=_finite_float, parse_constant=_no_constant)
+    except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
+        raise error(f"{path}: not valid JSON ({one_line(e)})") from None
 
 
 def read_config(path: str | os.PathLike):
@@ -44,12 +114,7 @@ def read_config(path: str | os.PathLike):
     if not cfg_file.is_file():
         raise CheckpointError(f"{path}: no {CONFIG_FILE}; is this a converted mmgen checkpoint? "
                               f"(convert it first with `mmgen convert`)")
-    try:
-        raw = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise CheckpointError(f"{cfg_file}: unreadable ({one_line(e)})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{cfg_file}: not valid JSON ({one_line(e)})") from None
+    raw = read_json(cfg_file)
     if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{cfg_file}: not an mmgen checkpoint (\"format\" is not \"{FORMAT_NAME}\"); "
                               f"convert the source model with `mmgen convert` first")
@@ -67,23 +132,36 @@ def read_config(path: str | os.PathLike):
     return from_dict(CONFIG_CLASSES[task], raw, where=str(cfg_file))
 
 
-def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Load every ``*.safetensors`` file of a checkpoint directory (memory-mapped on CPU)."""
-    path = Path(path)
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{path}: no *.safetensors weights file")
-    tensors: dict[str, torch.Tensor] = {}
-    for f in files:
-        try:
-            part = load_file(f, device=str(device))
-        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-            raise CheckpointError(f"{f}: corrupt or truncated safetensors file ({one_line(e)})") from None
-        dup = tensors.keys() & part.keys()
-        if dup:
-            raise CheckpointError(f"{f}: tensor {sorted(dup)[0]!r} appears in more than one weights file")
-        tensors.update(part)
-    return tensors
+class TensorInfo(NamedTuple):
+    """A tensor as a safetensors header describes it (what :func:`check_tensors` compares)."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def read_header(file: Path) -> dict[str, TensorInfo]:
+    """Names, dtypes and shapes of the tensors in safetensors ``file``, from its header alone (no
+    tensor data is read): at most :data:`MAX_HEADER_BYTES`, parsed and checked by safetensors
+    (offsets inside the file, no overlaps)."""
+    try:
+        with open(file, "rb") as f:
+            head = f.read(8)
+        size = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+        if size > MAX_HEADER_BYTES:
+            raise ValueError(f"a header of {size} bytes is over the limit of {MAX_HEADER_BYTES}")
+        with safe_open(str(file), "pt") as f:
+            raw = {name: f.get_slice(name) for name in f.keys()}
+            found = {name: (s.get_dtype(), tuple(s.get_shape())) for name, s in raw.items()}
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({one_line(e)})") from None
+    for name, (dtype, _) in found.items():
+        if dtype not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{file}: tensor {name!r} has dtype {dtype}, which mmgen does not load")
+    return {name: TensorInfo(SAFETENSORS_DTYPES[dtype], shape) for name, (dtype, shape) in found.items()}
 
 
 def tensor_dtype(module: torch.nn.Module, name: str, dtype: torch.dtype) -> torch.dtype:
@@ -93,14 +171,15 @@ def tensor_dtype(module: torch.nn.Module, name: str, dtype: torch.dtype) -> torc
     return torch.float32 if name in getattr(module, "fp32_tensors", ()) else dtype
 
 
-def check_tensors(module: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str,
+def check_tensors(module: torch.nn.Module, tensors: dict[str, torch.Tensor | TensorInfo], where: str,
                   stored_dtype: torch.dtype) -> None:
-    """Check that ``tensors`` are exactly the state of ``module`` (built on the meta device): same
-    names, same shapes, floating-point where the module's are, stored as ``stored_dtype`` (see
-    :func:`tensor_dtype`).
+    """Check that ``tensors`` (tensors, or :class:`TensorInfo` of a header) are exactly the state of
+    ``module`` (built on the meta device): same names, same shapes, floating-point where the
+    module's are, stored as ``stored_dtype`` (see :func:`tensor_dtype`).
     Any difference raises :class:`CheckpointError` naming the tensor."""
     expected = module.state_dict()
-    for kind, names in (("missing", expected.keys() - tensors.keys()), ("unexpected", tensors.keys() - expected.keys())):
+    for kind, names in (("missing", expected.keys() - tensors.keys()),
+                        ("unexpected", tensors.keys() - expected.keys())):
         names = sorted(names)
         if names:
             more = f" and {len(names) - 5} more" if len(names) > 5 else ""
@@ -116,32 +195,175 @@ def check_tensors(module: torch.nn.Module, tensors: dict[str, torch.Tensor], whe
                                   f"expected {str(want).removeprefix('torch.')}")
 
 
-def assign_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str,
-                   stored_dtype: torch.dtype, dtype: torch.dtype | None = None) -> None:
-    """:func:`check_tensors`, then put ``tensors`` into ``module``, cast to ``dtype`` when given."""
-    check_tensors(module, tensors, where, stored_dtype)
-    if dtype is not None:
-        tensors = {k: (t.to(tensor_dtype(module, k, dtype)) if t.is_floating_point() else t)
-                   for k, t in tensors.items()}
-    module.load_state_dict(tensors, assign=True)
+def check_tokenizer(where: str, token_ids: Collection[int], vocab_size: int, special: dict[str, int]) -> None:
+    """Check that a tokenizer with ``token_ids`` fits a model with ``vocab_size`` token embeddings:
+    every id inside the vocabulary (a larger tokenizer's ids would index past the embeddings), at
+    least :data:`MIN_TOKENIZER_COVERAGE` of the vocabulary covered, and a token for each of the
+    ``special`` ids the model generates with (``{"eos_token_id": 2, ...}``)."""
+    ids = set(token_ids)
+    if not all(type(i) is int and 0 <= i < vocab_size for i in ids):
+        raise CheckpointError(f"{where}: the tokenizer has ids outside the model's vocabulary of {vocab_size}")
+    if len(ids) < MIN_TOKENIZER_COVERAGE * vocab_size:
+        raise CheckpointError(f"{where}: the tokenizer has {len(ids)} tokens, less than {MIN_TOKENIZER_COVERAGE:.0%} "
+                              f"of the model's vocabulary of {vocab_size}; it is another model's tokenizer")
+    for name, i in special.items():
+        if i not in ids:
+            raise CheckpointError(f"{where}: the tokenizer has no token for {name} {i}")
+
+
+def load_model(path: Path, config, build: Callable, device: torch.device,
+               dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """The model of checkpoint directory ``path`` (``build(config, device="meta")`` builds it), its
+    weights read from every ``*.safetensors`` file (memory-mapped on CPU) and cast to ``dtype`` (None:
+    keep the checkpoint's). Nothing is allocated before the checkpoint is known to be consistent:
+
+    1. the files' headers give each tensor's name, dtype and shape (:func:`read_header`);
+    2. the config's repeated blocks (``config.blocks``, each holds at least one tensor) must not
+       outnumber the tensors, checked before any module is built, even on the meta device;
+    3. the bytes the weights take at ``dtype`` must stay under :data:`MAX_MODEL_BYTES` and, on a
+       GPU, its free memory;
+    4. the model built on the meta device must have exactly the headers' tensors
+       (:func:`check_tensors`), so the header's bytes are the model's;
+    5. each tensor is read, refused if it holds NaN or infinities, cast and put into the model.
+    """
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no *.safetensors weights file")
+    header: dict[str, TensorInfo] = {}
+    for f in files:
+        part = read_header(f)
+        dup = header.keys() & part.keys()
+        if dup:
+            raise CheckpointError(f"{f}: tensor {sorted(dup)[0]!r} appears in more than one weights file")
+        header.update(part)
+    if config.blocks > len(header):
+        raise CheckpointError(f"{path}: {CONFIG_FILE} describes {config.blocks} layers and blocks, but the weights "
+                              f"hold only {len(header)} tensors")
+    _check_memory(path, header, device, dtype)
+    model = build(config, device="meta")
+    stored = torch_dtype(config.dtype)
+    check_tensors(model, header, str(path), stored)
+    tensors = {}
+    for f in files:
+        with safe_open(str(f), "pt", device=str(device)) as weights:
+            for name in weights.keys():
+                t = weights.get_tensor(name)
+                # a float64 sum of float32 or narrower values cannot overflow: it is finite iff they all are
+                if t.is_floating_point() and not torch.isfinite(t.sum(dtype=torch.float64)):
+                    raise CheckpointError(f"{f}: tensor {name!r} holds NaN or infinite values")
+                if dtype is not None and t.is_floating_point():
+                    t = t.to(tensor_dtype(model, name, dtype))
+                tensors[name] = t
+    model.load_state_dict(tensors, assign=True)
+    return model
+
+
+def _check_memory(path: Path, header: dict[str, TensorInfo], device: torch.device, dtype: torch.dtype | None):
+    """The bytes of the weights at ``dtype`` (floating tensors cast to it, as nearly all are) against
+    :data:`MAX_MODEL_BYTES` and, on a GPU, its free memory."""
+    needed = sum(math.prod(t.shape) * dtype.itemsize if dtype is not None and t.dtype.is_floating_point else t.nbytes
+                 for t in header.values())
+    limit, what = MAX_MODEL_BYTES, "the limit"
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        if free < limit:
+            limit, what = free, f"the free memory of {device}"
+    if needed > limit:
+        raise CheckpointError(f"{path}: the weights need {needed / 2 ** 30:.1f} GiB, more than {what} "
+                              f"({limit / 2 ** 30:.1f} GiB)")
 
 
 def is_checkpoint(path: Path) -> bool:
     """Whether ``path`` is a directory holding an mmgen ``config.json`` (any version)."""
     try:
-        return json.loads((path / CONFIG_FILE).read_text(encoding="utf-8")).get("format") == FORMAT_NAME
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        raw = read_json(path / CONFIG_FILE)
+    except MMGenError:
         return False
+    return isinstance(raw, dict) and raw.get("format") == FORMAT_NAME
+
+
+# The temporary siblings of a checkpoint ``out`` being written: ``.{out.name}.new.{pid}.{random}``
+# (the new checkpoint) and ``.{out.name}.old.{pid}`` (the one it replaces, while it does).
+_TEMPORARY = re.compile(r"\..+\.(?:new|old)\.(?P<pid>[0-9]+)(?:\.[A-Za-z0-9_]+)?")
+_STARTED = time.time()  # no temporary of this process is older than this module
+
+
+def remove_stale_writes(directory: Path) -> None:
+    """Remove the temporary directories that writers killed before they could clean up (SIGKILL, a
+    crash) left in ``directory``: those whose process is gone, or whose process id is this process's
+    but which are older than it (the id was reused). A live process's are never touched."""
+    if os.name != "posix":  # os.kill(pid, 0) checks for a process only on POSIX
+        return
+    try:
+        entries = list(directory.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        match = _TEMPORARY.fullmatch(entry.name)
+        if not match or entry.is_symlink() or not entry.is_dir():
+            continue
+        pid = int(match["pid"])
+        try:
+            stale = (pid == os.getpid() and entry.stat().st_mtime < _STARTED) or not _process_exists(pid)
+        except OSError:
+            continue
+        if stale:
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except (ProcessLookupError, OverflowError):  # OverflowError: beyond any process id
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+class _Terminated(BaseException):
+    """SIGTERM arrived while a checkpoint was being written (a BaseException: nothing swallows it)."""
+
+
+@contextlib.contextmanager
+def _cleanup_on_sigterm():
+    """While the body runs, SIGTERM raises :class:`_Terminated` in it, so that its ``finally`` blocks
+    remove the temporary directories; then the signal is raised again under the previous handler
+    (by default: the process ends as killed by SIGTERM). Only the main thread can handle signals,
+    and a SIGTERM that is ignored, or handled outside Python, stays as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous in (signal.SIG_IGN, None):
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise _Terminated
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    except _Terminated:
+        signal.signal(signal.SIGTERM, previous)
+        signal.raise_signal(signal.SIGTERM)
+        raise CheckpointError("writing the checkpoint was interrupted by SIGTERM") from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def save_checkpoint(out: str | os.PathLike, config: dict, tensors: dict[str, torch.Tensor],
-                    files: dict[str, Path] | None = None, overwrite: bool = False) -> Path:
+                    files: dict[str, Path] | None = None, overwrite: bool = False,
+                    progress: Callable[[int, int], None] | None = None) -> Path:
     """Write an engine checkpoint directory atomically.
 
     ``config`` must carry format, format_version and task; ``files`` maps a file name in the
     checkpoint to a source file to copy (tokenizer, preprocessor config). The directory appears
     complete or not at all. An existing non-empty ``out`` is replaced only with ``overwrite`` and
     only if it is an mmgen checkpoint itself; if replacing fails, the old one is put back.
+    ``progress(done, total)`` is called with the bytes of tensor data written so far and in all,
+    first with ``done`` 0 and then after each tensor.
     """
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -152,25 +374,58 @@ def save_checkpoint(out: str | os.PathLike, config: dict, tensors: dict[str, tor
             raise CheckpointError(f"{out}: refusing to replace it: it is not an mmgen checkpoint")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     except OSError as e:
         raise CheckpointError(f"{out}: cannot create the output directory ({one_line(e)})") from None
-    try:
-        contiguous = {k: v.detach().contiguous() for k, v in tensors.items()}
-        save_file(contiguous, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT_NAME})
-        for name, src in (files or {}).items():
-            shutil.copyfile(src, tmp / name)
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        _default_permissions(tmp)
-        if out.exists():
-            _replace(out, tmp)
-        else:
-            tmp.rename(out)
-    except OSError as e:
-        raise CheckpointError(f"{out}: cannot write the checkpoint ({one_line(e)})") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with _cleanup_on_sigterm():
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.new.{os.getpid()}.", dir=out.parent))
+        except OSError as e:
+            raise CheckpointError(f"{out}: cannot create the output directory ({one_line(e)})") from None
+        try:
+            write_safetensors(tmp / WEIGHTS_FILE, tensors, {"format": FORMAT_NAME}, progress)
+            for name, src in (files or {}).items():
+                shutil.copyfile(src, tmp / name)
+            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+            _default_permissions(tmp)
+            if out.exists():
+                _replace(out, tmp)
+            else:
+                tmp.rename(out)
+        except OSError as e:
+            raise CheckpointError(f"{out}: cannot write the checkpoint ({one_line(e)})") from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def write_safetensors(file: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                      progress: Callable[[int, int], None] | None = None) -> None:
+    """Write ``tensors`` as safetensors ``file`` one tensor at a time: the layout safetensors writes
+    (8-byte little-endian header length, the JSON header padded with spaces to a multiple of 8, the
+    data ordered by decreasing element size, then name, so that each tensor is aligned), without
+    safetensors' ``save_file`` copy of the whole model in memory, and with ``progress(done, total)``
+    in bytes after each tensor. Like safetensors, it assumes a little-endian machine."""
+    order = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
+    header, total = {"__metadata__": metadata}, 0
+    for name in order:
+        t = tensors[name]
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": SAFETENSORS_NAMES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [total, total + size]}
+        total += size
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with open(file, "wb") as f:
+        f.write(struct.pack("<Q", len(head)) + head)
+        done = 0
+        if progress:
+            progress(done, total)
+        for name in order:
+            data = tensors[name].detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+            f.write(data)
+            done += data.nbytes
+            if progress:
+                progress(done, total)
 
 
 def _replace(out: Path, new: Path) -> None:

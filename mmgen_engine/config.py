@@ -1,17 +1,37 @@
 """Typed, validated configuration dataclasses of engine checkpoints.
 
 ``config.json`` of an engine checkpoint is the JSON form of one top-level config (e.g.
-:class:`CaptioningConfig`). ``from_dict`` rejects unknown keys, missing keys, wrong types and
-out-of-range values with a :class:`~mmgen_engine.errors.CheckpointError` naming the field, so a bad
-checkpoint fails at load time with one clear line instead of deep inside a forward pass.
+:class:`CaptioningConfig`). The classes are pydantic dataclasses: field types are checked strictly
+(``"4"`` is no integer, ``true`` no number; a JSON integer is a valid float), floats must be finite,
+sizes lie in bounds (the ``MAX_*`` constants) and unknown fields are refused; each class's
+``_check`` adds the checks across fields. :func:`from_dict` is the entry point for JSON data: any
+problem is one :class:`~mmgen_engine.errors.CheckpointError` line naming the field
+(``config.json.decoder.num_heads: ...``), so a bad checkpoint fails at load time instead of deep
+inside a forward pass, or by asking for absurd amounts of memory.
+
+The bounds lie far above every published model of these families and low enough that no product
+of sizes overflows int64 and no config alone can make the loader build a giant model.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-import types
-import typing
-from dataclasses import dataclass, field
+from typing import Annotated, ClassVar, Literal, get_args
+
+from pydantic import (
+    ConfigDict,
+    Field,
+    Strict,
+    StrictBool,
+    StrictStr,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic.dataclasses import dataclass
 
 from .errors import CheckpointError
 from .gesture_format import PARENTS
@@ -19,157 +39,159 @@ from .gesture_format import PARENTS
 FORMAT_NAME = "mmgen"
 FORMAT_VERSION = 1
 TASKS = ("captioning", "text-to-image", "speech-to-gesture", "image-detokenizer")
-DTYPES = ("float32", "float16", "bfloat16")
-ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
+
+MAX_LAYERS = 512          # repeated blocks of one stack (GPT-3 has 96)
+MAX_LEVELS = 8            # resolution levels of an up-sampling decoder (2**7 = 128x)
+MAX_WIDTH = 2 ** 17       # hidden, intermediate and channel widths (131072)
+MAX_VOCAB = 2 ** 20       # vocabulary and codebook sizes, so token ids are below it
+MAX_POSITIONS = 2 ** 20   # sequence positions
+MAX_IMAGE_SIZE = 2 ** 14  # image sides, in pixels
+
+Int = Annotated[int, Strict()]
+Bool = StrictBool
+Str = StrictStr
+Float = Annotated[float, Strict()]  # finite: every class has allow_inf_nan=False
+Positive = Annotated[float, Strict(), Field(gt=0)]
+Layers = Annotated[int, Strict(), Field(gt=0, le=MAX_LAYERS)]
+Levels = Annotated[int, Strict(), Field(gt=0, le=MAX_LEVELS)]
+Width = Annotated[int, Strict(), Field(gt=0, le=MAX_WIDTH)]
+Vocab = Annotated[int, Strict(), Field(gt=0, le=MAX_VOCAB)]
+TokenId = Annotated[int, Strict(), Field(ge=0, lt=MAX_VOCAB)]
+Positions = Annotated[int, Strict(), Field(gt=0, le=MAX_POSITIONS)]
+Pixels = Annotated[int, Strict(), Field(gt=0, le=MAX_IMAGE_SIZE)]
+RGB = Annotated[list[Float], Field(min_length=3, max_length=3)]
+Dtype = Literal["float32", "float16", "bfloat16"]
+Activation = Literal["gelu", "gelu_tanh", "quick_gelu"]
+DetokenizerArchitecture = Literal["vqgan", "dvae"]
+
+DTYPES = get_args(Dtype)
+ACTIVATIONS = get_args(Activation)
+DETOKENIZER_ARCHITECTURES = get_args(DetokenizerArchitecture)
+
+SCHEMA = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
-def _check_type(value, tp, where: str):
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None and len(args) < len(typing.get_args(tp)):
-            return None
-        if len(args) == 1:  # X | None: report X's own error, not a generic type mismatch
-            return _check_type(value, args[0], where)
-        if isinstance(value, dict) and all(dataclasses.is_dataclass(a) for a in args):
-            # an object: parse it as the alternative it fits best (fewest unknown fields; a tie goes
-            # on to trying each), so that a bad value gets that config's own error message
-            unknown = [len(set(value) - {f.name for f in dataclasses.fields(a)}) for a in args]
-            if unknown.count(min(unknown)) == 1:
-                return _check_type(value, args[unknown.index(min(unknown))], where)
-        for arg in args:
-            try:
-                return _check_type(value, arg, where)
-            except CheckpointError:
-                continue
-        raise CheckpointError(f"{where}: {value!r} is not of type {tp}")
-    if tp is type(None):
-        if value is not None:
-            raise CheckpointError(f"{where}: expected null, got {value!r}")
-        return None
-    if origin in (list, tuple):
-        (item_tp, *_) = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise CheckpointError(f"{where}: expected a list, got {value!r}")
-        return [_check_type(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise CheckpointError(f"{where}: expected an object, got {value!r}")
-        return from_dict(tp, value, where)
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise CheckpointError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise CheckpointError(f"{where}: expected an integer, got {value!r}")
-    if not isinstance(value, tp):
-        raise CheckpointError(f"{where}: expected {tp.__name__}, got {value!r}")
-    return value
+def config(cls):
+    """A frozen pydantic dataclass with the schema's settings."""
+    return dataclass(frozen=True, config=SCHEMA)(cls)
 
 
-def from_dict(cls, data: dict, where: str = "config"):
-    """Build dataclass ``cls`` from ``data``, checking keys and types, then ``cls.validate()``."""
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise CheckpointError(f"{where}: unknown field(s) {', '.join(unknown)}")
-    kwargs = {}
-    for name, f in fields.items():
-        if name in data:
-            kwargs[name] = _check_type(data[name], hints[name], f"{where}.{name}")
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise CheckpointError(f"{where}: missing field {name!r}")
-    obj = cls(**kwargs)
-    obj.validate(where)
-    return obj
+@functools.cache
+def _adapter(cls) -> TypeAdapter:
+    return TypeAdapter(cls)
 
 
-def _positive(where: str, **values):
-    for name, v in values.items():
-        if v is None or v <= 0:
-            raise CheckpointError(f"{where}.{name} must be positive, got {v!r}")
+def from_dict(cls, data, where: str = "config"):
+    """Build config class ``cls`` from JSON data ``data`` (a dict): types, bounds, unknown and missing
+    fields, then the checks across fields; any problem raises one :class:`CheckpointError` line that
+    names the first bad field as ``where.a.b[0]``."""
+    try:
+        return _adapter(cls).validate_python(data)
+    except ValidationError as e:
+        raise CheckpointError(_error_line(e.errors()[0], where)) from None
 
 
-def _check_transformer(where: str, hidden_size: int, num_heads: int, activation: str):
+def _error_line(error: dict, where: str) -> str:
+    """One pydantic error as ``where.path: message``; an unknown or missing field is named in the
+    message (the path is its object), a ``_check`` failure keeps its own words."""
+    loc, kind = list(error["loc"]), error["type"]
+    if kind in ("unexpected_keyword_argument", "missing"):
+        name = loc.pop()
+        text = f"{'unknown' if kind == 'unexpected_keyword_argument' else 'missing'} field {name!r}"
+    elif kind == "value_error":
+        text = str(error["ctx"]["error"])
+    else:
+        text = error["msg"]
+    path = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc)
+    return " ".join(f"{where}{path}: {text}".split())
+
+
+def _field_names(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def _check_heads(hidden_size: int, num_heads: int):
     if hidden_size % num_heads:
-        raise CheckpointError(f"{where}: hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
-    if activation not in ACTIVATIONS:
-        raise CheckpointError(f"{where}.activation must be one of {ACTIVATIONS}, got {activation!r}")
+        raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
 
 
-@dataclass(frozen=True)
+@config
 class ViTConfig:
     """ViT image encoder (patch embedding + CLS token + learned positions + pre-LN blocks + final
     LayerNorm): ViT, BLIP's vision model, and with ``patch_bias`` off, ``pre_norm`` on and the
     quick GELU, the CLIP vision tower (GIT, ClipCap)."""
 
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    intermediate_size: int
-    image_size: int
-    patch_size: int
-    num_channels: int = 3
-    layer_norm_eps: float = 1e-12
-    activation: str = "gelu"
-    qkv_bias: bool = True
-    patch_bias: bool = True
-    pre_norm: bool = False  # CLIP's LayerNorm on the embeddings before the first block
+    hidden_size: Width
+    num_layers: Layers
+    num_heads: Width
+    intermediate_size: Width
+    image_size: Pixels
+    patch_size: Pixels
+    num_channels: Width = 3
+    layer_norm_eps: Positive = 1e-12
+    activation: Activation = "gelu"
+    qkv_bias: Bool = True
+    patch_bias: Bool = True
+    pre_norm: Bool = False  # CLIP's LayerNorm on the embeddings before the first block
 
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
 
-    def validate(self, where: str):
-        _positive(where, hidden_size=self.hidden_size, num_layers=self.num_layers,
-                  num_heads=self.num_heads, intermediate_size=self.intermediate_size,
-                  image_size=self.image_size, patch_size=self.patch_size,
-                  num_channels=self.num_channels, layer_norm_eps=self.layer_norm_eps)
-        _check_transformer(where, self.hidden_size, self.num_heads, self.activation)
+    @property
+    def blocks(self) -> int:
+        """Repeated blocks of the model (see :attr:`CaptioningConfig.blocks`)."""
+        return self.num_layers
+
+    @model_validator(mode="after")
+    def _check(self):
+        _check_heads(self.hidden_size, self.num_heads)
         if self.image_size % self.patch_size:
-            raise CheckpointError(f"{where}: image_size {self.image_size} is not divisible by patch_size {self.patch_size}")
+            raise ValueError(f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}")
+        return self
 
 
-@dataclass(frozen=True)
+@config
 class TextDecoderConfig:
     """The sizes every text decoder has; a family's config adds its own fields."""
 
-    vocab_size: int
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    intermediate_size: int
-    max_positions: int
-    layer_norm_eps: float
-    activation: str
+    vocab_size: Vocab
+    hidden_size: Width
+    num_layers: Layers
+    num_heads: Width
+    intermediate_size: Width
+    max_positions: Positions
+    layer_norm_eps: Positive
+    activation: Activation
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
-    def validate(self, where: str):
-        _positive(where, vocab_size=self.vocab_size, hidden_size=self.hidden_size,
-                  num_layers=self.num_layers, num_heads=self.num_heads,
-                  intermediate_size=self.intermediate_size, max_positions=self.max_positions,
-                  layer_norm_eps=self.layer_norm_eps)
-        _check_transformer(where, self.hidden_size, self.num_heads, self.activation)
+    @property
+    def blocks(self) -> int:
+        return self.num_layers
+
+    @model_validator(mode="after")
+    def _check(self):
+        _check_heads(self.hidden_size, self.num_heads)
+        return self
 
 
-@dataclass(frozen=True)
+@config
 class GPT2Config(TextDecoderConfig):
     """GPT-2 decoder: blocks ln_1 > attn, (ln_cross > cross-attn,) ln_2 > mlp. Without
     ``cross_attention`` the encoder states are a prefix of input embeddings (ClipCap)."""
 
-    layer_norm_eps: float = 1e-5
-    activation: str = "gelu_tanh"
-    scale_attn_weights: bool = True
-    scale_attn_by_inverse_layer_idx: bool = False
-    tie_word_embeddings: bool = True
-    cross_attention: bool = True
+    layer_norm_eps: Positive = 1e-5
+    activation: Activation = "gelu_tanh"
+    scale_attn_weights: Bool = True
+    scale_attn_by_inverse_layer_idx: Bool = False
+    tie_word_embeddings: Bool = True
+    cross_attention: Bool = True
 
 
-@dataclass(frozen=True)
+@config
 class BertConfig(TextDecoderConfig):
     """BERT-style post-LayerNorm text decoder (BLIP's text decoder, GIT's): embeddings + LayerNorm,
     blocks ``h = ln(h + attn(h)); (h = ln(h + cross(h));) h = ln(h + mlp(h))``, then the head.
@@ -179,90 +201,73 @@ class BertConfig(TextDecoderConfig):
     the vocabulary projection (BLIP); the projection is tied to the word embeddings when
     ``tie_word_embeddings`` and always has a bias."""
 
-    layer_norm_eps: float = 1e-12
-    activation: str = "gelu"
-    encoder_hidden_size: int | None = None
-    head_transform: bool = False
-    tie_word_embeddings: bool = False
-
-    def validate(self, where: str):
-        super().validate(where)
-        if self.encoder_hidden_size is not None:
-            _positive(where, encoder_hidden_size=self.encoder_hidden_size)
+    layer_norm_eps: Positive = 1e-12
+    activation: Activation = "gelu"
+    encoder_hidden_size: Width | None = None
+    head_transform: Bool = False
+    tie_word_embeddings: Bool = False
 
 
-@dataclass(frozen=True)
+@config
 class GenerationConfig:
     """Special token ids of text generation. ``decoder_start_token_id`` None: no start token, the
     first token follows the image prefix directly (ClipCap). ``include_eos``: the stop token is part
     of the text (ClipCap stops at its ".")."""
 
-    decoder_start_token_id: int | None
-    eos_token_id: int
-    pad_token_id: int
-    include_eos: bool = False
+    decoder_start_token_id: TokenId | None
+    eos_token_id: TokenId
+    pad_token_id: TokenId
+    include_eos: Bool = False
 
-    def validate(self, where: str):
-        for name in ("decoder_start_token_id", "eos_token_id", "pad_token_id"):
-            value = getattr(self, name)
-            if value is not None and value < 0:
-                raise CheckpointError(f"{where}.{name} must be >= 0")
+    @property
+    def special_ids(self) -> dict[str, int]:
+        """The token ids the decoder uses, by field name."""
+        ids = {"decoder_start_token_id": self.decoder_start_token_id, "eos_token_id": self.eos_token_id,
+               "pad_token_id": self.pad_token_id}
+        return {name: i for name, i in ids.items() if i is not None}
 
 
-@dataclass(frozen=True)
+@config
 class ImagePreprocessConfig:
     """Resize (PIL, ``resample`` is a PIL filter id) > rescale > normalize, as ViTImageProcessor and
     BlipImageProcessor do. With ``shortest_edge`` the resize keeps the aspect ratio and makes the
     shorter side that long, then a center crop cuts ``height x width`` (CLIPImageProcessor)."""
 
-    height: int
-    width: int
-    resample: int = 2
-    shortest_edge: int | None = None
-    do_resize: bool = True
-    do_rescale: bool = True
-    rescale_factor: float = 1 / 255
-    do_normalize: bool = True
-    image_mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
-    image_std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    height: Pixels
+    width: Pixels
+    resample: Annotated[int, Strict(), Field(ge=0, le=5)] = 2
+    shortest_edge: Pixels | None = None
+    do_resize: Bool = True
+    do_rescale: Bool = True
+    rescale_factor: Float = 1 / 255
+    do_normalize: Bool = True
+    image_mean: RGB = Field(default_factory=lambda: [0.5, 0.5, 0.5])
+    image_std: Annotated[list[Positive], Field(min_length=3, max_length=3)] = Field(
+        default_factory=lambda: [0.5, 0.5, 0.5])
 
-    def validate(self, where: str):
-        _positive(where, height=self.height, width=self.width)
-        if self.resample not in range(6):
-            raise CheckpointError(f"{where}.resample must be a PIL filter id 0..5, got {self.resample}")
-        if len(self.image_mean) != 3 or len(self.image_std) != 3 or min(self.image_std) <= 0:
-            raise CheckpointError(f"{where}: image_mean/image_std must be 3 values, std > 0")
+    @model_validator(mode="after")
+    def _check(self):
         if self.shortest_edge is not None and not (self.do_resize and max(self.height, self.width)
                                                    <= self.shortest_edge):
-            raise CheckpointError(f"{where}: a {self.height}x{self.width} center crop needs a resize whose "
-                                  f"shortest edge ({self.shortest_edge}) is at least as long")
+            raise ValueError(f"a {self.height}x{self.width} center crop needs a resize whose shortest edge "
+                             f"({self.shortest_edge}) is at least as long")
+        return self
 
 
-@dataclass(frozen=True)
+@config
 class CheckpointConfig:
-    """The fields every top-level checkpoint config starts with; a subclass names its ``TASK`` and
-    ``ARCHITECTURES`` and calls :meth:`validate_header` from its ``validate``."""
+    """The fields every top-level checkpoint config starts with; a subclass narrows ``task`` and
+    ``architecture`` to its own values and adds its parts."""
 
-    format: str
-    format_version: int
-    task: str
-    architecture: str
-    source_format: str
-    dtype: str
-
-    TASK: typing.ClassVar[str] = ""
-    ARCHITECTURES: typing.ClassVar[tuple[str, ...]] = ()
-
-    def validate_header(self, where: str):
-        if self.task != self.TASK:
-            raise CheckpointError(f"{where}.task must be {self.TASK!r}, got {self.task!r}")
-        if self.architecture not in self.ARCHITECTURES:
-            raise CheckpointError(f"{where}: unknown {self.TASK} architecture {self.architecture!r}")
-        if self.dtype not in DTYPES:
-            raise CheckpointError(f"{where}.dtype must be one of {DTYPES}, got {self.dtype!r}")
+    format: Literal["mmgen"]
+    format_version: Annotated[int, Strict(), Field(ge=1, le=FORMAT_VERSION)]
+    task: Str
+    architecture: Str
+    source_format: Str
+    dtype: Dtype
 
 
-@dataclass(frozen=True)
+@config
 class CaptioningConfig(CheckpointConfig):
     """An image-captioning checkpoint: a ViT-family image encoder and a text decoder.
 
@@ -276,139 +281,120 @@ class CaptioningConfig(CheckpointConfig):
       ``prefix_length`` GPT-2 input embeddings, a causal prefix of a GPT-2 without cross-attention.
     """
 
+    task: Literal["captioning"]
+    architecture: Literal["vit-gpt2", "blip", "git", "clipcap"]
     encoder: ViTConfig
     decoder: GPT2Config | BertConfig
     generation: GenerationConfig
     preprocess: ImagePreprocessConfig
-    enc_to_dec_proj: bool = False
-    projection_dim: int | None = None
-    mapper_sizes: list[int] = field(default_factory=list)
-    prefix_length: int = 0
+    enc_to_dec_proj: Bool = False
+    projection_dim: Width | None = None
+    mapper_sizes: Annotated[list[Width], Field(max_length=MAX_LAYERS)] = Field(default_factory=list)
+    prefix_length: Annotated[int, Strict(), Field(ge=0, le=MAX_POSITIONS)] = 0
 
-    TASK = "captioning"
-    ARCHITECTURES = ("vit-gpt2", "blip", "git", "clipcap")
-    DECODERS: typing.ClassVar[dict] = {"vit-gpt2": "GPT2Config", "blip": "BertConfig", "git": "BertConfig",
-                                       "clipcap": "GPT2Config"}
+    DECODERS: ClassVar[dict] = {"vit-gpt2": GPT2Config, "blip": BertConfig, "git": BertConfig,
+                                "clipcap": GPT2Config}
 
-    def validate(self, where: str):
-        self.validate_header(where)
+    @property
+    def blocks(self) -> int:
+        """Repeated blocks (layers, ResNet blocks) of the model: each holds at least one tensor, so
+        weights with fewer tensors cannot match, which the loader checks before building the model."""
+        return self.encoder.blocks + self.decoder.blocks + max(len(self.mapper_sizes) - 1, 0)
+
+    @field_validator("decoder", mode="wrap")
+    @classmethod
+    def _decoder_of_architecture(cls, value, handler, info: ValidationInfo):
+        """A JSON decoder object is read as the architecture's decoder family, so that its errors
+        are that family's; a config object given directly is checked by ``_check``."""
+        family = cls.DECODERS.get(info.data.get("architecture"))
+        if family is None or not isinstance(value, dict):
+            return handler(value)
+        (other,) = set(cls.DECODERS.values()) - {family}
+        foreign = sorted(value.keys() & (_field_names(other) - _field_names(family)))
+        if foreign:
+            raise ValueError(f"architecture {info.data['architecture']!r} needs a {family.__name__} decoder; "
+                             f"{foreign[0]!r} is a {other.__name__} field")
+        return _adapter(family).validate_python(value)
+
+    @model_validator(mode="after")
+    def _check(self):
         arch, enc, dec = self.architecture, self.encoder, self.decoder
-        if type(dec).__name__ != self.DECODERS[arch]:
-            raise CheckpointError(f"{where}.decoder: architecture {arch!r} needs a {self.DECODERS[arch]} decoder")
+        if type(dec) is not self.DECODERS[arch]:
+            raise ValueError(f"decoder: architecture {arch!r} needs a {self.DECODERS[arch].__name__} decoder")
         cross = dec.cross_attention if isinstance(dec, GPT2Config) else dec.encoder_hidden_size is not None
         if cross != (arch in ("vit-gpt2", "blip")):
-            raise CheckpointError(f"{where}.decoder: architecture {arch!r} "
-                                  f"{'needs' if arch in ('vit-gpt2', 'blip') else 'has no'} cross-attention")
+            raise ValueError(f"decoder: architecture {arch!r} "
+                             f"{'needs' if arch in ('vit-gpt2', 'blip') else 'has no'} cross-attention")
         if arch == "vit-gpt2" and not self.enc_to_dec_proj and enc.hidden_size != dec.hidden_size:
-            raise CheckpointError(f"{where}: encoder width {enc.hidden_size} != decoder width "
-                                  f"{dec.hidden_size} and no enc_to_dec_proj")
+            raise ValueError(f"encoder width {enc.hidden_size} != decoder width {dec.hidden_size} and no "
+                             f"enc_to_dec_proj")
         if self.enc_to_dec_proj and arch != "vit-gpt2":
-            raise CheckpointError(f"{where}: enc_to_dec_proj is a vit-gpt2 field")
+            raise ValueError("enc_to_dec_proj is a vit-gpt2 field")
         if arch == "blip" and dec.encoder_hidden_size != enc.hidden_size:
-            raise CheckpointError(f"{where}: the decoder cross-attends to {dec.encoder_hidden_size}-wide states "
-                                  f"but the encoder is {enc.hidden_size} wide")
+            raise ValueError(f"the decoder cross-attends to {dec.encoder_hidden_size}-wide states but the "
+                             f"encoder is {enc.hidden_size} wide")
         if arch == "clipcap":
-            _positive(where, projection_dim=self.projection_dim, prefix_length=self.prefix_length)
             m = self.mapper_sizes
-            if len(m) < 2 or min(m) <= 0 or m[0] != self.projection_dim or m[-1] != self.prefix_length * dec.hidden_size:
-                raise CheckpointError(f"{where}.mapper_sizes must run from projection_dim {self.projection_dim} to "
-                                      f"prefix_length x decoder width = {self.prefix_length * dec.hidden_size}, "
-                                      f"got {m}")
+            if (self.projection_dim is None or not self.prefix_length or len(m) < 2 or m[0] != self.projection_dim
+                    or m[-1] != self.prefix_length * dec.hidden_size):
+                raise ValueError(f"mapper_sizes must run from projection_dim {self.projection_dim} to "
+                                 f"prefix_length x decoder width = {self.prefix_length * dec.hidden_size}, got {m}")
         elif self.projection_dim is not None or self.mapper_sizes or self.prefix_length:
-            raise CheckpointError(f"{where}: projection_dim, mapper_sizes and prefix_length are clipcap fields")
+            raise ValueError("projection_dim, mapper_sizes and prefix_length are clipcap fields")
         if enc.num_channels != 3:
-            raise CheckpointError(f"{where}.encoder.num_channels must be 3 (RGB input), got {enc.num_channels}")
+            raise ValueError(f"encoder.num_channels must be 3 (RGB input), got {enc.num_channels}")
         p, size = self.preprocess, enc.image_size
         if (p.do_resize or p.shortest_edge) and (p.height, p.width) != (size, size):
-            raise CheckpointError(f"{where}.preprocess makes {p.height}x{p.width} images but the encoder takes "
-                                  f"{size}x{size}")
+            raise ValueError(f"preprocess makes {p.height}x{p.width} images but the encoder takes {size}x{size}")
         gen = self.generation
         if gen.decoder_start_token_id is None and arch != "clipcap":
-            raise CheckpointError(f"{where}.generation.decoder_start_token_id is required for {arch!r}")
-        for name in ("decoder_start_token_id", "eos_token_id", "pad_token_id"):
-            value = getattr(gen, name)
-            if value is not None and value >= dec.vocab_size:
-                raise CheckpointError(f"{where}.generation.{name} is outside the vocabulary of {dec.vocab_size}")
+            raise ValueError(f"generation.decoder_start_token_id is required for {arch!r}")
+        for name, value in gen.special_ids.items():
+            if value >= dec.vocab_size:
+                raise ValueError(f"generation.{name} is outside the vocabulary of {dec.vocab_size}")
+        return self
 
 
-@dataclass(frozen=True)
+@config
 class BartConfig:
     """One half of min-dalle's BART: pre- and post-LayerNorm attention blocks (bias-free), the GLU
     feed-forward, learned positions and LayerNorms after the embedding and at the end."""
 
-    vocab_size: int
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    glu_size: int
-    max_positions: int
-    layer_norm_eps: float = 1e-5
+    vocab_size: Vocab
+    hidden_size: Width
+    num_layers: Layers
+    num_heads: Width
+    glu_size: Width
+    max_positions: Positions
+    layer_norm_eps: Positive = 1e-5
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
-    def validate(self, where: str):
-        _positive(where, vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_layers=self.num_layers,
-                  num_heads=self.num_heads, glu_size=self.glu_size, max_positions=self.max_positions,
-                  layer_norm_eps=self.layer_norm_eps)
-        if self.hidden_size % self.num_heads:
-            raise CheckpointError(f"{where}: hidden_size {self.hidden_size} is not divisible by num_heads "
-                                  f"{self.num_heads}")
+    @property
+    def blocks(self) -> int:
+        return self.num_layers
+
+    @model_validator(mode="after")
+    def _check(self):
+        _check_heads(self.hidden_size, self.num_heads)
+        return self
 
 
-@dataclass(frozen=True)
+@config
 class ImageGenerationConfig:
     """How image tokens are generated: the decoder starts from ``bos_token_id`` and samples among codes
     ``0..image_vocab_size-1``, ``grid_size**2`` of them (row-major); the text rows are padded with
     ``text_pad_token_id`` to the encoder's ``max_positions``."""
 
-    bos_token_id: int
-    image_vocab_size: int
-    grid_size: int
-    text_pad_token_id: int = 1
-
-    def validate(self, where: str):
-        _positive(where, image_vocab_size=self.image_vocab_size, grid_size=self.grid_size)
-        if self.bos_token_id < 0 or self.text_pad_token_id < 0:
-            raise CheckpointError(f"{where}: token ids must be >= 0")
+    bos_token_id: TokenId
+    image_vocab_size: Vocab
+    grid_size: Annotated[int, Strict(), Field(gt=0, le=math.isqrt(MAX_POSITIONS))]
+    text_pad_token_id: TokenId = 1
 
 
-@dataclass(frozen=True)
-class TextToImageConfig(CheckpointConfig):
-    """A text-to-image checkpoint: min-dalle's BART encoder/decoder and an image detokenizer."""
-
-    encoder: BartConfig
-    decoder: BartConfig
-    generation: ImageGenerationConfig
-    detokenizer: "DetokenizerConfig"
-
-    TASK = "text-to-image"
-    ARCHITECTURES = ("dalle-bart",)
-
-    def validate(self, where: str):
-        self.validate_header(where)
-        enc, dec, gen = self.encoder, self.decoder, self.generation
-        if enc.hidden_size != dec.hidden_size:
-            raise CheckpointError(f"{where}: encoder width {enc.hidden_size} != decoder width {dec.hidden_size}")
-        if gen.grid_size ** 2 != dec.max_positions:
-            raise CheckpointError(f"{where}: a {gen.grid_size}x{gen.grid_size} token grid needs "
-                                  f"{gen.grid_size ** 2} decoder positions, the decoder has {dec.max_positions}")
-        if not gen.image_vocab_size <= dec.vocab_size or gen.bos_token_id >= dec.vocab_size:
-            raise CheckpointError(f"{where}.generation: image_vocab_size and bos_token_id must lie in the "
-                                  f"decoder's vocabulary of {dec.vocab_size}")
-        if gen.text_pad_token_id >= enc.vocab_size:
-            raise CheckpointError(f"{where}.generation.text_pad_token_id is outside the text vocabulary")
-        if gen.image_vocab_size > self.detokenizer.codebook_size:
-            raise CheckpointError(f"{where}: the decoder samples {gen.image_vocab_size} codes but the "
-                                  f"detokenizer has {self.detokenizer.codebook_size}")
-
-
-VQGAN_OUTPUTS = ("minus1_1", "0_1")
-DETOKENIZER_ARCHITECTURES = ("vqgan", "dvae")
-
-
-@dataclass(frozen=True)
+@config
 class VQGANConfig:
     """Taming-transformers VQGAN decoder: codebook -> post_quant_conv -> conv_in -> mid (ResNet,
     attention, ResNet) -> ``len(ch_mult)`` levels, highest first, of ``num_res_blocks + 1`` ResNet
@@ -417,56 +403,56 @@ class VQGANConfig:
     pixels: ``"minus1_1"`` ``clamp((x + 1) / 2, 0, 1)`` (taming), ``"0_1"`` ``clamp(x, 0, 1)``
     (min-dalle)."""
 
-    codebook_size: int
-    embed_dim: int
-    z_channels: int
-    ch: int
-    ch_mult: list[int]
-    num_res_blocks: int
-    attn_levels: list[int] = field(default_factory=list)
-    out_channels: int = 3
-    norm_groups: int = 32
-    norm_eps: float = 1e-6
-    output: str = "minus1_1"
+    codebook_size: Vocab
+    embed_dim: Width
+    z_channels: Width
+    ch: Width
+    ch_mult: Annotated[list[Width], Field(min_length=1, max_length=MAX_LEVELS)]
+    num_res_blocks: Annotated[int, Strict(), Field(ge=0, le=MAX_LAYERS)]  # taming allows 0: one block per level
+    attn_levels: Annotated[list[Int], Field(max_length=MAX_LEVELS)] = Field(default_factory=list)
+    out_channels: Width = 3
+    norm_groups: Width = 32
+    norm_eps: Positive = 1e-6
+    output: Literal["minus1_1", "0_1"] = "minus1_1"
 
     @property
     def downsample_factor(self) -> int:
         return 2 ** (len(self.ch_mult) - 1)
 
-    def validate(self, where: str):
-        _positive(where, codebook_size=self.codebook_size, embed_dim=self.embed_dim,
-                  z_channels=self.z_channels, ch=self.ch, norm_groups=self.norm_groups, norm_eps=self.norm_eps)
-        if self.num_res_blocks < 0:  # taming allows 0: one ResNet block per level
-            raise CheckpointError(f"{where}.num_res_blocks must be >= 0, got {self.num_res_blocks}")
-        if not self.ch_mult or min(self.ch_mult) <= 0:
-            raise CheckpointError(f"{where}.ch_mult must be a non-empty list of positive integers, got {self.ch_mult}")
+    @property
+    def blocks(self) -> int:
+        return len(self.ch_mult) * (self.num_res_blocks + 1)
+
+    @model_validator(mode="after")
+    def _check(self):
         levels = range(len(self.ch_mult))
         if len(set(self.attn_levels)) != len(self.attn_levels) or any(i not in levels for i in self.attn_levels):
-            raise CheckpointError(f"{where}.attn_levels must be distinct levels in 0..{len(self.ch_mult) - 1}, "
-                                  f"got {self.attn_levels}")
-        bad = sorted({self.ch * m for m in self.ch_mult if (self.ch * m) % self.norm_groups})
+            raise ValueError(f"attn_levels must be distinct levels in 0..{len(self.ch_mult) - 1}, "
+                             f"got {self.attn_levels}")
+        widths = [self.ch * m for m in self.ch_mult]
+        if max(widths) > MAX_WIDTH:
+            raise ValueError(f"level widths ch x ch_mult {widths} must be at most {MAX_WIDTH}")
+        bad = sorted({w for w in widths if w % self.norm_groups})
         if bad:
-            raise CheckpointError(f"{where}: channel count(s) {bad} are not divisible into {self.norm_groups} "
-                                  f"GroupNorm groups")
+            raise ValueError(f"channel count(s) {bad} are not divisible into {self.norm_groups} GroupNorm groups")
         if self.out_channels != 3:
-            raise CheckpointError(f"{where}.out_channels must be 3 (RGB), got {self.out_channels}")
-        if self.output not in VQGAN_OUTPUTS:
-            raise CheckpointError(f"{where}.output must be one of {VQGAN_OUTPUTS}, got {self.output!r}")
+            raise ValueError(f"out_channels must be 3 (RGB), got {self.out_channels}")
+        return self
 
 
-@dataclass(frozen=True)
+@config
 class DVAEConfig:
     """OpenAI DALL-E dVAE decoder: code embedding (the one-hot 1x1 input conv) -> ``group_count``
     groups of ``n_blk_per_group`` residual blocks, group ``g`` (1-based) ``n_hid * 2**(group_count
     - g)`` wide, a 2x nearest upsample after every group but the last -> ReLU + 1x1 conv to
     ``2 * output_channels`` (logit-Laplace location and scale; the location is the image)."""
 
-    vocab_size: int
-    n_init: int
-    n_hid: int
-    n_blk_per_group: int
-    group_count: int = 4
-    output_channels: int = 3
+    vocab_size: Vocab
+    n_init: Width
+    n_hid: Width
+    n_blk_per_group: Layers
+    group_count: Levels = 4
+    output_channels: Width = 3
 
     @property
     def downsample_factor(self) -> int:
@@ -477,22 +463,26 @@ class DVAEConfig:
         """Weight of a block's residual path: ``1 / (number of blocks)**2``."""
         return 1 / (self.group_count * self.n_blk_per_group) ** 2
 
-    def validate(self, where: str):
-        _positive(where, vocab_size=self.vocab_size, n_init=self.n_init, n_hid=self.n_hid,
-                  n_blk_per_group=self.n_blk_per_group, group_count=self.group_count)
+    @property
+    def blocks(self) -> int:
+        return self.group_count * self.n_blk_per_group
+
+    @model_validator(mode="after")
+    def _check(self):
         if self.n_hid % 4:
-            raise CheckpointError(f"{where}.n_hid must be a multiple of 4 (a block's hidden width is a "
-                                  f"quarter of its output), got {self.n_hid}")
+            raise ValueError(f"n_hid must be a multiple of 4 (a block's hidden width is a quarter of its "
+                             f"output), got {self.n_hid}")
         if self.output_channels != 3:
-            raise CheckpointError(f"{where}.output_channels must be 3 (RGB), got {self.output_channels}")
+            raise ValueError(f"output_channels must be 3 (RGB), got {self.output_channels}")
+        return self
 
 
-@dataclass(frozen=True)
+@config
 class DetokenizerConfig:
     """The image detokenizer: image token ids ``[B, h, w]`` -> pixels; exactly the sub-config named by
     ``architecture`` is set."""
 
-    architecture: str
+    architecture: DetokenizerArchitecture
     vqgan: VQGANConfig | None = None
     dvae: DVAEConfig | None = None
 
@@ -511,149 +501,198 @@ class DetokenizerConfig:
         """Number of distinct image token ids."""
         return self.vqgan.codebook_size if self.architecture == "vqgan" else self.dvae.vocab_size
 
-    def validate(self, where: str):
-        if self.architecture not in DETOKENIZER_ARCHITECTURES:
-            raise CheckpointError(f"{where}.architecture must be one of {DETOKENIZER_ARCHITECTURES}, "
-                                  f"got {self.architecture!r}")
+    @property
+    def blocks(self) -> int:
+        return self.model.blocks
+
+    @model_validator(mode="after")
+    def _check(self):
         for name in DETOKENIZER_ARCHITECTURES:
             if (getattr(self, name) is None) == (name == self.architecture):
-                raise CheckpointError(f"{where}: architecture {self.architecture!r} needs exactly the "
-                                      f"{self.architecture!r} sub-config ({name!r} is "
-                                      f"{'missing' if name == self.architecture else 'set too'})")
+                raise ValueError(f"architecture {self.architecture!r} needs exactly the {self.architecture!r} "
+                                 f"sub-config ({name!r} is {'missing' if name == self.architecture else 'set too'})")
+        return self
 
 
-@dataclass(frozen=True)
+@config
+class TextToImageConfig(CheckpointConfig):
+    """A text-to-image checkpoint: min-dalle's BART encoder/decoder and an image detokenizer."""
+
+    task: Literal["text-to-image"]
+    architecture: Literal["dalle-bart"]
+    encoder: BartConfig
+    decoder: BartConfig
+    generation: ImageGenerationConfig
+    detokenizer: DetokenizerConfig
+
+    @property
+    def blocks(self) -> int:
+        return self.encoder.blocks + self.decoder.blocks + self.detokenizer.blocks
+
+    @model_validator(mode="after")
+    def _check(self):
+        enc, dec, gen = self.encoder, self.decoder, self.generation
+        if enc.hidden_size != dec.hidden_size:
+            raise ValueError(f"encoder width {enc.hidden_size} != decoder width {dec.hidden_size}")
+        if gen.grid_size ** 2 != dec.max_positions:
+            raise ValueError(f"a {gen.grid_size}x{gen.grid_size} token grid needs {gen.grid_size ** 2} decoder "
+                             f"positions, the decoder has {dec.max_positions}")
+        if not gen.image_vocab_size <= dec.vocab_size or gen.bos_token_id >= dec.vocab_size:
+            raise ValueError(f"generation: image_vocab_size and bos_token_id must lie in the decoder's "
+                             f"vocabulary of {dec.vocab_size}")
+        if gen.text_pad_token_id >= enc.vocab_size:
+            raise ValueError("generation.text_pad_token_id is outside the text vocabulary")
+        if gen.image_vocab_size > self.detokenizer.codebook_size:
+            raise ValueError(f"the decoder samples {gen.image_vocab_size} codes but the detokenizer has "
+                             f"{self.detokenizer.codebook_size}")
+        return self
+
+
+@config
 class ImageDetokenizerConfig(CheckpointConfig):
     """A stand-alone image detokenizer checkpoint (a converted VQGAN or dVAE decoder)."""
 
+    task: Literal["image-detokenizer"]
+    architecture: DetokenizerArchitecture
     detokenizer: DetokenizerConfig
 
-    TASK = "image-detokenizer"
-    ARCHITECTURES = DETOKENIZER_ARCHITECTURES
+    @property
+    def blocks(self) -> int:
+        return self.detokenizer.blocks
 
-    def validate(self, where: str):
-        self.validate_header(where)
+    @model_validator(mode="after")
+    def _check(self):
         if self.architecture != self.detokenizer.architecture:
-            raise CheckpointError(f"{where}: architecture {self.architecture!r} differs from "
-                                  f"detokenizer.architecture {self.detokenizer.architecture!r}")
+            raise ValueError(f"architecture {self.architecture!r} differs from detokenizer.architecture "
+                             f"{self.detokenizer.architecture!r}")
+        return self
 
 
-@dataclass(frozen=True)
+@config
 class AudioEncoderConfig:
     """a2g-gpt's audio encoder: two Conv1d (kernel 3, stride 2, padding 1, exact GELU) over log-mel
     frames, learned positions, pre-LN transformer blocks, a final LayerNorm."""
 
-    n_mels: int
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    intermediate_size: int
-    max_positions: int
-    layer_norm_eps: float = 1e-5
+    n_mels: Width
+    hidden_size: Width
+    num_layers: Layers
+    num_heads: Width
+    intermediate_size: Width
+    max_positions: Positions
+    layer_norm_eps: Positive = 1e-5
 
-    def validate(self, where: str):
-        _positive(where, n_mels=self.n_mels, hidden_size=self.hidden_size, num_layers=self.num_layers,
-                  num_heads=self.num_heads, intermediate_size=self.intermediate_size,
-                  max_positions=self.max_positions, layer_norm_eps=self.layer_norm_eps)
-        _check_transformer(where, self.hidden_size, self.num_heads, "gelu")
+    @property
+    def blocks(self) -> int:
+        return self.num_layers
+
+    @model_validator(mode="after")
+    def _check(self):
+        _check_heads(self.hidden_size, self.num_heads)
+        return self
 
 
-@dataclass(frozen=True)
+@config
 class MotionVQConfig:
     """The decoder of a T2M-GPT-style motion VQ-VAE: codebook -> Conv1d -> ReLU -> ``levels`` x
     (ResStack with dilations ``growth**i`` reversed, nearest 2x upsample, Conv1d) -> Conv1d -> ReLU ->
     Conv1d to ``2 * joints`` normalized coordinates per frame."""
 
-    codebook_size: int
-    code_dim: int
-    width: int
-    depth: int
-    growth: int
-    joints: int = 52
-    levels: int = 2
+    codebook_size: Vocab
+    code_dim: Width
+    width: Width
+    depth: Layers
+    growth: Positions
+    joints: Width = 52
+    levels: Levels = 2
 
     @property
     def downsample_factor(self) -> int:
         return 2 ** self.levels
 
-    def validate(self, where: str):
-        _positive(where, codebook_size=self.codebook_size, code_dim=self.code_dim, width=self.width,
-                  depth=self.depth, growth=self.growth, joints=self.joints, levels=self.levels)
+    @property
+    def blocks(self) -> int:
+        return self.levels * self.depth
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.growth ** (self.depth - 1) > MAX_POSITIONS:
+            raise ValueError(f"the largest dilation growth**(depth - 1) = {self.growth}**{self.depth - 1} must be "
+                             f"at most {MAX_POSITIONS}")
+        return self
 
 
-GESTURE_FRONT_ENDS = ("log_mel_400",)
-
-
-@dataclass(frozen=True)
+@config
 class GestureConfig:
     """How audio becomes poses: the audio front end, the frame rate, the sliding windows (see
     :mod:`mmgen_engine.pipelines.gesture_windows`), the decoder's special tokens and the skeleton
     (parent of each joint, -1 for the root)."""
 
-    bos_token_id: int
-    eos_token_id: int
-    skeleton: list[int]
-    front_end: str = "log_mel_400"
-    sample_rate: int = 16000
-    fps: int = 15
-    window_frames: int = 64
-    seed_tokens: int = 4
+    bos_token_id: TokenId
+    eos_token_id: TokenId
+    skeleton: list[Int]
+    front_end: Str = "log_mel_400"
+    sample_rate: Positions = 16000
+    fps: Positions = 15
+    window_frames: Positions = 64
+    seed_tokens: Positions = 4
 
-    def validate(self, where: str):
-        _positive(where, fps=self.fps, window_frames=self.window_frames, seed_tokens=self.seed_tokens)
-        if self.front_end not in GESTURE_FRONT_ENDS or self.sample_rate != 16000:
-            raise CheckpointError(f"{where}: unsupported audio front end {self.front_end!r} at "
-                                  f"{self.sample_rate} Hz (log_mel_400 at 16000 Hz)")
+    @model_validator(mode="after")
+    def _check(self):
+        if (self.front_end, self.sample_rate) != ("log_mel_400", 16000):
+            raise ValueError(f"unsupported audio front end {self.front_end!r} at {self.sample_rate} Hz "
+                             f"(log_mel_400 at 16000 Hz)")
         if self.skeleton != PARENTS:
-            raise CheckpointError(f"{where}.skeleton: a2g-gpt's poses are the PATS 52-joint upper body; "
-                                  f"this skeleton differs")
+            raise ValueError("skeleton: a2g-gpt's poses are the PATS 52-joint upper body; this skeleton differs")
+        return self
 
 
-@dataclass(frozen=True)
+@config
 class SpeechToGestureConfig(CheckpointConfig):
     """A speech-to-gesture checkpoint (a2g-gpt): audio encoder, GPT-2 decoder with cross-attention
     over motion tokens, motion VQ decoder."""
 
+    task: Literal["speech-to-gesture"]
+    architecture: Literal["a2g-gpt"]
     audio_encoder: AudioEncoderConfig
     decoder: GPT2Config
     motion: MotionVQConfig
     gesture: GestureConfig
 
-    TASK = "speech-to-gesture"
-    ARCHITECTURES = ("a2g-gpt",)
-
     @property
     def window_tokens(self) -> int:
         return self.gesture.window_frames // self.motion.downsample_factor
 
-    def validate(self, where: str):
-        self.validate_header(where)
+    @property
+    def blocks(self) -> int:
+        return self.audio_encoder.blocks + self.decoder.blocks + self.motion.blocks
+
+    @model_validator(mode="after")
+    def _check(self):
         enc, dec, motion, g = self.audio_encoder, self.decoder, self.motion, self.gesture
         if not dec.cross_attention or enc.hidden_size != dec.hidden_size:
-            raise CheckpointError(f"{where}: the decoder must cross-attend to the {enc.hidden_size}-wide audio "
-                                  f"states")
+            raise ValueError(f"the decoder must cross-attend to the {enc.hidden_size}-wide audio states")
         if g.window_frames % motion.downsample_factor or g.seed_tokens >= self.window_tokens:
-            raise CheckpointError(f"{where}.gesture: a window of {g.window_frames} frames must be whole motion "
-                                  f"tokens ({motion.downsample_factor} frames each) and longer than its "
-                                  f"{g.seed_tokens} seed tokens")
+            raise ValueError(f"gesture: a window of {g.window_frames} frames must be whole motion tokens "
+                             f"({motion.downsample_factor} frames each) and longer than its {g.seed_tokens} "
+                             f"seed tokens")
         if dec.max_positions < self.window_tokens + 1:
-            raise CheckpointError(f"{where}: the decoder's {dec.max_positions} positions do not hold a window's "
-                                  f"{self.window_tokens} tokens after bos")
+            raise ValueError(f"the decoder's {dec.max_positions} positions do not hold a window's "
+                             f"{self.window_tokens} tokens after bos")
         ids = {g.bos_token_id, g.eos_token_id}
         if len(ids) != 2 or min(ids) < motion.codebook_size or max(ids) >= dec.vocab_size:
-            raise CheckpointError(f"{where}.gesture: bos and eos must be distinct ids after the "
-                                  f"{motion.codebook_size} motion codes, inside the vocabulary of {dec.vocab_size}")
+            raise ValueError(f"gesture: bos and eos must be distinct ids after the {motion.codebook_size} motion "
+                             f"codes, inside the vocabulary of {dec.vocab_size}")
         if len(g.skeleton) != motion.joints:
-            raise CheckpointError(f"{where}.gesture.skeleton has {len(g.skeleton)} joints, the motion decoder "
-                                  f"{motion.joints}")
+            raise ValueError(f"gesture.skeleton has {len(g.skeleton)} joints, the motion decoder {motion.joints}")
         mels = (g.sample_rate // 160) * (g.window_frames - g.seed_tokens * motion.downsample_factor)
         if mels % g.fps:
-            raise CheckpointError(f"{where}.gesture: windows of {g.window_frames} frames seeded with "
-                                  f"{g.seed_tokens} tokens do not start on a log-mel frame at {g.fps} fps")
+            raise ValueError(f"gesture: windows of {g.window_frames} frames seeded with {g.seed_tokens} tokens do "
+                             f"not start on a log-mel frame at {g.fps} fps")
         positions = math.ceil(math.ceil(math.ceil(g.window_frames * (g.sample_rate // 160) / g.fps) / 2) / 2)
         if enc.n_mels != 64 or enc.max_positions != positions:
-            raise CheckpointError(f"{where}.audio_encoder: a window gives {positions} states of 64 log-mel bins, "
-                                  f"the encoder takes {enc.max_positions} of {enc.n_mels}")
+            raise ValueError(f"audio_encoder: a window gives {positions} states of 64 log-mel bins, the encoder "
+                             f"takes {enc.max_positions} of {enc.n_mels}")
+        return self
 
 
 # task -> top-level config class; the one place a task name chooses a config type.

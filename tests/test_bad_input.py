@@ -98,7 +98,7 @@ def test_future_format_version(engine_dir, tmp_path, capsys, image_file):
 @pytest.mark.parametrize("edit,match", [
     (lambda c: c.update(format="other"), "not an mmgen checkpoint"),
     (lambda c: c.update(task="painting"), "unknown task"),
-    (lambda c: c["decoder"].update(num_heads="4"), "expected an integer"),
+    (lambda c: c["decoder"].update(num_heads="4"), "num_heads: Input should be a valid integer"),
     (lambda c: c["decoder"].update(num_heads=5), "not divisible"),
     (lambda c: c["encoder"].update(colour=1), "unknown field"),
     (lambda c: c["generation"].update(eos_token_id=10_000), "outside the vocabulary"),
@@ -290,7 +290,7 @@ def test_usage_errors_are_one_line(engine_dir, image_file):
 
 
 @pytest.mark.parametrize("file,edit,match", [
-    ("config.json", lambda c: c["encoder"].update(num_hidden_layers="2"), "expected an integer"),
+    ("config.json", lambda c: c["encoder"].update(num_hidden_layers="2"), "num_layers: Input should be a valid int"),
     ("config.json", lambda c: c.update(encoder=[1, 2]), "encoder"),
     ("config.json", lambda c: c["decoder"].update(n_embd=40), "has shape"),
     ("preprocessor_config.json", lambda c: c.update(size={"height": 48, "width": 48}), "makes 48x48 images"),

@@ -337,7 +337,7 @@ def dvae_pipe(dvae_engine):
     (lambda c: c.update(architecture="vqgan"), "differs from detokenizer.architecture"),
     (lambda c: c["detokenizer"]["dvae"].update(n_hid=66), "multiple of 4"),
     (lambda c: c["detokenizer"]["dvae"].update(n_blk_per_group=2), "missing tensor"),
-    (lambda c: c["detokenizer"]["dvae"].update(n_init="8"), "expected an integer"),
+    (lambda c: c["detokenizer"]["dvae"].update(n_init="8"), "n_init: Input should be a valid integer"),
 ])
 def test_invalid_detokenizer_checkpoint(dvae_engine, tmp_path, edit, match):
     ckpt = shutil.copytree(dvae_engine, tmp_path / "ckpt")

@@ -22,10 +22,10 @@ import PIL.Image
 import torch
 from tokenizers import Tokenizer
 
-from ..checkpoint import assign_weights, load_weights, torch_dtype
+from ..checkpoint import check_tokenizer, load_model
 from ..config import CaptioningConfig
 from ..errors import CheckpointError, InputError, one_line
-from ..models import ARCHITECTURES
+from ..models import build_model
 from ..runtime import CUDAGraphs, GraphedCall, SamplingParams, generate
 from ..runtime.layout import column_major_weights
 from ..runtime.limits import MAX_PROMPT_TOKENS, check_count, check_new_tokens, check_prompt
@@ -173,8 +173,9 @@ class CaptioningPipeline:
             tokenizer = Tokenizer.from_file(str(tok_file))
         except Exception as e:  # tokenizers raises plain Exception subclasses
             raise CheckpointError(f"{tok_file}: unreadable tokenizer ({one_line(e)})") from None
-        model = ARCHITECTURES[config.architecture](config, device="meta")
-        assign_weights(model, load_weights(path, device), str(path), torch_dtype(config.dtype), dtype)
+        check_tokenizer(str(tok_file), tokenizer.get_vocab(with_added_tokens=True).values(),
+                        config.decoder.vocab_size, config.generation.special_ids)
+        model = load_model(path, config, build_model, device, dtype)
         if device.type == "cpu":
             column_major_weights(model.decoder)
         return cls(model, tokenizer, config, device)

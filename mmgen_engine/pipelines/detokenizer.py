@@ -11,10 +11,10 @@ import numpy as np
 import PIL.Image
 import torch
 
-from ..checkpoint import assign_weights, load_weights, torch_dtype
+from ..checkpoint import load_model
 from ..config import ImageDetokenizerConfig
 from ..errors import InputError, one_line
-from ..models import build_detokenizer
+from ..models import build_model
 from ..runtime.layout import channels_last_weights
 from ..runtime.limits import MAX_IMAGE_TOKENS_PER_CALL, MAX_TOKEN_GRID_SIDE, check_count
 
@@ -89,8 +89,7 @@ class ImageDetokenizer:
     @classmethod
     def from_checkpoint(cls, path: Path, config: ImageDetokenizerConfig, device: torch.device,
                         dtype: torch.dtype | None) -> "ImageDetokenizer":
-        model = build_detokenizer(config.detokenizer, device="meta")
-        assign_weights(model, load_weights(path, device), str(path), torch_dtype(config.dtype), dtype)
+        model = load_model(path, config, build_model, device, dtype)
         channels_last_weights(model)
         return cls(model, config, device)
 

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import assign_weights, load_weights, torch_dtype
+from ..checkpoint import load_model
 from ..config import SpeechToGestureConfig
 from ..errors import InputError
-from ..models import ARCHITECTURES
+from ..models import build_model
 from ..runtime import CUDAGraphs, GraphedCall, SamplingParams, generate
 from ..runtime.layout import column_major_weights
 from .audio import LOG_MEL_HOP, LOG_MEL_N_FFT, AudioStream, log_mel_400, open_audio
@@ -62,8 +62,7 @@ class SpeechToGesturePipeline:
     @classmethod
     def from_checkpoint(cls, path: Path, config: SpeechToGestureConfig, device: torch.device,
                         dtype: torch.dtype | None) -> SpeechToGesturePipeline:
-        model = ARCHITECTURES[config.architecture](config, device="meta")
-        assign_weights(model, load_weights(path, device), str(path), torch_dtype(config.dtype), dtype)
+        model = load_model(path, config, build_model, device, dtype)
         if device.type == "cpu":
             column_major_weights(model.decoder)
         return cls(model, config, device)

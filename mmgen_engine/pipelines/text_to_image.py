@@ -21,10 +21,10 @@ from pathlib import Path
 import PIL.Image
 import torch
 
-from ..checkpoint import assign_weights, load_weights, torch_dtype
+from ..checkpoint import check_tokenizer, load_model
 from ..config import TextToImageConfig
 from ..errors import CheckpointError, InputError, one_line
-from ..models import ARCHITECTURES
+from ..models import build_model
 from ..runtime import CUDAGraphs, SamplingParams, generate_stream
 from ..runtime.layout import channels_last_weights, column_major_weights
 from ..runtime.limits import MAX_IMAGES_PER_CALL, check_count, check_int, check_prompt
@@ -99,8 +99,9 @@ class TextToImagePipeline:
     def from_checkpoint(cls, path: Path, config: TextToImageConfig, device: torch.device,
                         dtype: torch.dtype | None) -> "TextToImagePipeline":
         tokenizer = MinDalleTokenizer.from_files(path / "vocab.json", path / "merges.txt")
-        model = ARCHITECTURES[config.architecture](config, device="meta")
-        assign_weights(model, load_weights(path, device), str(path), torch_dtype(config.dtype), dtype)
+        check_tokenizer(str(path / "vocab.json"), tokenizer.vocab.values(), config.encoder.vocab_size,
+                        {"text_pad_token_id": config.generation.text_pad_token_id})
+        model = load_model(path, config, build_model, device, dtype)
         if device.type == "cpu":
             column_major_weights(model.decoder)
         channels_last_weights(model.detokenizer)
