@@ -63,12 +63,12 @@ class AudioStream:
         return self._blocks
 
     def resampled(self, rate: int) -> AudioStream:
-        """This audio at ``rate`` Hz (``self`` if it is already): ``ceil(frames * rate / self.rate)``
-        samples, equal to ``librosa.resample`` of the whole (see the module's docstring)."""
-        if rate == self.rate:
-            return self
+        """This audio at ``rate`` Hz, ``ceil(frames * rate / self.rate)`` samples, equal to
+        ``librosa.resample`` of the whole (see the module's docstring), and checked to be finite
+        (what the model is fed)."""
         frames = -(-self.frames * rate // self.rate)
-        return AudioStream(self.name, rate, frames, _resample_blocks(self._blocks, self.rate, rate, frames))
+        blocks = self._blocks if rate == self.rate else _resample_blocks(self._blocks, self.rate, rate, frames)
+        return AudioStream(self.name, rate, frames, _finite_blocks(blocks, self.name))
 
     def read(self) -> np.ndarray:
         """All the samples, in a new array ``[frames]``."""
@@ -91,6 +91,17 @@ def _resample_blocks(blocks: Iterator[np.ndarray], rate: int, target: int, frame
         yield out
     out = stream.resample_chunk(np.zeros(0, np.float32), last=True)[:left]
     yield np.concatenate([out, np.zeros(left - len(out), np.float32)])
+
+
+def _finite_blocks(blocks: Iterator[np.ndarray], name: str) -> Iterator[np.ndarray]:
+    """``blocks``, each checked to be finite: finite samples far beyond [-1, 1] (1e38 in a float
+    file, 1e300 in a float64 array) overflow float32 when mixed or resampled, and inf would reach
+    the model as NaN."""
+    for block in blocks:
+        if not np.isfinite(block).all():
+            raise InputError(f"{name}: samples too large (they overflow float32 when mixed or resampled); "
+                             f"audio must be floats in [-1, 1]")
+        yield block
 
 
 def open_audio(audio, sample_rate: int | None = None) -> AudioStream:
@@ -176,7 +187,9 @@ def _array_blocks(audio: np.ndarray) -> Iterator[np.ndarray]:
     step = max(1, BLOCK_SAMPLES // (audio.shape[1] if audio.ndim == 2 else 1))
     for start in range(0, audio.shape[0], step):
         block = audio[start:start + step]
-        yield to_mono(block) if block.ndim == 2 else np.ascontiguousarray(block, np.float32)
+        with np.errstate(over="ignore"):  # float64 beyond float32's range: inf, which the stream reports
+            block = to_mono(block) if block.ndim == 2 else np.ascontiguousarray(block, np.float32)
+        yield block
 
 
 def _check_array(audio: np.ndarray) -> np.ndarray:
@@ -213,8 +226,10 @@ def read_wav(path, mono: bool = False) -> tuple[np.ndarray, int]:
 
 
 def to_mono(samples: np.ndarray) -> np.ndarray:
-    """``[n, channels]`` -> ``[n]`` float32, the mean over channels."""
-    return samples.mean(axis=1, dtype=np.float32)
+    """``[n, channels]`` -> ``[n]`` float32, the mean over channels (a sum that overflows float32
+    gives inf quietly: the stream's finite check reports it)."""
+    with np.errstate(over="ignore"):
+        return samples.mean(axis=1, dtype=np.float32)
 
 
 def resample(x: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
