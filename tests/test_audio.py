@@ -306,11 +306,28 @@ def test_nan_found_while_streaming(tmp_path, monkeypatch):
     assert_one_line(e, path, "non-finite samples (NaN or inf) after 640 frames")
 
 
+def test_too_long_audio_is_refused_before_decoding(tmp_path):
+    """More than MAX_SECONDS (a day): a FLAC header declaring 2**36 - 1 frames, and an array (a
+    broadcast view: no memory behind it)."""
+    data = bytearray(encoded(np.zeros(1000, np.int16), 16000, "FLAC"))
+    data[21] |= 0x0F  # STREAMINFO's 36-bit total sample count, all ones
+    data[22:26] = b"\xff" * 4
+    path = write(tmp_path, bytes(data), "long.flac")
+    with pytest.raises(InputError) as e:
+        load_audio(path)
+    assert_one_line(e, path, "1.19e+03 hours of audio; at most 24 hours are accepted")
+    long = np.broadcast_to(np.zeros(1, np.float32), (24 * 3600 * 8000 + 1,))
+    with pytest.raises(InputError, match="audio array: 691200001 samples at 8000 Hz are 24 hours"):
+        load_audio(long, sample_rate=8000)
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(InputError, match="audio file not found"):
         read_wav(tmp_path / "missing.wav")
     with pytest.raises(InputError, match="is a directory"):
         load_audio(str(tmp_path))
+    with pytest.raises(InputError, match="not a usable path"):
+        load_audio("a\0.wav")
 
 
 @pytest.mark.parametrize("kind", ["fifo", "device", "link to a device"])
@@ -510,3 +527,5 @@ def test_load_audio_file_rate_mismatch(tmp_path):
     path = write(tmp_path, riff(PCM16, DATA))
     with pytest.raises(InputError, match="sample_rate=8000 given but the file is 16000 Hz"):
         load_audio(path, sample_rate=8000)
+    with pytest.raises(InputError, match="sample rate must be an integer"):
+        load_audio(path, sample_rate=np.array([16000, 16000]))

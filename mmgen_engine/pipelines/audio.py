@@ -41,6 +41,16 @@ from ..errors import InputError, one_line
 MIN_RATE, MAX_RATE = 1000, 384000
 MAX_CHANNELS = 32  # an array with more columns than this (and few rows) is taken for [channels, n]
 BLOCK_SAMPLES = 1 << 18  # samples (all channels) decoded per block: 1 MiB of float32
+# Longer audio is refused: a header that declares more is corrupt, and a day of speech already
+# makes 540 MB of poses.
+MAX_SECONDS = 24 * 3600
+
+
+def _check_length(frames: int, rate: int, what: str) -> None:
+    """InputError if ``frames`` at ``rate`` Hz last longer than ``MAX_SECONDS``."""
+    if frames > MAX_SECONDS * rate:
+        raise InputError(f"{what}: {frames} samples at {rate} Hz are {frames / rate / 3600:.3g} hours of audio; "
+                         f"at most {MAX_SECONDS // 3600} hours are accepted")
 
 
 def _check_rate(rate, what: str) -> int:
@@ -71,13 +81,9 @@ class AudioStream:
         return AudioStream(self.name, rate, frames, _finite_blocks(blocks, self.name))
 
     def read(self) -> np.ndarray:
-        """All the samples, in a new array ``[frames]``."""
-        out = np.empty(self.frames, np.float32)
-        done = 0
-        for block in self:
-            out[done:done + len(block)] = block
-            done += len(block)
-        return out
+        """All the samples, in a new array ``[frames]``, joined from the blocks as they come (memory
+        is taken for what is decoded, never for what a header declares)."""
+        return np.concatenate([np.zeros(0, np.float32), *self])
 
 
 def _resample_blocks(blocks: Iterator[np.ndarray], rate: int, target: int, frames: int) -> Iterator[np.ndarray]:
@@ -99,8 +105,8 @@ def _finite_blocks(blocks: Iterator[np.ndarray], name: str) -> Iterator[np.ndarr
     the model as NaN."""
     for block in blocks:
         if not np.isfinite(block).all():
-            raise InputError(f"{name}: samples too large (they overflow float32 when mixed or resampled); "
-                             f"audio must be floats in [-1, 1]")
+            raise InputError(f"{name}: samples too large or not finite (NaN or inf once mixed and resampled); "
+                             f"audio must be finite floats in [-1, 1]")
         yield block
 
 
@@ -111,6 +117,8 @@ def open_audio(audio, sample_rate: int | None = None) -> AudioStream:
     the file's."""
     if isinstance(audio, (str, os.PathLike)):
         path = Path(audio)
+        if sample_rate is not None:
+            sample_rate = _check_rate(sample_rate, "sample_rate")
         f = _open_file(path)
         if sample_rate is not None and sample_rate != f.samplerate:
             f.close()
@@ -120,7 +128,8 @@ def open_audio(audio, sample_rate: int | None = None) -> AudioStream:
         if sample_rate is None:
             raise InputError("audio arrays need a sample_rate")
         rate = _check_rate(sample_rate, "sample_rate")
-        return AudioStream("audio array", rate, audio.shape[0], _array_blocks(_check_array(audio)))
+        _check_array(audio, rate)
+        return AudioStream("audio array", rate, audio.shape[0], _array_blocks(audio))
     raise InputError(f"unsupported audio input of type {type(audio).__name__}; "
                      f"pass an audio file path or a float array")
 
@@ -135,10 +144,16 @@ def _open_file(path: Path) -> soundfile.SoundFile:
         raise InputError(f"{path}: audio file not found") from None
     except OSError as e:
         raise InputError(f"{path}: cannot open the audio file ({e.strerror})") from None
+    except ValueError as e:  # a NUL character in the path
+        raise InputError(f"{str(path)!r}: not a usable path ({e})") from None
     info = os.fstat(fd)
-    problem = ("is a directory, not an audio file" if stat.S_ISDIR(info.st_mode) else
-               "not a regular file (a FIFO, socket or device); pass an audio file"
-               if not stat.S_ISREG(info.st_mode) else "empty file" if info.st_size == 0 else None)
+    problem = None
+    if stat.S_ISDIR(info.st_mode):
+        problem = "is a directory, not an audio file"
+    elif not stat.S_ISREG(info.st_mode):
+        problem = "not a regular file (a FIFO, socket or device); pass an audio file"
+    elif info.st_size == 0:
+        problem = "empty file"
     if problem:
         os.close(fd)
         raise InputError(f"{path}: {problem}")
@@ -150,6 +165,7 @@ def _open_file(path: Path) -> soundfile.SoundFile:
         _check_rate(f.samplerate, str(path))
         if f.frames == 0:
             raise InputError(f"{path}: no audio samples")
+        _check_length(f.frames, f.samplerate, str(path))
     except InputError:
         f.close()
         raise
@@ -192,8 +208,9 @@ def _array_blocks(audio: np.ndarray) -> Iterator[np.ndarray]:
         yield block
 
 
-def _check_array(audio: np.ndarray) -> np.ndarray:
-    """A caller's audio array, checked: ``[n]`` or ``[n, channels]``, float32/64, finite, not empty."""
+def _check_array(audio: np.ndarray, rate: int) -> None:
+    """Checks a caller's audio array: ``[n]`` or ``[n, channels]``, float32/64, not empty, at most
+    ``MAX_SECONDS`` long at ``rate`` Hz, finite."""
     if audio.dtype not in (np.float32, np.float64):
         raise InputError(f"audio arrays must be float32 or float64 in [-1, 1], got {audio.dtype}; "
                          f"pass floats in [-1, 1] (e.g. int16 / 32768)")
@@ -204,25 +221,22 @@ def _check_array(audio: np.ndarray) -> np.ndarray:
                          f"(transpose it)")
     if audio.size == 0:
         raise InputError(f"no audio samples (array of shape {audio.shape})")
+    _check_length(audio.shape[0], rate, "audio array")
     step = max(1, BLOCK_SAMPLES // (audio.size // audio.shape[0]))  # in blocks: no array-sized mask
     if not all(np.isfinite(audio[i:i + step]).all() for i in range(0, audio.shape[0], step)):
         raise InputError("audio array has non-finite samples (NaN or inf)")
-    return audio
 
 
 def read_wav(path, mono: bool = False) -> tuple[np.ndarray, int]:
     """An audio file (any format :func:`open_audio` reads; the name is historical) -> ``(samples
     [n, channels] float32, sample rate)``, or with ``mono`` the channels' mean ``[n]``, mixed block
     by block (a long multichannel file is never held whole). Anything wrong with the file raises
-    InputError naming it."""
+    InputError naming it. The blocks are joined at the end (memory is taken for what is decoded,
+    never for what a header declares)."""
     path = Path(path)
     f = _open_file(path)
-    rate, out = f.samplerate, np.empty((f.frames,) if mono else (f.frames, f.channels), np.float32)
-    done = 0
-    for block in _file_blocks(f, path, mono):
-        out[done:done + len(block)] = block
-        done += len(block)
-    return out, rate
+    rate = f.samplerate
+    return np.concatenate(list(_file_blocks(f, path, mono))), rate
 
 
 def to_mono(samples: np.ndarray) -> np.ndarray:
