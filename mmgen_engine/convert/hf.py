@@ -6,7 +6,6 @@ pickled objects. Every failure is a one-line :class:`ConversionError` naming the
 """
 from __future__ import annotations
 
-import json
 import pickle
 import zipfile
 from pathlib import Path
@@ -21,17 +20,21 @@ from tokenizers.models import BPE, WordPiece
 from tokenizers.normalizers import BertNormalizer
 from tokenizers.pre_tokenizers import BertPreTokenizer, ByteLevel
 
+from .. import checkpoint
 from ..config import DTYPES
 from ..errors import ConversionError, one_line
 
+# A zip member (torch.save writes its members uncompressed) may unpack to at most this many bytes
+# more than it takes in the archive: a larger announced growth is a decompression bomb.
+MAX_INFLATION = 64 * 2 ** 20
+
 
 def read_json(path: Path) -> dict:
+    """The JSON object in ``path``, read with the checkpoint reader's bounds (size, nesting, finite
+    numbers)."""
     if not path.is_file():
         raise ConversionError(f"{path}: file not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConversionError(f"{path}: not valid JSON ({one_line(e)})") from None
+    data = checkpoint.read_json(path, ConversionError)
     if not isinstance(data, dict):
         raise ConversionError(f"{path}: expected a JSON object")
     return data
@@ -44,8 +47,9 @@ def read_weights(src: Path) -> dict[str, torch.Tensor]:
         return load_safetensors(single)
     if index.is_file():
         weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
-            raise ConversionError(f"{index}: weight_map must map tensor names to shard files")
+        if not isinstance(weight_map, dict) or not weight_map or not all(
+                isinstance(v, str) and v and Path(v).name == v for v in weight_map.values()):
+            raise ConversionError(f"{index}: weight_map must map tensor names to shard files beside it")
         shards = sorted(set(weight_map.values()))
         tensors: dict[str, torch.Tensor] = {}
         for name in shards:
@@ -66,11 +70,31 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise ConversionError(f"{path}: corrupt or truncated safetensors file ({one_line(e)})") from None
 
 
+def check_archive(path: Path) -> None:
+    """Refuse a zip archive (a ``torch.save`` file) whose central directory announces a member that
+    unpacks to more than :data:`MAX_INFLATION` bytes beyond its stored size, before anything is
+    unpacked; an unreadable directory is a corrupt file. Other files pass."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise ConversionError(f"{path}: corrupt or truncated PyTorch file ({one_line(e)})") from None
+    for info in infos:
+        if info.file_size - info.compress_size > MAX_INFLATION:
+            raise ConversionError(f"{path}: refused: zip member {info.filename!r} would unpack from "
+                                  f"{info.compress_size} to {info.file_size} bytes (a member may grow by at most "
+                                  f"{MAX_INFLATION} bytes)")
+
+
 def load_torch_object(path: Path, trust_pickle: bool | None = None):
     """The object ``torch.save`` wrote to ``path``, read with ``weights_only=True`` (plain tensors,
     containers and numbers; memory-mapped when the file allows). A file that holds other pickled
     objects is refused, or fully unpickled when ``trust_pickle`` is True; the refusal tells the user
-    about ``--trust-pickle`` when it is False, and not when it is None (a format that never needs it)."""
+    about ``--trust-pickle`` when it is False, and not when it is None (a format that never needs it).
+    A decompression bomb is refused first (:func:`check_archive`)."""
+    check_archive(path)
     try:
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)

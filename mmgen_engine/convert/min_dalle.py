@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import ConversionError
-from . import hf, taming_vqgan
+from . import hf, taming_vqgan, weights_file
 from .keymap import apply_rules, check_config, concat, count, finish, header, rule, shape
 
 NAME = "min-dalle"
@@ -80,13 +80,15 @@ def _files(src: Path) -> dict[str, Path]:
 
 
 def detect(src: Path) -> bool:
-    """A directory whose encoder state dict has min-dalle's GLU encoder layers."""
+    """A directory whose encoder state dict has min-dalle's GLU encoder layers (read from its pickle
+    without loading it)."""
     if not src.is_dir():
         return False
     try:
-        return "layers.0.glu.fc0.weight" in hf.load_torch(_files(src)["encoder"])
+        encoder = _files(src)["encoder"]
     except ConversionError:
         return False
+    return "layers.0.glu.fc0.weight" in weights_file.names(encoder)
 
 
 def _bart(tensors, where) -> dict:

@@ -5,7 +5,9 @@ a directory with exactly one such file in it.
 What a file is comes from its first bytes, never its name: safetensors starts with an 8-byte header
 length and a JSON object, a ``torch.save`` zip archive with ``PK``, a legacy one with the pickle
 protocol opcode. :func:`names` lists what a file holds without executing any of it (the safetensors
-header, or the strings and imported class names of the pickle), for converters' ``detect``.
+header, or the strings and imported class names of the pickle), for converters' ``detect``, reading
+a bounded amount: a zip archive's member sizes are checked before anything is unpacked and at most
+:data:`MAX_PICKLE_BYTES` of pickle are scanned.
 """
 from __future__ import annotations
 
@@ -13,10 +15,11 @@ import io
 import pickletools
 import struct
 import zipfile
+import zlib
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from ..errors import ConversionError
 from . import hf
@@ -25,6 +28,8 @@ ZIP_MAGIC = b"PK\x03\x04"
 PICKLE_PROTO = 0x80
 # legacy torch.save writes a magic number, the protocol version and system info before the object
 LEGACY_PICKLES = 4
+# the pickle bytes scanned for names (a state dict's pickle takes ~100 bytes per tensor)
+MAX_PICKLE_BYTES = 64 * 2 ** 20
 
 
 def kind(path: Path) -> str | None:
@@ -78,28 +83,38 @@ def read(src: Path, trust_pickle: bool) -> tuple[Path, dict[str, torch.Tensor]]:
 
 def names(src: Path) -> set[str]:
     """Tensor names of a safetensors file; string constants and imported ``module.Class`` names of a
-    torch file's pickle (which include a state dict's keys). Nothing is executed; an unreadable
-    source gives the empty set."""
+    torch file's pickle (which include a state dict's keys). Nothing is executed; a source that is
+    no single weights file, or an unreadable or corrupt one, gives the empty set; a decompression
+    bomb raises ConversionError (see :func:`hf.check_archive`)."""
     try:
         path = find(src)
+    except ConversionError:
+        return set()
+    try:
         what = kind(path)
         if what == "safetensors":
             with safe_open(str(path), "pt") as f:
                 return set(f.keys())
         if what == "torch":
             return _pickle_names(path)
-    except (ConversionError, OSError, ValueError, RuntimeError, zipfile.BadZipFile):
+    except (OSError, ValueError, RuntimeError, EOFError, NotImplementedError, SafetensorError, zipfile.BadZipFile,
+            zlib.error):  # NotImplementedError: an unknown zip compression; RuntimeError: an encrypted member
         pass
     return set()
 
 
 def _pickle_names(path: Path) -> set[str]:
+    """The names in the first :data:`MAX_PICKLE_BYTES` of the pickle(s) of torch file ``path``."""
     if zipfile.is_zipfile(path):
+        hf.check_archive(path)
         with zipfile.ZipFile(path) as z:
             pkl = [n for n in z.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
-            return _scan(io.BytesIO(z.read(pkl[0])), 1) if pkl else set()
+            if not pkl:
+                return set()
+            with z.open(pkl[0]) as f:
+                return _scan(io.BytesIO(f.read(MAX_PICKLE_BYTES)), 1)
     with open(path, "rb") as f:
-        return _scan(f, LEGACY_PICKLES)
+        return _scan(io.BytesIO(f.read(MAX_PICKLE_BYTES)), LEGACY_PICKLES)
 
 
 def _scan(stream, count: int) -> set[str]:
