@@ -269,8 +269,7 @@ def _check_memory(path: Path, header: dict[str, TensorInfo], device: torch.devic
         if free < limit:
             limit, what = free, f"the free memory of {device}"
     if needed > limit:
-        raise CheckpointError(f"{path}: the weights need {needed / 2 ** 30:.1f} GiB, more than {what} "
-                              f"({limit / 2 ** 30:.1f} GiB)")
+        raise CheckpointError(f"{path}: the weights need {needed:,} bytes, more than {what} of {limit:,} bytes")
 
 
 def is_checkpoint(path: Path) -> bool:

@@ -71,7 +71,7 @@ DETOKENIZER_ARCHITECTURES = get_args(DetokenizerArchitecture)
 SCHEMA = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
-def config(cls):
+def validated(cls):
     """A frozen pydantic dataclass with the schema's settings."""
     return dataclass(frozen=True, config=SCHEMA)(cls)
 
@@ -115,7 +115,7 @@ def _check_heads(hidden_size: int, num_heads: int):
         raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
 
 
-@config
+@validated
 class ViTConfig:
     """ViT image encoder (patch embedding + CLS token + learned positions + pre-LN blocks + final
     LayerNorm): ViT, BLIP's vision model, and with ``patch_bias`` off, ``pre_norm`` on and the
@@ -151,7 +151,7 @@ class ViTConfig:
         return self
 
 
-@config
+@validated
 class TextDecoderConfig:
     """The sizes every text decoder has; a family's config adds its own fields."""
 
@@ -178,7 +178,7 @@ class TextDecoderConfig:
         return self
 
 
-@config
+@validated
 class GPT2Config(TextDecoderConfig):
     """GPT-2 decoder: blocks ln_1 > attn, (ln_cross > cross-attn,) ln_2 > mlp. Without
     ``cross_attention`` the encoder states are a prefix of input embeddings (ClipCap)."""
@@ -191,7 +191,7 @@ class GPT2Config(TextDecoderConfig):
     cross_attention: Bool = True
 
 
-@config
+@validated
 class BertConfig(TextDecoderConfig):
     """BERT-style post-LayerNorm text decoder (BLIP's text decoder, GIT's): embeddings + LayerNorm,
     blocks ``h = ln(h + attn(h)); (h = ln(h + cross(h));) h = ln(h + mlp(h))``, then the head.
@@ -208,7 +208,7 @@ class BertConfig(TextDecoderConfig):
     tie_word_embeddings: Bool = False
 
 
-@config
+@validated
 class GenerationConfig:
     """Special token ids of text generation. ``decoder_start_token_id`` None: no start token, the
     first token follows the image prefix directly (ClipCap). ``include_eos``: the stop token is part
@@ -227,7 +227,7 @@ class GenerationConfig:
         return {name: i for name, i in ids.items() if i is not None}
 
 
-@config
+@validated
 class ImagePreprocessConfig:
     """Resize (PIL, ``resample`` is a PIL filter id) > rescale > normalize, as ViTImageProcessor and
     BlipImageProcessor do. With ``shortest_edge`` the resize keeps the aspect ratio and makes the
@@ -254,7 +254,7 @@ class ImagePreprocessConfig:
         return self
 
 
-@config
+@validated
 class CheckpointConfig:
     """The fields every top-level checkpoint config starts with; a subclass narrows ``task`` and
     ``architecture`` to its own values and adds its parts."""
@@ -267,7 +267,7 @@ class CheckpointConfig:
     dtype: Dtype
 
 
-@config
+@validated
 class CaptioningConfig(CheckpointConfig):
     """An image-captioning checkpoint: a ViT-family image encoder and a text decoder.
 
@@ -355,7 +355,7 @@ class CaptioningConfig(CheckpointConfig):
         return self
 
 
-@config
+@validated
 class BartConfig:
     """One half of min-dalle's BART: pre- and post-LayerNorm attention blocks (bias-free), the GLU
     feed-forward, learned positions and LayerNorms after the embedding and at the end."""
@@ -382,7 +382,7 @@ class BartConfig:
         return self
 
 
-@config
+@validated
 class ImageGenerationConfig:
     """How image tokens are generated: the decoder starts from ``bos_token_id`` and samples among codes
     ``0..image_vocab_size-1``, ``grid_size**2`` of them (row-major); the text rows are padded with
@@ -394,7 +394,7 @@ class ImageGenerationConfig:
     text_pad_token_id: TokenId = 1
 
 
-@config
+@validated
 class VQGANConfig:
     """Taming-transformers VQGAN decoder: codebook -> post_quant_conv -> conv_in -> mid (ResNet,
     attention, ResNet) -> ``len(ch_mult)`` levels, highest first, of ``num_res_blocks + 1`` ResNet
@@ -440,7 +440,7 @@ class VQGANConfig:
         return self
 
 
-@config
+@validated
 class DVAEConfig:
     """OpenAI DALL-E dVAE decoder: code embedding (the one-hot 1x1 input conv) -> ``group_count``
     groups of ``n_blk_per_group`` residual blocks, group ``g`` (1-based) ``n_hid * 2**(group_count
@@ -477,7 +477,7 @@ class DVAEConfig:
         return self
 
 
-@config
+@validated
 class DetokenizerConfig:
     """The image detokenizer: image token ids ``[B, h, w]`` -> pixels; exactly the sub-config named by
     ``architecture`` is set."""
@@ -514,7 +514,7 @@ class DetokenizerConfig:
         return self
 
 
-@config
+@validated
 class TextToImageConfig(CheckpointConfig):
     """A text-to-image checkpoint: min-dalle's BART encoder/decoder and an image detokenizer."""
 
@@ -548,7 +548,7 @@ class TextToImageConfig(CheckpointConfig):
         return self
 
 
-@config
+@validated
 class ImageDetokenizerConfig(CheckpointConfig):
     """A stand-alone image detokenizer checkpoint (a converted VQGAN or dVAE decoder)."""
 
@@ -568,7 +568,7 @@ class ImageDetokenizerConfig(CheckpointConfig):
         return self
 
 
-@config
+@validated
 class AudioEncoderConfig:
     """a2g-gpt's audio encoder: two Conv1d (kernel 3, stride 2, padding 1, exact GELU) over log-mel
     frames, learned positions, pre-LN transformer blocks, a final LayerNorm."""
@@ -591,7 +591,7 @@ class AudioEncoderConfig:
         return self
 
 
-@config
+@validated
 class MotionVQConfig:
     """The decoder of a T2M-GPT-style motion VQ-VAE: codebook -> Conv1d -> ReLU -> ``levels`` x
     (ResStack with dilations ``growth**i`` reversed, nearest 2x upsample, Conv1d) -> Conv1d -> ReLU ->
@@ -621,7 +621,7 @@ class MotionVQConfig:
         return self
 
 
-@config
+@validated
 class GestureConfig:
     """How audio becomes poses: the audio front end, the frame rate, the sliding windows (see
     :mod:`mmgen_engine.pipelines.gesture_windows`), the decoder's special tokens and the skeleton
@@ -646,7 +646,7 @@ class GestureConfig:
         return self
 
 
-@config
+@validated
 class SpeechToGestureConfig(CheckpointConfig):
     """A speech-to-gesture checkpoint (a2g-gpt): audio encoder, GPT-2 decoder with cross-attention
     over motion tokens, motion VQ decoder."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import pickletools
 import struct
+import warnings
 import zipfile
 import zlib
 from pathlib import Path
@@ -121,17 +122,19 @@ def _scan(stream, count: int) -> set[str]:
     """Strings and ``GLOBAL`` / ``STACK_GLOBAL`` names of the next ``count`` pickles in ``stream``."""
     found: set[str] = set()
     strings: list[str] = []
-    try:
-        for _ in range(count):
-            for op, arg, _pos in pickletools.genops(stream):
-                if isinstance(arg, str):
-                    if op.name == "GLOBAL":
-                        found.add(arg.replace(" ", "."))
-                    else:
-                        strings.append(arg)
-                        found.add(arg)
-                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-                    found.add(f"{strings[-2]}.{strings[-1]}")
-    except (ValueError, EOFError, struct.error, UnicodeDecodeError):
-        pass  # past the last pickle, or a damaged one: keep what was read
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # pickletools decoding odd STRING arguments
+        try:
+            for _ in range(count):
+                for op, arg, _pos in pickletools.genops(stream):
+                    if isinstance(arg, str):
+                        if op.name == "GLOBAL":
+                            found.add(arg.replace(" ", "."))
+                        else:
+                            strings.append(arg)
+                            found.add(arg)
+                    elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                        found.add(f"{strings[-2]}.{strings[-1]}")
+        except (ValueError, EOFError, struct.error, UnicodeDecodeError):
+            pass  # past the last pickle, or a damaged one: keep what was read
     return found
