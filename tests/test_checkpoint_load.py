@@ -156,6 +156,13 @@ def test_non_finite_weights_are_refused(ckpt, value, image_file, capsys):
     assert "decoder.ln_f.weight" in cli_error(capsys, ["caption", image_file, "--model", ckpt])
 
 
+def test_large_finite_weights_whose_sum_overflows_load(ckpt):
+    state = load_file(str(ckpt / "model.safetensors"))
+    state["decoder.ln_f.weight"][:2] = 3e38
+    save_file(state, str(ckpt / "model.safetensors"))
+    assert mm.load(ckpt).model.decoder.ln_f.weight[0] == 3e38
+
+
 def test_a_header_over_the_limit_is_refused_unread(ckpt):
     weights = ckpt / "model.safetensors"
     weights.write_bytes((2 ** 40).to_bytes(8, "little") + b"{}")
