@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import reprlib
 from typing import Annotated, ClassVar, Literal, get_args
 
 from pydantic import (
@@ -65,7 +66,6 @@ Activation = Literal["gelu", "gelu_tanh", "quick_gelu"]
 DetokenizerArchitecture = Literal["vqgan", "dvae"]
 
 DTYPES = get_args(Dtype)
-ACTIVATIONS = get_args(Activation)
 DETOKENIZER_ARCHITECTURES = get_args(DetokenizerArchitecture)
 
 SCHEMA = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -97,7 +97,7 @@ def _error_line(error: dict, where: str) -> str:
     loc, kind = list(error["loc"]), error["type"]
     if kind in ("unexpected_keyword_argument", "missing"):
         name = loc.pop()
-        text = f"{'unknown' if kind == 'unexpected_keyword_argument' else 'missing'} field {name!r}"
+        text = f"{'unknown' if kind == 'unexpected_keyword_argument' else 'missing'} field {reprlib.repr(name)}"
     elif kind == "value_error":
         text = str(error["ctx"]["error"])
     else:
