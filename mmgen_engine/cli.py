@@ -29,11 +29,13 @@ def _progress_bar(args, desc: str, unit: str):
     """Yields a ``progress(done, total)`` callback (``total`` may be None: unknown) that draws a
     tqdm bar on stderr, or None, no bar, with ``--quiet`` or when stderr is not a terminal (a log
     file or a pipe would fill with carriage returns). The bar is erased when the block ends, so
-    only the command's result (or its one-line error) stays on the screen."""
+    only the command's result (or its one-line error) stays on the screen. A ``unit`` of "B" counts
+    bytes, shown in KiB, MiB, GiB."""
     if args.quiet or not sys.stderr.isatty():
         yield None
         return
-    with tqdm(desc=desc, unit=unit, file=sys.stderr, leave=False, dynamic_ncols=True) as bar:
+    with tqdm(desc=desc, unit=unit, unit_scale=unit == "B", unit_divisor=1024, file=sys.stderr, leave=False,
+              dynamic_ncols=True) as bar:
         def progress(done: int, total: int | None) -> None:
             if total != bar.total:
                 bar.total = total
@@ -59,8 +61,9 @@ def _check_output_dir(path: Path) -> Path:
 def _convert(args) -> None:
     from . import convert
 
-    out = convert(args.src, args.out, source_format=args.source_format, dtype=args.dtype,
-                  trust_pickle=args.trust_pickle, overwrite=args.overwrite)
+    with _progress_bar(args, "converting", "B") as progress:
+        out = convert(args.src, args.out, source_format=args.source_format, dtype=args.dtype,
+                      trust_pickle=args.trust_pickle, overwrite=args.overwrite, progress=progress)
     print(f"converted {args.src} -> {out}")
 
 

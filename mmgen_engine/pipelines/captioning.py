@@ -76,7 +76,8 @@ def to_rgb(im: PIL.Image.Image) -> PIL.Image.Image:
         values = np.clip(np.asarray(im, dtype=np.int64), 0, 65535)
         im = PIL.Image.fromarray(((values + 128) // 257).astype(np.uint8), "L")
     elif im.mode == "F":
-        values = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0)
+        with np.errstate(invalid="ignore"):  # a signaling NaN warns when cast; it reads as 0 like any NaN
+            values = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0)
         im = PIL.Image.fromarray(np.round(np.clip(values, 0.0, 1.0) * 255).astype(np.uint8), "L")
     try:
         if "A" in im.getbands() or im.info.get("transparency") is not None:
