@@ -128,8 +128,8 @@ def front_end_peak(tmp_path, minutes: float) -> dict:
 
 def test_front_end_memory_does_not_grow_with_the_audio(tmp_path):
     """2 and 20 minutes of 48 kHz stereo: the audio front end's peak RSS above its setup differs by
-    less than 10 MB (measured 24.6 and 25.0 MB; the former whole-file path held 18 more minutes of
-    48 kHz mono float32 and 16 kHz copies: 300 MB more)."""
+    less than 10 MB (measured 22.3 and 23.9 MB, and 24.7 MB for 90 minutes; the former whole-file
+    path held the whole decoded and resampled audio: 18 more minutes is 300 MB more)."""
     short, long = front_end_peak(tmp_path, 2), front_end_peak(tmp_path, 20)
     assert long["windows"] > 9 * short["windows"]
     assert long["audio_mb"] - short["audio_mb"] < 10, (short, long)
