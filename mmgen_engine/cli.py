@@ -45,9 +45,8 @@ def _progress_bar(args, desc: str, unit: str):
         yield progress
 
 
-def _check_output_dir(path: Path) -> Path:
-    """``path`` if it is a directory, or can be made one, where this process may write; InputError
-    otherwise."""
+def _check_output_dir(path: Path) -> None:
+    """InputError unless ``path`` is a directory, or can be made one, where this process may write."""
     existing = path
     while not existing.exists() and existing != existing.parent:  # its nearest existing ancestor
         existing = existing.parent
@@ -55,7 +54,6 @@ def _check_output_dir(path: Path) -> Path:
         raise InputError(f"{path}: cannot make the output directory there ({existing} is not a directory)")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise InputError(f"{path}: cannot write there: no write permission in {existing}")
-    return path
 
 
 def _convert(args) -> None:
@@ -123,10 +121,10 @@ def _gesture(args) -> None:
     out = check_output_file(args.output, SUFFIXES)
     sampling = SamplingParams() if args.greedy else SamplingParams(
         do_sample=True, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    audio, rate = read_wav(args.audio, mono=True)  # read once (the MP4 carries it too), before the model loads
     pipe = load(args.model, device=args.device, dtype=args.dtype)
     if pipe.task != "speech-to-gesture":
         raise MMGenError(f"{args.model}: a {pipe.task} checkpoint, not a speech-to-gesture one")
-    audio, rate = read_wav(args.audio, mono=True)  # read once: the MP4 carries it too
     with _progress_bar(args, "gesture windows", "window") as progress:
         poses = pipe.generate(audio, rate, sampling=sampling, progress=progress)
     save_poses(out, poses, pipe.fps, audio=audio, sample_rate=rate)

@@ -164,6 +164,9 @@ def test_txt2img_request_limits_and_types(txt2img):
         txt2img.generate("a red circle", sampling={"top_k": 1})
     with pytest.raises(InputError, match="text_tokens rows"):
         txt2img.generate_tokens(txt2img.tokenize("a red circle").expand(300, -1))
+    for every in (0, -1, True, 2.5):
+        with pytest.raises(InputError, match=r"every must be an integer in \[1, 4096\]"):
+            next(txt2img.generate_stream("a red circle", every=every))
 
 
 def test_caption_limits_and_types(captioner):

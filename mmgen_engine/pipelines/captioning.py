@@ -59,7 +59,7 @@ def to_rgb(im: PIL.Image.Image) -> PIL.Image.Image:
     - 16-bit modes (``I;16``, ``I;16L``, ``I;16B``, ``I;16N``; what Pillow opens 16-bit grayscale
       PNGs as) map 0..65535 onto 0..255 (``round(v / 257)``, the inverse of the usual 8-to-16-bit
       ``v * 257``). ``I`` (32-bit integers) is read the same way, as 16-bit data: it is the mode
-      older Pillow versions give 16-bit PNG and TIFF files, and what ``I;16`` images convert to;
+      older Pillow versions give 16-bit grayscale PNGs, and what ``I;16`` images convert to;
       values outside 0..65535 are clipped. ``F`` (32-bit floats) is read as ``[0, 1]``, the
       convention of float images in numpy, torch and transformers' processors (which rescale
       floats by 255), clipped to it (NaN as 0).
@@ -97,7 +97,7 @@ def _decoded(im: PIL.Image.Image, where: str) -> PIL.Image.Image:
         im.load()
     # PIL's format decoders raise many types on corrupt data (OSError, SyntaxError, ValueError,
     # struct.error, EOFError, ...): every one means an unreadable image
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise InputError(f"{where}: unreadable image ({one_line(e)})") from None
     return to_rgb(im)
 
@@ -111,7 +111,7 @@ def load_image(image) -> PIL.Image.Image:
         with open_image_file(path) as f:
             try:
                 im = PIL.Image.open(f)  # PIL refuses decompression bombs here
-            except Exception as e:  # noqa: BLE001  (as in _decoded)
+            except Exception as e:  # any type, as in _decoded
                 raise InputError(f"{path}: unreadable image ({one_line(e)})") from None
             with im:
                 return _decoded(im, str(path))

@@ -212,8 +212,6 @@ class TextToImagePipeline:
                         every: int | None = STREAM_EVERY):
         """Like :meth:`generate`, yielding the partial images every ``every`` tokens (None: only the
         final ones), then the final ones."""
-        if every is not None:
-            check_int("every", every, 1, self.num_tokens)
         text, params = self._request(prompts, images_per_prompt, sampling)
         for tokens in self.generate_tokens_stream(text, params, every):
             yield to_pil(self.decode_tokens(self._partial(tokens)))

@@ -28,7 +28,7 @@ import torch
 from ..errors import InputError
 from .decoder import Decoder
 from .kv_cache import CrossKVCache, KVCache
-from .limits import check_new_tokens
+from .limits import MAX_NEW_TOKENS, check_int, check_new_tokens
 from .sampler import Sampler, SamplingParams, check_sampling
 
 # on CUDA, host reads of "all rows done?" happen every this many steps (each read is a sync)
@@ -137,6 +137,8 @@ def generate_stream(decoder: Decoder, prompt: torch.Tensor, encoder_states: torc
     _, _, _, max_positions = decoder.cache_geometry()
     max_new_tokens, min_new_tokens = check_new_tokens(max_new_tokens, min_new_tokens)
     check_sampling(sampling)
+    if every is not None:
+        check_int("every", every, 1, MAX_NEW_TOKENS)
     # the last new token is never fed back, so the model sees prefix + prompt + max_new_tokens - 1 positions
     fed = prefix + prompt_len + max_new_tokens - 1
     if fed > max_positions:

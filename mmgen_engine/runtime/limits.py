@@ -47,15 +47,10 @@ def show(value) -> str:
         return f"an integer of {value.bit_length()} bits"
 
 
-def is_int(value) -> bool:
-    """Whether ``value`` is a Python or numpy integer (a bool is not)."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def check_int(name: str, value, low: int, high: int) -> int:
-    """``value`` as an ``int`` if it is an integer (:func:`is_int`) in ``[low, high]``; otherwise
-    InputError naming ``name`` and the range."""
-    if not is_int(value) or not low <= value <= high:
+    """``value`` as an ``int`` if it is an integer (a Python or numpy integer; a bool is not) in
+    ``[low, high]``; otherwise InputError naming ``name`` and the range."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or not low <= value <= high:
         raise InputError(f"{name} must be an integer in [{low}, {high}], got {show(value)}")
     return int(value)
 
