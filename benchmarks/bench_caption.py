@@ -33,8 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import (add_device_arguments, checked_device, engine_info, format_table, machine_info,  # noqa: E402
-                    measure, write_json)
+from timing import add_device_arguments, checked_device, engine_info, format_table, machine_info, measure, write_json  # noqa: E402
 
 import mmgen_engine as mm  # noqa: E402
 
@@ -162,7 +161,7 @@ def build_hf_model(hf_dir: Path, spec: dict) -> None:
     size = enc["image_size"]
     torch.manual_seed(spec["seed"])
     if arch == "vit-gpt2":
-        from transformers import GPT2Config, ViTConfig, VisionEncoderDecoderConfig
+        from transformers import GPT2Config, VisionEncoderDecoderConfig, ViTConfig
 
         config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(
             ViTConfig(**enc), GPT2Config(**dec, bos_token_id=start, eos_token_id=eos,

@@ -32,8 +32,7 @@ from dall_e.utils import unmap_pixels
 from min_dalle.models import VQGanDetokenizer  # sets torch's thread count on import: before --threads
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import (add_device_arguments, checked_device, engine_info, format_table, machine_info,  # noqa: E402
-                    measure, write_json)
+from timing import add_device_arguments, checked_device, engine_info, format_table, machine_info, measure, write_json  # noqa: E402
 
 import mmgen_engine as mm  # noqa: E402
 from mmgen_engine.checkpoint import save_checkpoint  # noqa: E402

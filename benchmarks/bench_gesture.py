@@ -40,8 +40,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import (add_device_arguments, checked_device, engine_info, format_table, machine_info,  # noqa: E402
-                    measure, write_json)
+from timing import add_device_arguments, checked_device, engine_info, format_table, machine_info, measure, write_json  # noqa: E402
 
 import mmgen_engine as mm  # noqa: E402
 from mmgen_engine.pipelines.speech_to_gesture import DEFAULT_SAMPLING  # noqa: E402

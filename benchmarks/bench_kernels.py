@@ -4,13 +4,13 @@ Triton kernels and the reference (plain torch) - on the same inputs, at the shap
 GPT-2 small captioning (and of DALL·E Mini's gated GELU, the image decoders' code gathers).
 
 Each case reports µs per call (median of CUDA-graph replays, ``triton.testing.do_bench_cudagraph``,
-so launch gaps are not counted, as in the engine's captured decode step), the bytes the op must move at least (each input read once, each
-output written once), GB/s, and the fraction of the copy bandwidth measured in the same run (a
-device-to-device copy of 1 GiB, bytes read + written). The image decoders' convolutions (VQGAN and
-dVAE shapes, every input channels-last; the reference is cuDNN in the same dtype) and GroupNorm are
-timed too, convolutions with TFLOP/s. A markdown table is printed last, then, per op, which backend
-was fastest in how many of its cases (what the defaults on GPU in ops/registry.py should follow,
-benchmarks/RESULTS.md "Backend defaults"); all figures go to ``--json``.
+so launch gaps are not counted, as in the engine's captured decode step), the bytes the op must move at
+least (each input read once, each output written once), GB/s, and the fraction of the copy bandwidth
+measured in the same run (a device-to-device copy of 1 GiB, bytes read + written). The image decoders'
+convolutions (VQGAN and dVAE shapes, every input channels-last; the reference is cuDNN in the same
+dtype) and GroupNorm are timed too, convolutions with TFLOP/s. A markdown table is printed last, then,
+per op, which backend was fastest in how many of its cases (what the defaults on GPU in ops/registry.py
+should follow, benchmarks/RESULTS.md "Backend defaults"); all figures go to ``--json``.
 """
 from __future__ import annotations
 
@@ -86,7 +86,10 @@ def cases(dtype, device, quick: bool):
     for b in (1, 16):
         logits = rnd(b, vocab, dt=torch.float32)
         ones = torch.ones(b, device=device)
-        seeds, offset = torch.zeros(b, dtype=torch.int64, device=device), torch.zeros(1, dtype=torch.int64, device=device)
+        seeds, offset = (
+            torch.zeros(b, dtype=torch.int64, device=device),
+            torch.zeros(1, dtype=torch.int64, device=device),
+        )
         # a request without sampling: the engine tells the sampler (greedy=True, two launches)
         greedy = (logits, ones, torch.zeros(b, dtype=torch.int64, device=device), ones,
                   torch.zeros(b, dtype=torch.bool, device=device), seeds, offset, None, None, True)

@@ -10,7 +10,8 @@ token over a cache it rewrites, the cross-attention K/V recomputed each step). `
 only the first N of the 256 tokens on both sides (a full CPU run of Mini takes minutes). Each side is
 timed generating 1 token (encoder, prefill, first token, detokenizer) and N tokens; ``s_per_token``
 is ``(t(N) - t(1)) / (N - 1)`` and ``s_per_image_256`` is ``(t(1) + 255 * s_per_token) / images``,
-an extrapolation when N < 256 and a measurement at N = 256 (the default on CUDA). A markdown table is printed last; raw times and the machine go to ``--json``.
+an extrapolation when N < 256 and a measurement at N = 256 (the default on CUDA). A markdown table is
+printed last; raw times and the machine go to ``--json``.
 """
 from __future__ import annotations
 

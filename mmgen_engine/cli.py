@@ -115,19 +115,21 @@ def _txt2img(args) -> None:
 
 def _gesture(args) -> None:
     from . import SamplingParams, load
-    from .pipelines.audio import read_wav
+    from .pipelines.audio import open_audio, read_wav
     from .pipelines.poses import SUFFIXES, check_output_file, save_poses
 
     out = check_output_file(args.output, SUFFIXES)
     sampling = SamplingParams() if args.greedy else SamplingParams(
         do_sample=True, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    audio, rate = read_wav(args.audio, mono=True)  # read once (the MP4 carries it too), before the model loads
+    audio = open_audio(args.audio)  # the header checked before the model loads; decoded as windows need it
     pipe = load(args.model, device=args.device, dtype=args.dtype)
     if pipe.task != "speech-to-gesture":
         raise MMGenError(f"{args.model}: a {pipe.task} checkpoint, not a speech-to-gesture one")
     with _progress_bar(args, "gesture windows", "window") as progress:
-        poses = pipe.generate(audio, rate, sampling=sampling, progress=progress)
-    save_poses(out, poses, pipe.fps, audio=audio, sample_rate=rate)
+        poses = pipe.generate(audio, sampling=sampling, progress=progress)
+    # only an MP4 carries the speech: the whole file is read for it, after generation
+    speech = read_wav(args.audio, mono=True) if out.suffix.lower() == ".mp4" else (None, None)
+    save_poses(out, poses, pipe.fps, audio=speech[0], sample_rate=speech[1])
     print(f"{out}: {poses.shape[0]} frames of {poses.shape[1]} joints at {pipe.fps:g} fps")
 
 

@@ -39,9 +39,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import (
     GPT2Config,
     PreTrainedTokenizerFast,
-    ViTConfig,
     VisionEncoderDecoderConfig,
     VisionEncoderDecoderModel,
+    ViTConfig,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

@@ -732,7 +732,9 @@ def main() -> int:
     ap.add_argument("--embed-dim", type=int, default=32)
     ap.add_argument("--vq-ch", type=int, default=32)
     ap.add_argument("--vq-ch-mult", type=int, nargs="+", default=[1, 1, 1])
-    ap.add_argument("--vq-blocks", type=int, default=2, help="ResnetBlocks per decoder level (taming num_res_blocks + 1)")
+    ap.add_argument(
+        "--vq-blocks", type=int, default=2, help="ResnetBlocks per decoder level (taming num_res_blocks + 1)"
+    )
     ap.add_argument("--vq-steps", type=int, default=1200)
     ap.add_argument("--vq-batch", type=int, default=16)
     ap.add_argument("--vq-lr", type=float, default=2e-3)
@@ -783,7 +785,11 @@ def main() -> int:
         sd = torch.load(stage1, weights_only=True)
         encoder, quant = PatchEncoder(args.embed_dim), EMAQuantizer(args.codebook, args.embed_dim)
         detok = Detokenizer(args.codebook, args.embed_dim, args.vq_ch, tuple(args.vq_ch_mult), args.vq_blocks)
-        encoder.load_state_dict(sd["encoder"]), quant.load_state_dict(sd["quantizer"]), detok.load_state_dict(sd["detoker"])
+        (
+            encoder.load_state_dict(sd["encoder"]),
+            quant.load_state_dict(sd["quantizer"]),
+            detok.load_state_dict(sd["detoker"]),
+        )
         encoder.eval(), quant.eval(), detok.eval()
         print(f"stage 1: loaded {stage1}")
     else:

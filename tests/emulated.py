@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pybind11
 import pytest
-
 from test_simt import NATIVE, cuda_include_dir
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,12 +11,11 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from hf_models import IMAGE, make_model, save
 
 import mmgen_engine as mm
 from mmgen_engine import CheckpointError, ConversionError, InputError, SamplingParams
 from mmgen_engine.cli import main
-
-from hf_models import IMAGE, make_model, save
 
 
 @pytest.fixture(scope="module")

@@ -96,7 +96,12 @@ def test_bench_linear_quick(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())
     assert _positive(data["read_ceiling_GBps"])
-    assert sorted({(r["impl"], r["rows"]) for r in data["results"]}) == [("engine", 1), ("engine", 8), ("peer", 1), ("peer", 8)]
+    assert sorted({(r["impl"], r["rows"]) for r in data["results"]}) == [
+        ("engine", 1),
+        ("engine", 8),
+        ("peer", 1),
+        ("peer", 8),
+    ]
     for r in data["results"]:
         assert _positive(r["us"]) and _positive(r["GBps"]) and r["of_ceiling"] == r["GBps"] / data["read_ceiling_GBps"]
 
@@ -124,9 +129,32 @@ def test_bench_detok_quick(tmp_path):
 def test_bench_txt2img_quick(tmp_path):
     pytest.importorskip("min_dalle")
     out = tmp_path / "t2i.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_txt2img.py"), "--quick", "--device", "cpu",
-                           "--threads", "1", "--tokens", "4", "--grid", "2", "--repeats", "1", "--warmup", "1",
-                           "--cache-dir", str(tmp_path), "--json", str(out)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "bench_txt2img.py"),
+            "--quick",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--tokens",
+            "4",
+            "--grid",
+            "2",
+            "--repeats",
+            "1",
+            "--warmup",
+            "1",
+            "--cache-dir",
+            str(tmp_path),
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "min-dalle/engine" in proc.stdout.strip().splitlines()[-1]
     data = json.loads(out.read_text())
@@ -203,8 +231,9 @@ def test_bench_kernels_times_every_backend_of_each_case():
     """bench_kernels needs a GPU to time; its cases build on CPU too: each names the backends it times
     (the reference always; Triton where installed; the CUDA kernels where the library has them), and
     the per-op summary counts each case's winner."""
-    import torch
     import bench_kernels
+    import torch
+
     from mmgen_engine.ops import registry
 
     seen = {}

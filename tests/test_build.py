@@ -106,9 +106,11 @@ def test_cpu_only_build_without_nvcc(tmp_path):
                               text=True, timeout=600)
     assert compiled.returncode == 0, compiled.stdout[-2000:] + compiled.stderr[-2000:]
     (module,) = out.glob("_C*.so")
-    probe = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('mmgen_engine._C', sys.argv[1]); "
-             "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
-             "print(m.cuda, hasattr(m, 'decode_attention'), m.cuda_archs)")
+    probe = (
+        "import importlib.util, sys; spec = importlib.util.spec_from_file_location('mmgen_engine._C', sys.argv[1]); "
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
+        "print(m.cuda, hasattr(m, 'decode_attention'), m.cuda_archs)"
+    )
     run = subprocess.run([sys.executable, "-c", probe, str(module)], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["False", "False", "()"]
@@ -139,7 +141,9 @@ def test_cpp_program_links_the_installed_native_library(tmp_path):
     run([cmake, "-S", ROOT, "-B", build, "-DMMGEN_PYTHON=OFF", "-DMMGEN_CUDA=1", "-DMMGEN_CUDA_ARCHS=80"])
     run([cmake, "--build", build, "--parallel", "2"])
     run([cmake, "--install", build, "--prefix", prefix])
-    assert (prefix / "lib" / "libmmgen_native.a").is_file() and (prefix / "include/mmgen/kernels/sampling.cuh").is_file()
+    assert (prefix / "lib" / "libmmgen_native.a").is_file() and (
+        prefix / "include/mmgen/kernels/sampling.cuh"
+    ).is_file()
     cudart = next(Path(line.split("=", 1)[1]) for line in (build / "CMakeCache.txt").read_text().splitlines()
                   if line.startswith("CUDA_cudart_static_LIBRARY"))
     exe = tmp_path / "embed_check"

@@ -15,14 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from hf_models import make_model, save
 from safetensors.torch import load_file
 
 import mmgen_engine as mm
 from mmgen_engine import ConversionError, InputError
 from mmgen_engine.checkpoint import read_header, remove_stale_writes, write_safetensors
 from mmgen_engine.convert.hf import MAX_INFLATION
-
-from hf_models import make_model, save
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from hf_models import make_model, save
 from hypothesis import given
 from hypothesis import strategies as st
 
 import mmgen_engine as mm
 from mmgen_engine import MMGenError
-
-from hf_models import make_model, save
 
 SLOW = 30  # seconds: an example taking longer counts as a hang
 

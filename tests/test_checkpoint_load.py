@@ -16,6 +16,7 @@ import PIL.Image
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_bad_input import cli_error
 from tokenizers import Tokenizer, models
 
 import mmgen_engine as mm
@@ -23,8 +24,6 @@ import mmgen_engine.checkpoint as checkpoint
 from mmgen_engine import CheckpointError
 from mmgen_engine.checkpoint import is_checkpoint, load_model, read_config, read_header
 from mmgen_engine.config import CaptioningConfig, from_dict
-
-from test_bad_input import cli_error
 
 DEMO_VOCAB = 316  # the demo captioner's decoder vocabulary; its start, eos and pad id is 0
 

@@ -7,10 +7,9 @@ import sys
 
 import numpy as np
 import PIL.Image
+from hf_models import make_model, save
 
 import mmgen_engine as mm
-
-from hf_models import make_model, save
 
 
 def run(*args):

@@ -6,13 +6,27 @@ import json
 
 import pytest
 import torch
+from hf_models import (
+    BERT_CLS,
+    BERT_PAD,
+    BERT_SEP,
+    BLIP_BOS,
+    CLIPCAP_STOP,
+    IMAGE,
+    clipcap_prefix,
+    engine_logits,
+    make_blip,
+    make_clipcap,
+    make_git,
+    make_wordpiece_tokenizer,
+    padded,
+    save_blip,
+    save_clipcap,
+    save_git,
+)
 
 import mmgen_engine as mm
 from mmgen_engine.errors import ConversionError, InputError
-
-from hf_models import (BERT_CLS, BERT_PAD, BERT_SEP, BLIP_BOS, CLIPCAP_STOP, IMAGE, clipcap_prefix, engine_logits,
-                       make_blip, make_clipcap, make_git, make_wordpiece_tokenizer, padded, save_blip, save_clipcap,
-                       save_git)
 
 PROMPT = "w5 W6 w7"  # the tokenizer lower-cases: ids 5, 6, 7
 PROMPT_IDS = [5, 6, 7]

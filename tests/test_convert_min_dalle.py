@@ -14,11 +14,10 @@ import PIL.Image
 import pytest
 import torch
 from torch import nn
+from upstream import import_upstream
 
 import mmgen_engine as mm
 from mmgen_engine.runtime import CrossKVCache, KVCache
-
-from upstream import import_upstream
 
 min_dalle_models = import_upstream("min_dalle.models")
 TextTokenizer = import_upstream("min_dalle.text_tokenizer").TextTokenizer
@@ -72,8 +71,11 @@ def tiny_detoker(codebook, seed):
     with torch.no_grad():
         dec.conv_out.weight.mul_(0.3)
         dec.conv_out.bias.fill_(0.5)
-    state = {"embedding.weight": emb.weight.detach(), **{f"post_quant_conv.{k}": v for k, v in post.state_dict().items()},
-             **{f"decoder.{k}": v for k, v in dec.state_dict().items()}}
+    state = {
+        "embedding.weight": emb.weight.detach(),
+        **{f"post_quant_conv.{k}": v for k, v in post.state_dict().items()},
+        **{f"decoder.{k}": v for k, v in dec.state_dict().items()},
+    }
 
     @torch.no_grad()
     def pixels(tokens):  # [B, h, w]
@@ -244,7 +246,9 @@ def test_generate_images_stream_and_seeds(converted):
         assert not torch.is_inference_mode_enabled()  # the caller's code between yields runs normally
         stream.append(partial)
     assert len(stream) == IMAGE_TOKENS // 64  # partial images after 64, 128 and 192 tokens, then the final ones
-    assert np.asarray(stream[-1][0]).tobytes() == np.asarray(pipe.generate("a red circle", sampling=params)[0]).tobytes()
+    assert (
+        np.asarray(stream[-1][0]).tobytes() == np.asarray(pipe.generate("a red circle", sampling=params)[0]).tobytes()
+    )
 
 
 def test_small_image_vocabularies_start_from_the_extra_row(tmp_path):
@@ -275,8 +279,9 @@ def test_bad_text_tokens_are_rejected(converted):
 
 
 def test_txt2img_cli_writes_a_grid_and_rejects_bad_options(converted, tmp_path, capsys):
-    from mmgen_engine.cli import main
     from test_bad_input import cli_error
+
+    from mmgen_engine.cli import main
 
     capsys.readouterr()  # whatever importing the helpers printed
     model = converted[2]

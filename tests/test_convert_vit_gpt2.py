@@ -5,11 +5,10 @@ import json
 
 import pytest
 import torch
+from hf_models import EOS, IMAGE, PAD, START, make_model, save
 
 import mmgen_engine as mm
 from mmgen_engine.runtime import CrossKVCache, KVCache
-
-from hf_models import EOS, IMAGE, PAD, START, make_model, save
 
 
 def convert_and_load(model, tmp_path, names="v4", weights="safetensors", dtype=None):

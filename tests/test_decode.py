@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hf_models import IMAGE, make_blip, make_clipcap, make_git, make_model, save, save_blip, save_clipcap, save_git
 
 import mmgen_engine as mm
 from mmgen_engine import SamplingParams
-
-from hf_models import IMAGE, make_blip, make_clipcap, make_git, make_model, save, save_blip, save_clipcap, save_git
 
 pytest.importorskip("triton")
 

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from upstream import import_upstream
 
 import mmgen_engine as mm
 from mmgen_engine.demo.world import COLORS, RELATIONS, SHAPES
-
-from upstream import import_upstream
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [f"a {c} {s}" for c in COLORS for s in SHAPES]  # the 18 one-object prompts

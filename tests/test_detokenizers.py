@@ -11,6 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from test_bad_input import cli_error
+from upstream import import_upstream
 
 import mmgen_engine as mm
 from mmgen_engine import CheckpointError, ConversionError, InputError
@@ -19,9 +21,6 @@ from mmgen_engine.convert.taming_vqgan import vqgan_from_tensors
 from mmgen_engine.models import build_detokenizer
 from mmgen_engine.pipelines.detokenizer import check_image_tokens, to_pil
 from mmgen_engine.runtime.layout import channels_last_weights
-
-from test_bad_input import cli_error
-from upstream import import_upstream
 
 ATOL = 1e-4  # pixels in [0, 1], fp32 on CPU
 

@@ -10,12 +10,11 @@ import math
 
 import pytest
 import torch
+from test_ops import relative_error
 
 from mmgen_engine import ops
 from mmgen_engine.ops.attention import decode_attention_reference
 from mmgen_engine.ops.embedding import embedding_reference, token_gather_reference
-
-from test_ops import relative_error
 
 triton = pytest.importorskip("triton")
 from mmgen_engine.kernels import activation, decode_attention, embedding, norm  # noqa: E402
@@ -117,7 +116,9 @@ def check_token_gather(shape, vocab, dim, with_bias, dtype, device, fn=embedding
     tokens = torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(vocab)).to(device)
     table = rand(vocab, dim, dtype=dtype, device=device, seed=1)
     bias = rand(dim, dtype=dtype, device=device, seed=2) if with_bias else None
-    assert torch.equal(fn(tokens, table, bias), token_gather_reference(tokens, table, bias))  # a copy (+ one rounded add)
+    assert torch.equal(
+        fn(tokens, table, bias), token_gather_reference(tokens, table, bias)
+    )  # a copy (+ one rounded add)
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)

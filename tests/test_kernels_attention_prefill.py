@@ -11,10 +11,9 @@ import math
 
 import pytest
 import torch
+from test_ops import relative_error
 
 from mmgen_engine import BackendError, ops
-
-from test_ops import relative_error
 
 pytest.importorskip("triton")
 from mmgen_engine.kernels import flash_attention  # noqa: E402  (needs triton)

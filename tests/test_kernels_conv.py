@@ -13,11 +13,10 @@ import itertools
 
 import pytest
 import torch
+from test_ops import relative_error
 
 from mmgen_engine import BackendError, ops
 from mmgen_engine.ops.conv import conv2d_reference, group_norm_reference
-
-from test_ops import relative_error
 
 pytest.importorskip("triton")
 from mmgen_engine.kernels import conv  # noqa: E402  (needs triton)
@@ -130,8 +129,16 @@ def test_large_mean_groupnorm_statistics_stay_accurate():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("b,c,h,w,groups,act", [(1, 3, 1, 1, 1, None), (3, 6, 7, 9, 2, "silu"), (2, 40, 9, 9, 4, "relu"),
-                                                (1, 32, 3, 5, 32, "silu"), (2, 512, 2, 3, 32, None)])
+@pytest.mark.parametrize(
+    "b,c,h,w,groups,act",
+    [
+        (1, 3, 1, 1, 1, None),
+        (3, 6, 7, 9, 2, "silu"),
+        (2, 40, 9, 9, 4, "relu"),
+        (1, 32, 3, 5, 32, "silu"),
+        (2, 512, 2, 3, 32, None),
+    ],
+)
 def test_group_norm(b, c, h, w, groups, act, dtype):
     x = rand(b, c, h, w, dtype=dtype, seed=2, scale=3.0)
     if c % 2 == 0:  # the others stay NCHW

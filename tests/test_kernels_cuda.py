@@ -9,20 +9,19 @@ outside the vocabulary, lengths beyond the cache) are tested to fail before any 
 """
 from __future__ import annotations
 
-import pytest
-import torch
-
 import emulated
+import pytest
+import test_kernels
+import torch
+from test_kernels import close, rand
+from test_kernels_sampling import CASES, grid_params, make_logits
+
 from mmgen_engine import ops
 from mmgen_engine.errors import BackendError, InputError
 from mmgen_engine.ops import cuda_ops, registry
 from mmgen_engine.ops.attention import decode_attention_reference
 from mmgen_engine.ops.norm import layer_norm_reference
 from mmgen_engine.ops.sampling import sample_reference
-
-import test_kernels
-from test_kernels import close, rand
-from test_kernels_sampling import CASES, grid_params, make_logits
 
 gpu = pytest.mark.gpu
 DTYPES = [torch.float16, torch.bfloat16]
@@ -93,8 +92,14 @@ def test_decode_attention_lengths_at_the_edges_splits_and_strided_views(device):
 
 def test_decode_attention_rejects_bad_input_before_any_launch(device):
     q = rand(2, 3, 16, dtype=torch.float16, device=device)
-    k, v = rand(2, 3, 10, 16, dtype=torch.float16, device=device), rand(2, 3, 10, 16, dtype=torch.float16, device=device)
-    new_k, new_v = rand(2, 3, 16, dtype=torch.float16, device=device), rand(2, 3, 16, dtype=torch.float16, device=device)
+    k, v = (
+        rand(2, 3, 10, 16, dtype=torch.float16, device=device),
+        rand(2, 3, 10, 16, dtype=torch.float16, device=device),
+    )
+    new_k, new_v = (
+        rand(2, 3, 16, dtype=torch.float16, device=device),
+        rand(2, 3, 16, dtype=torch.float16, device=device),
+    )
     before = k.clone()
     for lengths, bad in (([0, 4], "0"), ([4, 11], "11"), ([-3, 2], "-3")):
         with pytest.raises(InputError, match=rf"decode_attention: lengths holds {bad}, outside \[1, 10\]"):
@@ -338,8 +343,9 @@ def test_captioning_decode_on_the_cuda_kernels_gives_the_reference_tokens(cuda_k
                                                                            dtype, sampled):
     """ViT + GPT-2 with cross-attention: self-attention with the fused cache write, cross-attention
     over the encoder cache, residual + LayerNorm and the sampler all on the CUDA kernels."""
-    import mmgen_engine as mm
     from hf_models import IMAGE, make_model, save
+
+    import mmgen_engine as mm
 
     checkpoint = mm.convert(save(make_model(seed=21), tmp_path / "hf"), tmp_path / "engine")
     pipe = mm.load(checkpoint, dtype=dtype)
@@ -358,8 +364,9 @@ def test_captioning_decode_on_the_cuda_kernels_gives_the_reference_tokens(cuda_k
 def test_gpu_captioning_on_the_cuda_kernels_graphs_match_eager(monkeypatch, tmp_path):
     """The runtime's captured decode steps (no value checks inside the capture) give the eager steps'
     tokens with the CUDA kernels selected, greedy and sampled."""
-    import mmgen_engine as mm
     from hf_models import IMAGE, make_model, save
+
+    import mmgen_engine as mm
 
     checkpoint = mm.convert(save(make_model(seed=21), tmp_path / "hf"), tmp_path / "engine")
     monkeypatch.setenv("MMGEN_BACKEND", ",".join(f"{op}=cuda" for op in CUDA_OPS))

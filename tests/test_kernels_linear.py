@@ -10,10 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from test_ops import linear_operands, relative_error
 
 from mmgen_engine import BackendError, ops
-
-from test_ops import linear_operands, relative_error
 
 pytest.importorskip("triton")
 from mmgen_engine.kernels import linear as linear_kernel  # noqa: E402  (needs triton)

@@ -107,7 +107,9 @@ def test_layer_norm_and_fused_add(dtype, dim):
     x, r = (torch.randn(3, 5, dim, generator=g).to(dtype) for _ in range(2))
     w, bias = torch.randn(dim, generator=g).to(dtype), torch.randn(dim, generator=g).to(dtype)
     h = (x + r).double()
-    ref = (h - h.mean(-1, keepdim=True)) / torch.sqrt(h.var(-1, unbiased=False, keepdim=True) + 1e-5) * w.double() + bias.double()
+    ref = (h - h.mean(-1, keepdim=True)) / torch.sqrt(
+        h.var(-1, unbiased=False, keepdim=True) + 1e-5
+    ) * w.double() + bias.double()
     normed, summed = ops.add_layer_norm(x, r, w, bias, 1e-5)
     assert normed.dtype == dtype and torch.equal(summed, x + r)
     torch.testing.assert_close(normed.double(), ref, atol=TOL[dtype] * 4, rtol=TOL[dtype])

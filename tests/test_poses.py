@@ -251,7 +251,9 @@ def test_failed_writes_leave_nothing_behind(tmp_path, monkeypatch):
     clip = moving_clip(8)
     (tmp_path / "old.mp4").write_bytes(b"old")
     run = P._run_ffmpeg
-    monkeypatch.setattr(P, "_run_ffmpeg", lambda cmd, chunks, path: run(cmd[:-1] + ["-bogus", "1", cmd[-1]], chunks, path))
+    monkeypatch.setattr(
+        P, "_run_ffmpeg", lambda cmd, chunks, path: run(cmd[:-1] + ["-bogus", "1", cmd[-1]], chunks, path)
+    )
     with pytest.raises(MMGenError, match=r"ffmpeg failed: \S") as e:
         P.save_mp4(tmp_path / "old.mp4", clip, 15)
     assert "\n" not in str(e.value)

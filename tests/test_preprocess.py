@@ -59,6 +59,7 @@ def test_array_path_and_mode_inputs(tmp_path):
 def test_matches_blip_image_processor(size, src_shape):
     """BLIP: a fixed square bicubic resize with CLIP's mean and std."""
     from transformers import BlipImageProcessor
+
     from mmgen_engine.convert.hf_towers import CLIP_MEAN, CLIP_STD
     rng = np.random.default_rng(size)
     hf = BlipImageProcessor(size={"height": size, "width": size})

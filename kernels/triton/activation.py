@@ -8,6 +8,7 @@ writes ``H`` per row, where unfused it would write and re-read the GELU's output
 from __future__ import annotations
 
 import torch
+
 import triton
 import triton.language as tl
 

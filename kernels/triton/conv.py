@@ -41,9 +41,9 @@ patterns (triton-lang/triton#11584).
 from __future__ import annotations
 
 import torch
+
 import triton
 import triton.language as tl
-
 from mmgen_engine.errors import BackendError
 from mmgen_engine.kernels.linear import grouped_tile
 from mmgen_engine.ops.conv import ACTIVATIONS

@@ -21,6 +21,7 @@ plus q, the output and ``B * H * splits * (D + 2) * 4`` bytes of partials writte
 from __future__ import annotations
 
 import torch
+
 import triton
 import triton.language as tl
 

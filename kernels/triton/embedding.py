@@ -11,6 +11,7 @@ sampler only produces in-range ids).
 from __future__ import annotations
 
 import torch
+
 import triton
 import triton.language as tl
 

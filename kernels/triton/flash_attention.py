@@ -32,9 +32,9 @@ from __future__ import annotations
 import math
 
 import torch
+
 import triton
 import triton.language as tl
-
 from mmgen_engine.errors import BackendError
 
 MAX_HEAD_DIM = 512  # the VQGAN's single attention head is 512 wide

@@ -28,9 +28,9 @@ On CPU (Triton's interpreter, for tests) bfloat16 is refused: the interpreter st
 from __future__ import annotations
 
 import torch
+
 import triton
 import triton.language as tl
-
 from mmgen_engine.errors import BackendError
 
 SMALL_M = 16  # up to this many rows use one row block and split K

@@ -12,6 +12,7 @@ the weight and bias once per program); add_layer_norm reads x and residual and w
 from __future__ import annotations
 
 import torch
+
 import triton
 import triton.language as tl
 

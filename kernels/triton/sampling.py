@@ -62,6 +62,7 @@ from __future__ import annotations
 from functools import partial
 
 import torch
+
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice

@@ -1,5 +1,6 @@
-"""Converter ``a2g-gpt``: a model saved by :func:`mmgen_engine.training.a2g_gpt.save` (format: :mod:`mmgen_engine.gesture_format`) (a directory
-with ``a2g_gpt.json`` and ``model.safetensors``) -> a ``speech-to-gesture`` checkpoint.
+"""Converter ``a2g-gpt``: a model saved by :func:`mmgen_engine.training.a2g_gpt.save` (a directory
+with ``a2g_gpt.json`` and ``model.safetensors``, see :mod:`mmgen_engine.gesture_format`) -> a
+``speech-to-gesture`` checkpoint.
 
 Conv1d weights ``[Cout, Cin, k]`` become the engine's tap-major ``[Cout, k Cin]``; the decoder is a
 GPT-2 with cross-attention (tied head); the motion VQ-VAE's encoder is training-only and dropped.
@@ -8,9 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .. import gesture_format as a2g
 from ..errors import ConversionError
 from ..layers.conv1d import tap_major
-from .. import gesture_format as a2g
 from . import hf
 from .keymap import apply_rules, check_config, finish, header, rule
 

@@ -24,8 +24,15 @@ from tokenizers import Tokenizer
 
 from ..errors import ConversionError
 from . import hf, keymap, weights_file
-from .hf_towers import (CLIP_VISION_DEFAULTS, clip_vision_rules, gpt2_decoder_rules, image_preprocess, settings,
-                        tied_copy, vit_config)
+from .hf_towers import (
+    CLIP_VISION_DEFAULTS,
+    clip_vision_rules,
+    gpt2_decoder_rules,
+    image_preprocess,
+    settings,
+    tied_copy,
+    vit_config,
+)
 from .keymap import apply_rules, check_config, finish, header, rule
 
 NAME = "clipcap"

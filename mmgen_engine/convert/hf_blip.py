@@ -17,8 +17,20 @@ from pathlib import Path
 
 from ..errors import ConversionError
 from . import hf
-from .hf_towers import (BLIP_VISION_DEFAULTS, bert_config, bert_decoder_rules, blip_vision_rules, image_preprocess,
-                        model_type, processor_files, read_config, settings, tied_copy, token_id, vit_config)
+from .hf_towers import (
+    BLIP_VISION_DEFAULTS,
+    bert_config,
+    bert_decoder_rules,
+    blip_vision_rules,
+    image_preprocess,
+    model_type,
+    processor_files,
+    read_config,
+    settings,
+    tied_copy,
+    token_id,
+    vit_config,
+)
 from .keymap import apply_rules, check_config, finish, header, rule
 
 NAME = "hf-blip"

@@ -15,9 +15,21 @@ from pathlib import Path
 
 from ..errors import ConversionError
 from . import hf
-from .hf_towers import (GIT_VISION_DEFAULTS, bert_config, bert_decoder_rules, clip_vision_rules, generation_sources,
-                        image_preprocess, model_type, processor_files, read_config, settings, tied_copy, token_id,
-                        vit_config)
+from .hf_towers import (
+    GIT_VISION_DEFAULTS,
+    bert_config,
+    bert_decoder_rules,
+    clip_vision_rules,
+    generation_sources,
+    image_preprocess,
+    model_type,
+    processor_files,
+    read_config,
+    settings,
+    tied_copy,
+    token_id,
+    vit_config,
+)
 from .keymap import apply_rules, check_config, finish, header, rule
 
 NAME = "hf-git"

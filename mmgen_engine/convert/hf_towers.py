@@ -162,7 +162,10 @@ def image_preprocess(path: Path, expected: str) -> dict:
 def processor_files(src: Path, workdir: Path) -> dict[str, Path]:
     """The files a converted HF captioner keeps: its tokenizer (as ``tokenizer.json``) and its image
     processor settings."""
-    return {"tokenizer.json": hf.tokenizer_json(src, workdir), "preprocessor_config.json": src / "preprocessor_config.json"}
+    return {
+        "tokenizer.json": hf.tokenizer_json(src, workdir),
+        "preprocessor_config.json": src / "preprocessor_config.json",
+    }
 
 
 def clip_vision_rules(prefix: str) -> list:
@@ -247,10 +250,14 @@ def gpt2_decoder_rules(prefix: str, cross: bool) -> list:
         linears += [("cross.q", "crossattention.q_attn"), ("cross.kv", "crossattention.c_attn"),
                     ("cross.out", "crossattention.c_proj")]
     for dst, src in norms:
-        rules += [rule(f"decoder.layers.{{i}}.{dst}.{p}", layer + f"{src}.{p}", layers="dec") for p in ("weight", "bias")]
+        rules += [
+            rule(f"decoder.layers.{{i}}.{dst}.{p}", layer + f"{src}.{p}", layers="dec") for p in ("weight", "bias")
+        ]
     for dst, src in linears:
-        rules += [rule(f"decoder.layers.{{i}}.{dst}.weight", layer + f"{src}.weight", transform=transpose, layers="dec"),
-                  rule(f"decoder.layers.{{i}}.{dst}.bias", layer + f"{src}.bias", layers="dec")]
+        rules += [
+            rule(f"decoder.layers.{{i}}.{dst}.weight", layer + f"{src}.weight", transform=transpose, layers="dec"),
+            rule(f"decoder.layers.{{i}}.{dst}.bias", layer + f"{src}.bias", layers="dec"),
+        ]
     return rules
 
 

@@ -12,8 +12,16 @@ from pathlib import Path
 
 from ..errors import ConversionError
 from . import hf
-from .hf_towers import (activation, generation_sources, gpt2_decoder_rules, image_preprocess, model_type,
-                        processor_files, require, token_id)
+from .hf_towers import (
+    activation,
+    generation_sources,
+    gpt2_decoder_rules,
+    image_preprocess,
+    model_type,
+    processor_files,
+    require,
+    token_id,
+)
 from .keymap import apply_rules, check_config, concat, finish, flatten_conv, header, rename_keys, rule, squeeze_leading
 
 NAME = "hf-vision-encoder-decoder"

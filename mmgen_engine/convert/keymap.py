@@ -8,8 +8,8 @@ so a checkpoint with an unexpected layout can never convert silently wrong.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import torch
 

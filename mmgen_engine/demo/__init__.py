@@ -56,8 +56,8 @@ def run_txt2img_demo(out: Path, images_per_prompt: int = 4, seed: int = 2) -> tu
     over seeds 0-5, 67-96% of these 24 images are captioned exactly with their prompt; the rest
     mostly show the prompt's shape twice.)"""
     from ..pipelines import load
-    from ..runtime import SamplingParams
     from ..pipelines.text_to_image import image_grid
+    from ..runtime import SamplingParams
 
     out.mkdir(parents=True, exist_ok=True)
     pipe = load(demo_model("text-to-image"))

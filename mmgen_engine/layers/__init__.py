@@ -6,4 +6,15 @@ from .linear import Linear
 from .mlp import GLU, MLP
 from .norm import LayerNorm
 
-__all__ = ["Conv1d", "CrossAttention", "EncoderBlock", "GLU", "LayerNorm", "Linear", "MLP", "SelfAttention", "merge_heads", "split_heads"]
+__all__ = [
+    "Conv1d",
+    "CrossAttention",
+    "EncoderBlock",
+    "GLU",
+    "LayerNorm",
+    "Linear",
+    "MLP",
+    "SelfAttention",
+    "merge_heads",
+    "split_heads",
+]

@@ -4,9 +4,9 @@ from .a2g_gpt import A2GGpt
 from .bert import BertDecoder
 from .blip import Blip
 from .clipcap import ClipCap
-from .dvae import DVAEDecoder
 from .dalle_bart import DalleBart
 from .detokenizers import DETOKENIZERS, build_detokenizer
+from .dvae import DVAEDecoder
 from .git import Git
 from .gpt2 import GPT2Decoder
 from .vit import ViTEncoder
@@ -24,5 +24,20 @@ def build_model(cfg, device=None):
     return ARCHITECTURES[cfg.architecture](cfg, device)
 
 
-__all__ = ["A2GGpt", "ARCHITECTURES", "BertDecoder", "Blip", "ClipCap", "DalleBart", "Git", "build_detokenizer", "build_model", "DETOKENIZERS", "DVAEDecoder", "GPT2Decoder", "ViTEncoder",
-           "VitGpt2", "VQGANDecoder"]
+__all__ = [
+    "A2GGpt",
+    "ARCHITECTURES",
+    "BertDecoder",
+    "Blip",
+    "ClipCap",
+    "DalleBart",
+    "Git",
+    "build_detokenizer",
+    "build_model",
+    "DETOKENIZERS",
+    "DVAEDecoder",
+    "GPT2Decoder",
+    "ViTEncoder",
+    "VitGpt2",
+    "VQGANDecoder",
+]

@@ -1,11 +1,11 @@
 """The decoder of a T2M-GPT-style motion VQ-VAE (Zhang et al. 2023): motion token ids ``[B, n]`` ->
 normalized pose features ``[B, n * 2**levels, 2 * joints]``.
 
-``codebook[ids]`` (:func:`mmgen_engine.ops.token_gather`) -> Conv1d(k3) -> ReLU -> ``levels`` x (ResStack, nearest 2x upsample in time,
-Conv1d(k3)) -> Conv1d(k3) -> ReLU -> Conv1d(k3). A ResStack applies ``depth`` residual blocks
-``x + conv_k1(relu(conv_k3_dilated(relu(x))))`` with dilations ``growth**(depth-1) .. 1`` (the
-encoder's, reversed). Everything is channels-last ``[B, T, C]``; the convolutions are
-:class:`~mmgen_engine.layers.Conv1d` (one ``ops.linear`` each).
+``codebook[ids]`` (:func:`mmgen_engine.ops.token_gather`) -> Conv1d(k3) -> ReLU -> ``levels`` x
+(ResStack, nearest 2x upsample in time, Conv1d(k3)) -> Conv1d(k3) -> ReLU -> Conv1d(k3). A ResStack
+applies ``depth`` residual blocks ``x + conv_k1(relu(conv_k3_dilated(relu(x))))`` with dilations
+``growth**(depth-1) .. 1`` (the encoder's, reversed). Everything is channels-last ``[B, T, C]``; the
+convolutions are :class:`~mmgen_engine.layers.Conv1d` (one ``ops.linear`` each).
 """
 from __future__ import annotations
 

@@ -12,6 +12,20 @@ from .norm import add_layer_norm, layer_norm
 from .registry import BackendError, available_backends, forced_backend
 from .sampling import sample
 
-__all__ = ["add_layer_norm", "attention", "available_backends", "BackendError", "bias_gelu", "conv2d",
-           "decode_attention", "embedding", "forced_backend", "gelu_mul", "group_norm", "layer_norm", "linear", "sample",
-           "token_gather"]
+__all__ = [
+    "add_layer_norm",
+    "attention",
+    "available_backends",
+    "BackendError",
+    "bias_gelu",
+    "conv2d",
+    "decode_attention",
+    "embedding",
+    "forced_backend",
+    "gelu_mul",
+    "group_norm",
+    "layer_norm",
+    "linear",
+    "sample",
+    "token_gather",
+]

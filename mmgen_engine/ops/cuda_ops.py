@@ -30,7 +30,7 @@ _C = _native._C  # the tests swap in the CPU-emulated build of the same kernels 
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _check_capability(index: int) -> None:
     major, minor = torch.cuda.get_device_capability(index)
     if major < 8:

@@ -5,8 +5,8 @@ followed by ``layer_norm(out, ln_weight, ln_bias, eps)`` when ``ln_weight`` is g
 
 ``token_gather``: ``out[...] = table[tokens[...]] (+ bias)``, rows in the tokens' order - the input
 of the token decoders: VQGAN's and the motion VQ-VAE's codebook lookups, and the OpenAI dVAE's first
-layer (a 1x1 convolution over one-hot codes is a gather of its weight's rows plus its bias). For ``tokens [B, h, w]`` the
-result ``[B, h, w, D]`` is channels-last image memory.
+layer (a 1x1 convolution over one-hot codes is a gather of its weight's rows plus its bias). For
+``tokens [B, h, w]`` the result ``[B, h, w, D]`` is channels-last image memory.
 """
 from __future__ import annotations
 

@@ -4,8 +4,8 @@ On CPU, a product with few rows is a matrix-vector product bound by how fast ``W
 memory, and BLAS runs it on one thread. When ``W`` is stored column-major (``W^T`` contiguous, see
 :mod:`mmgen_engine.runtime.layout`) the reference splits the reduction over ``K`` into one slice per
 thread and runs the slices as one batched product, then adds the partial sums: same math, every
-core streaming. Small weights (cache-resident, overhead-bound) and many rows keep BLAS's path. Measured on the 2-core CPU box: GPT-2's 768x50257 head 23 -> 38 GB/s, 3072->768
-14 -> 25 GB/s at batch 1.
+core streaming. Small weights (cache-resident, overhead-bound) and many rows keep BLAS's path. Measured
+on the 2-core CPU box: GPT-2's 768x50257 head 23 -> 38 GB/s, 3072->768 14 -> 25 GB/s at batch 1.
 """
 from __future__ import annotations
 

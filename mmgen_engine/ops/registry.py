@@ -26,8 +26,8 @@ import functools
 import importlib
 import importlib.util
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -129,7 +129,7 @@ def forced_backend(op: str | None = None) -> str | None:
     return forced
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def resolve(op: str, device_type: str, dtype: torch.dtype, forced: str | None) -> Callable:
     impls = _TABLE.get(op)
     if impls is None:

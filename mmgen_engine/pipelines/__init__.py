@@ -55,4 +55,11 @@ def load(path, device="cpu", dtype=None, cuda_graphs=True):
     pipe.use_cuda_graphs = cuda_graphs and dev.type == "cuda"
     return pipe
 
-__all__ = ["CaptioningPipeline", "ImageDetokenizer", "load", "PIPELINES", "SpeechToGesturePipeline", "TextToImagePipeline"]
+__all__ = [
+    "CaptioningPipeline",
+    "ImageDetokenizer",
+    "load",
+    "PIPELINES",
+    "SpeechToGesturePipeline",
+    "TextToImagePipeline",
+]

@@ -114,7 +114,11 @@ def open_audio(audio, sample_rate: int | None = None) -> AudioStream:
     """An audio file path, or a float array ``[n]`` / ``[n, channels]`` in [-1, 1] at
     ``sample_rate`` Hz -> its mono :class:`AudioStream`, checked but not decoded yet (a file's header
     is read; an array is checked whole). For a path, ``sample_rate`` may be left out or must equal
-    the file's."""
+    the file's. An :class:`AudioStream` (opened earlier, not yet iterated) is returned as it is."""
+    if isinstance(audio, AudioStream):
+        if sample_rate is not None and sample_rate != audio.rate:
+            raise InputError(f"{audio.name}: sample_rate={sample_rate} given but the audio is {audio.rate} Hz")
+        return audio
     if isinstance(audio, (str, os.PathLike)):
         path = Path(audio)
         if sample_rate is not None:

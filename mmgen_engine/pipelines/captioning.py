@@ -166,7 +166,7 @@ class CaptioningPipeline:
 
     @classmethod
     def from_checkpoint(cls, path: Path, config: CaptioningConfig, device: torch.device,
-                        dtype: torch.dtype | None) -> "CaptioningPipeline":
+                        dtype: torch.dtype | None) -> CaptioningPipeline:
         tok_file = path / "tokenizer.json"
         if not tok_file.is_file():
             raise CheckpointError(f"{path}: no tokenizer.json")

@@ -88,7 +88,7 @@ class ImageDetokenizer:
 
     @classmethod
     def from_checkpoint(cls, path: Path, config: ImageDetokenizerConfig, device: torch.device,
-                        dtype: torch.dtype | None) -> "ImageDetokenizer":
+                        dtype: torch.dtype | None) -> ImageDetokenizer:
         model = load_model(path, config, build_model, device, dtype)
         channels_last_weights(model)
         return cls(model, config, device)

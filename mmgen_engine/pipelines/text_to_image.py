@@ -13,7 +13,6 @@ factor).
 from __future__ import annotations
 
 import functools
-import json
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import PIL.Image
 import torch
 
-from ..checkpoint import check_tokenizer, load_model
+from ..checkpoint import check_tokenizer, load_model, read_json
 from ..config import TextToImageConfig
 from ..errors import CheckpointError, InputError, one_line
 from ..models import build_model
@@ -47,12 +46,12 @@ class MinDalleTokenizer:
         self.bos, self.eos, self.unk = vocab["<s>"], vocab["</s>"], vocab["<unk>"]
 
     @classmethod
-    def from_files(cls, vocab_path: Path, merges_path: Path) -> "MinDalleTokenizer":
+    def from_files(cls, vocab_path: Path, merges_path: Path) -> MinDalleTokenizer:
+        vocab = read_json(vocab_path)  # bounded in size and nesting
         try:
-            vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
             merges = merges_path.read_text(encoding="utf-8").split("\n")[1:-1]  # header line, final newline
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{vocab_path.parent}: unreadable tokenizer files ({one_line(e)})") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{merges_path}: unreadable tokenizer merges ({one_line(e)})") from None
         if not isinstance(vocab, dict) or not all(isinstance(vocab.get(t), int) for t in ("<s>", "</s>", "<unk>")):
             raise CheckpointError(f"{vocab_path}: not a min-dalle vocabulary (needs ids for <s>, </s>, <unk>)")
         return cls(vocab, merges)
@@ -97,7 +96,7 @@ class TextToImagePipeline:
 
     @classmethod
     def from_checkpoint(cls, path: Path, config: TextToImageConfig, device: torch.device,
-                        dtype: torch.dtype | None) -> "TextToImagePipeline":
+                        dtype: torch.dtype | None) -> TextToImagePipeline:
         tokenizer = MinDalleTokenizer.from_files(path / "vocab.json", path / "merges.txt")
         check_tokenizer(str(path / "vocab.json"), tokenizer.vocab.values(), config.encoder.vocab_size,
                         {"text_pad_token_id": config.generation.text_pad_token_id})

@@ -5,4 +5,16 @@ from .graphs import CUDAGraphs, GraphedCall
 from .kv_cache import CrossKVCache, KVCache
 from .sampler import Sampler, SamplingParams
 
-__all__ = ["CrossKVCache", "CUDAGraphs", "Decoder", "DecodeState", "GraphedCall", "decode_step", "generate", "generate_stream", "KVCache", "Sampler", "SamplingParams"]
+__all__ = [
+    "CrossKVCache",
+    "CUDAGraphs",
+    "Decoder",
+    "DecodeState",
+    "GraphedCall",
+    "decode_step",
+    "generate",
+    "generate_stream",
+    "KVCache",
+    "Sampler",
+    "SamplingParams",
+]

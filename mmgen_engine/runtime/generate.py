@@ -58,7 +58,7 @@ class DecodeState:
 
     @classmethod
     def allocate(cls, decoder: Decoder, batch: int, cache_len: int, enc_len: int, out_len: int, dtype, device,
-                 eos: int | None, pad: int, guided: bool = False, vocab_limit: int | None = None) -> "DecodeState":
+                 eos: int | None, pad: int, guided: bool = False, vocab_limit: int | None = None) -> DecodeState:
         layers, heads, head_dim, _ = decoder.cache_geometry()
         rows = 2 * batch if guided else batch
         if decoder.uses_prefix:  # the encoder states live in the self-attention cache

@@ -18,7 +18,7 @@ computes exactly what the same calls made eagerly compute.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -22,7 +22,7 @@ class KVCache:
     span: int = 0
 
     @classmethod
-    def allocate(cls, num_layers, batch, num_heads, max_len, head_dim, dtype, device) -> "KVCache":
+    def allocate(cls, num_layers, batch, num_heads, max_len, head_dim, dtype, device) -> KVCache:
         shape = (num_layers, batch, num_heads, max_len, head_dim)
         return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
 
@@ -34,7 +34,7 @@ class CrossKVCache:
     lengths: torch.Tensor  # (B,) int64, valid encoder positions per row
 
     @classmethod
-    def allocate(cls, num_layers, lengths, num_heads, enc_len, head_dim, dtype, device) -> "CrossKVCache":
+    def allocate(cls, num_layers, lengths, num_heads, enc_len, head_dim, dtype, device) -> CrossKVCache:
         shape = (num_layers, lengths.shape[0], num_heads, enc_len, head_dim)
         # zeros, not empty: rows padded to a batch bucket read slot 0 and must see finite values
         return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),

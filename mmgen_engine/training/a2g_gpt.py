@@ -38,8 +38,18 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..gesture_format import (CONFIG_FILE, DOWNSAMPLE, FPS, HOP, JOINTS, N_FFT, N_MELS, SAMPLE_RATE,  # noqa: F401
-                              WEIGHTS_FILE, A2GConfig)
+from ..gesture_format import (  # noqa: F401
+    CONFIG_FILE,
+    DOWNSAMPLE,
+    FPS,
+    HOP,
+    JOINTS,
+    N_FFT,
+    N_MELS,
+    SAMPLE_RATE,
+    WEIGHTS_FILE,
+    A2GConfig,
+)
 from ..pipelines.audio import log_mel_400
 from ..pipelines.gesture_windows import Stitcher, WindowPlan
 
