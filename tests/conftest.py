@@ -24,3 +24,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip_gpu)
+
+
+# The bundled demo pipelines, loaded once per test module (mmgen_engine is imported here, after
+# TRITON_INTERPRET is set above).
+@pytest.fixture(scope="module")
+def captioner():
+    import mmgen_engine as mm
+
+    return mm.load(mm.demo_model("captioning"))
+
+
+@pytest.fixture(scope="module")
+def txt2img():
+    import mmgen_engine as mm
+
+    return mm.load(mm.demo_model("text-to-image"))

@@ -40,11 +40,6 @@ def objects(caption: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def captioner():
-    return mm.load(mm.demo_model("captioning"))
-
-
-@pytest.fixture(scope="module")
 def pipe():
     return mm.load(mm.demo_model("text-to-image"))
 

@@ -12,13 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import PIL.Image
-import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-import mmgen_engine as mm
 from mmgen_engine import MMGenError, SamplingParams
 from mmgen_engine.pipelines.captioning import load_image
 from mmgen_engine.pipelines.detokenizer import check_image_tokens
@@ -54,16 +52,6 @@ ODD_VALUES = st.one_of(
     st.floats(width=32).map(np.float32), st.integers(-2 ** 63, 2 ** 63 - 1).map(np.int64), st.just(object()))
 # text with control characters, emoji, combining marks and lone surrogates
 TEXT = st.text(st.characters(categories=("Lu", "Ll", "Nd", "Zs", "Cc", "So", "Mn", "Cs")), max_size=30)
-
-
-@pytest.fixture(scope="module")
-def captioner():
-    return mm.load(mm.demo_model("captioning"))
-
-
-@pytest.fixture(scope="module")
-def txt2img():
-    return mm.load(mm.demo_model("text-to-image"))
 
 
 def check_rgb(load, *args):

@@ -13,7 +13,6 @@ import PIL.Image
 import pytest
 from transformers.image_transforms import convert_to_rgb
 
-import mmgen_engine as mm
 from mmgen_engine import InputError
 from mmgen_engine.pipelines.captioning import load_image
 
@@ -32,11 +31,6 @@ def saved(im: PIL.Image.Image, path) -> PIL.Image.Image:
 
 def rgb(im: PIL.Image.Image) -> np.ndarray:
     return np.asarray(load_image(im))
-
-
-@pytest.fixture(scope="module")
-def captioner():
-    return mm.load(mm.demo_model("captioning"))
 
 
 def test_16_bit_png_is_scaled_to_8_bit_not_clipped(tmp_path, captioner):

@@ -20,16 +20,6 @@ from mmgen_engine.runtime import Sampler, limits
 RED = PIL.Image.new("RGB", (64, 64), "red")
 
 
-@pytest.fixture(scope="module")
-def captioner():
-    return mm.load(mm.demo_model("captioning"))
-
-
-@pytest.fixture(scope="module")
-def txt2img():
-    return mm.load(mm.demo_model("text-to-image"))
-
-
 @pytest.fixture
 def no_model_load(monkeypatch):
     """Makes loading a model fail the test: what is checked before work never gets there."""
