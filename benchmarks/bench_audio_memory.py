@@ -5,7 +5,7 @@ audio's length (the audio is decoded, mixed to mono, resampled and cut into wind
 A WAV file of ``--minutes`` of ``--rate`` Hz, ``--channels`` channels (16-bit PCM; noise bursts at a
 syllable rate, a random loudness per 7.3 s stretch) is written block by block into a temporary
 directory (in ``--dir`` if given), removed afterwards. Each stage then runs in a fresh Python process that
-reports its own peak resident set size (``ru_maxrss``, the kernel's VmHWM) after its imports and
+reports its own peak resident set size (Linux's VmHWM) after its imports and
 setup (**setup_mb**: torch, the engine and the bundled demo gesture model) and at the end
 (**peak_mb**); **audio_mb** = peak - setup is what the audio cost:
 
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -59,8 +58,11 @@ def write_speech_wav(path: Path, minutes: float, rate: int, channels: int) -> in
 
 
 def peak_mb() -> float:
-    """This process's peak resident set size so far, in MB (ru_maxrss is in KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident set size so far, in MB: Linux's VmHWM, the high-water mark of this
+    process image. (``ru_maxrss`` would not do: the kernel carries it over from the parent through
+    fork and exec, so a child of a large process, such as a test run, reports the parent's peak.)"""
+    with open("/proc/self/status", encoding="ascii") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
 
 def run_stage(stage: str, path: str, threads: int | None) -> dict:
