@@ -34,6 +34,7 @@ def run_demo(out: Path, count: int = 4, seed: int | None = None) -> list[dict]:
     """Render ``count`` held-out shapes-world scenes (never seen in training) into ``out``, caption
     them with the demo captioner and return ``[{"image", "caption", "expected"}]``."""
     from ..pipelines import load
+    from ..pipelines.poses import atomic_output
     from .world import HELD_OUT_SEED, sample
 
     seed = HELD_OUT_SEED + 2026 if seed is None else seed
@@ -44,7 +45,8 @@ def run_demo(out: Path, count: int = 4, seed: int | None = None) -> list[dict]:
     results = []
     for i, ((image, expected), caption) in enumerate(zip(items, captions)):
         path = out / f"caption_{i}.png"
-        image.save(path)
+        with atomic_output(path) as tmp:  # whole or not at all, as every file the CLI writes
+            image.save(tmp, format="PNG")
         results.append({"image": str(path), "caption": caption, "expected": expected})
     return results
 
@@ -56,6 +58,7 @@ def run_txt2img_demo(out: Path, images_per_prompt: int = 4, seed: int = 2) -> tu
     over seeds 0-5, 67-96% of these 24 images are captioned exactly with their prompt; the rest
     mostly show the prompt's shape twice.)"""
     from ..pipelines import load
+    from ..pipelines.poses import atomic_output
     from ..pipelines.text_to_image import image_grid
     from ..runtime import SamplingParams
 
@@ -64,7 +67,8 @@ def run_txt2img_demo(out: Path, images_per_prompt: int = 4, seed: int = 2) -> tu
     images = pipe.generate(list(TXT2IMG_PROMPTS), images_per_prompt,
                            SamplingParams(**TXT2IMG_SAMPLING, seed=seed))
     path = out / "txt2img_grid.png"
-    image_grid(images, images_per_prompt).save(path)
+    with atomic_output(path) as tmp:
+        image_grid(images, images_per_prompt).save(tmp, format="PNG")
     captions = load(demo_model("captioning")).caption(images)
     prompts = [p for p in TXT2IMG_PROMPTS for _ in range(images_per_prompt)]
     return path, [{"prompt": p, "caption": c} for p, c in zip(prompts, captions)]
