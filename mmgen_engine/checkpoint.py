@@ -25,10 +25,10 @@ import os
 import re
 import shutil
 import signal
+import socket
 import struct
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import NamedTuple
@@ -38,6 +38,7 @@ from safetensors import SafetensorError, safe_open
 
 from .config import CONFIG_CLASSES, DTYPES, FORMAT_NAME, FORMAT_VERSION, TASKS, from_dict
 from .errors import CheckpointError, MMGenError, one_line
+from .files import open_regular_file
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -58,7 +59,8 @@ MAX_MODEL_BYTES = 256 * 2 ** 30    # the weights of one model, at the dtype they
 # decode to nothing.
 MIN_TOKENIZER_COVERAGE = 0.5
 
-_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+# the closing quote is optional, so that an unterminated string never makes the match backtrack
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"?', re.S)
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
 _NESTING = {"[": 1, "{": 1, "]": -1, "}": -1}
 
@@ -89,7 +91,7 @@ def read_json(path: Path, error: type[MMGenError] = CheckpointError):
     the stack), finite numbers only (no ``NaN``, ``Infinity`` or ``1e999``). Any problem raises
     ``error`` with one line naming the file."""
     try:
-        with open(path, "rb") as f:
+        with open_regular_file(path, "JSON file", error) as f:
             data = f.read(MAX_JSON_BYTES + 1)
     except OSError as e:
         raise error(f"{path}: unreadable ({one_line(e)})") from None
@@ -148,7 +150,7 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
     tensor data is read): at most :data:`MAX_HEADER_BYTES`, parsed and checked by safetensors
     (offsets inside the file, no overlaps)."""
     try:
-        with open(file, "rb") as f:
+        with open_regular_file(file, "safetensors weights file", CheckpointError) as f:
             head = f.read(8)
         size = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
         if size > MAX_HEADER_BYTES:
@@ -287,33 +289,50 @@ def is_checkpoint(path: Path) -> bool:
     return isinstance(raw, dict) and raw.get("format") == FORMAT_NAME
 
 
-# The temporary siblings of a checkpoint ``out`` being written: ``.{out.name}.new.{pid}.{random}``
-# (the new checkpoint) and ``.{out.name}.old.{pid}`` (the one it replaces, while it does).
-_TEMPORARY = re.compile(r"\..+\.(?:new|old)\.(?P<pid>[0-9]+)(?:\.[A-Za-z0-9_]+)?")
-_STARTED = time.time()  # no temporary of this process is older than this module
+# The temporary siblings of a checkpoint ``out`` being written: ``.{out.name}.new.{pid}.{8 random}``
+# (the new checkpoint, marked by a _MARKER file naming the writer's host until it is renamed into
+# place) and ``.{out.name}.old.{pid}`` (the checkpoint it replaces, while it does).
+_MARKER = ".mmgen-write"
+_LIVE: set[Path] = set()  # this process's temporaries while they are in use (writers in other threads)
 
 
-def remove_stale_writes(directory: Path) -> None:
-    """Remove the temporary directories that writers killed before they could clean up (SIGKILL, a
-    crash) left in ``directory``: those whose process is gone, or whose process id is this process's
-    but which are older than it (the id was reused). A live process's are never touched."""
+def _temporary(out: Path) -> re.Pattern:
+    return re.compile(r"\..+\.new\.(?P<new>[0-9]+)\.[a-z0-9_]{8}|" + re.escape(f".{out.name}.old.") + "(?P<old>[0-9]+)")
+
+
+def remove_stale_writes(out: Path) -> None:
+    """Clean up, before writing checkpoint ``out``, after writers killed before they could (SIGKILL,
+    a crash) in its parent directory, of processes that are gone (or are this process, which is not
+    using them: the id was reused): a new checkpoint's directory ``.NAME.new.PID.RANDOM`` is removed
+    when its marker file names this host (a writer on another host sharing the directory may be
+    alive; a directory without the marker is not ours); ``out``'s replaced checkpoint
+    ``.OUT.old.PID`` is put back as ``out`` if ``out`` is missing (the writer died between its two
+    renames), else removed. Nothing else is touched."""
     if os.name != "posix":  # os.kill(pid, 0) checks for a process only on POSIX
         return
+    pattern, host = _temporary(out), socket.gethostname()
     try:
-        entries = list(directory.iterdir())
+        entries = list(out.parent.iterdir())
     except OSError:
         return
     for entry in entries:
-        match = _TEMPORARY.fullmatch(entry.name)
-        if not match or entry.is_symlink() or not entry.is_dir():
+        match = pattern.fullmatch(entry.name)
+        if not match or entry in _LIVE or entry.is_symlink() or not entry.is_dir():
             continue
-        pid = int(match["pid"])
+        pid = int(match["new"] or match["old"])
+        if pid != os.getpid() and _process_exists(pid):
+            continue
         try:
-            stale = (pid == os.getpid() and entry.stat().st_mtime < _STARTED) or not _process_exists(pid)
+            if match["new"]:
+                if (entry / _MARKER).read_text(encoding="utf-8").strip() == host:
+                    shutil.rmtree(entry, ignore_errors=True)
+            elif is_checkpoint(entry):
+                if out.exists():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.rename(out)
         except OSError:
             continue
-        if stale:
-            shutil.rmtree(entry, ignore_errors=True)
 
 
 def _process_exists(pid: int) -> bool:
@@ -386,11 +405,14 @@ def save_checkpoint(out: str | os.PathLike, config: dict, tensors: dict[str, tor
             tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.new.{os.getpid()}.", dir=out.parent))
         except OSError as e:
             raise CheckpointError(f"{out}: cannot create the output directory ({one_line(e)})") from None
+        _LIVE.add(tmp)
         try:
+            (tmp / _MARKER).write_text(socket.gethostname() + "\n", encoding="utf-8")
             write_safetensors(tmp / WEIGHTS_FILE, tensors, {"format": FORMAT_NAME}, progress)
             for name, src in (files or {}).items():
                 shutil.copyfile(src, tmp / name)
             (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+            (tmp / _MARKER).unlink()
             _default_permissions(tmp)
             if out.exists():
                 _replace(out, tmp)
@@ -400,6 +422,7 @@ def save_checkpoint(out: str | os.PathLike, config: dict, tensors: dict[str, tor
             raise CheckpointError(f"{out}: cannot write the checkpoint ({one_line(e)})") from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+            _LIVE.discard(tmp)
     return out
 
 
@@ -435,13 +458,17 @@ def write_safetensors(file: Path, tensors: dict[str, torch.Tensor], metadata: di
 
 def _replace(out: Path, new: Path) -> None:
     backup = out.with_name(f".{out.name}.old.{os.getpid()}")
-    out.rename(backup)
+    _LIVE.add(backup)
     try:
-        new.rename(out)
-    except BaseException:
-        backup.rename(out)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
+        out.rename(backup)
+        try:
+            new.rename(out)
+        except BaseException:
+            backup.rename(out)
+            raise
+        shutil.rmtree(backup, ignore_errors=True)
+    finally:
+        _LIVE.discard(backup)
 
 
 def _default_permissions(directory: Path) -> None:

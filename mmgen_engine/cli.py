@@ -67,14 +67,14 @@ def _convert(args) -> None:
 
 def _caption(args) -> None:
     from . import load
-    from .pipelines.captioning import open_image_file
+    from .files import open_regular_file
     from .runtime.limits import MAX_IMAGES_PER_CALL, check_new_tokens, check_prompt
 
     check_new_tokens(args.max_new_tokens)
     if args.prompt is not None:
         check_prompt(args.prompt)
     for image in args.images:  # every file is there and a regular file before the model loads
-        open_image_file(Path(image)).close()
+        open_regular_file(Path(image), "image file").close()
     pipe = load(args.model, device=args.device, dtype=args.dtype)
     if pipe.task != "captioning":
         raise MMGenError(f"{args.model}: a {pipe.task} checkpoint, not a captioning one")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import pickle
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -196,14 +197,35 @@ def test_a_sigterm_handler_of_the_caller_is_kept(hf_dir, tmp_path):
     assert hidden(tmp_path) == [] and not (tmp_path / "ckpt").exists()
 
 
-def test_the_sweep_spares_live_writers(tmp_path):
+def test_the_sweep_removes_only_dead_writers_temporaries(tmp_path):
+    """Only the writers' temporary names are touched (a replaced checkpoint's only for ``out``), only
+    for writers that are gone (or this process, not using them), a new checkpoint's only with the
+    marker naming this host: a user's directory of a similar name survives, and so does a live
+    writer's."""
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead = int(finished.stdout)
-    names = {f".a.new.{os.getpid()}.x1y2z3ab": True, f".a.old.{os.getppid()}": True, f".b.new.{dead}.q9w8e7r6": False,
-             f".b.old.{dead}": False, f".c.new.{dead}": False, "plain": True, f".d.new.{dead}.x.y": True}
-    for name in names:
+    dead, me, live = int(finished.stdout), os.getpid(), os.getppid()
+    marked = {f".ckpt.new.{dead}.abcdefgh": False, f".ckpt.new.{me}.bcdefghi": False,
+              f".ckpt.new.{live}.cdefghij": True, f".other.new.{dead}.defghijk": False}
+    unmarked = {f".ckpt.new.{dead}.efghijkl": True, f".ckpt.old.{dead}": True, f".ckpt.old.{dead}.v2": True,
+                f".photos.old.{dead}": True, f".other.old.{dead}": True, "plain": True}
+    for name in marked:
         (tmp_path / name).mkdir()
-    (tmp_path / f".e.new.{dead}.abc").write_text("a file, not a directory")
-    remove_stale_writes(tmp_path)
+        (tmp_path / name / ".mmgen-write").write_text(socket.gethostname() + "\n")
+    for name in unmarked:
+        (tmp_path / name).mkdir()
+    (tmp_path / ".ckpt.new.1.zzzzzzzz").mkdir()
+    (tmp_path / ".ckpt.new.1.zzzzzzzz" / ".mmgen-write").write_text("another-host\n")  # pid 1 never is ours
+    remove_stale_writes(tmp_path / "ckpt")
     kept = {p.name for p in tmp_path.iterdir()}
-    assert kept == {name for name, live in names.items() if live} | {f".e.new.{dead}.abc"}
+    assert kept == {n for n, keep in {**marked, **unmarked}.items() if keep} | {".ckpt.new.1.zzzzzzzz"}
+
+
+def test_the_sweep_puts_back_a_checkpoint_its_writer_died_replacing(tmp_path):
+    """Killed between its two renames, a writer leaves the old checkpoint only as ``.out.old.PID``:
+    the next conversion puts it back instead of removing it."""
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    backup = tmp_path / f".ckpt.old.{int(finished.stdout)}"
+    backup.mkdir()
+    (backup / "config.json").write_text('{"format": "mmgen"}')
+    remove_stale_writes(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "config.json").is_file() and not backup.exists()

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +24,7 @@ from tokenizers import Tokenizer, models
 import mmgen_engine as mm
 import mmgen_engine.checkpoint as checkpoint
 from mmgen_engine import CheckpointError
-from mmgen_engine.checkpoint import is_checkpoint, load_model, read_config, read_header
+from mmgen_engine.checkpoint import is_checkpoint, load_model, read_config, read_header, read_json
 from mmgen_engine.config import CaptioningConfig, from_dict
 
 DEMO_VOCAB = 316  # the demo captioner's decoder vocabulary; its start, eos and pad id is 0
@@ -224,3 +226,37 @@ def test_the_text_to_image_vocabulary_is_checked(tmp_path):
     (ckpt / "vocab.json").write_text(json.dumps(vocab))
     with pytest.raises(CheckpointError, match="vocab.json: .* ids outside the model's vocabulary of 141"):
         mm.load(ckpt)
+
+
+def test_a_fifo_among_the_checkpoint_files_is_refused_without_blocking(tmp_path):
+    """A FIFO named like a weights file or a JSON file would block the open (or be read forever)."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(mm.demo_model("captioning"), ckpt)
+    os.mkfifo(ckpt / "extra.safetensors")
+    with pytest.raises(CheckpointError, match=r"extra.safetensors: not a regular file \(a FIFO"):
+        mm.load(ckpt)
+    (ckpt / "extra.safetensors").unlink()
+    (ckpt / "config.json").unlink()
+    os.mkfifo(ckpt / "config.json")
+    with pytest.raises(CheckpointError, match="no config.json"):
+        mm.load(ckpt)
+
+
+def test_a_min_dalle_vocabulary_with_a_non_integer_id_is_refused(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(mm.demo_model("text-to-image"), ckpt)
+    vocab = json.loads((ckpt / "vocab.json").read_text())
+    (ckpt / "vocab.json").write_text(json.dumps({**vocab, "zzz": [1]}))
+    with pytest.raises(CheckpointError, match="not a min-dalle vocabulary"):
+        mm.load(ckpt)
+
+
+def test_an_unterminated_string_in_a_json_file_is_refused_quickly(tmp_path):
+    """The nesting pre-check strips strings with a regex; an unterminated one must not make it
+    backtrack over the rest of the file (60 KB took 10 s, the 16 MiB limit would take days)."""
+    path = tmp_path / "config.json"
+    path.write_text('"' + '\\"' * 200_000)
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        read_json(path)
+    assert time.perf_counter() - start < 30  # a hang guard, not a timing: the old regex took minutes here

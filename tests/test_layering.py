@@ -16,6 +16,7 @@ PACKAGE = Path(mmgen_engine.__file__).parent
 # the units of lower layers and from itself, never from its own layer's other units or above.
 LAYERS = [
     {"errors", "gesture_format", "kernels", "_C"},
+    {"files"},
     {"_native", "config"},
     {"checkpoint", "ops"},
     {"layers"},

@@ -67,7 +67,7 @@ def convert(src, out, source_format: str | None = None, dtype: str | None = None
         raise ConversionError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if replaces_source:
         raise ConversionError(f"{out}: the output would replace the source model {src}")
-    remove_stale_writes(out.parent)
+    remove_stale_writes(out)
     with tempfile.TemporaryDirectory() as workdir:
         config, tensors, files = CONVERTERS[source_format].convert(src, dtype, Path(workdir), trust_pickle)
         try:

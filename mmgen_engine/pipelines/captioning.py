@@ -14,7 +14,6 @@ with the prompt, as theirs do.
 from __future__ import annotations
 
 import os
-import stat
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ from tokenizers import Tokenizer
 from ..checkpoint import check_tokenizer, load_model
 from ..config import CaptioningConfig
 from ..errors import CheckpointError, InputError, one_line
+from ..files import open_regular_file
 from ..models import build_model
 from ..runtime import CUDAGraphs, GraphedCall, SamplingParams, generate
 from ..runtime.layout import column_major_weights
@@ -32,25 +32,6 @@ from ..runtime.limits import MAX_PROMPT_TOKENS, check_count, check_new_tokens, c
 from ..runtime.sampler import check_sampling
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
-
-
-def open_image_file(path: Path):
-    """``path`` opened for binary reading if it is a regular file; InputError naming it otherwise.
-
-    It is opened non-blocking and checked on the open descriptor, so a FIFO or a device
-    (``/dev/zero``) is refused at once instead of blocking the open or being read forever."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except FileNotFoundError:
-        raise InputError(f"{path}: image file not found") from None
-    except (OSError, ValueError) as e:  # permissions, a name too long, an embedded NUL, ...
-        raise InputError(f"{path}: cannot open the image file ({getattr(e, 'strerror', None) or e})") from None
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO, socket or device"
-        raise InputError(f"{path}: not a regular file ({kind}); pass an image file")
-    return os.fdopen(fd, "rb")
 
 
 def to_rgb(im: PIL.Image.Image) -> PIL.Image.Image:
@@ -108,7 +89,7 @@ def load_image(image) -> PIL.Image.Image:
     ``PIL.Image``)."""
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
-        with open_image_file(path) as f:
+        with open_regular_file(path, "image file") as f:
             try:
                 im = PIL.Image.open(f)  # PIL refuses decompression bombs here
             except Exception as e:  # any type, as in _decoded

@@ -23,6 +23,7 @@ import torch
 from ..checkpoint import check_tokenizer, load_model, read_json
 from ..config import TextToImageConfig
 from ..errors import CheckpointError, InputError, one_line
+from ..files import open_regular_file
 from ..models import build_model
 from ..runtime import CUDAGraphs, SamplingParams, generate_stream
 from ..runtime.layout import channels_last_weights, column_major_weights
@@ -49,11 +50,14 @@ class MinDalleTokenizer:
     def from_files(cls, vocab_path: Path, merges_path: Path) -> MinDalleTokenizer:
         vocab = read_json(vocab_path)  # bounded in size and nesting
         try:
-            merges = merges_path.read_text(encoding="utf-8").split("\n")[1:-1]  # header line, final newline
+            with open_regular_file(merges_path, "min-dalle's merges.txt", CheckpointError) as f:
+                merges = f.read().decode("utf-8").split("\n")[1:-1]  # header line, final newline
         except (OSError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{merges_path}: unreadable tokenizer merges ({one_line(e)})") from None
-        if not isinstance(vocab, dict) or not all(isinstance(vocab.get(t), int) for t in ("<s>", "</s>", "<unk>")):
-            raise CheckpointError(f"{vocab_path}: not a min-dalle vocabulary (needs ids for <s>, </s>, <unk>)")
+        if (not isinstance(vocab, dict) or not all(type(i) is int for i in vocab.values())
+                or not all(t in vocab for t in ("<s>", "</s>", "<unk>"))):
+            raise CheckpointError(f"{vocab_path}: not a min-dalle vocabulary (token -> integer id, with ids for "
+                                  f"<s>, </s>, <unk>)")
         return cls(vocab, merges)
 
     @functools.lru_cache(maxsize=4096)
