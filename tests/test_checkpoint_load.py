@@ -260,3 +260,15 @@ def test_an_unterminated_string_in_a_json_file_is_refused_quickly(tmp_path):
     with pytest.raises(CheckpointError, match="not valid JSON"):
         read_json(path)
     assert time.perf_counter() - start < 30  # a hang guard, not a timing: the old regex took minutes here
+
+
+def test_a_token_grid_beyond_the_new_token_limit_is_refused_at_load(tmp_path):
+    """A 65x65 grid (4225 image tokens) passes the schema but could never be generated: refused at
+    load, not at every call as a max_new_tokens the caller never set."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(mm.demo_model("text-to-image"), ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["generation"]["grid_size"], config["decoder"]["max_positions"] = 65, 65 ** 2
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="65x65 token grid is 4225 image tokens, over the limit of 4096"):
+        mm.load(ckpt)

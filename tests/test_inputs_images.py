@@ -4,6 +4,7 @@ regular file, an empty or closed image is one InputError, never a hang. Files ar
 JPEG files written by Pillow."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -138,3 +139,15 @@ def test_devices_directories_and_fifos_are_not_image_files(tmp_path):
         os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
         pytest.fail("reading a FIFO blocked")
     assert outcome and "not a regular file" in outcome[0] and time.monotonic() - start < 30
+
+
+def test_an_extreme_aspect_ratio_is_refused_before_a_shortest_edge_resize(captioner, monkeypatch):
+    """CLIP-style preprocessing scales the shorter side first: a 1 x 40000 PNG of a few hundred bytes
+    would become 64 x 2560000 here (at CLIP's 224: 224 x 8960000, 5.6 GiB) before the center crop."""
+    p = captioner.config.preprocess
+    config = dataclasses.replace(captioner.config, preprocess=dataclasses.replace(p, shortest_edge=p.height))
+    monkeypatch.setattr(captioner, "config", config)
+    assert captioner.preprocess([PIL.Image.new("RGB", (p.width * 3, p.height), "red")]).shape[-2:] == (p.height,
+                                                                                                      p.width)
+    with pytest.raises(InputError, match=r"1x40000 image would be resized to .* over the limit of 67108864 pixels"):
+        captioner.preprocess([PIL.Image.new("RGB", (1, 40000), "red")])

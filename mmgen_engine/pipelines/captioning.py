@@ -28,7 +28,7 @@ from ..files import open_regular_file
 from ..models import build_model
 from ..runtime import CUDAGraphs, GraphedCall, SamplingParams, generate
 from ..runtime.layout import column_major_weights
-from ..runtime.limits import MAX_PROMPT_TOKENS, check_count, check_new_tokens, check_prompt
+from ..runtime.limits import MAX_PROMPT_TOKENS, MAX_RESIZED_PIXELS, check_count, check_new_tokens, check_prompt
 from ..runtime.sampler import check_sampling
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
@@ -175,7 +175,12 @@ class CaptioningPipeline:
         for image in images:
             im = load_image(image)
             if p.shortest_edge:
-                im = im.resize(resized_size(*im.size, p.shortest_edge), resample=p.resample)
+                size = resized_size(*im.size, p.shortest_edge)
+                if size[0] * size[1] > MAX_RESIZED_PIXELS:
+                    raise InputError(f"a {im.width}x{im.height} image would be resized to {size[0]}x{size[1]} "
+                                     f"before its center crop, over the limit of {MAX_RESIZED_PIXELS} pixels "
+                                     f"(an extreme aspect ratio); crop it first")
+                im = im.resize(size, resample=p.resample)
                 top, left = (im.height - p.height) // 2, (im.width - p.width) // 2
                 im = im.crop((left, top, left + p.width, top + p.height))
             elif p.do_resize:

@@ -27,7 +27,7 @@ from ..files import open_regular_file
 from ..models import build_model
 from ..runtime import CUDAGraphs, SamplingParams, generate_stream
 from ..runtime.layout import channels_last_weights, column_major_weights
-from ..runtime.limits import MAX_IMAGES_PER_CALL, check_count, check_int, check_prompt
+from ..runtime.limits import MAX_IMAGES_PER_CALL, MAX_NEW_TOKENS, check_count, check_int, check_prompt
 from ..runtime.sampler import check_sampling
 from .detokenizer import decode, to_pil
 
@@ -101,6 +101,10 @@ class TextToImagePipeline:
     @classmethod
     def from_checkpoint(cls, path: Path, config: TextToImageConfig, device: torch.device,
                         dtype: torch.dtype | None) -> TextToImagePipeline:
+        tokens = config.generation.grid_size ** 2
+        if tokens > MAX_NEW_TOKENS:  # refused at load, not at every call as a max_new_tokens the user never set
+            raise CheckpointError(f"{path}: a {config.generation.grid_size}x{config.generation.grid_size} token grid "
+                                  f"is {tokens} image tokens, over the limit of {MAX_NEW_TOKENS} new tokens")
         tokenizer = MinDalleTokenizer.from_files(path / "vocab.json", path / "merges.txt")
         check_tokenizer(str(path / "vocab.json"), tokenizer.vocab.values(), config.encoder.vocab_size,
                         {"text_pad_token_id": config.generation.text_pad_token_id})

@@ -12,6 +12,9 @@ ordinary use:
   positions; min-dalle draws 256 image tokens).
 - :data:`MAX_PROMPT_CHARS` 4096 and :data:`MAX_PROMPT_TOKENS` 1024: a text prompt (min-dalle cuts
   its prompts to 64 tokens anyway).
+- :data:`MAX_RESIZED_PIXELS` 2**26: an image after a shortest-edge resize (CLIP's processor scales
+  the shorter side, so a 1 x 40000 image would become 224 x 8960000, 5.6 GiB of RGB, before its
+  center crop): an aspect ratio beyond about 1300:1 at 224 pixels is refused.
 - :data:`MAX_TOKEN_GRID_SIDE` 128 and :data:`MAX_IMAGE_TOKENS_PER_CALL` 2**18: image-token grids
   (min-dalle's is 16 x 16, the dVAE's 32 x 32; a 128 x 128 VQGAN grid is a 2048 x 2048 image).
 
@@ -32,6 +35,7 @@ MAX_IMAGES_PER_CALL = 256
 MAX_NEW_TOKENS = 4096
 MAX_PROMPT_CHARS = 4096
 MAX_PROMPT_TOKENS = 1024
+MAX_RESIZED_PIXELS = 2 ** 26
 MAX_TOKEN_GRID_SIDE = 128
 MAX_IMAGE_TOKENS_PER_CALL = 2 ** 18
 
