@@ -364,6 +364,7 @@ def _cleanup_on_sigterm():
         return
 
     def terminate(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one is enough: a second must not cut the cleanup short
         raise _Terminated
 
     signal.signal(signal.SIGTERM, terminate)
