@@ -214,3 +214,22 @@ def test_sampling_params_accept_numpy_numbers_and_store_python_ones():
     with pytest.raises(InputError, match="got dict"):
         sampler.load({"temperature": 1.0})
     assert math.isfinite(SamplingParams(temperature=limits.FLOAT32_MAX).temperature)
+
+
+def test_image_tokens_are_decoded_in_chunks_of_bounded_pixels(txt2img, monkeypatch):
+    """A batch is decoded DECODE_PIXELS at a time (the decoder's full-resolution activations would
+    otherwise grow with the batch); the chunks give the images the whole batch gives."""
+    from mmgen_engine.pipelines import detokenizer
+
+    grid = txt2img.config.generation.grid_size
+    tokens = torch.randint(0, txt2img.config.generation.image_vocab_size, (5, grid, grid),
+                           generator=torch.Generator().manual_seed(0))
+    calls = []
+    model = txt2img.model.detokenizer
+    monkeypatch.setattr(model, "forward", lambda t, f=model.forward: calls.append(len(t)) or f(t))
+    whole = txt2img.decode_tokens(tokens)
+    pixels = (grid * model.cfg.downsample_factor) ** 2
+    monkeypatch.setattr(detokenizer, "DECODE_PIXELS", 2 * pixels)
+    chunked = txt2img.decode_tokens(tokens)
+    assert calls == [5, 2, 2, 1]
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-4)  # float32 convolutions pick algorithms by batch

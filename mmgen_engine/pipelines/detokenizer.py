@@ -58,12 +58,19 @@ def check_image_tokens(tokens, codebook_size: int) -> torch.Tensor:
     return tokens
 
 
+# Pixels decoded per forward pass: the decoder's activations at full resolution are about a hundred
+# channels, so a batch is decoded in chunks (min-dalle's 256x256 images: 16 at a time, ~0.5 GB per
+# activation) instead of all at once (256 images: ~8 GB each).
+DECODE_PIXELS = 2 ** 20
+
+
 def decode(model: torch.nn.Module, image_tokens, codebook_size: int, device: torch.device) -> torch.Tensor:
     """Pixels ``[B, 3, H, W]`` float32 in ``[0, 1]`` on ``device`` of checked image tokens (see
-    :func:`check_image_tokens`) through a detokenizer ``model``."""
-    tokens = check_image_tokens(image_tokens, codebook_size)
+    :func:`check_image_tokens`) through a detokenizer ``model``, :data:`DECODE_PIXELS` at a time."""
+    tokens = check_image_tokens(image_tokens, codebook_size).to(device)
+    pixels = tokens.shape[1] * tokens.shape[2] * model.cfg.downsample_factor ** 2
     with torch.inference_mode():
-        return model(tokens.to(device)).float()
+        return torch.cat([model(chunk).float() for chunk in tokens.split(max(1, DECODE_PIXELS // pixels))])
 
 
 def to_pil(images: torch.Tensor) -> list[PIL.Image.Image]:
