@@ -12,10 +12,30 @@ import importlib.util
 
 from .convert import convert
 from .demo import demo_model
-from .errors import BackendError, CheckpointError, ConversionError, InputError, MMGenError
+from .errors import (
+    BackendError,
+    CheckpointError,
+    ConversionError,
+    DeadlineExceeded,
+    EngineClosed,
+    EngineFailed,
+    EngineOverloaded,
+    InputError,
+    MMGenError,
+)
 from .ops import available_backends
 from .pipelines import CaptioningPipeline, ImageDetokenizer, SpeechToGesturePipeline, TextToImagePipeline, load
 from .runtime import SamplingParams
+from .serving import (
+    CaptionRequest,
+    Engine,
+    GestureRequest,
+    ImageRequest,
+    PartialImage,
+    PoseChunk,
+    RequestHandle,
+    TextDelta,
+)
 
 __version__ = importlib.metadata.version("mmgen-engine")
 
@@ -30,6 +50,8 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["BackendError", "build_info", "CaptioningPipeline", "CheckpointError", "ConversionError",
-           "convert", "demo_model", "ImageDetokenizer", "InputError", "load", "MMGenError", "SamplingParams",
-           "SpeechToGesturePipeline", "TextToImagePipeline"]
+__all__ = ["BackendError", "build_info", "CaptioningPipeline", "CaptionRequest", "CheckpointError", "ConversionError",
+           "convert", "DeadlineExceeded", "demo_model", "Engine", "EngineClosed", "EngineFailed", "EngineOverloaded",
+           "GestureRequest", "ImageDetokenizer", "ImageRequest", "InputError", "load", "MMGenError", "PartialImage",
+           "PoseChunk", "RequestHandle", "SamplingParams", "SpeechToGesturePipeline", "TextDelta",
+           "TextToImagePipeline"]

@@ -29,3 +29,19 @@ def one_line(e: BaseException, limit: int = 200) -> str:
     """``str(e)`` collapsed to one line of at most ``limit`` characters, for error messages."""
     text = " ".join(str(e).split()) or type(e).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class EngineOverloaded(MMGenError):
+    """``Engine.submit`` refused a request: ``max_queued`` requests already wait for a slot."""
+
+
+class EngineClosed(MMGenError, RuntimeError):
+    """The engine was shut down (or failed): it takes no more requests."""
+
+
+class EngineFailed(MMGenError, RuntimeError):
+    """An internal error stopped an engine's scheduler; every request it held fails with this."""
+
+
+class DeadlineExceeded(MMGenError, TimeoutError):
+    """A request was not finished within its ``timeout``."""

@@ -22,7 +22,7 @@ LAYERS = [
     {"layers"},
     {"models", "runtime"},
     {"convert", "pipelines"},
-    {"training", "demo"},
+    {"training", "demo", "serving"},
     {"__init__"},
     {"cli"},
 ]

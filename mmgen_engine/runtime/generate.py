@@ -50,9 +50,9 @@ class DecodeState:
     tokens: torch.Tensor     # (R,) the tokens fed to the next step (R = B, or 2B with guidance)
     positions: torch.Tensor  # (R,) their positions
     done: torch.Tensor       # (B,) bool
-    step: torch.Tensor       # (1,) index of the next output token; the sampler's Philox offset
-    min_new: torch.Tensor    # (1,) eos is suppressed while step < min_new
-    out: torch.Tensor        # (B, N) output tokens
+    step: torch.Tensor       # (B,) each row's index of its next output token; the sampler's Philox offsets
+    min_new: torch.Tensor    # (B,) eos is suppressed while step < min_new
+    out: torch.Tensor        # (B, N + 1) output tokens; done rows write their padding into the last column
     eos: int | None          # None: rows never stop early
     pad: int
 
@@ -72,16 +72,31 @@ class DecodeState:
         return cls(KVCache.allocate(layers, rows, heads, cache_len, head_dim, dtype, device),
                    CrossKVCache.allocate(layers, lengths, heads, enc_len, head_dim, dtype, device),
                    sampler, ints(rows), ints(rows),
-                   torch.zeros(batch, dtype=torch.bool, device=device), ints(1), ints(1), ints(batch, out_len),
-                   eos, pad)
+                   torch.zeros(batch, dtype=torch.bool, device=device), ints(batch), ints(batch),
+                   ints(batch, out_len + 1), eos, pad)
+
+    @property
+    def groups(self) -> int:
+        """Decoder rows per output row: 2 with guidance, else 1."""
+        return self.tokens.shape[0] // self.done.shape[0]
+
+    def head(self, n: int) -> DecodeState:
+        """The first ``n`` output rows, as views of these tensors (no guidance): a continuous batch
+        whose occupied slots are ``0..n-1`` steps only them."""
+        if self.groups != 1:
+            raise ValueError("a guided state cannot be cut to its first rows")
+        cache = KVCache(self.cache.k[:, :n], self.cache.v[:, :n], self.cache.span)
+        cross = CrossKVCache(self.cross.k[:, :n], self.cross.v[:, :n], self.cross.lengths[:n])
+        return DecodeState(cache, cross, self.sampler.view(slice(0, n)), self.tokens[:n], self.positions[:n],
+                           self.done[:n], self.step[:n], self.min_new[:n], self.out[:n], self.eos, self.pad)
 
 
 def pick(logits: torch.Tensor, st: DecodeState) -> None:
     """Choose the next token of every row from ``logits [R, V]`` and record it (device ops only)."""
     if st.eos is not None:
-        logits[:, st.eos].masked_fill_(st.step < st.min_new, float("-inf"))
+        logits[:, st.eos].masked_fill_((st.step < st.min_new).repeat(st.groups), float("-inf"))
     tokens = torch.where(st.done, st.pad, st.sampler(logits, st.step))
-    st.out.scatter_(1, st.step.expand(tokens.shape[0], 1), tokens[:, None])
+    st.out.scatter_(1, torch.where(st.done, st.out.shape[1] - 1, st.step)[:, None], tokens[:, None])
     if st.eos is not None:
         st.done |= tokens == st.eos
     st.tokens.view(-1, tokens.shape[0]).copy_(tokens)  # with guidance: both rows of a pair
@@ -91,7 +106,7 @@ def pick(logits: torch.Tensor, st: DecodeState) -> None:
 def decode_step(decoder: Decoder, st: DecodeState) -> None:
     """Feed ``st.tokens`` at ``st.positions``, pick the next tokens; what a CUDA graph captures."""
     pick(decoder.decode_step(st.tokens, st.positions, st.cache, st.cross), st)
-    st.positions += 1
+    st.positions += (~st.done).repeat(st.groups)  # done rows stay where they are (a free slot at 0)
 
 
 def _pad_rows(x: torch.Tensor, rows: int, groups: int = 1) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Sampling parameters and the per-request sampler (math in :mod:`mmgen_engine.ops.sampling`)."""
 from __future__ import annotations
 
+import copy
 import secrets
 from dataclasses import dataclass
 
@@ -61,16 +62,20 @@ def check_sampling(sampling) -> SamplingParams | None:
 
 class Sampler:
     """Turns logits ``[B, V]`` (``[2B, V]`` with guidance: unconditioned rows, then conditioned) into
-    next tokens ``[B]`` for ``batch`` rows, with one request's :class:`SamplingParams` held as per-row
-    device tensors (:meth:`load` puts another request's in place, so a captured CUDA graph sees them).
+    next tokens ``[B]`` for ``batch`` rows, with :class:`SamplingParams` held as per-row device
+    tensors (:meth:`load` puts another request's in place, so a captured CUDA graph sees them).
 
-    The random stream is Philox keyed by ``params.seed`` (a fresh 63-bit seed from OS entropy when
-    None) and counted by the row and the caller's step counter ``offset``, a ``[1]`` int64 device
-    tensor: the same seed, offset, batch and model give the same tokens, also when a CUDA graph
-    replays the call after the caller advanced ``offset`` on the device. ``guidance`` says whether
-    the task combines guided rows (then ``params.guidance_scale`` is required, otherwise rejected);
-    ``vocab_limit`` restricts tokens to ``0..vocab_limit-1``.
+    The random stream is Philox keyed by each row's seed (a fresh 63-bit seed from OS entropy when
+    ``params.seed`` is None) and counted by the row's stream index (``rows``, ``0..B-1`` unless
+    :meth:`load` sets others) and the caller's step counter ``offset`` (a ``[1]`` or ``[B]`` int64
+    device tensor): the same seed, row index, offset and model give the same token, also when a
+    CUDA graph replays the call after the caller advanced ``offset`` on the device, and also for a
+    row of a continuous batch that shares the call with rows of other requests. ``guidance`` says
+    whether the task combines guided rows (then ``params.guidance_scale`` is required, otherwise
+    rejected); ``vocab_limit`` restricts tokens to ``0..vocab_limit-1``.
     """
+
+    FIELDS = ("temperature", "top_k", "top_p", "do_sample", "seeds", "rows", "guidance")
 
     def __init__(self, params: SamplingParams | None, batch: int, device: torch.device, guidance: bool = False,
                  vocab_limit: int | None = None):
@@ -80,26 +85,42 @@ class Sampler:
         self.temperature, self.top_p = rows(torch.float32), rows(torch.float32)
         self.top_k, self.seeds = rows(torch.int64), rows(torch.int64)
         self.do_sample = rows(torch.bool)
+        self.rows = torch.arange(batch, dtype=torch.int64, device=device)
         self.guidance = rows(torch.float32) if guidance else None
         self.vocab_limit = vocab_limit
         self.load(params)
 
-    def load(self, params: SamplingParams | None) -> None:
-        """Take ``params`` (None: greedy) for every row, in place."""
+    def load(self, params: SamplingParams | None, index=None, stream_rows=None) -> None:
+        """Take ``params`` (None: greedy) for every row, or for the rows ``index`` (then ``greedy``
+        is left to the caller), in place; ``stream_rows`` (with ``index``) are those rows' indices
+        in the random stream, as in the request's own batch."""
         params = check_sampling(params) or SamplingParams()
         if self.guidance is not None and params.guidance_scale is None:
             raise InputError("this task needs guidance_scale")
         if self.guidance is None and params.guidance_scale is not None:
             raise InputError("guidance_scale is not supported by this task")
-        self.temperature.fill_(params.temperature)
-        self.top_k.fill_(params.top_k)
-        self.top_p.fill_(params.top_p)
-        self.do_sample.fill_(params.do_sample)
-        self.seeds.fill_(secrets.randbits(63) if params.seed is None else params.seed)
+        at = slice(None) if index is None else index
+        self.temperature[at] = params.temperature
+        self.top_k[at] = params.top_k
+        self.top_p[at] = params.top_p
+        self.do_sample[at] = params.do_sample
+        self.seeds[at] = secrets.randbits(63) if params.seed is None else params.seed
         if self.guidance is not None:
-            self.guidance.fill_(params.guidance_scale)
-        self.greedy = not params.do_sample  # host-known: no row samples, the sampler only takes argmaxes
+            self.guidance[at] = params.guidance_scale
+        if index is None:
+            self.greedy = not params.do_sample  # host-known: no row samples, the sampler only takes argmaxes
+        if stream_rows is not None:
+            self.rows[at] = torch.as_tensor(stream_rows, dtype=torch.int64)
+
+    def view(self, index) -> Sampler:
+        """A sampler over the rows ``index`` (a slice gives views of these tensors, an index tensor
+        copies); ``greedy`` is the caller's to set."""
+        sub = copy.copy(self)
+        for name in self.FIELDS:
+            if getattr(self, name) is not None:
+                setattr(sub, name, getattr(self, name)[index])
+        return sub
 
     def __call__(self, logits: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         return ops.sample(logits, self.temperature, self.top_k, self.top_p, self.do_sample, self.seeds, offset,
-                          self.guidance, self.vocab_limit, self.greedy)
+                          self.guidance, self.vocab_limit, self.greedy, self.rows)
