@@ -78,18 +78,19 @@ void bind_kernels(pybind11::module_& m) {
       "sample",
       [](std::uintptr_t logits, int64_t stride, std::uintptr_t guidance, std::uintptr_t inv_t,
          std::uintptr_t top_k, std::uintptr_t top_p, std::uintptr_t do_sample, std::uintptr_t seeds,
-         std::uintptr_t offset, std::uintptr_t out, int dtype, int batch, int n, bool greedy,
-         std::uintptr_t stream) {
+         std::uintptr_t offset, int offset_stride, std::uintptr_t rows, std::uintptr_t out, int dtype, int batch,
+         int n, bool greedy, std::uintptr_t stream) {
         const kernels::SampleParams p{ptr(logits), stride, ptr<const float>(guidance), ptr<const float>(inv_t),
                                       ptr<const int64_t>(top_k), ptr<const float>(top_p),
                                       ptr<const bool>(do_sample), ptr<const int64_t>(seeds),
-                                      ptr<const int64_t>(offset), ptr<int64_t>(out), batch, n, greedy};
+                                      ptr<const int64_t>(offset), ptr<const int64_t>(rows), ptr<int64_t>(out),
+                                      batch, n, offset_stride, greedy};
         Ops::sample(p, static_cast<DType>(dtype), stream);
       },
       "Fused top-k / top-p / Gumbel-max sampling (csrc/kernels/sampling.cuh).", py::arg("logits"),
       py::arg("stride"), py::arg("guidance"), py::arg("inv_t"), py::arg("top_k"), py::arg("top_p"),
-      py::arg("do_sample"), py::arg("seeds"), py::arg("offset"), py::arg("out"), py::arg("dtype"),
-      py::arg("batch"), py::arg("n"), py::arg("greedy"), py::arg("stream"));
+      py::arg("do_sample"), py::arg("seeds"), py::arg("offset"), py::arg("offset_stride"), py::arg("rows"),
+      py::arg("out"), py::arg("dtype"), py::arg("batch"), py::arg("n"), py::arg("greedy"), py::arg("stream"));
 }
 
 }  // namespace mmgen

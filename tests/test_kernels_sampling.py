@@ -4,7 +4,10 @@ On CPU the kernel runs in Triton's interpreter (conftest sets TRITON_INTERPRET=1
 small and awkward: one-column and odd vocabularies, guidance, vocab_limit, every top-k / top-p kind
 per row, -inf rows, ties, fp16; one GPT-2-sized row; rows split over several programs, and over many
 small ones (CHUNK and BLOCK patched). Philox is checked against Random123's known answers and
-``tl.philox``. The ``gpu`` tests run real sizes and a CUDA-graph replay.
+``tl.philox``. Per-row step counters and stream rows (continuous batching) are checked here for both
+kernels - Triton's and the ``cuda`` backend's, on CPU through the SIMT emulator (tests/native) - a
+row drawing what it draws as its stream row of its own request's batch. The ``gpu`` tests run real
+sizes and CUDA-graph replays.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import pytest
 import torch
 
 from mmgen_engine import SamplingParams
+from mmgen_engine.ops import cuda_ops
 from mmgen_engine.ops.random import philox4x32
 from mmgen_engine.ops.sampling import sample_reference
 from mmgen_engine.runtime import Sampler
@@ -186,6 +190,138 @@ def test_registered_as_the_triton_backend(monkeypatch):
     assert torch.equal(first, sampler(logits, torch.tensor([3])))
 
 
+# ---- per-row step counters and stream rows (continuous batching) ----
+
+@pytest.fixture(params=["triton", "cuda-emulated", pytest.param("triton-gpu", marks=pytest.mark.gpu),
+                        pytest.param("cuda-gpu", marks=pytest.mark.gpu)])
+def kernel(request, monkeypatch):
+    """(sample function, device): the Triton kernel or the ``cuda`` backend's wrapper, on CPU (Triton's
+    interpreter; the CUDA kernel compiled against the SIMT emulator) or, marked ``gpu``, on a GPU."""
+    if request.param == "cuda-emulated":
+        import emulated  # tests/emulated.py: builds the CPU-emulated kernels, or skips without g++
+
+        monkeypatch.setattr(cuda_ops, "_C", emulated.load())
+    elif request.param == "cuda-gpu" and not cuda_ops._C.cuda:
+        pytest.fail("mmgen_engine._C was built without CUDA on a machine with a GPU")
+    fn = sampling_kernel.sample if request.param.startswith("triton") else cuda_ops.sample
+    return fn, "cuda" if request.param.endswith("gpu") else "cpu"
+
+
+def to(device, *args):
+    return [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
+
+
+@pytest.mark.parametrize("batch,vocab,guided,vocab_limit,kind,dtype", CASES)
+def test_per_row_offsets_and_rows_match_the_reference(batch, vocab, guided, vocab_limit, kind, dtype, kernel):
+    """``offset [B]`` (per-row step counters, across the 2**32 boundary of the counter's words) and
+    ``rows [B]`` (stream rows: repeated, out of order, up to 2**32 - 1), each alone and together."""
+    fn, device = kernel
+    g = torch.Generator().manual_seed(batch * vocab + 1)
+    logits = make_logits(2 * batch if guided else batch, vocab, kind, dtype, g)
+    guidance = (torch.rand(batch, generator=g) * (1 if kind == "-inf" else 4)) if guided else None
+    params = grid_params(batch, vocab_limit or vocab, g)
+    offsets = torch.tensor([0, 2**32 - 1, 2**32, 7, 2**40 + 3, 1][:batch] * batch)[:batch]
+    offsets[-1] += 2**33  # each row its own counter (also for B = 1)
+    rows = torch.tensor([3, 0, 2**32 - 1, 3, 11, 1][:batch] * batch)[:batch]
+    for offset, stream_rows in [(offsets, None), (offsets[:1], rows), (offsets, rows)]:
+        args = to(device, logits, *params, offset, guidance, vocab_limit, False, stream_rows)
+        out, ref = fn(*args), sample_reference(*args)
+        assert out.dtype == torch.int64 and torch.equal(out, ref), (offset.tolist(), out.tolist(), ref.tolist())
+
+
+def continuous_batch(vocab, guided, dtype, g):
+    """Four requests, each a batch of its own (rows ``0..n-1``, its own seed, parameters and step
+    counter), and one shared batch holding all their rows interleaved. Returns the requests' argument
+    lists (offset ``[1]``), the shared batch's (offset and rows ``[B]``) and, per shared row, its
+    (request, row)."""
+    steps = [5, 2**32 + 7, 0, 2**33 + 2**31]
+    requests = []
+    for i, (n, step) in enumerate(zip([3, 2, 1, 4], steps)):
+        logits = torch.randn(2 * n if guided else n, vocab, generator=g) * 0.5  # flat: many likely tokens
+        temperature, top_k, top_p, do_sample, _ = grid_params(n, vocab, g)
+        temperature = temperature.clamp(max=2.0)
+        seeds = torch.full((n,), int(torch.randint(0, 2**63 - 1, (), generator=g)))  # one seed per request
+        guidance = torch.rand(n, generator=g) * 3 if guided else None
+        requests.append([logits.to(dtype), temperature, top_k, top_p, do_sample, seeds, torch.tensor([step]),
+                         guidance])
+    slots = [(req, row) for req, r in enumerate(requests) for row in range(r[5].shape[0])]
+    slots = [slots[i] for i in torch.randperm(len(slots), generator=g).tolist()]
+
+    def gather(k):
+        return torch.stack([requests[req][k][row] for req, row in slots])
+
+    logits = [requests[req][0][row] for req, row in slots]
+    if guided:  # unconditioned rows first, then the conditioned ones, in the shared order
+        logits += [requests[req][0][row + requests[req][5].shape[0]] for req, row in slots]
+    shared = [torch.stack(logits), *(gather(k) for k in range(1, 6)),
+              torch.tensor([steps[req] for req, _ in slots]), gather(7) if guided else None]
+    return requests, shared, torch.tensor([row for _, row in slots]), slots
+
+
+@pytest.mark.parametrize("guided,vocab_limit,dtype", [(False, None, torch.float32), (True, None, torch.float32),
+                                                      (False, 70, torch.float16), (True, 50, torch.bfloat16)])
+def test_continuous_batch_rows_draw_what_their_own_batch_draws(guided, vocab_limit, dtype, kernel):
+    """Row b of a shared batch with ``rows[b] = r`` and ``offset[b] = o`` draws exactly the token of
+    row r of its own request's batch at the ``[1]`` offset o - wherever it sits in the shared batch."""
+    fn, device = kernel
+    g = torch.Generator().manual_seed(97 + guided)
+    requests, shared, rows, slots = continuous_batch(97, guided, dtype, g)
+    own = [fn(*to(device, *args, vocab_limit)) for args in requests]
+    out = fn(*to(device, *shared, vocab_limit, False, rows))
+    assert torch.equal(out, torch.stack([own[req][row] for req, row in slots])), (out.tolist(), slots)
+    assert torch.equal(out, sample_reference(*to(device, *shared, vocab_limit, False, rows)))
+    # not by chance: as rows 0..B-1 at one offset the shared batch draws other tokens
+    plain = fn(*to(device, *shared[:6], shared[6][:1], shared[7], vocab_limit))
+    assert not torch.equal(out, plain)
+
+
+def test_per_row_offset_of_equal_values_and_rows_arange_change_nothing(kernel):
+    """``offset [B]`` holding one value (also an expanded ``[1]``: stride 0) is the ``[1]`` offset;
+    ``rows = 0..B-1`` is ``rows=None``; strided views of ``offset`` and ``rows`` are read as their
+    values."""
+    fn, device = kernel
+    g = torch.Generator().manual_seed(12)
+    logits = make_logits(5, 300, "randn", torch.float32, g)
+    params = grid_params(5, 300, g)
+    one = torch.tensor([2**32 + 9], device=device)
+    expect = fn(*to(device, logits, *params, one))
+    for offset, rows in [(torch.full((5,), 2**32 + 9), None), (one, torch.arange(5)), (one.expand(5), None),
+                         (torch.full((5,), 2**32 + 9), torch.arange(5))]:
+        assert torch.equal(fn(*to(device, logits, *params, offset, None, None, False, rows)), expect)
+    offsets, rows = torch.tensor([4, 0, 2**32, 0, 6, 0, 1, 0, 9]), torch.tensor([2, 0, 1, 0, 0, 0, 7, 0, 3])
+    args = to(device, logits, *params, offsets[::2], None, None, False, rows[::2])
+    assert torch.equal(fn(*args), sample_reference(*to(device, logits, *params, offsets[::2].contiguous(), None,
+                                                         None, False, rows[::2].contiguous())))
+    # a greedy call reads neither
+    args = to(device, logits, *params[:3], torch.zeros(5, dtype=torch.bool), params[4], torch.full((5,), 3))
+    assert torch.equal(fn(*args, None, None, True, torch.arange(5, device=device)), logits.argmax(-1).to(device))
+
+
+def test_cuda_wrapper_rejects_bad_offset_and_rows_before_any_launch(monkeypatch):
+    """The ``cuda`` backend indexes ``offset`` and ``rows`` by row: a wrong shape, dtype or device
+    would read out of bounds, so its wrapper checks them even when called without ``ops.sample``."""
+    import emulated
+
+    monkeypatch.setattr(cuda_ops, "_C", emulated.load())
+    logits = torch.randn(3, 20)
+    params = (torch.ones(3), torch.zeros(3, dtype=torch.int64), torch.ones(3), torch.ones(3, dtype=torch.bool),
+              torch.arange(3))
+    one = torch.tensor([0])
+    with pytest.raises(ValueError, match=r"offset must have shape \(1,\) or \(3,\), got \(2,\)"):
+        cuda_ops.sample(logits, *params, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"offset must have shape \(1,\) or \(3,\), got \(\)"):
+        cuda_ops.sample(logits, *params, torch.tensor(0))
+    with pytest.raises(TypeError, match="offset must be int64"):
+        cuda_ops.sample(logits, *params, one.int())
+    with pytest.raises(ValueError, match=r"rows must have shape \(3,\), got \(1,\)"):
+        cuda_ops.sample(logits, *params, one, rows=torch.tensor([0]))
+    with pytest.raises(TypeError, match="rows must be int64"):
+        cuda_ops.sample(logits, *params, one, rows=torch.arange(3, dtype=torch.int32))
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="rows is on cuda"):
+            cuda_ops.sample(logits, *params, one, rows=torch.arange(3, device="cuda"))
+
+
 @triton.jit
 def _philox_kernel(out_ptr, seed, c_ptr, n, BLOCK: tl.constexpr):
     i = tl.arange(0, BLOCK)
@@ -229,10 +365,14 @@ def test_gpt2_sizes_match_reference_on_cuda(dtype, guided):
     logits = make_logits(2 * batch if guided else batch, vocab, "randn", dtype, g).cuda()
     guidance = (torch.rand(batch, generator=g) * 4).cuda() if guided else None
     params = [t.cuda() for t in grid_params(batch, vocab, g)]
-    for offset in [0, 1, 2**32 + 5]:
+    per_row = torch.randint(0, 2**40, (batch,), generator=g).cuda()
+    stream_rows = torch.randint(0, 2**32, (batch,), generator=g).cuda()
+    for offset, rows in [(0, None), (1, None), (2**32 + 5, None), (per_row, None), (per_row, stream_rows)]:
+        offset = offset if isinstance(offset, torch.Tensor) else torch.tensor([offset], device="cuda")
         for vocab_limit in [None, 16384]:
-            out, ref = both(logits, *params, torch.tensor([offset], device="cuda"), guidance, vocab_limit)
-            assert torch.equal(out, ref), (offset, vocab_limit, (out != ref).nonzero().flatten().tolist())
+            out, ref = both(logits, *params, offset, guidance, vocab_limit, False, rows)
+            assert torch.equal(out, ref), (offset.tolist(), rows is not None, vocab_limit,
+                                           (out != ref).nonzero().flatten().tolist())
 
 
 @pytest.mark.gpu
@@ -263,3 +403,35 @@ def test_cuda_graph_replay_matches_eager_calls(monkeypatch):
     assert torch.equal(torch.stack(got), expect)
     assert offset.item() == steps
     assert len({tuple(step) for step in expect.tolist()}) > 1  # the offset moved on every replay
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_cuda_graph_replay_with_per_row_offsets_and_rows(backend):
+    """A captured call with ``offset [B]`` and ``rows [B]`` replays with the counters the caller
+    advanced on the device (and rows it rewrote), as the eager reference draws."""
+    if backend == "cuda" and not cuda_ops._C.cuda:
+        pytest.fail("mmgen_engine._C was built without CUDA on a machine with a GPU")
+    fn = sampling_kernel.sample if backend == "triton" else cuda_ops.sample
+    device, batch = torch.device("cuda"), 8
+    g = torch.Generator().manual_seed(8)
+    logits = (torch.randn(batch, 50257, generator=g) * 3).half().to(device)
+    params = [t.to(device) for t in grid_params(batch, 50257, g)]
+    start = torch.tensor([0, 5, 2**32 - 2, 3, 9, 1, 2**35, 7], device=device)
+    offset, rows = start.clone(), torch.tensor([0, 1, 0, 2, 1, 0, 3, 0], device=device)
+    args = lambda o, r: (logits, *params, o, None, None, False, r)  # noqa: E731
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn(*args(offset, rows))  # compiles outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        tokens = fn(*args(offset, rows))
+        offset += 1
+    for step in range(4):
+        if step == 2:
+            rows.copy_(rows.flip(0))
+        graph.replay()
+        assert torch.equal(tokens, sample_reference(*args(start + step, rows))), step
+    assert torch.equal(offset, start + 4)

@@ -1,5 +1,6 @@
 """Sampler and the reference ``sample`` op: greedy, top-k (ties kept), top-p mass, temperature,
-guidance, vocab_limit, seeding and offsets, Philox known answers, parameter validation.
+guidance, vocab_limit, seeding and offsets (one for every row, or per row, with the rows' stream
+indices: continuous batching), Philox known answers, parameter validation.
 
 The statistics run on the reference (the spec); tests/test_kernels_sampling.py shows the Triton
 kernel picks the same tokens.
@@ -188,6 +189,87 @@ def test_sample_rejects_bad_shapes():
         sample(logits, **{**args, "offset": torch.zeros(1, dtype=torch.int32)})
     with pytest.raises(ValueError, match="top_p"):
         sample(logits, **{**args, "top_p": rows(3, 1.0)})
+
+
+@pytest.mark.parametrize("name,bad", [
+    ("offset", torch.zeros(3, dtype=torch.int64)),      # neither [1] nor [B]
+    ("offset", torch.zeros(1, 2, dtype=torch.int64)),
+    ("offset", torch.zeros(2, dtype=torch.int32)),      # [B] of the wrong dtype
+    ("offset", torch.zeros(2)),
+    ("offset", torch.zeros(2, dtype=torch.int64, device="meta")),  # not on the logits' device
+    ("rows", torch.zeros(1, dtype=torch.int64)),        # [1] is not [B]
+    ("rows", torch.zeros(3, dtype=torch.int64)),
+    ("rows", torch.zeros((), dtype=torch.int64)),
+    ("rows", torch.zeros(2, 1, dtype=torch.int64)),
+    ("rows", torch.arange(2, dtype=torch.int32)),
+    ("rows", torch.arange(2.0)),
+    ("rows", torch.arange(2, device="meta")),
+])
+def test_sample_rejects_bad_offset_and_rows(name, bad):
+    logits, b = torch.randn(2, 10), 2
+    args = dict(temperature=rows(b, 1.0), top_k=rows(b, 0, torch.int64), top_p=rows(b, 1.0),
+                do_sample=rows(b, True, torch.bool), seeds=rows(b, 0, torch.int64),
+                offset=torch.zeros(1, dtype=torch.int64), rows=None)
+    with pytest.raises(ValueError, match=rf"{name} must be a .*int64 tensor on cpu"):
+        sample(logits, **{**args, name: bad})
+    for guided in (False, True):  # B is the output rows, also with guidance's 2B logits rows
+        ok = dict(args, offset=torch.zeros(b, dtype=torch.int64), rows=torch.arange(b))
+        assert sample(torch.randn(2 * b, 10) if guided else logits, **ok,
+                      guidance=rows(b, 1.5) if guided else None).shape == (b,)
+
+
+def test_per_row_offsets_and_rows_pick_each_rows_philox_counter():
+    """Row b's uniforms have counter ``(i, rows[b], offset[b] & 0xffffffff, offset[b] >> 32)``: the
+    Gumbel-max over them, and a ``[B]`` offset of one value is the ``[1]`` offset."""
+    logits = torch.randn(4, 30, generator=torch.Generator().manual_seed(3))
+    seeds, do_sample = torch.tensor([5, 5, 2**40 + 7, 8]), torch.ones(4, dtype=torch.bool)
+    offset, stream_rows = torch.tensor([3, 2**32 + 3, 0, 2**33 - 1]), torch.tensor([1, 1, 0, 2**32 - 1])
+    params = (rows(4, 1.0), rows(4, 0, torch.int64), rows(4, 1.0), do_sample, seeds)
+    for o, r in [(offset, None), (offset[:1], stream_rows), (offset, stream_rows)]:
+        out = sample(logits, *params, o, rows=r)
+        u = uniform(seeds, o, torch.arange(4) if r is None else r, 30)
+        assert torch.equal(out, (logits - torch.log(-torch.log(u))).argmax(-1))
+    assert torch.equal(sample(logits, *params, torch.full((4,), 7), rows=torch.arange(4)),
+                       sample(logits, *params, torch.tensor([7])))
+    # rows 0 and 1 share seed and stream row and differ only in the step counter's high word
+    u = uniform(seeds, offset, stream_rows, 30)
+    assert not torch.equal(u[0], u[1])
+
+
+@pytest.mark.parametrize("guided", [False, True])
+def test_continuous_batch_rows_draw_what_their_own_batch_draws(guided):
+    """Requests at different steps share a batch: row b with ``rows[b] = r`` and ``offset[b] = o``
+    draws exactly the token of row r of its own request's batch at the ``[1]`` offset o, wherever it
+    sits; and a request's batch drawn over several steps gives the same sequence either way."""
+    g = torch.Generator().manual_seed(11)
+    vocab, sizes, starts = 60, [2, 3, 1], [4, 2**32 - 1, 0]
+    requests = []
+    for n in sizes:
+        seed = int(torch.randint(0, 2**63 - 1, (), generator=g))
+        requests.append(dict(logits=torch.randn(2 * n if guided else n, vocab, generator=g),
+                             temperature=rows(n, 1.5), top_k=torch.tensor([0, 20, 5][:n]),
+                             top_p=torch.tensor([1.0, 0.9, 0.95][:n]), do_sample=torch.tensor([True, True, False][:n]),
+                             seeds=rows(n, seed, torch.int64),
+                             guidance=torch.rand(n, generator=g) * 3 if guided else None))
+    slots = [(1, 2), (0, 1), (2, 0), (1, 0), (0, 0), (1, 1)]  # (request, its row), interleaved
+
+    def shared(key):
+        return torch.stack([requests[q][key][r] for q, r in slots])
+
+    uncond = [requests[q]["logits"][r] for q, r in slots]
+    cond = [requests[q]["logits"][r + sizes[q]] for q, r in slots] if guided else []
+    batch = dict(logits=torch.stack(uncond + cond), guidance=shared("guidance") if guided else None,
+                 **{k: shared(k) for k in ("temperature", "top_k", "top_p", "do_sample", "seeds")})
+    stream_rows = torch.tensor([r for _, r in slots])
+    drawn = []
+    for t in range(6):
+        own = [sample(**req, offset=torch.tensor([start + t])) for req, start in zip(requests, starts)]
+        out = sample(**batch, offset=torch.tensor([starts[q] + t for q, _ in slots]), rows=stream_rows)
+        assert torch.equal(out, torch.stack([own[q][r] for q, r in slots])), t
+        drawn.append(out)
+    # not by chance: the tokens move with the steps, and rows 0..B-1 at one offset draw others
+    assert len({tuple(d.tolist()) for d in drawn}) > 1
+    assert not all(torch.equal(d, sample(**batch, offset=torch.tensor([t]))) for t, d in enumerate(drawn))
 
 
 def test_guidance_scale_needs_a_guided_task_and_vice_versa():

@@ -73,10 +73,12 @@ struct SampleParams {
   const float* top_p;        // [B] in (0, 1]
   const bool* do_sample;     // [B]
   const int64_t* seeds;      // [B], >= 0
-  const int64_t* offset;     // [1] step counter
+  const int64_t* offset;     // step counters: row b reads offset[b * offset_stride]
+  const int64_t* rows;       // [B] each row's index in the random stream (counter word 1), or null (b)
   int64_t* out;              // [B]
   int batch;
   int n;                     // columns taking part (the vocabulary slice)
+  int offset_stride;         // 0: offset [1], one step counter for every row; 1: offset [B], per row
   bool greedy;               // the caller's promise that no row samples
 };
 

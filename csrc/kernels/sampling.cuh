@@ -29,9 +29,12 @@
 // rounding of top_p can be kept or dropped differently; every other decision is exact.
 //
 // Random numbers: u[b, i] from Philox4x32-10 with key (seed_b & 0xffffffff, seed_b >> 32) and
-// counter (i, b, offset & 0xffffffff, offset >> 32), first word x0, u = ((x0 >> 9) + 0.5) * 2^-23
+// counter (i, r_b, o_b & 0xffffffff, o_b >> 32), first word x0, u = ((x0 >> 9) + 0.5) * 2^-23
 // (mmgen_engine/ops/random.py; tl.philox computes the same), so a seed gives the same tokens as the
-// Triton sampler. The offset is read on the device (a CUDA graph replays with a new one).
+// Triton sampler. r_b = rows[b] (b when rows is null): the row's index in the random stream, so a
+// row of a continuous batch draws what it would as row r_b of its own batch; o_b = offset[b *
+// offset_stride] (stride 0: one step counter for every row; 1: per row). Both are read on the
+// device (a CUDA graph replays with new ones).
 #pragma once
 
 #include <cmath>
@@ -266,15 +269,16 @@ template <class L, class Column>
 __device__ int gumbel_argmax(int count, L l, Column column, uint32_t floor, const SampleParams& p, int b,
                              SampleShared& sh) {
   const uint64_t seed = static_cast<uint64_t>(p.seeds[b]);
-  const uint64_t offset = static_cast<uint64_t>(*p.offset);
+  const uint64_t offset = static_cast<uint64_t>(p.offset[static_cast<int64_t>(b) * p.offset_stride]);
   const uint32_t off_lo = static_cast<uint32_t>(offset), off_hi = static_cast<uint32_t>(offset >> 32);
+  const uint32_t row = p.rows != nullptr ? static_cast<uint32_t>(p.rows[b]) : static_cast<uint32_t>(b);
   float best = -INFINITY;
   int arg = p.n;
   for (int j = threadIdx.x; j < count; j += blockDim.x) {
     const float x = l(j);
     if (order_key(x) < floor) continue;
     const int i = column(j);
-    const uint32_t x0 = philox_x0(seed, static_cast<uint32_t>(i), static_cast<uint32_t>(b), off_lo, off_hi);
+    const uint32_t x0 = philox_x0(seed, static_cast<uint32_t>(i), row, off_lo, off_hi);
     const float u = (static_cast<float>(x0 >> 9) + 0.5f) * 1.1920928955078125e-07f;  // 2^-23
     const float v = __fsub_rn(x, logf(-logf(u)));
     if (v > best || (v == best && i < arg)) {
@@ -377,6 +381,7 @@ void dispatch_sample(const SampleParams& p, DType dtype, Launch&& launch) {
   require(p.logits && p.out && p.inv_t && p.top_k && p.top_p && p.do_sample && p.seeds && p.offset,
           "sample: null pointer");
   require(p.batch > 0 && p.n > 0 && p.stride >= 0, "sample: batch, vocabulary or row stride out of range");
+  require(p.offset_stride == 0 || p.offset_stride == 1, "sample: offset stride must be 0 ([1]) or 1 ([B])");
   switch (dtype) {
     case DType::kFloat32: return launch_sample<float>(p, launch);
     case DType::kFloat16: return launch_sample<__half>(p, launch);

@@ -39,7 +39,7 @@ per-block partials summed over the blocks - reaches the target. Every program of
 this (a few KB from L2) and its program 0 records the new prefix; then each program writes the 16
 sums of each block of its slice. Prefix slots are per pass and the partials alternate between two
 buffers, so no launch reads what it writes. The random words come from ``tl.philox`` with the
-spec's key and counter.
+spec's key and counter (below).
 
 Exactness against the reference. Exact (bit for bit, so decisions match): z and l (the same fp32
 operations, no FMA contraction), the keys, ``m`` and the first argmax, the top-k counts (int32) and
@@ -52,8 +52,13 @@ grows with n) can be kept or dropped differently. These sums are deterministic: 
 depends on ``n`` and ``BLOCK`` only, never on ``CHUNK`` (the number of parts) or on scheduling; no
 atomics are used.
 
-The kernels read every per-step value (the offset included) from device memory, so a call can be
-captured in a CUDA graph. Launched with ``enable_fp_fusion=False`` (no FMA contraction, so
+Random words: ``tl.philox`` with key ``seed_b`` and counter ``(i, r_b, o_b & 0xffffffff, o_b >> 32)``
+(the spec's): ``i`` the column, ``r_b = rows[b]`` the row's index in the random stream (``b`` when
+``rows`` is None, a ``HAS_ROWS`` constexpr), ``o_b`` the row's step counter, read at ``offset +
+b * offset_stride`` (stride 0 for a ``[1]`` offset, 1 for a per-row ``[B]`` one).
+
+The kernels read every per-step value (the offsets and rows included) from device memory, so a call
+can be captured in a CUDA graph. Launched with ``enable_fp_fusion=False`` (no FMA contraction, so
 ``uncond * (1 - g) + cond * g`` and ``z * inv_t + gumbel`` round like torch), and on CUDA with
 libdevice's ``logf``/``expf``, the functions torch's CUDA ``log``/``exp`` call, and IEEE division.
 """
@@ -246,11 +251,13 @@ def _exp_sum_kernel(logits_ptr, stride, guidance_ptr, inv_t_ptr, top_k_ptr, top_
 
 @triton.jit
 def _gumbel_kernel(logits_ptr, stride, guidance_ptr, inv_t_ptr, top_p_ptr, do_sample_ptr, seeds_ptr, offset_ptr,
-                   part_max_ptr, part_arg_ptr, prefix_ptr, mass_ptr, B, n, chunk, nblocks,
-                   HAS_GUIDANCE: tl.constexpr, CUDA_MATH: tl.constexpr, BLOCK: tl.constexpr, NB_P: tl.constexpr):
+                   offset_stride, rows_ptr, part_max_ptr, part_arg_ptr, prefix_ptr, mass_ptr, B, n, chunk, nblocks,
+                   HAS_GUIDANCE: tl.constexpr, HAS_ROWS: tl.constexpr, CUDA_MATH: tl.constexpr, BLOCK: tl.constexpr,
+                   NB_P: tl.constexpr):
     """Sampling rows: the top-p threshold (from the last top-p pass), then this slice's max of ``l +
     gumbel`` over the kept tokens and its first index, written over pass 1's result for the slice
-    (which no program of this launch reads)."""
+    (which no program of this launch reads). The row's step counter is ``offset[b * offset_stride]``,
+    its counter word 1 ``rows[b]`` (``b`` without ``HAS_ROWS``)."""
     b = tl.program_id(0)
     part = tl.program_id(1)
     if tl.load(do_sample_ptr + b) != 0:
@@ -263,10 +270,13 @@ def _gumbel_kernel(logits_ptr, stride, guidance_ptr, inv_t_ptr, top_p_ptr, do_sa
         if HAS_GUIDANCE:
             g = tl.load(guidance_ptr + b)
         inv_t = tl.load(inv_t_ptr + b)
-        offset = tl.load(offset_ptr)
+        offset = tl.load(offset_ptr + b * offset_stride)
         offset_lo = (offset & 0xFFFFFFFF).to(tl.uint32)
         offset_hi = (offset >> 32).to(tl.uint32)
         seed = tl.load(seeds_ptr + b)
+        row = b.to(tl.uint32)
+        if HAS_ROWS:
+            row = tl.load(rows_ptr + b).to(tl.uint32)  # int64 in [0, 2**32): its low word
         best = tl.full((), float("-inf"), tl.float32)
         token = tl.full((), 0, tl.int32)
         offs = tl.arange(0, BLOCK)
@@ -274,7 +284,7 @@ def _gumbel_kernel(logits_ptr, stride, guidance_ptr, inv_t_ptr, top_p_ptr, do_sa
             cols = start + offs
             mask = cols < n
             l = _load_z(logits_ptr, stride, b, B, g, cols, mask, HAS_GUIDANCE) * inv_t
-            x0, _, _, _ = tl.philox(seed, cols.to(tl.uint32), b.to(tl.uint32), offset_lo, offset_hi)
+            x0, _, _, _ = tl.philox(seed, cols.to(tl.uint32), row, offset_lo, offset_hi)
             u = ((x0 >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07  # 2**-23
             v = tl.where(mask & (_key(l) >= floor), l + -_log(-_log(u, CUDA_MATH), CUDA_MATH), float("-inf"))
             block_max = tl.max(v, axis=0)
@@ -295,8 +305,9 @@ def _combine_kernel(part_max_ptr, part_arg_ptr, out_ptr, n, parts, BLOCK_P: tl.c
 
 
 def sample(logits, temperature, top_k, top_p, do_sample, seeds, offset, guidance=None, vocab_limit=None,
-           greedy=False):
-    """Launcher with the reference's signature (shapes already checked by ``ops.sample``)."""
+           greedy=False, rows=None):
+    """Launcher with the reference's signature (shapes already checked by ``ops.sample``): ``offset``
+    ``[1]`` or ``[B]`` int64, ``rows`` None or ``[B]`` int64, both on the logits' device."""
     if CHUNK % BLOCK:
         raise ValueError(f"CHUNK ({CHUNK}) must be a multiple of BLOCK ({BLOCK})")
     if logits.stride(1) != 1:
@@ -339,8 +350,14 @@ def sample(logits, temperature, top_k, top_p, do_sample, seeds, offset, guidance
     for step in range(STEPS):
         _radix_kernel[grid](*row, *params, part_max, part_arg, exp_sum, prefix, mass, *sizes, step,
                             TOP_P=True, **flags)
-    _gumbel_kernel[grid](*row, top_p, do_sample, seeds, offset, part_max, part_arg, prefix, mass, batch, n, CHUNK,
-                         nblocks, HAS_GUIDANCE=has_guidance, CUDA_MATH=logits.is_cuda, BLOCK=BLOCK,
+    # offset [1]: every row reads offset[0] (stride 0); [B]: row b reads its element (a view's stride,
+    # 0 for an expanded [1]). Without rows the pointer is never read (HAS_ROWS=False: the row word is b).
+    offset_stride = 0 if offset.numel() == 1 else offset.stride(0)
+    has_rows = rows is not None
+    rows = rows.contiguous() if has_rows else seeds  # a copy (captured with the rest) only for a strided view
+    _gumbel_kernel[grid](*row, top_p, do_sample, seeds, offset, offset_stride, rows,
+                         part_max, part_arg, prefix, mass, batch, n, CHUNK, nblocks, HAS_GUIDANCE=has_guidance,
+                         HAS_ROWS=has_rows, CUDA_MATH=logits.is_cuda, BLOCK=BLOCK,
                          NB_P=triton.next_power_of_2(nblocks), num_warps=8, enable_fp_fusion=False)
     combine()
     return out

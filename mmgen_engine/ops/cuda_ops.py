@@ -55,14 +55,14 @@ def _capturing(t: torch.Tensor) -> bool:
         return torch.cuda.is_current_stream_capturing()
 
 
-def _check(op: str, like: torch.Tensor, rows=(), **tensors) -> None:
-    """Every tensor on ``like``'s device; those named in ``rows`` with a unit last stride."""
+def _check(op: str, like: torch.Tensor, unit_stride=(), **tensors) -> None:
+    """Every tensor on ``like``'s device; those named in ``unit_stride`` with a unit last stride."""
     for name, t in tensors.items():
         if t is None:
             continue
         if t.device != like.device:
             raise ValueError(f"{op}: {name} is on {t.device}, expected {like.device}")
-        if name in rows and t.stride(-1) != 1 and t.shape[-1] > 1:
+        if name in unit_stride and t.stride(-1) != 1 and t.shape[-1] > 1:
             raise ValueError(f"{op}: {name} needs a unit last stride, got strides {tuple(t.stride())}")
 
 
@@ -117,7 +117,8 @@ def decode_attention(q, k, v, lengths, scale, new_k=None, new_v=None):
         raise ValueError(f"{op}: head dim {d} outside [1, {_C.DECODE_MAX_HEAD_DIM}]")
     if b * h == 0 or s == 0:
         raise ValueError(f"{op}: empty batch, heads or cache, k has shape {tuple(k.shape)}")
-    _check(op, q, rows=("q", "k", "v", "new_k", "new_v"), q=q, k=k, v=v, new_k=new_k, new_v=new_v, lengths=lengths)
+    _check(op, q, unit_stride=("q", "k", "v", "new_k", "new_v"), q=q, k=k, v=v, new_k=new_k, new_v=new_v,
+           lengths=lengths)
     lengths = lengths.contiguous()
     _check_range(op, "lengths", lengths, 1, s, f"every row attends to 1 to {s} cached positions")
     out = torch.empty(b, h, d, dtype=q.dtype, device=q.device)
@@ -206,13 +207,23 @@ def token_gather(tokens, table, bias=None):
 
 
 def sample(logits, temperature, top_k, top_p, do_sample, seeds, offset, guidance=None, vocab_limit=None,
-           greedy=False):
-    """Shapes are checked by ``ops.sample``; values are not (that would sync every step)."""
+           greedy=False, rows=None):
+    """Shapes are checked by ``ops.sample`` (again here for ``offset`` and ``rows``, which the kernel
+    indexes by row); values are not (that would sync every step). ``offset`` ``[1]`` (every row) or
+    ``[B]`` (per row) and ``rows`` (None: ``0..B-1``) are read on the device."""
     op = "sample"
     _check_dtype(op, "logits", logits, tuple(DTYPES))
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     batch = seeds.shape[0]
+    _check_dtype(op, "offset", offset, (torch.int64,))
+    if tuple(offset.shape) not in {(1,), (batch,)}:
+        raise ValueError(f"{op}: offset must have shape (1,) or ({batch},), got {tuple(offset.shape)}")
+    offset = offset.contiguous()  # a copy (captured with the rest) only for a strided view
+    if rows is not None:
+        _check_dtype(op, "rows", rows, (torch.int64,))
+        _check_shape(op, "rows", rows, (batch,))
+        rows = rows.contiguous()
     n = logits.shape[1] if vocab_limit is None else vocab_limit
     inv_t = temperature.float().reciprocal().contiguous()  # one reciprocal, as every backend uses
     top_k = top_k.to(torch.int64).contiguous()
@@ -221,9 +232,10 @@ def sample(logits, temperature, top_k, top_p, do_sample, seeds, offset, guidance
     seeds = seeds.to(torch.int64).contiguous()
     guidance = guidance.float().contiguous() if guidance is not None else None
     _check(op, logits, inv_t=inv_t, top_k=top_k, top_p=top_p, do_sample=do_sample, seeds=seeds, offset=offset,
-           guidance=guidance)
+           rows=rows, guidance=guidance)
     out = torch.empty(batch, dtype=torch.int64, device=logits.device)
     _launch("sample", logits, logits.data_ptr(), logits.stride(0), guidance.data_ptr() if guidance is not None else 0,
             inv_t.data_ptr(), top_k.data_ptr(), top_p.data_ptr(), do_sample.data_ptr(), seeds.data_ptr(),
-            offset.data_ptr(), out.data_ptr(), DTYPES[logits.dtype], batch, n, bool(greedy))
+            offset.data_ptr(), 0 if offset.numel() == 1 else 1, rows.data_ptr() if rows is not None else 0,
+            out.data_ptr(), DTYPES[logits.dtype], batch, n, bool(greedy))
     return out

@@ -48,13 +48,14 @@ def philox4x32(key0, key1, c0, c1, c2, c3) -> tuple[torch.Tensor, ...]:
 
 def uniform_at(seeds: torch.Tensor, offset: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """``u`` fp32 in (0, 1) at the (row, column) pairs ``rows, cols`` (int64, broadcast together with
-    their ``seeds``), for the step counter ``offset [1]`` int64."""
+    their ``seeds`` and step counters ``offset``)."""
     x0 = philox4x32(seeds & MASK32, seeds >> 32, cols, rows, offset & MASK32, offset >> 32)[0]
     return ((x0 >> 9).float() + 0.5) * 2.0**-23
 
 
 def uniform(seeds: torch.Tensor, offset: torch.Tensor, rows: torch.Tensor, cols: int) -> torch.Tensor:
-    """``u [B, cols]`` fp32 in (0, 1) for ``seeds [B]`` int64 (>= 0), the step counter ``offset [1]``
-    int64 and the row indices ``rows [B]`` (counter word 1); column ``i`` is counter word 0."""
+    """``u [B, cols]`` fp32 in (0, 1) for ``seeds [B]`` int64 (>= 0), the step counters ``offset``
+    int64 (``[1]`` for every row, or ``[B]``) and the row indices ``rows [B]`` (counter word 1);
+    column ``i`` is counter word 0."""
     col = torch.arange(cols, dtype=torch.int64, device=seeds.device)[None, :]
-    return uniform_at(seeds[:, None], offset, rows.to(torch.int64)[:, None], col)
+    return uniform_at(seeds[:, None], offset.expand(seeds.shape[0])[:, None], rows.to(torch.int64)[:, None], col)

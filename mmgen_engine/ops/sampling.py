@@ -1,12 +1,16 @@
 """Batched per-row token sampling with a counter-based random stream.
 
 ``sample(logits, temperature, top_k, top_p, do_sample, seeds, offset, guidance=None, vocab_limit=None,
-greedy=False) -> tokens [B] int64``
+greedy=False, rows=None) -> tokens [B] int64``
 
 - ``logits [R, V]`` fp32/fp16/bf16. Per-row ``temperature [B]`` f32, ``top_k [B]`` int64 (0 = off),
-  ``top_p [B]`` f32 in (0, 1], ``do_sample [B]`` bool, ``seeds [B]`` int64; ``offset [1]`` int64 on
-  the logits' device is the step counter, read on the device so the op can be captured in a CUDA
+  ``top_p [B]`` f32 in (0, 1], ``do_sample [B]`` bool, ``seeds [B]`` int64; ``offset`` int64 on
+  the logits' device is the step counter, ``[1]`` (every row) or ``[B]`` (per row: rows of a
+  continuous batch are at different steps), read on the device so the op can be captured in a CUDA
   graph and replayed with a new offset without a host sync.
+- ``rows``: None or ``[B]`` int64 on the logits' device, each row's index in the random stream
+  (None: ``0..B-1``). A row of a continuous batch draws what it would draw as row ``rows[b]`` of
+  its own request's batch, wherever it sits in the shared one.
 - ``guidance``: None (then R == B) or ``[B]`` f32 (then R == 2B, rows ``[uncond_0..uncond_{B-1};
   cond_0..cond_{B-1}]``, combined ``z_b = uncond_b * (1 - g_b) + cond_b * g_b`` in fp32: min-dalle's
   supercondition formula).
@@ -26,9 +30,10 @@ kept i of ``l_i + gumbel_i``, ``gumbel_i = -log(-log(u_i))``: Gumbel-max, an exa
 categorical distribution.
 
 Randomness: ``u[b, i]`` is :func:`mmgen_engine.ops.random.uniform` - Philox4x32-10 with key
-``(seed_b & 0xffffffff, seed_b >> 32)`` and counter ``(i, b, offset & 0xffffffff, offset >> 32)``
+``(seed_b & 0xffffffff, seed_b >> 32)`` and counter ``(i, r_b, o_b & 0xffffffff, o_b >> 32)``
 (what ``triton.language.philox`` computes), first word ``x0``, ``u = ((x0 >> 9) + 0.5) * 2**-23``.
-``i`` is the vocabulary index and ``b`` the output row (after the guidance combine).
+``i`` is the vocabulary index, ``r_b = rows[b]`` (``b``, the output row after the guidance
+combine, when ``rows`` is None) and ``o_b`` the row's offset (``offset[0]`` when it has one element).
 """
 from __future__ import annotations
 
@@ -85,20 +90,22 @@ def filter_logits(logits, temperature, top_k, top_p):
 
 @register("sample", "reference")
 def sample_reference(logits, temperature, top_k, top_p, do_sample, seeds, offset, guidance=None, vocab_limit=None,
-                     greedy=False):
+                     greedy=False, rows=None):
     z = combine(logits, guidance, vocab_limit)
     if greedy:
         return z.argmax(dim=-1)
     l = filter_logits(z, temperature, top_k, top_p)
+    offsets = offset.expand(z.shape[0])
+    if rows is None:
+        rows = torch.arange(z.shape[0], device=z.device)
     if z.device.type == "cpu":
         # the same scores, with the random words drawn only where a token is kept (removed tokens
         # stay -inf either way); nonzero() waits for its result, so CPU only: CUDA graphs forbid it
         b, i = torch.isfinite(l).nonzero(as_tuple=True)
         scores = torch.full_like(l, float("-inf"))
-        scores[b, i] = l[b, i] - torch.log(-torch.log(uniform_at(seeds[b], offset, b, i)))
+        scores[b, i] = l[b, i] - torch.log(-torch.log(uniform_at(seeds[b], offsets[b], rows[b], i)))
     else:
-        rows = torch.arange(z.shape[0], device=z.device)
-        scores = l - torch.log(-torch.log(uniform(seeds, offset, rows, z.shape[1])))
+        scores = l - torch.log(-torch.log(uniform(seeds, offsets, rows, z.shape[1])))
     return torch.where(do_sample, scores.argmax(dim=-1), z.argmax(dim=-1))
 
 
@@ -108,7 +115,7 @@ register_lazy("sample", "cuda", "mmgen_engine.ops.cuda_ops:sample", CUDA_DEVICES
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
            do_sample: torch.Tensor, seeds: torch.Tensor, offset: torch.Tensor, guidance: torch.Tensor | None = None,
-           vocab_limit: int | None = None, greedy: bool = False) -> torch.Tensor:
+           vocab_limit: int | None = None, greedy: bool = False, rows: torch.Tensor | None = None) -> torch.Tensor:
     """Next tokens ``[B]`` from ``logits [R, V]`` (R == B, or 2B with ``guidance [B]``), see the
     module docstring. Shapes are checked here; values are not (that would sync with the device).
     ``greedy=True`` is the caller's promise that no row samples (``do_sample`` all False, known on
@@ -120,8 +127,8 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
                     ("guidance", guidance)]:
         if t is not None and tuple(t.shape) != (batch,):
             raise ValueError(f"{name} must have shape [B] = seeds' shape {tuple(seeds.shape)}, got {tuple(t.shape)}")
-    rows = batch if guidance is None else 2 * batch
-    if batch < 1 or logits.shape[0] != rows:
+    want_rows = batch if guidance is None else 2 * batch
+    if batch < 1 or logits.shape[0] != want_rows:
         raise ValueError(f"logits must have {'2B' if guidance is not None else 'B'} rows for B = {batch} "
                          f"{'with' if guidance is not None else 'without'} guidance, got {logits.shape[0]}")
     vocab = logits.shape[1]
@@ -129,8 +136,10 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
         raise ValueError("logits has an empty vocabulary")
     if vocab_limit is not None and (type(vocab_limit) is not int or not 1 <= vocab_limit <= vocab):
         raise ValueError(f"vocab_limit must be an integer in [1, {vocab}], got {vocab_limit!r}")
-    if tuple(offset.shape) != (1,) or offset.dtype != torch.int64 or offset.device != logits.device:
-        raise ValueError(f"offset must be a [1] int64 tensor on {logits.device}, got {tuple(offset.shape)} "
-                         f"{offset.dtype} on {offset.device}")
+    for name, t, shapes in [("offset", offset, {(1,), (batch,)}), ("rows", rows, {(batch,)})]:
+        if t is not None and (tuple(t.shape) not in shapes or t.dtype != torch.int64 or t.device != logits.device):
+            want = " or ".join(f"[{s[0]}]" for s in sorted(shapes))
+            raise ValueError(f"{name} must be a {want} int64 tensor on {logits.device}, got {tuple(t.shape)} "
+                             f"{t.dtype} on {t.device}")
     return dispatch("sample", logits)(logits, temperature, top_k, top_p, do_sample, seeds, offset, guidance,
-                                      vocab_limit, greedy)
+                                      vocab_limit, greedy, rows)
