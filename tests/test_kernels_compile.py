@@ -132,6 +132,8 @@ def exercise_every_launcher():
         rows = logits if guidance is not None else logits[:2]
         sampling.sample(rows.half(), *params, guidance, 2500)
         sampling.sample(rows, *params, guidance, None, greedy=True)
+        # a continuous batch: per-row step counters and rows of the random stream
+        sampling.sample(rows, *params[:-1], torch.tensor([3, 0]), guidance, None, rows=torch.tensor([1, 0]))
 
 
 def test_every_kernel_variant_compiles_for_sm80_and_sm90(monkeypatch):
