@@ -10,7 +10,9 @@ import torch
 
 from .. import ops
 from ..errors import InputError
-from .limits import FLOAT32_MAX, FLOAT32_TINY, check_float32, check_int, show
+from .limits import FLOAT32_MAX, FLOAT32_TINY, MAX_NEW_TOKENS, check_float32, check_int, show
+
+MAX_BEAMS = 64
 
 
 @dataclass(frozen=True)
@@ -23,9 +25,18 @@ class SamplingParams:
     reaches it; ``guidance_scale`` is classifier-free guidance / min-dalle's supercondition factor
     (tasks without guidance reject it); ``seed`` makes sampling reproducible.
 
-    The sampler computes in float32, so ``temperature`` and ``guidance_scale`` must lie in
-    ``[FLOAT32_TINY, FLOAT32_MAX]`` (about 1.2e-38 to 3.4e38; ``guidance_scale`` may also be 0) and
-    ``top_p`` in ``[FLOAT32_TINY, 1]``: see :mod:`.limits`. ``top_k`` and ``seed`` fit int64.
+    Beam search (``num_beams > 1``, greedy only) and the repetition controls follow transformers'
+    ``generate``: ``length_penalty`` divides a finished hypothesis' summed log-probabilities by its
+    length ** length_penalty; ``early_stopping`` True stops a request once ``num_beams`` hypotheses
+    are finished, False when the heuristic says no running beam can beat them, ``"never"`` only
+    when none can; ``num_return_sequences`` (at most ``num_beams``) best hypotheses are returned per
+    input. ``repetition_penalty`` (CTRL's rule: a token already in the sequence has its logit divided
+    by it if positive, multiplied if negative) and ``no_repeat_ngram_size`` (no n-gram twice).
+
+    The sampler computes in float32, so ``temperature``, ``guidance_scale`` and
+    ``repetition_penalty`` must lie in ``[FLOAT32_TINY, FLOAT32_MAX]`` (about 1.2e-38 to 3.4e38;
+    ``guidance_scale`` may also be 0) and ``top_p`` in ``[FLOAT32_TINY, 1]``: see :mod:`.limits`.
+    ``top_k`` and ``seed`` fit int64.
     """
 
     do_sample: bool = False
@@ -34,6 +45,12 @@ class SamplingParams:
     top_p: float = 1.0
     guidance_scale: float | None = None
     seed: int | None = None
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    num_return_sequences: int = 1
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
 
     def __post_init__(self):
         # each field is checked and stored as a plain bool / int / float (numpy numbers are accepted),
@@ -49,6 +66,20 @@ class SamplingParams:
                                                      zero=True)
         if self.seed is not None:
             fields["seed"] = check_int("seed", self.seed, 0, 2**63 - 1)
+        fields["num_beams"] = check_int("num_beams", self.num_beams, 1, MAX_BEAMS)
+        fields["length_penalty"] = check_float32("length_penalty", self.length_penalty, -FLOAT32_MAX, FLOAT32_MAX)
+        if not (isinstance(self.early_stopping, (bool, np.bool_)) or (isinstance(self.early_stopping, str)
+                                                                        and self.early_stopping == "never")):
+            raise InputError(f"early_stopping must be True, False or 'never', got {show(self.early_stopping)}")
+        fields["early_stopping"] = "never" if isinstance(self.early_stopping, str) else bool(self.early_stopping)
+        fields["num_return_sequences"] = check_int("num_return_sequences", self.num_return_sequences, 1,
+                                                   fields["num_beams"])
+        fields["repetition_penalty"] = check_float32("repetition_penalty", self.repetition_penalty, FLOAT32_TINY,
+                                                     FLOAT32_MAX)
+        fields["no_repeat_ngram_size"] = check_int("no_repeat_ngram_size", self.no_repeat_ngram_size, 0,
+                                                   MAX_NEW_TOKENS)
+        if fields["do_sample"] and fields["num_beams"] > 1:
+            raise InputError("beam search samples no tokens: use num_beams > 1 with do_sample=False")
         for name, value in fields.items():
             object.__setattr__(self, name, value)
 
@@ -99,6 +130,8 @@ class Sampler:
             raise InputError("this task needs guidance_scale")
         if self.guidance is None and params.guidance_scale is not None:
             raise InputError("guidance_scale is not supported by this task")
+        if params.num_beams > 1 or params.repetition_penalty != 1 or params.no_repeat_ngram_size:
+            raise InputError("beam search and repetition controls are not supported by this decode path")
         at = slice(None) if index is None else index
         self.temperature[at] = params.temperature
         self.top_k[at] = params.top_k
