@@ -65,7 +65,10 @@ class Row:
 
 def seeded(params: SamplingParams) -> SamplingParams:
     """``params`` with a fresh seed if it has none: all rows of one request share its seed, as in
-    the pipeline's one call."""
+    the pipeline's one call. Checked here, in the request's preprocessing, so that the scheduler
+    never meets a request it cannot decode."""
+    if params.num_beams > 1 or params.repetition_penalty != 1 or params.no_repeat_ngram_size:
+        raise InputError("the engine does not run beam search or repetition controls yet")
     return params if params.seed is not None else dataclasses.replace(params, seed=secrets.randbits(63))
 
 
