@@ -120,7 +120,7 @@ class Engine:
             self._jobs.add(job)
             self.counts["submitted"] += 1
         handle._wake = lambda: scheduler.inbox.put(WAKE)
-        handle.future.add_done_callback(lambda _: self._resolved(job))
+        handle._on_resolve = lambda outcome: self._resolved(job, outcome)
         self._preprocess.submit(self._prepare, job, scheduler)
         return handle
 
@@ -146,15 +146,14 @@ class Engine:
                 job.started = True
                 self._queued -= 1
 
-    def _resolved(self, job: Job) -> None:
+    def _resolved(self, job: Job, outcome: str) -> None:
+        """Count a request's outcome (called once, before its future resolves)."""
         with self._lock:
             self._jobs.discard(job)
             if not job.started:
                 job.started = True  # counted out of the queue once
                 self._queued -= 1
-            future = job.handle.future
-            key = "cancelled" if future.cancelled() else "failed" if future.exception() else "completed"
-            self.counts[key] += 1
+            self.counts[outcome] += 1
 
     # -- asyncio --------------------------------------------------------------------------------
     async def generate(self, request):

@@ -124,7 +124,8 @@ class RequestHandle:
     Iterating (``for`` or ``async for``) yields the request's events from the first one, then ends
     when the request finishes or raises what failed it; several iterators may read at once.
     ``times`` holds ``submitted``, ``started`` (in a slot), ``first_token`` and ``finished``
-    (``time.perf_counter()`` values) and ``tokens`` the tokens generated, for metrics.
+    (``time.perf_counter()`` values) and ``tokens`` the tokens generated, for metrics;
+    :attr:`token_ids` the generated ids.
     """
 
     def __init__(self, request_id: int, request):
@@ -138,6 +139,10 @@ class RequestHandle:
         self._waiters: list = []  # (loop, asyncio.Event) of async iterators waiting for events
         self._cancel_requested = threading.Event()
         self._wake = None  # set by the engine: called on cancel so the scheduler notices at once
+        self._on_resolve = None  # set by the engine: counts the outcome before the future resolves
+        self._outcome: str | None = None
+        self._rows: list = []  # (row index in the request, token ids) of every finished decoder row
+        self.future.add_done_callback(self._done)
 
     def __repr__(self) -> str:
         state = "done" if self.future.done() else "pending"
@@ -154,6 +159,13 @@ class RequestHandle:
 
     def cancelled(self) -> bool:
         return self.future.cancelled()
+
+    @property
+    def token_ids(self) -> list[list[int]]:
+        """The generated token ids of the request's decoder rows so far finished: one list for a
+        caption, one per image (in image order) of an image request, one per window (in order) of
+        a gesture request (the window's new tokens, its context excluded)."""
+        return [tokens for _, tokens in sorted(self._rows, key=lambda r: r[0])]
 
     def cancel(self) -> bool:
         """Ask the engine to drop this request; its slots are freed at the next step and the handle
@@ -179,30 +191,47 @@ class RequestHandle:
             self._cond.notify_all()
             waiters, self._waiters = self._waiters, []
         for loop, event in waiters:
-            loop.call_soon_threadsafe(event.set)
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # that loop has closed: its iterator is gone
+                pass
+
+    def _resolve(self, outcome: str, value=None) -> None:
+        """Resolve the future once (``outcome`` "completed", "failed" or "cancelled"); the engine's
+        hook counts it before any waiter wakes."""
+        with self._cond:
+            if self.future.done() or self._outcome is not None:
+                return
+            self._outcome = outcome
+        self.times["finished"] = time.perf_counter()
+        if self._on_resolve is not None:
+            self._on_resolve(outcome)
+        if outcome == "cancelled":
+            self.future.cancel()
+        elif self.future.set_running_or_notify_cancel():
+            if outcome == "failed":
+                self.future.set_exception(value)
+            else:
+                self.future.set_result(value)
+
+    def _done(self, future) -> None:
+        """Every resolution ends the event stream (also a ``handle.future.cancel()`` by the caller)."""
+        with self._cond:
+            outcome, self._outcome = self._outcome, self._outcome or "cancelled"
+        if outcome is None:  # cancelled through the future itself
+            self.times["finished"] = time.perf_counter()
+            if self._on_resolve is not None:
+                self._on_resolve("cancelled")
+        self._push(_END)
 
     def _finish(self, result) -> None:
-        if self.future.done():
-            return
-        self.times["finished"] = time.perf_counter()
-        if self.future.set_running_or_notify_cancel():
-            self.future.set_result(result)
-        self._push(_END)
+        self._resolve("completed", result)
 
     def _fail(self, error: BaseException) -> None:
-        if self.future.done():
-            return
-        self.times["finished"] = time.perf_counter()
-        if self.future.set_running_or_notify_cancel():
-            self.future.set_exception(error)
-        self._push(_END)
+        self._resolve("failed", error)
 
     def _cancel(self) -> None:
-        if self.future.done():
-            return
-        self.times["finished"] = time.perf_counter()
-        self.future.cancel()
-        self._push(_END)
+        self._resolve("cancelled")
 
     def _end(self):
         """Raise what ended the stream, if it did not succeed."""
@@ -235,7 +264,12 @@ class RequestHandle:
                 if not available:
                     self._waiters.append((loop, wake))
             if not available:
-                await wake.wait()
+                try:
+                    await wake.wait()
+                finally:
+                    with self._cond:  # an abandoned iterator leaves no waiter behind
+                        if (loop, wake) in self._waiters:
+                            self._waiters.remove((loop, wake))
                 continue
             for item in available:
                 i += 1

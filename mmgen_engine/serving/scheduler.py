@@ -293,6 +293,7 @@ class Scheduler:
         self._release(ended)
         for row in ended:
             row.job.rows.discard(row)
+            row.job.handle._rows.append((row.stream_row, row.tokens))
         self._handle_errors(self.runner.advanced, going)
         follow = self._handle_errors(self.runner.finished, ended) or []
         for row in follow:

@@ -121,11 +121,11 @@ class CaptionRunner(TaskRunner):
         ids = job.state["prompt_ids"] + tokens
         return self.pipe.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
-    def _send(self, job: Job, text: str) -> None:
-        """Stream what ``text`` adds to what was sent (held while it ends in a partial character or
-        rewrites what was sent)."""
+    def _send(self, job: Job, text: str, final: bool = False) -> None:
+        """Stream what ``text`` adds to what was sent (held while it ends in a partial character,
+        unless it is the caption, or rewrites what was sent)."""
         sent = job.state["sent"]
-        if text.startswith(sent) and len(text) > len(sent) and not text.endswith("\ufffd"):
+        if text.startswith(sent) and len(text) > len(sent) and (final or not text.endswith("\ufffd")):
             self.emit(job, TextDelta(text[len(sent):]))
             job.state["sent"] = text
 
@@ -136,7 +136,7 @@ class CaptionRunner(TaskRunner):
     def finished(self, rows: list[Row]) -> list[Row]:
         for row in rows:
             caption = self._text(row.job, row.tokens)
-            self._send(row.job, caption)
+            self._send(row.job, caption, final=True)
             row.job.handle._finish(caption)
         return []
 
