@@ -9,6 +9,7 @@ from .conv import conv2d, group_norm
 from .embedding import embedding, token_gather
 from .linear import linear
 from .norm import add_layer_norm, layer_norm
+from .penalties import penalize
 from .registry import BackendError, available_backends, forced_backend
 from .sampling import sample
 
@@ -26,6 +27,7 @@ __all__ = [
     "group_norm",
     "layer_norm",
     "linear",
+    "penalize",
     "sample",
     "token_gather",
 ]
