@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import ops
 from ..errors import InputError
 from .decoder import Decoder
 from .kv_cache import CrossKVCache, KVCache
@@ -55,6 +56,8 @@ class DecodeState:
     out: torch.Tensor        # (B, N + 1) output tokens; done rows write their padding into the last column
     eos: int | None          # None: rows never stop early
     pad: int
+    history: torch.Tensor | None = None      # (B, W + 1) prompt + output tokens (the repetition controls' input)
+    history_len: torch.Tensor | None = None  # (B,) tokens in each row's history
 
     @classmethod
     def allocate(cls, decoder: Decoder, batch: int, cache_len: int, enc_len: int, out_len: int, dtype, device,
@@ -73,7 +76,7 @@ class DecodeState:
                    CrossKVCache.allocate(layers, lengths, heads, enc_len, head_dim, dtype, device),
                    sampler, ints(rows), ints(rows),
                    torch.zeros(batch, dtype=torch.bool, device=device), ints(batch), ints(batch),
-                   ints(batch, out_len + 1), eos, pad)
+                   ints(batch, out_len + 1), eos, pad, ints(batch, cache_len + 2), ints(batch))
 
     @property
     def groups(self) -> int:
@@ -88,15 +91,25 @@ class DecodeState:
         cache = KVCache(self.cache.k[:, :n], self.cache.v[:, :n], self.cache.span)
         cross = CrossKVCache(self.cross.k[:, :n], self.cross.v[:, :n], self.cross.lengths[:n])
         return DecodeState(cache, cross, self.sampler.view(slice(0, n)), self.tokens[:n], self.positions[:n],
-                           self.done[:n], self.step[:n], self.min_new[:n], self.out[:n], self.eos, self.pad)
+                           self.done[:n], self.step[:n], self.min_new[:n], self.out[:n], self.eos, self.pad,
+                           self.history[:n], self.history_len[:n])
 
 
 def pick(logits: torch.Tensor, st: DecodeState) -> None:
-    """Choose the next token of every row from ``logits [R, V]`` and record it (device ops only)."""
+    """Choose the next token of every row from ``logits [R, V]`` and record it (device ops only).
+    In transformers' order: the repetition controls (over each row's history), the ``min_new``
+    eos mask, then the sampler."""
+    if st.sampler.penalize:
+        s = st.sampler
+        logits = ops.penalize(logits, st.history, st.history_len, s.repetition_penalty, s.no_repeat_ngram_size)
     if st.eos is not None:
         logits[:, st.eos].masked_fill_((st.step < st.min_new).repeat(st.groups), float("-inf"))
     tokens = torch.where(st.done, st.pad, st.sampler(logits, st.step))
     st.out.scatter_(1, torch.where(st.done, st.out.shape[1] - 1, st.step)[:, None], tokens[:, None])
+    if st.history is not None:  # done rows write into the last column
+        st.history.scatter_(1, torch.where(st.done, st.history.shape[1] - 1, st.history_len)[:, None],
+                            tokens[:, None])
+        st.history_len += ~st.done
     if st.eos is not None:
         st.done |= tokens == st.eos
     st.tokens.view(-1, tokens.shape[0]).copy_(tokens)  # with guidance: both rows of a pair
@@ -191,6 +204,8 @@ def generate_stream(decoder: Decoder, prompt: torch.Tensor, encoder_states: torc
     st.positions.fill_(prefix + prompt_len)
     st.out.fill_(pad_token_id)
     st.cross.lengths.copy_(_pad_rows(encoder_lengths.to(device), rows, groups))
+    st.history[:, :prompt_len] = prompt[:rows]  # the conditioned rows' prompts (no guidance: all)
+    st.history_len.fill_(prompt_len)
 
     run_prefill()
     for step in range(1, max_new_tokens):

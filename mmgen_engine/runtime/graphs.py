@@ -65,9 +65,9 @@ class GraphedCall:
 
 
 class DecodeGraphs:
-    """One bucket: its state and its captured decode steps and prefills. Each exists in two variants,
-    for greedy requests (the sampler only takes argmaxes) and for sampling ones, chosen by the state's
-    ``sampler.greedy`` when called."""
+    """One bucket: its state and its captured decode steps and prefills. Each exists in variants for
+    greedy requests (the sampler only takes argmaxes) and sampling ones, with and without repetition
+    controls, chosen by the state's ``sampler.greedy`` and ``sampler.penalize`` when called."""
 
     def __init__(self, decoder: Decoder, state: DecodeState, device: torch.device):
         self.decoder, self.state, self.device = decoder, state, device
@@ -80,18 +80,17 @@ class DecodeGraphs:
 
     def step(self) -> Callable[[], None]:
         """A function replaying one captured decode step (captured on first use of the mode)."""
-        greedy = self.state.sampler.greedy
-        if greedy not in self._steps:
-            self._steps[greedy] = self._capture(lambda: decode_step(self.decoder, self.state))
-        return self._steps[greedy]
+        mode = self.state.sampler.greedy, self.state.sampler.penalize
+        if mode not in self._steps:
+            self._steps[mode] = self._capture(lambda: decode_step(self.decoder, self.state))
+        return self._steps[mode]
 
     def prefill(self, prompt: torch.Tensor, encoder_states: torch.Tensor) -> Callable[[], None]:
         """A function replaying the captured ``pick(prefill(prompt, encoder_states))`` on the state for
         these inputs (padded to the bucket already). Capture, on first use of the shapes and mode,
         writes into the state: call this and :meth:`step` before resetting the state, and the
         returned functions after."""
-        greedy = self.state.sampler.greedy
-        key = (tuple(prompt.shape), tuple(encoder_states.shape), greedy)
+        key = (tuple(prompt.shape), tuple(encoder_states.shape), self.state.sampler.greedy, self.state.sampler.penalize)
         if key not in self._prefills:
             st = self.state
             tokens, states = prompt.clone(), encoder_states.clone()

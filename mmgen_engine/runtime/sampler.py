@@ -106,7 +106,8 @@ class Sampler:
     rejected); ``vocab_limit`` restricts tokens to ``0..vocab_limit-1``.
     """
 
-    FIELDS = ("temperature", "top_k", "top_p", "do_sample", "seeds", "rows", "guidance")
+    FIELDS = ("temperature", "top_k", "top_p", "do_sample", "seeds", "rows", "guidance", "repetition_penalty",
+              "no_repeat_ngram_size")
 
     def __init__(self, params: SamplingParams | None, batch: int, device: torch.device, guidance: bool = False,
                  vocab_limit: int | None = None):
@@ -116,6 +117,7 @@ class Sampler:
         self.temperature, self.top_p = rows(torch.float32), rows(torch.float32)
         self.top_k, self.seeds = rows(torch.int64), rows(torch.int64)
         self.do_sample = rows(torch.bool)
+        self.repetition_penalty, self.no_repeat_ngram_size = rows(torch.float32), rows(torch.int64)
         self.rows = torch.arange(batch, dtype=torch.int64, device=device)
         self.guidance = rows(torch.float32) if guidance else None
         self.vocab_limit = vocab_limit
@@ -123,15 +125,18 @@ class Sampler:
 
     def load(self, params: SamplingParams | None, index=None, stream_rows=None) -> None:
         """Take ``params`` (None: greedy) for every row, or for the rows ``index`` (then ``greedy``
-        is left to the caller), in place; ``stream_rows`` (with ``index``) are those rows' indices
+        and ``penalize`` are left to the caller), in place; ``stream_rows`` (with ``index``) are those rows' indices
         in the random stream, as in the request's own batch."""
         params = check_sampling(params) or SamplingParams()
         if self.guidance is not None and params.guidance_scale is None:
             raise InputError("this task needs guidance_scale")
         if self.guidance is None and params.guidance_scale is not None:
             raise InputError("guidance_scale is not supported by this task")
-        if params.num_beams > 1 or params.repetition_penalty != 1 or params.no_repeat_ngram_size:
-            raise InputError("beam search and repetition controls are not supported by this decode path")
+        if params.num_beams > 1:
+            raise InputError("beam search is not supported by this task")
+        penalize = params.repetition_penalty != 1 or params.no_repeat_ngram_size > 0
+        if penalize and self.guidance is not None:
+            raise InputError("repetition_penalty and no_repeat_ngram_size are not supported by this task")
         at = slice(None) if index is None else index
         self.temperature[at] = params.temperature
         self.top_k[at] = params.top_k
@@ -140,14 +145,17 @@ class Sampler:
         self.seeds[at] = secrets.randbits(63) if params.seed is None else params.seed
         if self.guidance is not None:
             self.guidance[at] = params.guidance_scale
+        self.repetition_penalty[at] = params.repetition_penalty
+        self.no_repeat_ngram_size[at] = params.no_repeat_ngram_size
         if index is None:
             self.greedy = not params.do_sample  # host-known: no row samples, the sampler only takes argmaxes
+            self.penalize = penalize  # host-known: some row has repetition controls
         if stream_rows is not None:
             self.rows[at] = torch.as_tensor(stream_rows, dtype=torch.int64)
 
     def view(self, index) -> Sampler:
         """A sampler over the rows ``index`` (a slice gives views of these tensors, an index tensor
-        copies); ``greedy`` is the caller's to set."""
+        copies); ``greedy`` and ``penalize`` are the caller's to set."""
         sub = copy.copy(self)
         for name in self.FIELDS:
             if getattr(self, name) is not None:

@@ -218,18 +218,23 @@ class Scheduler:
         for slot, row in zip(slots, rows):
             st.sampler.load(row.sampling, index=slot, stream_rows=row.stream_row)
         st.positions[decoder_rows] = width
+        st.history[index, :len(rows[0].prompt)] = prompt[:len(rows)]
+        st.history_len[index] = len(rows[0].prompt)
         st.step[index] = 0
         st.min_new[index] = 0
         st.done[index] = False
         # the first token: pick() on these rows (gathered copies, written back)
         sub = DecodeState(None, None, st.sampler.view(index), st.tokens[decoder_rows], st.positions[decoder_rows],
-                          st.done[index], st.step[index], st.min_new[index], st.out[index], st.eos, st.pad)
-        sub.sampler.greedy = not any(row.sampling.do_sample for row in rows)
+                          st.done[index], st.step[index], st.min_new[index], st.out[index], st.eos, st.pad,
+                          st.history[index], st.history_len[index])
+        self._modes(sub, rows)
         pick(logits, sub)
         st.tokens[decoder_rows] = sub.tokens
         st.done[index] = sub.done
         st.step[index] = sub.step
         st.out[index] = sub.out
+        st.history[index] = sub.history
+        st.history_len[index] = sub.history_len
         started = time.perf_counter()
         for slot, row in zip(slots, rows):
             row.slot, row.first_position = slot, width
@@ -253,7 +258,7 @@ class Scheduler:
         top = max(self.active) + 1
         n = min(batch_bucket(top), self.slots) if self.cuda else top
         view = self._view(n)
-        view.sampler.greedy = not any(row.sampling.do_sample for row in rows)
+        self._modes(view, rows)
         if self.cuda:
             view.cache.span = view.cache.k.shape[3]  # static shapes; the kernels stop at each row's length
         else:
@@ -267,15 +272,23 @@ class Scheduler:
         tokens = st.tokens[:self.slots].tolist()  # the unconditioned rows carry the same tokens
         self._record(rows, [tokens[row.slot] for row in rows])
 
+    @staticmethod
+    def _modes(st: DecodeState, rows: list[Row]) -> None:
+        """The host-known modes of a step over ``rows``: does any row sample, or penalize repetitions?"""
+        st.sampler.greedy = not any(row.sampling.do_sample for row in rows)
+        st.sampler.penalize = any(row.sampling.repetition_penalty != 1 or row.sampling.no_repeat_ngram_size
+                                  for row in rows)
+
     def _graph(self, n: int, view: DecodeState):
         """The captured decode step over ``view`` for its sampling mode (captured on first use; the
         warm-up runs it for real, so the rows' small state is put back after)."""
-        key = (n, view.sampler.greedy)
+        key = (n, view.sampler.greedy, view.sampler.penalize)
         if key not in self._graphs:
             st = self.state
-            saved = [t.clone() for t in (st.tokens, st.positions, st.done, st.step, st.out)]
+            small = (st.tokens, st.positions, st.done, st.step, st.out, st.history, st.history_len)
+            saved = [t.clone() for t in small]
             self._graphs[key] = capture(lambda: decode_step(self.runner.decoder, view), self.runner.device)[0]
-            for t, value in zip((st.tokens, st.positions, st.done, st.step, st.out), saved):
+            for t, value in zip(small, saved):
                 t.copy_(value)
         return self._graphs[key]
 

@@ -67,8 +67,8 @@ def seeded(params: SamplingParams) -> SamplingParams:
     """``params`` with a fresh seed if it has none: all rows of one request share its seed, as in
     the pipeline's one call. Checked here, in the request's preprocessing, so that the scheduler
     never meets a request it cannot decode."""
-    if params.num_beams > 1 or params.repetition_penalty != 1 or params.no_repeat_ngram_size:
-        raise InputError("the engine does not run beam search or repetition controls yet")
+    if params.num_beams > 1:
+        raise InputError("the engine does not run beam search yet; use the pipeline")
     return params if params.seed is not None else dataclasses.replace(params, seed=secrets.randbits(63))
 
 
@@ -153,6 +153,8 @@ class ImageRunner(TaskRunner):
     def prepare(self, job: Job) -> None:
         req = job.request
         text, params = self.pipe._request(req.prompt, req.n, req.sampling)  # n copies of the prompt's row
+        if params.repetition_penalty != 1 or params.no_repeat_ngram_size:
+            raise InputError("repetition_penalty and no_repeat_ngram_size are not supported by this task")
         length = int(self.pipe._check_text(text[:1])[0])
         uncond = torch.full_like(text[0], self.pipe.config.generation.text_pad_token_id)
         uncond[0], uncond[1] = text[0, 0], text[0, length - 1]  # min-dalle's unconditioned row
