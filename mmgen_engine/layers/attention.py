@@ -94,10 +94,14 @@ class CrossAttention(nn.Module):
     def forward(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 lengths: torch.Tensor) -> torch.Tensor:
         """``x [B, D]`` (one token per row) or ``[B, T, D]``; row ``b`` sees encoder slots
-        ``0..lengths[b]-1``."""
+        ``0..lengths[b]-1``. One token per row may also come for ``G`` rows per cache row (``x [B * G,
+        D]``: the beams of a request, sharing its cross-attention K/V), row ``r`` reading cache row
+        ``r // G``."""
         if x.dim() == 2:
             q = self.q(x).view(x.shape[0], self.num_heads, -1)  # (B, H, Dh)
-            o = ops.decode_attention(q, k_cache, v_cache, lengths, self.scale)
+            group = x.shape[0] // k_cache.shape[0]
+            extra = {"group": group} if group > 1 else {}
+            o = ops.decode_attention(q, k_cache, v_cache, lengths, self.scale, **extra)
             return self.out(o.reshape(x.shape[0], -1))
         q = split_heads(self.q(x), self.num_heads)
         return self.out(merge_heads(ops.attention(q, k_cache, v_cache, self.scale, causal=False,
