@@ -9,8 +9,12 @@
 #   STAGES="caption" bash benchmarks/gpu_check.sh
 #   STAGES="txt2img gesture" bash benchmarks/gpu_check.sh
 # (the build runs every time; on a warm machine it is quick). Stages: pytest sanitizer kernels caption
-# txt2img gesture, and caption_cuda (not in the default list): the ViT-GPT2 benchmark with the CUDA
-# kernels selected for the ops that have them. `sanitizer` runs the CUDA kernels' GPU tests under compute-sanitizer's memcheck
+# txt2img gesture, and, not in the default list: caption_cuda, the ViT-GPT2 benchmark with the CUDA
+# kernels selected for the ops that have them; engine, the serving benchmark (bench_engine.py: mm.Engine's
+# continuous batching against static batching and one request at a time under Poisson arrivals, the
+# demo models, up to 7 minutes), e.g.
+#   STAGES="engine" bash benchmarks/gpu_check.sh
+# `sanitizer` runs the CUDA kernels' GPU tests under compute-sanitizer's memcheck
 # (out-of-bounds and misaligned accesses, launch errors in csrc/kernels) at the test shapes.
 #   usage: [STAGES="..."] bash benchmarks/gpu_check.sh [--quick]
 set -uo pipefail
@@ -78,6 +82,22 @@ timeout 150 "$PY" benchmarks/bench_caption.py --arch vit-gpt2 --device cuda --dt
   --json "$OUT/bench_caption_cuda.json" >"$OUT/bench_caption_cuda.log" 2>&1 || status=1
 fi
 
+if want engine; then
+step "serving: mm.Engine vs static batching vs one at a time, Poisson arrivals, demo models"
+# the sweeps are a guess for an H100/H200 (not yet run on one: widen them where a mode does not
+# saturate); each mode skips the rates above two saturated ones
+if [ -n "$QUICK" ]; then
+  ENGINE_CAPTION=(--quick); ENGINE_OTHER=(--quick)
+else
+  ENGINE_CAPTION=(--rates 50 100 200 400 800 1600 --requests 800 --duration 3)
+  ENGINE_OTHER=(--rates 2 5 10 20 40 80 --requests 200 --duration 4 --drain 8)
+fi
+timeout 240 "$PY" benchmarks/bench_engine.py --device cuda --tasks caption caption_forced "${ENGINE_CAPTION[@]}" \
+  --json "$OUT/bench_engine.json" >"$OUT/bench_engine.log" 2>&1 || status=1
+timeout 180 "$PY" benchmarks/bench_engine.py --device cuda --tasks txt2img gesture "${ENGINE_OTHER[@]}" \
+  --json "$OUT/bench_engine_t2i_gesture.json" >"$OUT/bench_engine_t2i_gesture.log" 2>&1 || status=1
+fi
+
 if want txt2img; then
 step "text-to-image: engine vs min-dalle, DALL-E Mini size, random weights, fp16"
 # min-dalle, dall-e and taming ship as wheels carried in build/upstream_wheels (the machine has no
@@ -106,6 +126,8 @@ show "caption benchmark" "$OUT/bench_caption.log"
 show "txt2img benchmark" "$OUT/bench_txt2img.log"
 show "detok" "$OUT/bench_detok.log"
 show "gesture benchmark" "$OUT/bench_gesture.log"
+show "engine benchmark" "$OUT/bench_engine.log"
+show "engine benchmark" "$OUT/bench_engine_t2i_gesture.log"
 grep -E "WARNING|FAILED|Error" "$OUT"/bench_*.log 2>/dev/null | head -10
 [ -f "$OUT/pytest_gpu.log" ] && grep -E "passed|failed" "$OUT/pytest_gpu.log" | tail -1
 [ -f "$OUT/sanitizer.log" ] && grep -E "ERROR SUMMARY|passed|failed" "$OUT/sanitizer.log" | tail -2

@@ -249,3 +249,52 @@ def test_bench_kernels_times_every_backend_of_each_case():
             for b, s, us in [("cuda", 1, 1.0), ("triton", 1, 2.0), ("cuda", 2, 3.0), ("triton", 2, 2.0),
                              ("reference", 2, math.nan)]]
     assert bench_kernels.fastest(rows) == [{"op": "x", "backends": "cuda triton", "wins": "cuda 1/2, triton 1/2"}]
+
+
+def test_bench_engine_quick(tmp_path):
+    """Every task and mode of the serving benchmark at one or two rates (a few requests each): the rows
+    and the summary are there and the engine's outputs equal one-at-a-time pipeline calls'. No
+    figure is checked against a target."""
+    out = tmp_path / "engine.json"
+    tasks = ["caption", "caption_forced", "txt2img", "gesture"]
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_engine.py"), "--quick", "--device", "cpu",
+                           "--threads", "1", "--tasks", *tasks, "--cache-dir", str(tmp_path / "cache"),
+                           "--json", str(out)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "WARNING" not in proc.stdout, proc.stdout[-3000:]
+    # the summary table comes last: header, rule, per task its modes and the engine/other ratios
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-20].startswith("| task") and "sustained_req_s" in lines[-20] and "peak_req_s" in lines[-20]
+    assert lines[-1].startswith("| gesture ") and "engine/serial" in lines[-1]
+    assert (tmp_path / "cache" / "captioning_forced" / "config.json").is_file()
+
+    data = json.loads(out.read_text())
+    for key in ("cpu", "cpu_count", "torch_threads", "torch"):
+        assert key in data["machine"]
+    assert data["machine"]["torch_threads"] == data["settings"]["threads"] == 1
+    assert data["settings"]["tasks"] == tasks and data["settings"]["quick"] is True
+    per_task = data["settings"]["per_task"]
+    modes = {t: ["engine", "serial"] if t == "gesture" else ["engine", "static", "serial"] for t in tasks}
+    expected = [(t, m, r) for t in tasks for m in modes[t] for r in ["unloaded"] + per_task[t]["rates"]]
+    rows = data["results"]
+    assert [(r["task"], r["mode"], r["rate"]) for r in rows] == expected
+    for r in rows:
+        assert r["completed"] == r["offered"] >= 1 and r["rejected"] == r["unfinished"] == r["failed"] == 0, r
+        for key in ("req_s", "tok_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_ms", "e2e_p50_ms", "e2e_p99_ms"):
+            assert _positive(r[key]), (r["task"], r["mode"], r["rate"], key, r[key])
+        assert r["ttft_p50_ms"] <= r["e2e_p50_ms"] and r["e2e_p50_ms"] <= r["e2e_p99_ms"]
+        if r["mode"] == "engine":
+            assert 0 < r["occupancy"] <= 1 and r["counters"]["steps"] > 0
+        if r["task"] == "txt2img":
+            assert r["tokens_mean"] == 256
+    for t in tasks:
+        summary = {s["mode"]: s for s in data["summary"] if s["task"] == t}
+        assert set(summary) == set(modes[t]) | {f"engine/{m}" for m in modes[t][1:]}
+        for m in modes[t]:
+            s = summary[m]
+            assert _positive(s["unloaded_p50_ms"]) and s["slo_ms"] == 2 * s["unloaded_p50_ms"]
+            assert _positive(s["peak_req_s"]) and s["sustained_req_s"] in [0.0] + per_task[t]["rates"]
+        if t != "txt2img":  # greedy captions and seeded gesture poses: the engine's equal the pipeline's
+            assert all(c["compared"] > 0 and c["match"] == c["compared"] for c in per_task[t]["outputs_match"].values())
+    forced = per_task["caption_forced"]["forced_lengths"]  # every caption ran to its max_new_tokens
+    assert forced["forced"] == forced["checked"] > 0
