@@ -1,5 +1,6 @@
 """Triton kernels against the plain-torch references: norms, bias + GELU, embedding (+ LayerNorm),
-decode attention (self with the fused cache write, cross with per-row key lengths).
+decode attention (self with the fused cache write, cross with per-row key lengths, query rows grouped
+over a shared cache row as in beam search).
 
 Without a GPU these run in Triton's interpreter (TRITON_INTERPRET=1, set by conftest) at small,
 awkward shapes; the ``gpu`` tests run the same comparisons at real sizes in fp16 and bf16.
@@ -165,6 +166,104 @@ def test_decode_attention_lengths_at_the_edges_and_strided_views():
     close(out, decode_attention_reference(q, cache_k[:, :, :100], cache_v[:, :, :100], lengths, 0.2))
 
 
+def check_grouped_decode_attention(b, group, h, s, d, dtype, device, lengths=None,
+                                   fn=decode_attention.decode_attention):
+    """``group`` query rows per cache row: ``fn`` against the reference, and bit for bit against itself
+    given an explicit copy of the cache row for each query row (group=1), which is what grouping means."""
+    g = torch.Generator().manual_seed(b * 1000 + s + group)
+    q = rand(b * group, h, d, dtype=dtype, device=device, seed=22)
+    k, v = rand(b, h, s, d, dtype=dtype, device=device, seed=23), rand(b, h, s, d, dtype=dtype, device=device, seed=24)
+    if lengths is None:
+        lengths = torch.randint(1, s + 1, (b,), generator=g)
+    lengths = lengths.to(device)
+    scale = 1 / math.sqrt(d)
+    k0, v0 = k.clone(), v.clone()
+    out = fn(q, k, v, lengths, scale, group=group)
+    assert torch.equal(k, k0) and torch.equal(v, v0)  # nothing is written without new_k/new_v
+    ref = decode_attention_reference(q, k, v, lengths, scale, group=group)
+    close(out, ref)
+    repeated = (k.repeat_interleave(group, 0), v.repeat_interleave(group, 0), lengths.repeat_interleave(group))
+    assert torch.equal(out, fn(q, *repeated, scale))
+    return out, ref, (q, k, v, lengths, scale)
+
+
+ALL_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+GROUPS = [1, 2, 3, 5]
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("group", GROUPS)
+def test_grouped_decode_attention_reference_is_attention_over_repeated_rows(group, dtype):
+    """The definition: group query rows per cache row = the ungrouped op on k, v, lengths repeated
+    ``group`` times (repeat_interleave), without the copy; the public op (the reference on CPU) agrees."""
+    b, h, s, d = 3, 2, 70, 24
+    q = rand(b * group, h, d, dtype=dtype, seed=1)
+    k, v = rand(b, h, s, d, dtype=dtype, seed=2), rand(b, h, s, d, dtype=dtype, seed=3)
+    lengths = torch.tensor([1, s, 33])
+    out = decode_attention_reference(q, k, v, lengths, 0.3, group=group)
+    assert out.shape == (b * group, h, d) and out.dtype == dtype
+    close(out, decode_attention_reference(q, k.repeat_interleave(group, 0), v.repeat_interleave(group, 0),
+                                          lengths.repeat_interleave(group), 0.3))
+    assert torch.equal(ops.decode_attention(q, k, v, lengths, 0.3, group=group), out)
+    # a strided q (a slice of a fused projection), a view of a longer cache
+    wide = rand(b * group, h, 3 * d, dtype=dtype, seed=4)[:, :, d:2 * d]
+    cache_k, cache_v = rand(b, h, 2 * s, d, dtype=dtype, seed=5), rand(b, h, 2 * s, d, dtype=dtype, seed=6)
+    close(ops.decode_attention(wide, cache_k[:, :, :s], cache_v[:, :, :s], lengths, 0.3, group=group),
+          decode_attention_reference(wide.contiguous(), cache_k[:, :, :s].repeat_interleave(group, 0),
+                                     cache_v[:, :, :s].repeat_interleave(group, 0), lengths.repeat_interleave(group),
+                                     0.3))
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("b,h,s,d", [(1, 1, 1, 8), (3, 5, 7, 24), (2, 3, 97, 64)])
+def test_grouped_decode_attention(b, h, s, d, group, dtype):
+    # s = 97: two chunks of the interpreter's 64 keys, the second partial
+    check_grouped_decode_attention(b, group, h, s, d, dtype, "cpu")
+
+
+@pytest.mark.parametrize("group", [2, 3])
+def test_grouped_decode_attention_lengths_at_the_edges_and_strided_views(group):
+    # lengths 1 and the full cache over three chunks (130 keys, the last chunk 2)
+    check_grouped_decode_attention(2, group, 3, 130, 32, torch.float16, "cpu", lengths=torch.tensor([1, 130]))
+    q = rand(2 * group, 3, 96, seed=1)[:, :, 32:64]  # rows of a fused projection
+    cache_k, cache_v = rand(2, 3, 200, 32, seed=2), rand(2, 3, 200, 32, seed=3)
+    lengths = torch.tensor([100, 5])
+    out = decode_attention.decode_attention(q, cache_k[:, :, :100], cache_v[:, :, :100], lengths, 0.2, group=group)
+    close(out, decode_attention_reference(q, cache_k[:, :, :100], cache_v[:, :, :100], lengths, 0.2, group=group))
+
+
+def test_grouped_decode_attention_rejects_bad_arguments(monkeypatch):
+    q, k, v = rand(4, 3, 16), rand(2, 3, 10, 16, seed=1), rand(2, 3, 10, 16, seed=2)
+    new, lengths = rand(2, 3, 16, seed=3), torch.tensor([3, 10])
+    k0 = k.clone()
+    for fn in (ops.decode_attention, decode_attention.decode_attention, decode_attention_reference):
+        with pytest.raises(ValueError, match="group=2 with new_k/new_v: a cache write needs one query row per cache"):
+            fn(q, k, v, lengths, 0.25, new, new, group=2)
+    assert torch.equal(k, k0)  # the cache write never ran
+    for fn in (ops.decode_attention, decode_attention.decode_attention):
+        for bad in (0, -1, 2.0, True):
+            with pytest.raises(ValueError, match=f"group must be an int >= 1, got {bad!r}"):
+                fn(q, k, v, lengths, 0.25, group=bad)
+    with pytest.raises(ValueError, match=r"q must have shape \(6, 3, 16\) \(k is \(2, 3, 10, 16\), group=3\)"):
+        ops.decode_attention(q, k, v, lengths, 0.25, group=3)
+    with pytest.raises(ValueError, match=r"q must have shape \(2, 3, 16\)"):
+        ops.decode_attention(q, k, v, lengths, 0.25)  # group=1: one query row per cache row
+    with pytest.raises(ValueError, match=r"lengths must have shape \(2,\)"):
+        ops.decode_attention(q, k, v, lengths.repeat_interleave(2), 0.25, group=2)  # lengths are per cache row
+    with pytest.raises(ValueError, match=r"v must have shape \(2, 3, 10, 16\)"):
+        ops.decode_attention(q, k, v[:, :, :9], lengths, 0.25, group=2)
+    with pytest.raises(ValueError, match="new_k and new_v go together"):
+        ops.decode_attention(q[:2], k, v, lengths, 0.25, new, None)
+    with pytest.raises(ValueError, match=r"q must be \[B \* group, H, D\]"):
+        decode_attention.decode_attention(q, k, v, lengths, 0.25, group=3)
+    monkeypatch.setenv("MMGEN_BACKEND", "decode_attention=triton")
+    with pytest.raises(ValueError, match=r"q must have shape \(6, 3, 16\)"):  # checked before dispatch
+        ops.decode_attention(q, k, v, lengths, 0.25, group=3)
+    close(ops.decode_attention(q, k, v, lengths, 0.25, group=2),
+          decode_attention_reference(q, k, v, lengths, 0.25, group=2))
+
+
 def test_ops_dispatch_to_the_triton_kernels_when_forced(monkeypatch):
     monkeypatch.setenv("MMGEN_BACKEND", "triton")
     x = rand(3, 16)
@@ -203,3 +302,41 @@ def test_gpu_decode_attention_error_at_most_twice_torch(b, h, s, d, dtype):
         q[:, :, None].double(), k.double(), v.double(), attn_mask=mask, scale=scale)[:, :, 0]
     naive = torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, scale=scale)[:, :, 0]
     assert relative_error(ours, exact) <= 2 * relative_error(naive, exact) + 1e-6
+
+
+@gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+def test_gpu_grouped_decode_attention(dtype):
+    """Beams sharing their request's cross-attention K/V at real sizes (ViT's 197 encoder states,
+    a long cache over many splits), and an error within twice torch's."""
+    for b, group, h, s, d in [(4, 5, 12, 197, 64), (1, 4, 12, 4096, 64), (3, 3, 5, 97, 24), (16, 2, 16, 256, 128)]:
+        check_grouped_decode_attention(b, group, h, s, d, dtype, "cuda")
+    _, _, (q, k, v, lengths, scale) = check_grouped_decode_attention(2, 3, 12, 1024, 64, dtype, "cuda",
+                                                                     lengths=torch.tensor([1, 1024]))
+    ours = decode_attention.decode_attention(q, k, v, lengths, scale, group=3)
+    k, v, lengths = k.repeat_interleave(3, 0), v.repeat_interleave(3, 0), lengths.repeat_interleave(3)
+    mask = (torch.arange(1024, device="cuda")[None, :] < lengths[:, None])[:, None, None, :]
+    exact = torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, None].double(), k.double(), v.double(), attn_mask=mask, scale=scale)[:, :, 0]
+    naive = torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, scale=scale)[:, :, 0]
+    assert relative_error(ours, exact) <= 2 * relative_error(naive, exact) + 1e-6
+
+
+@gpu
+def test_gpu_grouped_decode_attention_replays_in_a_cuda_graph():
+    """The Triton launcher reads no device value: captured once, replayed with new lengths."""
+    q = rand(4 * 3, 12, 64, dtype=torch.float16, device="cuda", seed=1)
+    k, v = (rand(4, 12, 512, 64, dtype=torch.float16, device="cuda", seed=i) for i in (2, 3))
+    lengths = torch.tensor([1, 100, 300, 512], device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        decode_attention.decode_attention(q, k, v, lengths, 0.125, group=3)  # compiles outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = decode_attention.decode_attention(q, k, v, lengths, 0.125, group=3)
+    for step in range(3):
+        lengths.copy_(torch.tensor([1 + step, 100 - step, 300, 512 - step]))
+        graph.replay()
+        close(out, decode_attention_reference(q, k, v, lengths, 0.125, group=3))

@@ -116,6 +116,8 @@ def exercise_every_launcher():
         decode_attention.decode_attention(q, k, k.clone(), lengths, 0.25)  # split + combine
         decode_attention.decode_attention(q, k[:, :, :40], k[:, :, :40].clone(), torch.tensor([3, 40]), 0.25,
                                           q, q)  # one chunk, fused cache write
+        beams = torch.randn(2 * 3, 3, 16, generator=g).to(dtype)
+        decode_attention.decode_attention(beams, k, k.clone(), lengths, 0.25, group=3)  # 3 query rows per cache row
         qs = torch.randn(2, 3, 9, 16, generator=g).to(dtype)
         flash_attention.attention(qs, qs, qs, 0.25, True, None)
         flash_attention.attention(qs, qs, qs, 0.25, False, torch.tensor([4, 9]))

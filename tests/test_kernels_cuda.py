@@ -90,6 +90,50 @@ def test_decode_attention_lengths_at_the_edges_splits_and_strided_views(device):
     close(cuda_ops.decode_attention(q, k, v, lengths, 0.2), decode_attention_reference(q, k, v, lengths, 0.2))
 
 
+def check_grouped_decode_attention(b, group, h, s, d, dtype, device, lengths=None):
+    return test_kernels.check_grouped_decode_attention(b, group, h, s, d, dtype, device, lengths,
+                                                       fn=cuda_ops.decode_attention)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group", [1, 2, 3, 5])
+@pytest.mark.parametrize("b,h,s,d", [(1, 1, 1, 8), (3, 5, 7, 24), (2, 1, 9, 12), (2, 2, 300, 64)])
+def test_grouped_decode_attention(b, h, s, d, group, dtype, device):
+    # d = 12: scalar loads; s = 300: two splits, the second partial
+    check_grouped_decode_attention(b, group, h, s, d, dtype, device)
+
+
+def test_grouped_decode_attention_lengths_at_the_edges_splits_and_strided_views(device):
+    # lengths 1 and the full cache, over three splits (600 keys)
+    check_grouped_decode_attention(2, 3, 3, 600, 32, torch.float16, device, lengths=torch.tensor([1, 600]))
+    q = rand(2 * 2, 3, 96, dtype=torch.bfloat16, device=device, seed=1)[:, :, 32:64]  # rows of a fused projection
+    cache_k, cache_v = (rand(2, 3, 700, 32, dtype=torch.bfloat16, device=device, seed=i) for i in (2, 3))
+    lengths = torch.tensor([257, 5], device=device)
+    k, v = cache_k[:, :, :300], cache_v[:, :, :300]
+    close(cuda_ops.decode_attention(q, k, v, lengths, 0.2, group=2),
+          decode_attention_reference(q, k, v, lengths, 0.2, group=2))
+
+
+def test_grouped_decode_attention_rejects_bad_input_before_any_launch(device):
+    q = rand(4, 3, 16, dtype=torch.float16, device=device)
+    k, v, new = (rand(*shape, dtype=torch.float16, device=device, seed=i)
+                 for i, shape in enumerate([(2, 3, 10, 16), (2, 3, 10, 16), (2, 3, 16)], 1))
+    ok = torch.tensor([4, 10], device=device)
+    before = k.clone()
+    with pytest.raises(ValueError, match="group=2 with new_k/new_v: a cache write needs one query row per cache row"):
+        cuda_ops.decode_attention(q, k, v, ok, 0.25, new, new, group=2)
+    assert torch.equal(k, before)
+    for bad in (0, -2, 2.0, True):
+        with pytest.raises(ValueError, match=f"group must be an int >= 1, got {bad!r}"):
+            cuda_ops.decode_attention(q, k, v, ok, 0.25, group=bad)
+    with pytest.raises(ValueError, match=r"q must have shape \(6, 3, 16\)"):
+        cuda_ops.decode_attention(q, k, v, ok, 0.25, group=3)
+    with pytest.raises(ValueError, match=r"lengths must have shape \(2,\)"):
+        cuda_ops.decode_attention(q, k, v, ok.repeat_interleave(2), 0.25, group=2)
+    with pytest.raises(InputError, match=r"decode_attention: lengths holds 11, outside \[1, 10\]"):
+        cuda_ops.decode_attention(q, k, v, torch.tensor([4, 11], device=device), 0.25, group=2)
+
+
 def test_decode_attention_rejects_bad_input_before_any_launch(device):
     q = rand(2, 3, 16, dtype=torch.float16, device=device)
     k, v = (
@@ -282,6 +326,8 @@ def test_gpu_real_sizes(dtype):
         check_norms(rows, dim, dtype, "cuda")
     for b, h, s, d in [(1, 12, 1024, 64), (16, 12, 197, 64), (16, 12, 4096, 64), (3, 5, 97, 24), (4, 16, 256, 128)]:
         check_decode_attention(b, h, s, d, dtype, "cuda", fused_write=True)
+    for b, group, h, s, d in [(4, 5, 12, 197, 64), (1, 4, 12, 4096, 64), (16, 2, 16, 256, 128)]:
+        check_grouped_decode_attention(b, group, h, s, d, dtype, "cuda")
     test_kernels.check_token_gather((4, 32, 32), 8192, 128, True, dtype, "cuda", fn=cuda_ops.token_gather)
     g = torch.Generator().manual_seed(1)
     logits = make_logits(32, 50257, "randn", dtype, g)
@@ -307,15 +353,19 @@ def test_gpu_cuda_graph_replay_of_decode_attention_and_sampling():
     with torch.cuda.stream(stream):
         cuda_ops.decode_attention(q, k, v, lengths, 0.125)
     torch.cuda.current_stream().wait_stream(stream)
+    beams = rand(4 * 3, 12, 64, dtype=torch.float16, device=device, seed=5)  # 3 query rows per cache row
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = cuda_ops.decode_attention(q, k, v, lengths, 0.125)
+        grouped = cuda_ops.decode_attention(beams, k, v, lengths, 0.125, group=3)
         tokens = cuda_ops.sample(logits, *params, offset)
     for step in range(3):
         lengths.copy_(torch.tensor([1 + step, 100 - step, 300, 512 - step]))
         offset.fill_(step)
         graph.replay()
         torch.testing.assert_close(out, decode_attention_reference(q, k, v, lengths, 0.125), atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(grouped, decode_attention_reference(beams, k, v, lengths, 0.125, group=3),
+                                   atol=2e-3, rtol=2e-3)
         assert torch.equal(tokens, sample_reference(logits, *params, offset.clone()))
 
 

@@ -1,22 +1,27 @@
 // Decode attention (flash-decoding): one query token per row against a KV cache.
 //
-//   out[b, h] = sum_{s < lengths[b]} softmax_s(q[b, h] . k[b, h, s] * scale) v[b, h, s]
+//   out[r, h] = sum_{s < lengths[b]} softmax_s(q[r, h] . k[b, h, s] * scale) v[b, h, s],  b = r / group
 //
+// q and out have p.group query rows per cache row: group = 1 is one query per cache row; with
+// group > 1 a request's beams share one copy of its cross-attention K/V (nothing is copied per beam).
 // The same kernel serves causal self-attention over the static KV cache (lengths = tokens so far)
 // and cross-attention over the cached encoder K/V (lengths = the row's encoder length). With
-// new_k / new_v [B, H, D] (self-attention) the new token's key and value are written into cache
-// slot lengths[b] - 1 by the kernel, and read from new_k / new_v for that slot.
+// new_k / new_v [B, H, D] (self-attention, group = 1 only) the new token's key and value are written
+// into cache slot lengths[b] - 1 by the kernel, and read from new_k / new_v for that slot.
 //
-// Work split: the key axis is cut into chunks of `chunk` keys; block (b * H + h, split) reduces
-// one chunk with an online softmax (running max, sum and fp32 accumulator) and writes a partial
-// result (or, with one split, the output). A second kernel combines a row's partials, weighting
-// each by exp(m_split - m_max). Chunks past a row's length write an empty partial (m = -inf), so
-// the launch can cover a whole static cache, as CUDA-graph capture needs.
+// Work split: the key axis is cut into chunks of `chunk` keys; block (r * H + h, split) reduces one
+// chunk of query row r against cache row r / group with an online softmax (running max, sum and fp32
+// accumulator) and writes a partial result (or, with one split, the output). A second kernel combines
+// a row's partials, weighting each by exp(m_split - m_max). Chunks past a row's length write an empty
+// partial (m = -inf), so the launch can cover a whole static cache, as CUDA-graph capture needs. The
+// group * H blocks of one cache row and split are consecutive, so repeated reads of shared K/V mostly
+// hit L2.
 //
-// Inside a block, groups of TPK threads own one key at a time; a thread holds NCHUNK vectors of
-// VEC elements of q (and of its accumulator): element d = (c * TPK + lane) * VEC + i, so the
-// group's lanes read consecutive 16-byte pieces of a key. Scores are reduced over the group by
-// shuffles; at the end the groups' (m, l, acc) are merged through shared memory.
+// Inside a block, groups of TPK threads (thread groups, unrelated to p.group) own one key at a time;
+// a thread holds NCHUNK vectors of VEC elements of q (and of its accumulator): element
+// d = (c * TPK + lane) * VEC + i, so the group's lanes read consecutive 16-byte pieces of a key.
+// Scores are reduced over the group by shuffles; at the end the groups' (m, l, acc) are merged
+// through shared memory.
 //
 // Arithmetic as in the Triton kernel (kernels/decode_attention.py): q is multiplied by the scale in
 // fp32 first, scores and softmax in fp32; exp is expf here (Triton's is exp2-based), so the two agree
@@ -42,8 +47,9 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_attention_kernel(Decode
   __shared__ float group_l[kGroups];
   __shared__ float group_acc[kGroups * kMaxDim];
 
-  const int bh = blockIdx.x, split = blockIdx.y;
-  const int b = bh / p.heads, h = bh % p.heads;
+  const int bh = blockIdx.x, split = blockIdx.y;  // bh: query row * heads + head
+  const int r = bh / p.heads, h = bh % p.heads;
+  const int b = r / p.group;  // the query row's cache row
   const int D = p.head_dim;
   // in [1, S] (the wrapper checks eagerly; clamped so that a bad value in a captured graph stays in bounds)
   const int length = static_cast<int>(p.lengths[b] < 1 ? 1 : p.lengths[b] > p.slots ? p.slots : p.lengths[b]);
@@ -64,7 +70,7 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_attention_kernel(Decode
     }
   }
 
-  const T* q_row = static_cast<const T*>(p.q) + b * p.q_b + h * p.q_h;
+  const T* q_row = static_cast<const T*>(p.q) + r * p.q_b + h * p.q_h;
   float q[NCHUNK][VEC], acc[NCHUNK][VEC];
 #pragma unroll
   for (int c = 0; c < NCHUNK; ++c) {
@@ -185,10 +191,11 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_attention_combine_kerne
 // `vectorized`: every pointer is 16-byte aligned and every stride a multiple of 16 bytes.
 template <class T, class Launch>
 void launch_decode_attention(const DecodeAttentionParams& p, bool vectorized, Launch&& launch) {
-  const dim3 grid(p.batch * p.heads, p.splits), block(kDecodeThreads);
+  const int rows = p.batch * p.group * p.heads;  // query rows x heads (checked: fits an int)
+  const dim3 grid(rows, p.splits), block(kDecodeThreads);
   auto go = [&](auto kernel) {
     launch(kernel, grid, block, p);
-    if (p.splits > 1) launch(&decode_attention_combine_kernel<T>, dim3(p.batch * p.heads), block, p);
+    if (p.splits > 1) launch(&decode_attention_combine_kernel<T>, dim3(rows), block, p);
   };
   constexpr int V = 16 / sizeof(T);
   const int D = p.head_dim;
@@ -217,11 +224,17 @@ void dispatch_decode_attention(const DecodeAttentionParams& p, DType dtype, bool
   require(p.q && p.k && p.v && p.lengths && p.out, "decode_attention: null pointer");
   require((p.new_k == nullptr) == (p.new_v == nullptr), "decode_attention: new_k and new_v go together");
   require(p.batch > 0 && p.heads > 0 && p.slots > 0, "decode_attention: empty batch, heads or cache");
+  require(p.group >= 1, "decode_attention: group must be >= 1");
+  require(p.group == 1 || p.new_k == nullptr,
+          "decode_attention: group > 1 with new_k / new_v (a cache write needs one query row per cache row)");
   require(p.head_dim > 0 && p.head_dim <= kDecodeMaxHeadDim, "decode_attention: head dim out of range");
   require(p.chunk == kDecodeChunk && p.splits == (p.slots + kDecodeChunk - 1) / kDecodeChunk,
           "decode_attention: chunk / splits do not match the cache size");
   require(p.splits == 1 || (p.partial && p.ml), "decode_attention: split-K needs the partial buffers");
   require(p.splits <= 65535, "decode_attention: cache too long (more than 65535 splits)");
+  // block and partial-row indices are ints
+  require(static_cast<int64_t>(p.batch) * p.group * p.heads * p.splits <= 0x7fffffff,
+          "decode_attention: too many query rows x heads x splits");
   switch (dtype) {
     case DType::kFloat16: return launch_decode_attention<__half>(p, vectorized, launch);
     case DType::kBFloat16: return launch_decode_attention<__nv_bfloat16>(p, vectorized, launch);

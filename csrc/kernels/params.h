@@ -23,16 +23,17 @@ inline void require(bool ok, const char* message) {
 }
 
 struct DecodeAttentionParams {
-  const void* q;       // [B, H, D], unit last stride
+  const void* q;       // [B * group, H, D], unit last stride: query row r attends to cache row r / group
   void* k;             // [B, H, S, D] (a view of the first S slots of a cache is fine)
   void* v;
   const void* new_k;   // [B, H, D] or null
   const void* new_v;
   const int64_t* lengths;  // [B], each in [1, S] (clamped by the kernel: a bad value stays in bounds)
-  void* out;           // [B, H, D] contiguous
-  float* partial;      // [B * H * splits, D] fp32, when splits > 1
-  float* ml;           // [B * H * splits, 2] (max, sum), when splits > 1
-  int batch, heads, slots, head_dim;
+  void* out;           // [B * group, H, D] contiguous
+  float* partial;      // [B * group * H * splits, D] fp32, when splits > 1
+  float* ml;           // [B * group * H * splits, 2] (max, sum), when splits > 1
+  int batch, heads, slots, head_dim;  // batch: cache rows B
+  int group;           // query rows per cache row (>= 1; 1 with new_k / new_v)
   int chunk, splits;   // keys per split, cdiv(slots, chunk)
   int64_t q_b, q_h;            // strides in elements
   int64_t k_b, k_h, k_s;

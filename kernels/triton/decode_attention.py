@@ -1,22 +1,31 @@
 """Decode attention (flash-decoding): one query token per row against a KV cache.
 
-``out[b, h] = sum_{s < lengths[b]} softmax_s(q[b, h] . k[b, h, s] * scale) v[b, h, s]``
+``out[r, h] = sum_{s < lengths[b]} softmax_s(q[r, h] . k[b, h, s] * scale) v[b, h, s]``, ``b = r // group``
+
+(``q``, ``out`` have ``group`` query rows per cache row; ``group = 1`` is one query per cache row,
+``group > 1`` lets a request's beams share one copy of its cross-attention K/V.)
 
 The same kernel serves causal self-attention over the static KV cache (``lengths`` = tokens so far)
 and cross-attention over the cached encoder K/V (``lengths`` = the row's encoder length, a key
 padding mask). For self-attention the new token's key/value can be passed as ``new_k, new_v [B, H, D]``:
 they are written into cache slot ``lengths[b] - 1`` by the kernel (and used from registers there),
-which saves the two scatter launches of an unfused step.
+which saves the two scatter launches of an unfused step (``group == 1`` only).
 
 Work split (Dao et al., "Flash-Decoding"): the key axis is cut into fixed-size chunks so that
-``B * H * chunks`` programs fill the GPU at long contexts even at batch 1; each program keeps a running max, sum and
-fp32 accumulator (online softmax) over its chunk and writes a partial result; a second kernel
-combines the partials of a row. With one split the first kernel writes the output directly.
+``B * group * H * chunks`` programs fill the GPU at long contexts even at batch 1; each program keeps
+a running max, sum and fp32 accumulator (online softmax) over its chunk and writes a partial result;
+a second kernel combines the partials of a row. With one split the first kernel writes the output
+directly.
 Chunks past a row's length exit at once, so the launch can cover a whole static cache (what
 CUDA-graph capture needs) while each row is read only up to its length.
 
-Bytes moved: the K and V read once, ``2 * B * H * L * D * e`` for lengths L and element size e,
-plus q, the output and ``B * H * splits * (D + 2) * 4`` bytes of partials written and read back.
+Program ``(r * H + h, split)`` serves query row ``r`` and reads cache row ``r // group`` (and its
+length): for one chunk, the ``group * H`` programs of a cache row are consecutive in launch order,
+so with ``group > 1`` the repeated reads of the row's K/V mostly hit L2.
+
+Bytes moved: the K and V read once, ``2 * B * H * L * D * e`` for lengths L and element size e
+(with ``group > 1``: from DRAM, when L2 serves the repeats), plus q, the output and
+``B * group * H * splits * (D + 2) * 4`` bytes of partials written and read back.
 """
 from __future__ import annotations
 
@@ -28,20 +37,21 @@ import triton.language as tl
 
 @triton.jit
 def _decode_kernel(q_ptr, k_ptr, v_ptr, newk_ptr, newv_ptr, len_ptr, out_ptr, part_ptr, ml_ptr,
-                   H, D, chunk, scale,
+                   H, D, chunk, scale, group,
                    sq_b, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sn_b, sn_h,
                    HAS_NEW: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr):
-    bh = tl.program_id(0)
+    bh = tl.program_id(0)  # query row * H + head
     split = tl.program_id(1)
-    b = bh // H
+    r = bh // H  # the query row
     h = bh % H
+    b = r // group  # its cache row
     length = tl.load(len_ptr + b).to(tl.int32)
     start = split * chunk
     end = tl.minimum(start + chunk, length)
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
-    q = tl.load(q_ptr + b * sq_b + h * sq_h + d, mask=dmask, other=0.0).to(tl.float32) * scale
+    q = tl.load(q_ptr + r * sq_b + h * sq_h + d, mask=dmask, other=0.0).to(tl.float32) * scale
     k_base = k_ptr + b * sk_b + h * sk_h
     v_base = v_ptr + b * sv_b + h * sv_h
     if HAS_NEW:
@@ -105,28 +115,37 @@ def blocks(device: torch.device) -> tuple[int, int]:
     return (256, 64) if device.type == "cuda" else (64, 32)
 
 
-def decode_attention(q, k, v, lengths, scale, new_k=None, new_v=None):
+def decode_attention(q, k, v, lengths, scale, new_k=None, new_v=None, group=1):
     b, h, s, d = k.shape
+    if new_k is not None and group != 1:
+        raise ValueError(f"decode_attention: group={group} with new_k/new_v: a cache write needs one query "
+                         "row per cache row (group=1)")
+    if isinstance(group, bool) or not isinstance(group, int) or group < 1:
+        raise ValueError(f"decode_attention: group must be an int >= 1, got {group!r}")
+    if q.shape != (b * group, h, d) or lengths.shape != (b,):
+        raise ValueError(f"decode_attention: q must be [B * group, H, D] and lengths [B] for k [B, H, S, D]; got "
+                         f"q {tuple(q.shape)}, lengths {tuple(lengths.shape)}, k {tuple(k.shape)}, group={group}")
     for name, t in (("q", q), ("k", k), ("v", v), ("new_k", new_k), ("new_v", new_v)):
         if t is not None and t.stride(-1) != 1:
             raise ValueError(f"decode_attention: {name} needs a unit last stride, got strides {t.stride()}")
+    rows = b * group  # query rows
     chunk, block_n = blocks(q.device)
     splits = triton.cdiv(s, chunk)
-    out = torch.empty(b, h, d, dtype=q.dtype, device=q.device)
+    out = torch.empty(rows, h, d, dtype=q.dtype, device=q.device)
     block_d = triton.next_power_of_2(d)
     if splits > 1:
-        part = torch.empty(b * h * splits * d, dtype=torch.float32, device=q.device)
-        ml = torch.empty(b * h * splits * 2, dtype=torch.float32, device=q.device)
+        part = torch.empty(rows * h * splits * d, dtype=torch.float32, device=q.device)
+        ml = torch.empty(rows * h * splits * 2, dtype=torch.float32, device=q.device)
     else:
         part = ml = out
     has_new = new_k is not None
     nk, nv = (new_k, new_v) if has_new else (q, q)
-    _decode_kernel[(b * h, splits)](
-        q, k, v, nk, nv, lengths, out, part, ml, h, d, chunk, scale,
+    _decode_kernel[(rows * h, splits)](
+        q, k, v, nk, nv, lengths, out, part, ml, h, d, chunk, scale, group,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
         v.stride(2), nk.stride(0), nk.stride(1),
         HAS_NEW=has_new, SPLIT=splits > 1, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4)
     if splits > 1:
-        _combine_kernel[(b * h,)](part, ml, out, d, splits, BLOCK_S=triton.next_power_of_2(splits),
-                                  BLOCK_D=block_d)
+        _combine_kernel[(rows * h,)](part, ml, out, d, splits, BLOCK_S=triton.next_power_of_2(splits),
+                                     BLOCK_D=block_d)
     return out

@@ -6,14 +6,20 @@ q ``[B, H, Tq, D]``, k/v ``[B, H, Tk, D]``. The mask removes key ``s`` from quer
 positions of the key sequence (``Tq <= Tk``; with ``Tq == Tk`` the usual ``s > t``), so a prompt
 that follows a prefix whose keys come first attends to the whole prefix and causally to itself.
 
-``decode_attention`` (one new query per row against a cache): for row ``b`` only keys
-``0 .. lengths[b]-1`` take part:
-``out[b, h] = sum_s softmax_s(q[b, h] . k[b, h, s] * scale) v[b, h, s]``, ``s < lengths[b]``.
+``decode_attention`` (one new query per row against a cache): ``q [B * group, H, D]``, ``k, v
+[B, H, S, D]``, ``lengths [B]``; query row ``r`` attends to cache row ``b = r // group``, and only to
+its keys ``0 .. lengths[b]-1``:
+``out[r, h] = sum_s softmax_s(q[r, h] . k[b, h, s] * scale) v[b, h, s]``, ``s < lengths[b]``.
 The same op serves causal self-attention over the static KV cache (``lengths`` = tokens so far) and
-cross-attention over cached encoder K/V (``lengths`` = encoder length of the row). Every row needs
-``lengths[b] >= 1``. With ``new_k, new_v [B, H, D]`` (self-attention) the new token's key/value are
-first written into cache slot ``lengths[b] - 1`` of ``k, v``, so one call both extends the cache
-and attends over it (the Triton kernel does the write itself, saving two launches per layer).
+cross-attention over cached encoder K/V (``lengths`` = encoder length of the row). Every cache row
+needs ``lengths[b] >= 1``. ``group`` (default 1: one query row per cache row) lets ``group``
+consecutive query rows share one cache row, as a request's beams share its cross-attention K/V in
+beam search: the result is that of ``group = 1`` on ``k, v, lengths`` repeated ``group`` times
+(``repeat_interleave(group, 0)``), without the copy. With ``new_k, new_v [B, H, D]``
+(self-attention, ``group == 1`` only: a cache write needs one query row per cache row) the new
+token's key/value are first written into cache slot ``lengths[b] - 1`` of ``k, v``, so one call both
+extends the cache and attends over it (the kernels do the write themselves, saving two launches per
+layer).
 """
 from __future__ import annotations
 
@@ -40,17 +46,24 @@ register_lazy("attention", "triton", "mmgen_engine.kernels.flash_attention:atten
 
 
 @register("decode_attention", "reference")
-def decode_attention_reference(q, k, v, lengths, scale, new_k=None, new_v=None):
+def decode_attention_reference(q, k, v, lengths, scale, new_k=None, new_v=None, group=1):
+    b, h, s, d = k.shape
     if new_k is not None:
-        slots = (lengths - 1).view(-1, 1, 1, 1).expand(-1, k.shape[1], 1, k.shape[3])  # (B, H, 1, D)
+        if group != 1:
+            raise ValueError(f"decode_attention: group={group} with new_k/new_v: a cache write needs one query "
+                             "row per cache row (group=1)")
+        slots = (lengths - 1).view(-1, 1, 1, 1).expand(-1, h, 1, d)  # (B, H, 1, D)
         k.scatter_(2, slots, new_k[:, :, None])
         v.scatter_(2, slots, new_v[:, :, None])
-    # scores and softmax in fp32; k/v may be a view of the first S slots of a larger cache.
+    # scores and softmax in fp32; k/v may be a view of the first S slots of a larger cache. The
+    # group's queries are batched against their cache row (no copy of k/v): (B, H, group, D).
     # (explicit math: torch's CPU SDPA with a mask is ~100x slower for a single query)
-    scores = (q.float()[:, :, None] @ k.float().transpose(-1, -2)) * scale  # (B, H, 1, S)
-    pad = torch.arange(k.shape[2], device=q.device)[None, :] >= lengths[:, None]  # (B, S)
+    qg = q.float().view(b, group, h, d).transpose(1, 2)  # (B, H, group, D)
+    scores = (qg @ k.float().transpose(-1, -2)) * scale  # (B, H, group, S)
+    pad = torch.arange(s, device=q.device)[None, :] >= lengths[:, None]  # (B, S)
     probs = scores.masked_fill(pad[:, None, None, :], float("-inf")).softmax(dim=-1)
-    return (probs @ v.float())[:, :, 0].to(q.dtype)  # (B, H, D)
+    out = probs @ v.float()  # (B, H, group, D)
+    return out.transpose(1, 2).reshape(b * group, h, d).to(q.dtype)  # (B * group, H, D)
 
 
 register_lazy("decode_attention", "triton", "mmgen_engine.kernels.decode_attention:decode_attention",
@@ -69,7 +82,30 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, c
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor,
                      scale: float, new_k: torch.Tensor | None = None,
-                     new_v: torch.Tensor | None = None) -> torch.Tensor:
-    """One query per row: ``q [B, H, D]``, ``k, v [B, H, S, D]``, ``lengths [B]`` -> ``[B, H, D]``;
-    ``new_k, new_v [B, H, D]`` are stored at slot ``lengths - 1`` first (see the module docstring)."""
-    return dispatch("decode_attention", q)(q, k, v, lengths, scale, new_k, new_v)
+                     new_v: torch.Tensor | None = None, group: int = 1) -> torch.Tensor:
+    """One query per row: ``q [B * group, H, D]``, ``k, v [B, H, S, D]``, ``lengths [B]`` ->
+    ``[B * group, H, D]``; query row ``r`` attends to cache row ``r // group``. ``new_k, new_v
+    [B, H, D]`` are stored at slot ``lengths - 1`` first (``group == 1`` only). See the module
+    docstring."""
+    _check_decode_shapes(q, k, v, lengths, new_k, new_v, group)
+    return dispatch("decode_attention", q)(q, k, v, lengths, scale, new_k, new_v, group)
+
+
+def _check_decode_shapes(q, k, v, lengths, new_k, new_v, group) -> None:
+    """Shapes only: no device value is read (so it runs inside CUDA-graph capture too)."""
+    if isinstance(group, bool) or not isinstance(group, int) or group < 1:
+        raise ValueError(f"decode_attention: group must be an int >= 1, got {group!r}")
+    if (new_k is None) != (new_v is None):
+        raise ValueError("decode_attention: new_k and new_v go together")
+    if new_k is not None and group != 1:
+        raise ValueError(f"decode_attention: group={group} with new_k/new_v: a cache write needs one query "
+                         "row per cache row (group=1)")
+    if q.dim() != 3 or k.dim() != 4:
+        raise ValueError(f"decode_attention: q must be [B * group, H, D] and k, v [B, H, S, D], got "
+                         f"{tuple(q.shape)} and {tuple(k.shape)}")
+    b, h, s, d = k.shape
+    for name, t, shape in (("q", q, (b * group, h, d)), ("v", v, (b, h, s, d)), ("lengths", lengths, (b,)),
+                           ("new_k", new_k, (b, h, d)), ("new_v", new_v, (b, h, d))):
+        if t is not None and t.shape != shape:
+            raise ValueError(f"decode_attention: {name} must have shape {shape} (k is {tuple(k.shape)}, "
+                             f"group={group}), got {tuple(t.shape)}")

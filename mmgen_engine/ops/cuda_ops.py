@@ -93,20 +93,26 @@ def _vectorizable(tensors, strides) -> bool:
         all(s % 16 == 0 for s in strides)
 
 
-def decode_attention(q, k, v, lengths, scale, new_k=None, new_v=None):
+def decode_attention(q, k, v, lengths, scale, new_k=None, new_v=None, group=1):
     op = "decode_attention"
+    if isinstance(group, bool) or not isinstance(group, int) or group < 1:
+        raise ValueError(f"{op}: group must be an int >= 1, got {group!r}")
     _check_dtype(op, "q", q, HALF_DTYPES)
     for name, t in (("k", k), ("v", v), ("new_k", new_k), ("new_v", new_v)):
         if t is not None and t.dtype != q.dtype:
             raise TypeError(f"{op}: {name} is {t.dtype}, q is {q.dtype}")
     if q.dim() != 3 or k.dim() != 4:
-        raise ValueError(f"{op}: q must be [B, H, D] and k, v [B, H, S, D], got {tuple(q.shape)} and {tuple(k.shape)}")
+        raise ValueError(f"{op}: q must be [B * group, H, D] and k, v [B, H, S, D], got {tuple(q.shape)} and "
+                         f"{tuple(k.shape)}")
     b, h, s, d = k.shape
-    _check_shape(op, "q", q, (b, h, d))
+    _check_shape(op, "q", q, (b * group, h, d))
     _check_shape(op, "v", v, (b, h, s, d))
     if (new_k is None) != (new_v is None):
         raise ValueError(f"{op}: new_k and new_v go together")
     if new_k is not None:
+        if group != 1:
+            raise ValueError(f"{op}: group={group} with new_k/new_v: a cache write needs one query row per cache "
+                             "row (group=1)")
         _check_shape(op, "new_k", new_k, (b, h, d))
         _check_shape(op, "new_v", new_v, (b, h, d))
         if new_k.stride() != new_v.stride():
@@ -121,12 +127,13 @@ def decode_attention(q, k, v, lengths, scale, new_k=None, new_v=None):
            lengths=lengths)
     lengths = lengths.contiguous()
     _check_range(op, "lengths", lengths, 1, s, f"every row attends to 1 to {s} cached positions")
-    out = torch.empty(b, h, d, dtype=q.dtype, device=q.device)
+    rows = b * group  # query rows
+    out = torch.empty(rows, h, d, dtype=q.dtype, device=q.device)
     splits = -(-s // _C.DECODE_CHUNK)
     partial = ml = None
     if splits > 1:
-        partial = torch.empty(b * h * splits, d, dtype=torch.float32, device=q.device)
-        ml = torch.empty(b * h * splits, 2, dtype=torch.float32, device=q.device)
+        partial = torch.empty(rows * h * splits, d, dtype=torch.float32, device=q.device)
+        ml = torch.empty(rows * h * splits, 2, dtype=torch.float32, device=q.device)
     size = q.element_size()
     new_strides = tuple(new_k.stride()[:2]) if new_k is not None else (0, 0)
     strides = [x * size for x in (*q.stride()[:2], *k.stride()[:3], *v.stride()[:3], *new_strides)]
@@ -135,8 +142,8 @@ def decode_attention(q, k, v, lengths, scale, new_k=None, new_v=None):
             q.data_ptr(), k.data_ptr(), v.data_ptr(), new_k.data_ptr() if new_k is not None else 0,
             new_v.data_ptr() if new_v is not None else 0, lengths.data_ptr(), out.data_ptr(),
             partial.data_ptr() if partial is not None else 0, ml.data_ptr() if ml is not None else 0,
-            DTYPES[q.dtype], b, h, s, d, splits, tuple(q.stride()[:2]), tuple(k.stride()[:3]), tuple(v.stride()[:3]),
-            new_strides, float(scale), vectorized)
+            DTYPES[q.dtype], b, group, h, s, d, splits, tuple(q.stride()[:2]), tuple(k.stride()[:3]),
+            tuple(v.stride()[:3]), new_strides, float(scale), vectorized)
     return out
 
 
