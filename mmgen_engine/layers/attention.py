@@ -99,9 +99,7 @@ class CrossAttention(nn.Module):
         ``r // G``."""
         if x.dim() == 2:
             q = self.q(x).view(x.shape[0], self.num_heads, -1)  # (B, H, Dh)
-            group = x.shape[0] // k_cache.shape[0]
-            extra = {"group": group} if group > 1 else {}
-            o = ops.decode_attention(q, k_cache, v_cache, lengths, self.scale, **extra)
+            o = ops.decode_attention(q, k_cache, v_cache, lengths, self.scale, group=x.shape[0] // k_cache.shape[0])
             return self.out(o.reshape(x.shape[0], -1))
         q = split_heads(self.q(x), self.num_heads)
         return self.out(merge_heads(ops.attention(q, k_cache, v_cache, self.scale, causal=False,
