@@ -408,8 +408,8 @@ def test_bad_inputs_fail_only_their_own_handle(captioner, txt2img, gesture, clip
             good_handles.append(engine.submit(mm.CaptionRequest(image, prompt=prompt, max_new_tokens=12)))
             bad_handles.extend(engine.submit(r) for r in bad[i * 3:i * 3 + 3])
         poses = engine.submit(mm.GestureRequest(clips[1], sample_rate=RATE))
-        # what the engine does not run (beams, as yet) or the task does not have: refused in preprocessing
-        not_yet = [engine.submit(mm.CaptionRequest(IMAGES[0], sampling=SamplingParams(num_beams=2))),
+        # what the task does not have: refused in preprocessing, before the scheduler sees it
+        not_yet = [engine.submit(mm.GestureRequest(clips[1], sample_rate=RATE, sampling=SamplingParams(num_beams=2))),
                    engine.submit(mm.ImageRequest("a red circle", sampling=SamplingParams(repetition_penalty=1.3)))]
         for handle in not_yet:
             with pytest.raises(mm.InputError, match="beam search|not supported by this task"):

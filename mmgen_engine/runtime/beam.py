@@ -40,6 +40,113 @@ def _gather(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.take_along_dim(tensor, index, dim=1)
 
 
+class Beams:
+    """The beam-search state of ``batch`` requests of ``K = params.num_beams`` beams each
+    (transformers' running and finished hypotheses, per request), on the device.
+
+    :meth:`step` takes the logits of the ``batch * K`` beam rows (request-major) and returns each
+    row's next token and the row it continues (the caller feeds those tokens and gathers its caches
+    by those rows), or None when every request has stopped; :meth:`result` gives the best
+    hypotheses. ``prompt [batch, T]`` (the decoder's input ids so far) starts every beam.
+    """
+
+    def __init__(self, prompt: torch.Tensor, max_new_tokens: int, eos_token_id: int | None, pad_token_id: int,
+                 min_new_tokens: int, params: SamplingParams):
+        if params.do_sample:
+            raise InputError("beam search samples no tokens: use num_beams > 1 with do_sample=False")
+        self.params, self.eos, self.pad, self.min_new = params, eos_token_id, pad_token_id, min_new_tokens
+        device = prompt.device
+        self.batch, self.prompt_len = prompt.shape
+        k = self.k = params.num_beams
+        self.max_length = self.prompt_len + max_new_tokens
+        self.running = torch.full((self.batch, k, self.max_length), pad_token_id, dtype=torch.int64, device=device)
+        self.running[:, :, :self.prompt_len] = prompt[:, None]
+        self.sequences = self.running.clone()
+        self.running_scores = torch.zeros(self.batch, k, dtype=torch.float32, device=device)
+        self.running_scores[:, 1:] = NEG
+        self.scores = torch.full((self.batch, k), NEG, dtype=torch.float32, device=device)
+        self.finished = torch.zeros(self.batch, k, dtype=torch.bool, device=device)
+        self.improvable = torch.ones(self.batch, 1, dtype=torch.bool, device=device)
+        self.top_k_mask = torch.arange(2 * k, device=device) < k  # of the 2K candidates, the first K may finish
+        self.penalize = params.repetition_penalty != 1 or params.no_repeat_ngram_size > 0
+        rows = self.batch * k
+        self.penalty = torch.full((rows,), params.repetition_penalty, dtype=torch.float32, device=device)
+        self.ngram = torch.full((rows,), params.no_repeat_ngram_size, dtype=torch.int64, device=device)
+        self.offsets = (torch.arange(self.batch, device=device) * k)[:, None]
+        self.cur_len = self.prompt_len
+
+    @property
+    def new_tokens(self) -> int:
+        """Tokens each running beam has generated."""
+        return self.cur_len - self.prompt_len
+
+    def step(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Advance every request by one token from ``logits [batch * K, V]``; returns ``(tokens,
+        source)``, both ``[batch * K]``: row ``r`` continues row ``source[r]`` with ``tokens[r]``;
+        None once no request can change any more."""
+        batch, k, p, cur_len = self.batch, self.k, self.params, self.cur_len
+        log_probs = F.log_softmax(logits.float(), dim=-1)
+        if self.penalize:
+            history_len = torch.full((batch * k,), cur_len, dtype=torch.int64, device=logits.device)
+            log_probs = ops.penalize(log_probs, self.running.view(batch * k, -1), history_len, self.penalty, self.ngram)
+        if self.eos is not None and cur_len - self.prompt_len < self.min_new:
+            log_probs[:, self.eos] = float("-inf")
+        vocab = log_probs.shape[-1]
+        log_probs = (log_probs.view(batch, k, vocab) + self.running_scores[:, :, None]).view(batch, k * vocab)
+
+        # the 2K best continuations over all beams
+        top_scores, top_index = torch.topk(log_probs, 2 * k)
+        top_beam = top_index // vocab
+        top_sequences = _gather(self.running, top_beam)
+        top_tokens = top_index % vocab
+        top_sequences[:, :, cur_len] = top_tokens
+        ends = torch.full_like(top_tokens, cur_len + 1 >= self.max_length, dtype=torch.bool)
+        if self.eos is not None:
+            ends |= top_tokens == self.eos
+
+        # the K best that go on
+        go_on = top_scores + ends.to(torch.float32) * NEG
+        chosen = torch.topk(go_on, k)[1]
+        self.running = _gather(top_sequences, chosen)
+        self.running_scores = _gather(go_on, chosen)
+        source = (_gather(top_beam, chosen) + self.offsets).view(-1)  # each new beam's row before the step
+
+        # the finished hypotheses: the best K of the old ones and those of the first K that just ended
+        just_ended = ends & self.top_k_mask[None, :]
+        normalized = top_scores / ((cur_len + 1 - self.prompt_len) ** p.length_penalty)
+        full = torch.all(self.finished, dim=-1, keepdim=True) & (p.early_stopping is True)
+        normalized += full.to(torch.float32) * NEG
+        normalized += (~self.improvable).to(torch.float32) * NEG
+        normalized += (~just_ended) * NEG
+        best = torch.topk(torch.cat((self.scores, normalized), dim=1), k)[1]
+        self.sequences = _gather(torch.cat((self.sequences, top_sequences), dim=1), best)
+        self.scores = _gather(torch.cat((self.scores, normalized), dim=1), best)
+        self.finished = _gather(torch.cat((self.finished, just_ended), dim=1), best)
+
+        self.cur_len = cur_len = cur_len + 1
+        if p.early_stopping == "never" and p.length_penalty > 0.0:
+            best_length = self.max_length - self.prompt_len
+        else:
+            best_length = cur_len - self.prompt_len
+        best_running = self.running_scores[:, :1] / (best_length ** p.length_penalty)
+        worst_finished = torch.where(self.finished, torch.min(self.scores, dim=1, keepdim=True)[0], NEG)
+        self.improvable = self.improvable & torch.any(best_running > worst_finished, dim=-1, keepdim=True)
+        open_beams = ~(torch.all(self.finished) & (p.early_stopping is True))
+        if not bool(torch.any(self.improvable) & open_beams & ~torch.all(ends)):
+            return None
+        return self.running[:, :, cur_len - 1].reshape(batch * k), source
+
+    def result(self) -> torch.Tensor:
+        """The best ``num_return_sequences`` hypotheses of each request, ``[batch * n, max_new_tokens]``
+        (prompt excluded), best first; after its eos a hypothesis holds padding."""
+        nrs = self.params.num_return_sequences
+        out = self.sequences[:, :nrs, self.prompt_len:].reshape(self.batch * nrs, -1)
+        if self.eos is not None:
+            after = (out == self.eos).int().cumsum(dim=1) - (out == self.eos).int() > 0
+            out = out.masked_fill(after, self.pad)
+        return out
+
+
 @torch.inference_mode()
 def beam_search(decoder: Decoder, prompt: torch.Tensor, encoder_states: torch.Tensor, encoder_lengths: torch.Tensor,
                 max_new_tokens: int, *, eos_token_id: int | None, pad_token_id: int, min_new_tokens: int = 0,
@@ -47,10 +154,9 @@ def beam_search(decoder: Decoder, prompt: torch.Tensor, encoder_states: torch.Te
     """``[B * num_return_sequences, max_new_tokens]`` token ids after ``prompt [B, T]`` (excluded),
     the best hypotheses of each row first; after a hypothesis' eos its row holds ``pad_token_id``.
     Arguments as :func:`~mmgen_engine.runtime.generate.generate_stream` (no guidance)."""
-    k, nrs = params.num_beams, params.num_return_sequences
-    if params.do_sample:
-        raise InputError("beam search samples no tokens: use num_beams > 1 with do_sample=False")
     max_new_tokens, min_new_tokens = check_new_tokens(max_new_tokens, min_new_tokens)
+    beams = Beams(prompt, max_new_tokens, eos_token_id, pad_token_id, min_new_tokens, params)
+    k = params.num_beams
     batch, prompt_len = prompt.shape
     prefix = encoder_states.shape[1] if decoder.uses_prefix else 0
     layers, heads, head_dim, max_positions = decoder.cache_geometry()
@@ -74,88 +180,14 @@ def beam_search(decoder: Decoder, prompt: torch.Tensor, encoder_states: torch.Te
     cache.k[:, :, :, :width] = first.k.repeat_interleave(k, dim=1)
     cache.v[:, :, :, :width] = first.v.repeat_interleave(k, dim=1)
     del first
-
-    # transformers' state, per request and beam
-    max_length = prompt_len + max_new_tokens
-    running = torch.full((batch, k, max_length), pad_token_id, dtype=torch.int64, device=device)
-    running[:, :, :prompt_len] = prompt[:, None]
-    sequences = running.clone()
-    running_scores = torch.zeros(batch, k, dtype=torch.float32, device=device)
-    running_scores[:, 1:] = NEG
-    scores = torch.full((batch, k), NEG, dtype=torch.float32, device=device)
-    finished = torch.zeros(batch, k, dtype=torch.bool, device=device)
-    improvable = torch.ones(batch, 1, dtype=torch.bool, device=device)
-    keep = 2 * k  # candidates per request: enough that K of them do not end
-    top_k_mask = torch.arange(keep, device=device) < k
-    penalize = params.repetition_penalty != 1 or params.no_repeat_ngram_size > 0
-    if penalize:
-        penalty = torch.full((rows,), params.repetition_penalty, dtype=torch.float32, device=device)
-        ngram = torch.full((rows,), params.no_repeat_ngram_size, dtype=torch.int64, device=device)
-    offsets = (torch.arange(batch, device=device) * k)[:, None]
     positions = torch.empty(rows, dtype=torch.int64, device=device)
-
-    cur_len = prompt_len
-    while True:
-        log_probs = F.log_softmax(logits.float(), dim=-1)
-        if penalize:
-            history_len = torch.full((rows,), cur_len, dtype=torch.int64, device=device)
-            log_probs = ops.penalize(log_probs, running.view(rows, -1), history_len, penalty, ngram)
-        if eos_token_id is not None and cur_len - prompt_len < min_new_tokens:
-            log_probs[:, eos_token_id] = float("-inf")
-        vocab = log_probs.shape[-1]
-        log_probs = (log_probs.view(batch, k, vocab) + running_scores[:, :, None]).view(batch, k * vocab)
-
-        # the 2K best continuations over all beams
-        top_scores, top_index = torch.topk(log_probs, keep)
-        top_beam = top_index // vocab
-        top_sequences = _gather(running, top_beam)
-        top_tokens = top_index % vocab
-        top_sequences[:, :, cur_len] = top_tokens
-        ends = torch.full_like(top_tokens, cur_len + 1 >= max_length, dtype=torch.bool)
-        if eos_token_id is not None:
-            ends |= top_tokens == eos_token_id
-
-        # the K best that go on
-        go_on = top_scores + ends.to(torch.float32) * NEG
-        chosen = torch.topk(go_on, k)[1]
-        running = _gather(top_sequences, chosen)
-        running_scores = _gather(go_on, chosen)
-        source = (_gather(top_beam, chosen) + offsets).view(-1)  # each new beam's row before the step
-
-        # the finished hypotheses: the best K of the old ones and those of the first K that just ended
-        just_ended = ends & top_k_mask[None, :]
-        normalized = top_scores / ((cur_len + 1 - prompt_len) ** params.length_penalty)
-        full = torch.all(finished, dim=-1, keepdim=True) & (params.early_stopping is True)
-        normalized += full.to(torch.float32) * NEG
-        normalized += (~improvable).to(torch.float32) * NEG
-        normalized += (~just_ended) * NEG
-        best = torch.topk(torch.cat((scores, normalized), dim=1), k)[1]
-        sequences = _gather(torch.cat((sequences, top_sequences), dim=1), best)
-        scores = _gather(torch.cat((scores, normalized), dim=1), best)
-        finished = _gather(torch.cat((finished, just_ended), dim=1), best)
-
-        cur_len += 1
-        if params.early_stopping == "never" and params.length_penalty > 0.0:
-            best_length = max_length - prompt_len
-        else:
-            best_length = cur_len - prompt_len
-        best_running = running_scores[:, :1] / (best_length ** params.length_penalty)
-        worst_finished = torch.where(finished, torch.min(scores, dim=1, keepdim=True)[0], NEG)
-        improvable = improvable & torch.any(best_running > worst_finished, dim=-1, keepdim=True)
-        open_beams = ~(torch.all(finished) & (params.early_stopping is True))
-        if not bool(torch.any(improvable) & open_beams & ~torch.all(ends)):
-            break
-
-        # the new beams' caches (the slots in use), then the step that feeds their last tokens
-        used = prefix + cur_len - 1
+    while (picked := beams.step(logits)) is not None:
+        tokens, source = picked
+        # the new beams' caches (the slots in use, and only those), then the step that feeds their tokens
+        used = width + beams.new_tokens - 1
         for buffer in (cache.k, cache.v):
             buffer[:, :, :, :used] = buffer[:, :, :, :used].index_select(1, source)
         positions.fill_(used)
         cache.span = used + 1
-        logits = decoder.decode_step(running[:, :, cur_len - 1].reshape(rows), positions, cache, cross)
-
-    out = sequences[:, :nrs, prompt_len:].reshape(batch * nrs, max_new_tokens)
-    if eos_token_id is not None:  # after its eos a hypothesis holds padding
-        after = (out == eos_token_id).int().cumsum(dim=1) - (out == eos_token_id).int() > 0
-        out = out.masked_fill(after, pad_token_id)
-    return out
+        logits = decoder.decode_step(tokens, positions, cache, cross)
+    return beams.result()

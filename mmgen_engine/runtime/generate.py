@@ -116,10 +116,13 @@ def pick(logits: torch.Tensor, st: DecodeState) -> None:
     st.step += 1
 
 
-def decode_step(decoder: Decoder, st: DecodeState) -> None:
-    """Feed ``st.tokens`` at ``st.positions``, pick the next tokens; what a CUDA graph captures."""
-    pick(decoder.decode_step(st.tokens, st.positions, st.cache, st.cross), st)
+def decode_step(decoder: Decoder, st: DecodeState) -> torch.Tensor:
+    """Feed ``st.tokens`` at ``st.positions``, pick the next tokens; what a CUDA graph captures.
+    Returns the step's logits ``[R, V]`` (what beam search continues from)."""
+    logits = decoder.decode_step(st.tokens, st.positions, st.cache, st.cross)
+    pick(logits, st)
     st.positions += (~st.done).repeat(st.groups)  # done rows stay where they are (a free slot at 0)
+    return logits
 
 
 def _pad_rows(x: torch.Tensor, rows: int, groups: int = 1) -> torch.Tensor:

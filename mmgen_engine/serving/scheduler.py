@@ -27,6 +27,7 @@ import time
 import torch
 
 from ..errors import DeadlineExceeded, InputError, MMGenError
+from ..runtime.beam import Beams
 from ..runtime.generate import DecodeState, batch_bucket, decode_step, pick
 from ..runtime.graphs import capture
 from ..runtime.kv_cache import CrossKVCache, KVCache
@@ -92,6 +93,8 @@ class Scheduler:
             return
         try:
             rows = job.runner.start(job)
+            if len(rows) > self.slots and rows[0].beams is not None:
+                raise InputError(f"num_beams {len(rows)} needs as many slots; this engine has {self.slots}")
         except InputError as e:
             job.handle._fail(e)
             return
@@ -170,7 +173,15 @@ class Scheduler:
     def _admit(self) -> None:
         if not self.free or not self.waiting:
             return
-        rows = [self.waiting.popleft() for _ in range(min(len(self.free), len(self.waiting)))]
+        rows: list[Row] = []
+        while self.waiting and len(rows) < len(self.free):
+            head = self.waiting[0]
+            need = len(head.beams.rows) if head.beams is not None else 1  # a request's beams join together
+            if len(rows) + need > len(self.free):
+                break
+            rows.extend(self.waiting.popleft() for _ in range(need))
+        if not rows:
+            return
         states, lengths = self.runner.encode(rows)  # arrivals encoded together
         decoder = self.runner.decoder
         prefix = states.shape[1] if decoder.uses_prefix else 0
@@ -215,8 +226,8 @@ class Scheduler:
             st.cross.k[:, decoder_rows] = cross.k
             st.cross.v[:, decoder_rows] = cross.v
         st.cross.lengths[decoder_rows] = lengths
-        for slot, row in zip(slots, rows):
-            st.sampler.load(row.sampling, index=slot, stream_rows=row.stream_row)
+        for slot, row in zip(slots, rows):  # beams choose their tokens outside the sampler
+            st.sampler.load(row.sampling if row.beams is None else None, index=slot, stream_rows=row.stream_row)
         st.positions[decoder_rows] = width
         st.history[index, :len(rows[0].prompt)] = prompt[:len(rows)]
         st.history_len[index] = len(rows[0].prompt)
@@ -242,7 +253,14 @@ class Scheduler:
             if not row.job.started:
                 row.job.handle.times["started"] = started
                 self._on_start(row.job)
-        self._record(rows, sub.tokens[:len(rows)].tolist())
+        for group in {id(row.beams): row.beams for row in rows if row.beams is not None}.values():
+            first = group.rows[0]
+            group.beams = Beams(torch.tensor([first.prompt], device=r.device), first.max_new, r.eos, r.pad, 0,
+                                first.sampling)
+            at = torch.tensor([rows.index(row) for row in group.rows], device=r.device)
+            self._beam_step(group, logits[at])
+        plain = [(row, token) for row, token in zip(rows, sub.tokens[:len(rows)].tolist()) if row.beams is None]
+        self._record([row for row, _ in plain], [token for _, token in plain])
 
     # -- decoding -------------------------------------------------------------------------------
     def _view(self, n: int) -> DecodeState:
@@ -264,13 +282,46 @@ class Scheduler:
         else:
             view.cache.span = max(row.first_position + len(row.tokens) for row in rows)
         if self.use_cuda_graphs:
-            self._graph(n, view)()
+            replay, logits = self._graph(n, view)
+            replay()
         else:
-            decode_step(self.runner.decoder, view)
+            logits = decode_step(self.runner.decoder, view)
         self.steps += 1
         self.busy += len(rows)
         tokens = st.tokens[:self.slots].tolist()  # the unconditioned rows carry the same tokens
-        self._record(rows, [tokens[row.slot] for row in rows])
+        for group in {id(row.beams): row.beams for row in rows if row.beams is not None}.values():
+            self._beam_step(group, logits[torch.tensor([row.slot for row in group.rows], device=logits.device)])
+        plain = [row for row in rows if row.beams is None]
+        self._record(plain, [tokens[row.slot] for row in plain])
+
+    def _beam_step(self, group, logits: torch.Tensor) -> None:
+        """Advance a beam request by one token from its rows' ``logits [K, V]``: its rows take the
+        tokens its beams chose and the caches of the rows they continue (the slots in use); when it
+        has stopped, its hypotheses finish the request and free its slots."""
+        st, rows = self.state, group.rows
+        picked = group.beams.step(logits)
+        clock = time.perf_counter()
+        handle = rows[0].job.handle
+        handle.tokens += len(rows)
+        handle.times.setdefault("first_token", clock)
+        if picked is None:
+            ids = group.beams.result().tolist()
+            handle._rows.extend(enumerate(ids))
+            self._release(rows)
+            rows[0].job.rows.clear()
+            self._handle_errors(lambda _: self.runner.beams_finished(rows[0].job, ids), rows)
+            self._drop(rows[0].job)
+            return
+        tokens, source = picked
+        slots = torch.tensor([row.slot for row in rows], device=st.tokens.device)
+        used = rows[0].first_position + group.beams.new_tokens - 1
+        for buffer in (st.cache.k, st.cache.v):
+            buffer[:, slots, :, :used] = buffer[:, slots[source], :, :used]
+        st.tokens[slots] = tokens
+        st.positions[slots] = used
+        st.done[slots] = False
+        for row, token in zip(rows, tokens.tolist()):
+            row.tokens.append(token)  # (its length sets the CPU step's span)
 
     @staticmethod
     def _modes(st: DecodeState, rows: list[Row]) -> None:
@@ -280,14 +331,15 @@ class Scheduler:
                                   for row in rows)
 
     def _graph(self, n: int, view: DecodeState):
-        """The captured decode step over ``view`` for its sampling mode (captured on first use; the
-        warm-up runs it for real, so the rows' small state is put back after)."""
+        """``(replay, logits)``: the captured decode step over ``view`` for its sampling mode and
+        its static logits (captured on first use; the warm-up runs it for real, so the rows' small
+        state is put back after)."""
         key = (n, view.sampler.greedy, view.sampler.penalize)
         if key not in self._graphs:
             st = self.state
             small = (st.tokens, st.positions, st.done, st.step, st.out, st.history, st.history_len)
             saved = [t.clone() for t in small]
-            self._graphs[key] = capture(lambda: decode_step(self.runner.decoder, view), self.runner.device)[0]
+            self._graphs[key] = capture(lambda: decode_step(self.runner.decoder, view), self.runner.device)
             for t, value in zip(small, saved):
                 t.copy_(value)
         return self._graphs[key]

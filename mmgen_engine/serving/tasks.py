@@ -26,6 +26,7 @@ from ..pipelines.detokenizer import to_pil
 from ..pipelines.gesture_windows import Stitcher
 from ..pipelines.speech_to_gesture import window_seed
 from ..runtime import SamplingParams
+from ..runtime.beam import Beams
 from ..runtime.limits import check_new_tokens
 from ..runtime.sampler import check_sampling
 from .requests import PartialImage, PoseChunk, RequestHandle, TextDelta
@@ -61,14 +62,25 @@ class Row:
     tokens: list[int] = field(default_factory=list)
     slot: int = -1
     first_position: int = 0  # the cache slot of the first generated token once prefilled
+    beams: BeamGroup | None = None  # the request's beam search, when its rows are beams
 
 
-def seeded(params: SamplingParams) -> SamplingParams:
+@dataclass(eq=False)
+class BeamGroup:
+    """The K rows of a beam-search request: they take K slots together, and after each step the
+    request's :class:`~mmgen_engine.runtime.beam.Beams` chooses their next tokens and the rows they
+    continue (their caches are gathered among the K slots)."""
+
+    rows: list[Row]
+    beams: Beams | None = None  # made at prefill, on the device
+
+
+def seeded(params: SamplingParams, beams: bool = False) -> SamplingParams:
     """``params`` with a fresh seed if it has none: all rows of one request share its seed, as in
     the pipeline's one call. Checked here, in the request's preprocessing, so that the scheduler
     never meets a request it cannot decode."""
-    if params.num_beams > 1:
-        raise InputError("the engine does not run beam search yet; use the pipeline")
+    if params.num_beams > 1 and not beams:
+        raise InputError("beam search is not supported by this task")
     return params if params.seed is not None else dataclasses.replace(params, seed=secrets.randbits(63))
 
 
@@ -99,7 +111,7 @@ class CaptionRunner(TaskRunner):
     def prepare(self, job: Job) -> None:
         req = job.request
         max_new, _ = check_new_tokens(req.max_new_tokens)
-        params = seeded(check_sampling(req.sampling) or SamplingParams())
+        params = seeded(check_sampling(req.sampling) or SamplingParams(), beams=True)
         if params.guidance_scale is not None:
             raise InputError("guidance_scale is not supported by this task")
         prompt_ids = self.pipe.tokenize_prompt(req.prompt) if req.prompt is not None else []
@@ -109,10 +121,19 @@ class CaptionRunner(TaskRunner):
     def start(self, job: Job) -> list[Row]:
         s = job.state
         prompt = self.pipe._prompt(1, s["prompt_ids"])[0].tolist()
-        return [Row(job, 0, prompt, s.pop("pixels"), s["max_new"], s["params"])]
+        params, pixels = s["params"], s.pop("pixels")
+        if params.num_beams == 1:
+            return [Row(job, 0, prompt, pixels, s["max_new"], params)]
+        group = BeamGroup([])
+        group.rows = [Row(job, j, prompt, pixels, s["max_new"], params, beams=group) for j in range(params.num_beams)]
+        return group.rows
 
     def encode(self, rows: list[Row]):
-        states = self.pipe.model.encode(torch.stack([r.features for r in rows]).to(self.device, self.dtype))
+        # the beams of a request share their image: each distinct one is encoded once
+        unique = {id(r.features): r.features for r in rows}
+        where = {key: i for i, key in enumerate(unique)}
+        states = self.pipe.model.encode(torch.stack(list(unique.values())).to(self.device, self.dtype))
+        states = states[torch.tensor([where[id(r.features)] for r in rows], device=self.device)]
         return states, torch.full((len(rows),), states.shape[1], dtype=torch.int64, device=self.device)
 
     def _text(self, job: Job, tokens: list[int]) -> str:
@@ -139,6 +160,13 @@ class CaptionRunner(TaskRunner):
             self._send(row.job, caption, final=True)
             row.job.handle._finish(caption)
         return []
+
+    def beams_finished(self, job: Job, ids: list[list[int]]) -> None:
+        """A beam request's best hypotheses: its caption (its captions, best first, with
+        ``num_return_sequences > 1``), sent whole."""
+        captions = [self._text(job, tokens) for tokens in ids]
+        self._send(job, captions[0], final=True)
+        job.handle._finish(captions[0] if len(captions) == 1 else captions)
 
 
 class ImageRunner(TaskRunner):
