@@ -16,7 +16,9 @@ transformers' give the same beams (``torch.topk`` breaks ties the same way).
 Caches: the prompt is prefilled once per request; its self-attention slots are copied to the
 request's ``K`` rows, while the cross-attention K/V stay one copy per request that the beams share
 (``ops.decode_attention(..., group=K)``). After each step the rows' self-attention slots in use (and
-only those) are gathered into their new beams' order.
+only those) are gathered into their new beams' order. On CUDA the decoder step can be replayed from
+a CUDA graph; the beam bookkeeping (a few dozen small ops) runs eagerly and reads one flag back per
+step (has every request stopped?).
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 from .. import ops
 from ..errors import InputError
 from .decoder import Decoder
+from .graphs import capture
 from .kv_cache import CrossKVCache, KVCache
 from .limits import check_new_tokens
 from .sampler import SamplingParams
@@ -150,10 +153,12 @@ class Beams:
 @torch.inference_mode()
 def beam_search(decoder: Decoder, prompt: torch.Tensor, encoder_states: torch.Tensor, encoder_lengths: torch.Tensor,
                 max_new_tokens: int, *, eos_token_id: int | None, pad_token_id: int, min_new_tokens: int = 0,
-                params: SamplingParams) -> torch.Tensor:
+                params: SamplingParams, cuda_graphs: bool = False) -> torch.Tensor:
     """``[B * num_return_sequences, max_new_tokens]`` token ids after ``prompt [B, T]`` (excluded),
     the best hypotheses of each row first; after a hypothesis' eos its row holds ``pad_token_id``.
-    Arguments as :func:`~mmgen_engine.runtime.generate.generate_stream` (no guidance)."""
+    Arguments as :func:`~mmgen_engine.runtime.generate.generate_stream` (no guidance). With
+    ``cuda_graphs`` on a CUDA device the beams' decoder step (all layers and the head, over the
+    whole cache: the kernels stop at each row's length) is captured once per call and replayed."""
     max_new_tokens, min_new_tokens = check_new_tokens(max_new_tokens, min_new_tokens)
     beams = Beams(prompt, max_new_tokens, eos_token_id, pad_token_id, min_new_tokens, params)
     k = params.num_beams
@@ -180,7 +185,12 @@ def beam_search(decoder: Decoder, prompt: torch.Tensor, encoder_states: torch.Te
     cache.k[:, :, :, :width] = first.k.repeat_interleave(k, dim=1)
     cache.v[:, :, :, :width] = first.v.repeat_interleave(k, dim=1)
     del first
-    positions = torch.empty(rows, dtype=torch.int64, device=device)
+    positions = torch.full((rows,), width, dtype=torch.int64, device=device)
+    fed_tokens = torch.zeros(rows, dtype=torch.int64, device=device)
+    graphed = cuda_graphs and device.type == "cuda"
+    if graphed:  # the warm-up writes slot `width` only, which the first real step rewrites
+        cache.span = cache.k.shape[3]
+        replay, step_logits = capture(lambda: decoder.decode_step(fed_tokens, positions, cache, cross), device)
     while (picked := beams.step(logits)) is not None:
         tokens, source = picked
         # the new beams' caches (the slots in use, and only those), then the step that feeds their tokens
@@ -188,6 +198,11 @@ def beam_search(decoder: Decoder, prompt: torch.Tensor, encoder_states: torch.Te
         for buffer in (cache.k, cache.v):
             buffer[:, :, :, :used] = buffer[:, :, :, :used].index_select(1, source)
         positions.fill_(used)
-        cache.span = used + 1
-        logits = decoder.decode_step(tokens, positions, cache, cross)
+        fed_tokens.copy_(tokens)
+        if graphed:
+            replay()
+            logits = step_logits
+        else:
+            cache.span = used + 1
+            logits = decoder.decode_step(fed_tokens, positions, cache, cross)
     return beams.result()
