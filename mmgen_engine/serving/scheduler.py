@@ -5,9 +5,10 @@ The thread holds one :class:`~mmgen_engine.runtime.generate.DecodeState` of ``sl
 
 1. take prepared jobs from its inbox (blocking only when it has nothing to do);
 2. drop the rows of cancelled and expired jobs, freeing their slots;
-3. admit waiting rows into free slots, lowest first: the arrivals are encoded together in one
-   batch, then prefilled per prompt length into small caches that are copied into their slots'
-   rows, and their first tokens picked (:func:`~mmgen_engine.runtime.generate.pick` on those rows);
+3. admit waiting rows into free slots, lowest first (while rows decode, once enough slots are
+   free or the oldest has waited a few steps): the arrivals are encoded together in one batch,
+   then prefilled per prompt length into small caches that are copied into their slots' rows, and
+   their first tokens picked (:func:`~mmgen_engine.runtime.generate.pick` on those rows);
 4. run one decode step over the occupied rows (on CPU the rows ``0..n-1`` up to the highest
    occupied slot; on CUDA the next power of two, replayed from one CUDA graph per row count and
    sampling mode; with guidance every row), read the new tokens back, stream them and free the
@@ -34,6 +35,7 @@ from ..runtime.kv_cache import CrossKVCache, KVCache
 from .tasks import Job, Row
 
 WAKE, STOP, ABORT = "wake", "stop", "abort"
+ADMIT_AFTER_STEPS = 4  # the longest a waiting row waits for more free slots before it is admitted anyway
 
 
 class Scheduler:
@@ -100,6 +102,8 @@ class Scheduler:
             return
         self.jobs.add(job)
         job.rows.update(rows)
+        for row in rows:
+            row.queued_step = self.steps
         self.waiting.extend(rows)
 
     # -- cancellation and deadlines -------------------------------------------------------------
@@ -171,7 +175,14 @@ class Scheduler:
 
     # -- admission: encode and prefill arrivals -------------------------------------------------
     def _admit(self) -> None:
+        """Encode and prefill waiting rows into free slots. An admission stalls every decoding row
+        for about as long as a decode step or two, whether it brings one row or many, so while rows
+        decode it waits until enough slots are free for the rows waiting (up to half the slots) or
+        the oldest has waited :data:`ADMIT_AFTER_STEPS` steps."""
         if not self.free or not self.waiting:
+            return
+        enough = min(len(self.waiting), max(1, self.slots // 2))
+        if self.active and len(self.free) < enough and self.steps - self.waiting[0].queued_step < ADMIT_AFTER_STEPS:
             return
         rows: list[Row] = []
         while self.waiting and len(rows) < len(self.free):
@@ -363,6 +374,7 @@ class Scheduler:
         follow = self._handle_errors(self.runner.finished, ended) or []
         for row in follow:
             row.job.rows.add(row)
+            row.queued_step = self.steps
         self.waiting.extendleft(reversed(follow))  # a request's next window goes first
         for job in {row.job for row in ended}:
             if job.handle.done():

@@ -62,6 +62,7 @@ class Row:
     tokens: list[int] = field(default_factory=list)
     slot: int = -1
     first_position: int = 0  # the cache slot of the first generated token once prefilled
+    queued_step: int = 0  # the scheduler's step count when the row began to wait for a slot
     beams: BeamGroup | None = None  # the request's beam search, when its rows are beams
 
 
