@@ -12,8 +12,9 @@
 # txt2img gesture, and, not in the default list: caption_cuda, the ViT-GPT2 benchmark with the CUDA
 # kernels selected for the ops that have them; engine, the serving benchmark (bench_engine.py: mm.Engine's
 # continuous batching against static batching and one request at a time under Poisson arrivals, the
-# demo models, up to 7 minutes), e.g.
-#   STAGES="engine" bash benchmarks/gpu_check.sh
+# demo models, up to 7 minutes); beam, beam search K = 3 and 5 vs transformers and vs K greedy rows
+# (bench_beam.py, ViT-B/16 + GPT-2 small, fp16, about 2 minutes), e.g.
+#   STAGES="engine beam" bash benchmarks/gpu_check.sh
 # `sanitizer` runs the CUDA kernels' GPU tests under compute-sanitizer's memcheck
 # (out-of-bounds and misaligned accesses, launch errors in csrc/kernels) at the test shapes.
 #   usage: [STAGES="..."] bash benchmarks/gpu_check.sh [--quick]
@@ -98,6 +99,12 @@ timeout 180 "$PY" benchmarks/bench_engine.py --device cuda --tasks txt2img gestu
   --json "$OUT/bench_engine_t2i_gesture.json" >"$OUT/bench_engine_t2i_gesture.log" 2>&1 || status=1
 fi
 
+if want beam; then
+step "beam search: engine vs transformers, K = 3 and 5, and vs K greedy rows, ViT-B/16 + GPT-2 small, fp16"
+timeout 300 "$PY" benchmarks/bench_beam.py --device cuda --dtype float16 $QUICK --json "$OUT/bench_beam.json" \
+  >"$OUT/bench_beam.log" 2>&1 || status=1
+fi
+
 if want txt2img; then
 step "text-to-image: engine vs min-dalle, DALL-E Mini size, random weights, fp16"
 # min-dalle, dall-e and taming ship as wheels carried in build/upstream_wheels (the machine has no
@@ -128,6 +135,7 @@ show "detok" "$OUT/bench_detok.log"
 show "gesture benchmark" "$OUT/bench_gesture.log"
 show "engine benchmark" "$OUT/bench_engine.log"
 show "engine benchmark" "$OUT/bench_engine_t2i_gesture.log"
+[ -f "$OUT/bench_beam.log" ] && tail -20 "$OUT/bench_beam.log"
 grep -E "WARNING|FAILED|Error" "$OUT"/bench_*.log 2>/dev/null | head -10
 [ -f "$OUT/pytest_gpu.log" ] && grep -E "passed|failed" "$OUT/pytest_gpu.log" | tail -1
 [ -f "$OUT/sanitizer.log" ] && grep -E "ERROR SUMMARY|passed|failed" "$OUT/sanitizer.log" | tail -2
