@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from .. import ops
 from ..errors import InputError
 from .decoder import Decoder
+from .generate import check_fits
 from .graphs import capture
 from .kv_cache import CrossKVCache, KVCache
 from .limits import check_new_tokens
@@ -165,13 +166,7 @@ def beam_search(decoder: Decoder, prompt: torch.Tensor, encoder_states: torch.Te
     batch, prompt_len = prompt.shape
     prefix = encoder_states.shape[1] if decoder.uses_prefix else 0
     layers, heads, head_dim, max_positions = decoder.cache_geometry()
-    fed = prefix + prompt_len + max_new_tokens - 1
-    if fed > max_positions:
-        with_prefix = f" after a prefix of {prefix}" if prefix else ""
-        raise InputError(f"prompt of {prompt_len}{with_prefix} + max_new_tokens {max_new_tokens} exceeds the "
-                         f"model's {max_positions} positions")
-    if prefix + prompt_len == 0:
-        raise InputError("nothing to condition on: an empty prompt and no prefix")
+    fed = check_fits(prefix, prompt_len, max_new_tokens, max_positions)
     device, dtype = encoder_states.device, encoder_states.dtype
     rows = batch * k
 

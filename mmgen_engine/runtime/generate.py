@@ -125,6 +125,20 @@ def decode_step(decoder: Decoder, st: DecodeState) -> torch.Tensor:
     return logits
 
 
+def check_fits(prefix: int, prompt_len: int, max_new_tokens: int, max_positions: int) -> int:
+    """The positions a row feeds the model (the last new token is never fed back): ``prefix +
+    prompt_len + max_new_tokens - 1``; InputError if that exceeds ``max_positions`` or there is
+    nothing to condition on."""
+    fed = prefix + prompt_len + max_new_tokens - 1
+    if fed > max_positions:
+        with_prefix = f" after a prefix of {prefix}" if prefix else ""
+        raise InputError(f"prompt of {prompt_len}{with_prefix} + max_new_tokens {max_new_tokens} exceeds the "
+                         f"model's {max_positions} positions")
+    if prefix + prompt_len == 0:
+        raise InputError("nothing to condition on: an empty prompt and no prefix")
+    return fed
+
+
 def _pad_rows(x: torch.Tensor, rows: int, groups: int = 1) -> torch.Tensor:
     """``x`` (``groups`` equal blocks of rows) with each block padded to ``rows`` by copies of its
     first row (so padding rows compute on real data)."""
@@ -170,14 +184,7 @@ def generate_stream(decoder: Decoder, prompt: torch.Tensor, encoder_states: torc
     check_sampling(sampling)
     if every is not None:
         check_int("every", every, 1, MAX_NEW_TOKENS)
-    # the last new token is never fed back, so the model sees prefix + prompt + max_new_tokens - 1 positions
-    fed = prefix + prompt_len + max_new_tokens - 1
-    if fed > max_positions:
-        with_prefix = f" after a prefix of {prefix}" if prefix else ""
-        raise InputError(f"prompt of {prompt_len}{with_prefix} + max_new_tokens {max_new_tokens} exceeds the "
-                         f"model's {max_positions} positions")
-    if prefix + prompt_len == 0:
-        raise InputError("nothing to condition on: an empty prompt and no prefix")
+    fed = check_fits(prefix, prompt_len, max_new_tokens, max_positions)
     device, dtype = encoder_states.device, encoder_states.dtype
     cuda = device.type == "cuda"
     rows = batch_bucket(batch) if cuda else batch

@@ -29,7 +29,7 @@ import torch
 
 from ..errors import DeadlineExceeded, InputError, MMGenError
 from ..runtime.beam import Beams
-from ..runtime.generate import DecodeState, batch_bucket, decode_step, pick
+from ..runtime.generate import DecodeState, batch_bucket, check_fits, decode_step, pick
 from ..runtime.graphs import capture
 from ..runtime.kv_cache import CrossKVCache, KVCache
 from .tasks import Job, Row
@@ -203,14 +203,12 @@ class Scheduler:
         index = {id(r): i for i, r in enumerate(rows)}
         by_length: dict[int, list[Row]] = {}
         for row in rows:
-            fed = prefix + len(row.prompt) + row.max_new - 1  # the last token is never fed back
-            if fed > max_positions:
-                with_prefix = f" after a prefix of {prefix}" if prefix else ""
-                row.job.handle._fail(InputError(
-                    f"prompt of {len(row.prompt) - 1}{with_prefix} + max_new_tokens {row.max_new} exceeds the "
-                    f"model's {max_positions} positions"))
+            try:
+                check_fits(prefix, len(row.prompt), row.max_new, max_positions)
+            except InputError as e:
+                row.job.handle._fail(e)
                 self._drop(row.job)
-            elif not row.job.handle.done():
+            if not row.job.handle.done():
                 by_length.setdefault(len(row.prompt), []).append(row)
         groups = 2 if self.runner.guided else 1
         for length, group in by_length.items():
