@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .config import DTYPES
+from .config import BUILTIN_GENERATION_DEFAULTS, DTYPES
 from .errors import InputError, MMGenError, one_line
 
 BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -70,7 +71,8 @@ def _caption(args) -> None:
     from .files import open_regular_file
     from .runtime.limits import MAX_IMAGES_PER_CALL, check_new_tokens, check_prompt
 
-    check_new_tokens(args.max_new_tokens)
+    if args.max_new_tokens is not None:  # None: the checkpoint's generation defaults
+        check_new_tokens(args.max_new_tokens)
     if args.prompt is not None:
         check_prompt(args.prompt)
     for image in args.images:  # every file is there and a regular file before the model loads
@@ -90,7 +92,7 @@ def _caption(args) -> None:
 
 
 def _txt2img(args) -> None:
-    from . import SamplingParams, load
+    from . import load
     from .pipelines.poses import atomic_output, check_output_file
     from .pipelines.text_to_image import image_grid
     from .runtime.limits import MAX_IMAGES_PER_CALL, check_prompt
@@ -101,11 +103,11 @@ def _txt2img(args) -> None:
                          f"per call), got {args.grid}")
     out = check_output_file(args.output, (".png",))
     check_prompt(args.prompt)
-    sampling = SamplingParams(do_sample=True, temperature=args.temperature, top_k=args.top_k,
-                              guidance_scale=args.guidance, seed=args.seed)
+    given = _given(args, temperature="temperature", top_k="top_k", guidance_scale="guidance", seed="seed")
     pipe = load(args.model, device=args.device, dtype=args.dtype)
     if pipe.task != "text-to-image":
         raise MMGenError(f"{args.model}: a {pipe.task} checkpoint, not a text-to-image one")
+    sampling = dataclasses.replace(pipe.default_sampling, **given)
     with _progress_bar(args, "image tokens", "token") as progress:
         images = pipe.generate(args.prompt, images_per_prompt=args.grid ** 2, sampling=sampling, progress=progress)
     with atomic_output(out) as tmp:
@@ -114,23 +116,40 @@ def _txt2img(args) -> None:
 
 
 def _gesture(args) -> None:
-    from . import SamplingParams, load
+    from . import load
     from .pipelines.audio import open_audio, read_wav
     from .pipelines.poses import SUFFIXES, check_output_file, save_poses
 
     out = check_output_file(args.output, SUFFIXES)
-    sampling = SamplingParams() if args.greedy else SamplingParams(
-        do_sample=True, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    given = _given(args, temperature="temperature", top_p="top_p", seed="seed")
+    if args.greedy:
+        if {"temperature", "top_p"} & given.keys():
+            raise InputError("--greedy takes the most likely token: leave out --temperature and --top-p")
+        given = {**given, "do_sample": False}
     audio = open_audio(args.audio)  # the header checked before the model loads; decoded as windows need it
     pipe = load(args.model, device=args.device, dtype=args.dtype)
     if pipe.task != "speech-to-gesture":
         raise MMGenError(f"{args.model}: a {pipe.task} checkpoint, not a speech-to-gesture one")
+    sampling = dataclasses.replace(pipe.default_sampling, **given)
     with _progress_bar(args, "gesture windows", "window") as progress:
         poses = pipe.generate(audio, sampling=sampling, progress=progress)
     # only an MP4 carries the speech: the whole file is read for it, after generation
     speech = read_wav(args.audio, mono=True) if out.suffix.lower() == ".mp4" else (None, None)
     save_poses(out, poses, pipe.fps, audio=speech[0], sample_rate=speech[1])
     print(f"{out}: {poses.shape[0]} frames of {poses.shape[1]} joints at {pipe.fps:g} fps")
+
+
+def _given(args, **flags) -> dict:
+    """The sampling fields (``field=attribute`` of ``args``) that the command line gives, each checked
+    (as ``mm.SamplingParams`` checks it) before the model loads; the fields left out come from the
+    checkpoint's generation defaults. A temperature, top-k or top-p given means sampling with it."""
+    from . import SamplingParams
+
+    given = {field: getattr(args, attr) for field, attr in flags.items() if getattr(args, attr) is not None}
+    if {"temperature", "top_k", "top_p"} & given.keys():
+        given["do_sample"] = True
+    SamplingParams(**given)  # InputError: one line, exit status 2
+    return given
 
 
 def _demo(args) -> None:
@@ -160,6 +179,13 @@ def _bench(args) -> None:
     runpy.run_path(str(script), run_name="__main__")
 
 
+_CHECKPOINT = "the checkpoint's generation defaults"
+_FROM_CHECKPOINT = ("Options left out take the checkpoint's generation defaults (config.json "
+                    "\"generation_defaults\", written by `mmgen convert` from the source model) and, where the "
+                    "checkpoint has none, the built-in defaults shown.")
+_CAPTION_BUILTIN = BUILTIN_GENERATION_DEFAULTS["captioning"]["max_new_tokens"]
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage mistakes are one line too (``mmgen -h`` still prints the full help)."""
 
@@ -181,44 +207,61 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=_convert)
 
-    c = sub.add_parser("caption", help="caption images")
+    c = sub.add_parser("caption", help="caption images",
+                       description="Caption images. They are decoded as the checkpoint's generation defaults say "
+                                   "(config.json \"generation_defaults\", written by `mmgen convert` from the source "
+                                   "model: greedy or beam search, repetition controls, the token budget) and, where "
+                                   "the checkpoint has none, greedily; options given override them.")
     c.add_argument("images", nargs="+", metavar="IMAGE")
     c.add_argument("--model", required=True, help="converted checkpoint directory")
     c.add_argument("--device", default="cpu")
     c.add_argument("--dtype", choices=DTYPES, default=None)
-    c.add_argument("--max-new-tokens", type=int, default=20)
+    c.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                   help=f"most tokens per caption (default: from the checkpoint's generation defaults; "
+                        f"{_CAPTION_BUILTIN} without them)")
     c.add_argument("--prompt", help="text the captions continue (and start with), e.g. BLIP's \"a picture of\"")
     c.add_argument("--json", action="store_true", help="print JSON instead of plain text")
     c.set_defaults(func=_caption)
 
-    from .pipelines.text_to_image import DEFAULT_SAMPLING
-
-    c = sub.add_parser("txt2img", help="generate images from a prompt (text-to-image checkpoint)")
+    c = sub.add_parser("txt2img", help="generate images from a prompt (text-to-image checkpoint)",
+                       description=f"Generate images from a prompt. {_FROM_CHECKPOINT}")
     c.add_argument("prompt")
     c.add_argument("--model", required=True, help="converted checkpoint directory")
     c.add_argument("-o", "--output", required=True, help="output PNG (a grid of the images)")
     c.add_argument("--grid", type=int, default=1, help="N: generate an NxN grid (default 1)")
-    c.add_argument("--top-k", type=int, default=DEFAULT_SAMPLING.top_k)
-    c.add_argument("--guidance", type=float, default=DEFAULT_SAMPLING.guidance_scale,
-                   help="supercondition factor (min-dalle's default 16)")
-    c.add_argument("--temperature", type=float, default=DEFAULT_SAMPLING.temperature)
-    c.add_argument("--seed", type=int, default=None)
+    builtin = BUILTIN_GENERATION_DEFAULTS["text-to-image"]["sampling"]
+    c.add_argument("--top-k", type=int, default=None, metavar="K",
+                   help=f"sample among the K most likely image tokens (default: {_CHECKPOINT}; min-dalle's "
+                        f"{builtin['top_k']} without them)")
+    c.add_argument("--guidance", type=float, default=None, metavar="S",
+                   help=f"supercondition factor (default: {_CHECKPOINT}; min-dalle's {builtin['guidance_scale']:g} "
+                        f"without them)")
+    c.add_argument("--temperature", type=float, default=None, metavar="T",
+                   help=f"divides the logits (default: {_CHECKPOINT}; 1 without them)")
+    c.add_argument("--seed", type=int, default=None,
+                   help=f"makes the images reproducible (default: {_CHECKPOINT}; none without them: new "
+                        f"images every run)")
     c.add_argument("--device", default="cpu")
     c.add_argument("--dtype", choices=DTYPES, default=None)
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=_txt2img)
 
-    from .pipelines.speech_to_gesture import DEFAULT_SAMPLING as GESTURE_SAMPLING
-
-    c = sub.add_parser("gesture", help="generate gestures for speech (speech-to-gesture checkpoint)")
+    builtin = BUILTIN_GENERATION_DEFAULTS["speech-to-gesture"]["sampling"]
+    c = sub.add_parser("gesture", help="generate gestures for speech (speech-to-gesture checkpoint)",
+                       description=f"Generate gestures for speech. {_FROM_CHECKPOINT}")
     c.add_argument("audio", help="speech as a WAV file (any PCM/float format and sample rate)")
     c.add_argument("--model", required=True, help="converted checkpoint directory")
     c.add_argument("-o", "--output", required=True, help="output .npz (poses, fps, skeleton), .gif or .mp4 "
                    "(stick figure; the MP4 carries the speech)")
-    c.add_argument("--seed", type=int, default=GESTURE_SAMPLING.seed)
-    c.add_argument("--top-p", type=float, default=GESTURE_SAMPLING.top_p)
-    c.add_argument("--temperature", type=float, default=GESTURE_SAMPLING.temperature)
-    c.add_argument("--greedy", action="store_true", help="always take the most likely motion token")
+    c.add_argument("--seed", type=int, default=None,
+                   help=f"sampling seed (default: {_CHECKPOINT}; {builtin['seed']} without them)")
+    c.add_argument("--top-p", type=float, default=None, metavar="P",
+                   help=f"nucleus sampling (default: {_CHECKPOINT}; {builtin['top_p']:g} without them)")
+    c.add_argument("--temperature", type=float, default=None, metavar="T",
+                   help=f"divides the logits (default: {_CHECKPOINT}; {builtin['temperature']:g} without them)")
+    c.add_argument("--greedy", action="store_true",
+                   help="always take the most likely motion token (default: sample as the checkpoint's "
+                        "generation defaults say)")
     c.add_argument("--device", default="cpu")
     c.add_argument("--dtype", choices=DTYPES, default=None)
     c.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -11,6 +11,24 @@ inside a forward pass, or by asking for absurd amounts of memory.
 
 The bounds lie far above every published model of these families and low enough that no product
 of sizes overflows int64 and no config alone can make the loader build a giant model.
+
+Generation defaults. A task config may carry an optional ``generation_defaults`` block
+(:class:`GenerationDefaults`): the sampling (every :class:`SamplingDefaults` field is a field of
+``mm.SamplingParams``), and for captioning the new-token budget (``max_new_tokens`` /
+``min_new_tokens``, or transformers' ``max_length`` / ``min_length``, which count the decoder
+prompt). Converters write it from the source (transformers' ``generation_config.json``, min-dalle's
+defaults, the settings a demo model was trained and evaluated with); a pipeline called with
+``sampling=None`` (or the CLI with the flag left out) uses it, an explicit argument overrides it,
+and without the block the task's built-in defaults apply (:data:`BUILTIN_GENERATION_DEFAULTS`,
+what every engine did before the block existed), so older checkpoints load and behave as before.
+
+The block keeps ``format_version`` 1. Configs refuse unknown fields, so an engine older than the
+block refuses a checkpoint that has one, with the one line ``config.json: unknown field
+'generation_defaults'``, instead of silently generating with other defaults than the checkpoint
+asks for; deleting the block makes such a checkpoint load there with the built-in defaults. A new
+``format_version`` would have told old engines no more than that line does, and would have made
+every converted checkpoint unreadable to them, block or not (and the public contract names
+version 1).
 """
 from __future__ import annotations
 
@@ -21,6 +39,7 @@ import reprlib
 from typing import Annotated, ClassVar, Literal, get_args
 
 from pydantic import (
+    AfterValidator,
     ConfigDict,
     Field,
     Strict,
@@ -64,6 +83,18 @@ RGB = Annotated[list[Float], Field(min_length=3, max_length=3)]
 Dtype = Literal["float32", "float16", "bfloat16"]
 Activation = Literal["gelu", "gelu_tanh", "quick_gelu"]
 DetokenizerArchitecture = Literal["vqgan", "dvae"]
+
+# SamplingParams' bounds (mmgen_engine.runtime.limits and .sampler), repeated here because the format
+# definitions sit below the runtime; tests/test_generation_defaults.py checks that they agree
+FLOAT32_MAX = 3.4028234663852886e38     # float(numpy.finfo(numpy.float32).max)
+FLOAT32_TINY = 1.1754943508222875e-38   # float(numpy.finfo(numpy.float32).smallest_normal)
+MAX_NEW_TOKENS = 4096
+MAX_BEAMS = 64
+INT64_MAX = 2 ** 63 - 1
+
+NonNegative64 = Annotated[int, Strict(), Field(ge=0, le=INT64_MAX)]
+NewTokens = Annotated[int, Strict(), Field(ge=1, le=MAX_NEW_TOKENS)]
+MinNewTokens = Annotated[int, Strict(), Field(ge=0, le=MAX_NEW_TOKENS)]
 
 DTYPES = get_args(Dtype)
 DETOKENIZER_ARCHITECTURES = get_args(DetokenizerArchitecture)
@@ -254,6 +285,136 @@ class ImagePreprocessConfig:
         return self
 
 
+def _float32(low: float, high: float, zero: bool = False) -> AfterValidator:
+    """A float in ``[low, high]`` (or exactly 0 with ``zero``), in the words of SamplingParams' check."""
+    def check(value: float) -> float:
+        if not (low <= value <= high or (zero and value == 0)):
+            allowed = f"a number in [{low:.8g}, {high:.8g}]"
+            raise ValueError(f"must be {'0 or ' if zero else ''}{allowed} (float32 without overflow or underflow)")
+        return value
+
+    return AfterValidator(check)
+
+
+Float32 = Annotated[float, Strict(), _float32(-FLOAT32_MAX, FLOAT32_MAX)]
+Float32Positive = Annotated[float, Strict(), _float32(FLOAT32_TINY, FLOAT32_MAX)]
+Guidance = Annotated[float, Strict(), _float32(FLOAT32_TINY, FLOAT32_MAX, zero=True)]
+Probability = Annotated[float, Strict(), _float32(FLOAT32_TINY, 1.0)]
+
+
+@validated
+class SamplingDefaults:
+    """The sampling of a checkpoint's generation defaults: the fields of ``mm.SamplingParams``, with
+    its defaults for the fields left out and its bounds (see
+    :class:`~mmgen_engine.runtime.sampler.SamplingParams`). ``guidance_scale`` is text-to-image's
+    only (None there: min-dalle's 16); beam search (``num_beams > 1``) is captioning's only, and the
+    repetition controls are not text-to-image's."""
+
+    do_sample: Bool = False
+    temperature: Float32Positive = 1.0
+    top_k: NonNegative64 = 0
+    top_p: Probability = 1.0
+    guidance_scale: Guidance | None = None
+    seed: NonNegative64 | None = None
+    num_beams: Annotated[int, Strict(), Field(ge=1, le=MAX_BEAMS)] = 1
+    length_penalty: Float32 = 1.0
+    early_stopping: Bool | Literal["never"] = False
+    num_return_sequences: Annotated[int, Strict(), Field(ge=1, le=MAX_BEAMS)] = 1
+    repetition_penalty: Float32Positive = 1.0
+    no_repeat_ngram_size: MinNewTokens = 0
+
+    def fields(self) -> dict:
+        """The fields as ``mm.SamplingParams`` keyword arguments."""
+        return dataclasses.asdict(self)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.do_sample and self.num_beams > 1:
+            raise ValueError("beam search samples no tokens: use num_beams > 1 with do_sample false")
+        if self.num_return_sequences > self.num_beams:
+            raise ValueError(f"num_return_sequences {self.num_return_sequences} is more than num_beams "
+                             f"{self.num_beams}")
+        return self
+
+
+@validated
+class GenerationDefaults:
+    """A checkpoint's generation defaults (``config.json`` ``generation_defaults``), what a call
+    that leaves an argument out uses (explicit argument > these > the task's built-in defaults,
+    :data:`BUILTIN_GENERATION_DEFAULTS`):
+
+    - ``sampling``: the ``mm.SamplingParams`` of ``sampling=None`` (None: the built-in sampling);
+    - captioning only: ``max_new_tokens`` / ``min_new_tokens``, the budget of ``caption()`` /
+      ``generate_ids()`` when left out; or, as transformers' ``generation_config.json`` gives them,
+      ``max_length`` / ``min_length``, which count the decoder prompt (the start token and any text
+      prompt): the budget of a call is then ``max_length`` minus its prompt length, at least 1, and
+      ``min_length`` minus it, at least 0 (transformers' rule). ``max_new_tokens`` wins over
+      ``max_length`` and ``min_new_tokens`` over ``min_length`` when both are set, as in
+      transformers; a minimum above the call's maximum is cut to it.
+    """
+
+    sampling: SamplingDefaults | None = None
+    max_new_tokens: NewTokens | None = None
+    min_new_tokens: MinNewTokens | None = None
+    max_length: Positions | None = None
+    min_length: Annotated[int, Strict(), Field(ge=0, le=MAX_POSITIONS)] | None = None
+
+    LENGTHS: ClassVar[tuple[str, ...]] = ("max_new_tokens", "min_new_tokens", "max_length", "min_length")
+
+    def new_tokens(self, prompt_length: int) -> tuple[int | None, int | None]:
+        """``(max_new_tokens, min_new_tokens)`` for a call whose decoder prompt (start token and text
+        prompt) is ``prompt_length`` tokens long; None where the block sets neither form."""
+        top = self.max_new_tokens
+        if top is None and self.max_length is not None:
+            top = min(max(self.max_length - prompt_length, 1), MAX_NEW_TOKENS)
+        low = self.min_new_tokens
+        if low is None and self.min_length is not None:
+            low = min(max(self.min_length - prompt_length, 0), MAX_NEW_TOKENS)
+        return top, low
+
+    @model_validator(mode="after")
+    def _check(self):
+        if None not in (self.min_new_tokens, self.max_new_tokens) and self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(f"min_new_tokens {self.min_new_tokens} is more than max_new_tokens {self.max_new_tokens}")
+        if None not in (self.min_length, self.max_length) and self.min_length > self.max_length:
+            raise ValueError(f"min_length {self.min_length} is more than max_length {self.max_length}")
+        return self
+
+
+# Each task's defaults where a checkpoint has no generation_defaults block (or its block leaves a
+# part out): what the engine has always used. Captioning: greedy, 20 new tokens; text-to-image:
+# min-dalle's generate_image (top-k 256, supercondition 16, temperature 1); speech-to-gesture:
+# seeded sampling at temperature 0.5, top-p 0.9 (a silent speaker stays still).
+BUILTIN_GENERATION_DEFAULTS = {
+    "captioning": {"sampling": {}, "max_new_tokens": 20, "min_new_tokens": 0},
+    "text-to-image": {"sampling": {"do_sample": True, "top_k": 256, "guidance_scale": 16.0}},
+    "speech-to-gesture": {"sampling": {"do_sample": True, "temperature": 0.5, "top_p": 0.9, "seed": 0}},
+}
+
+
+def _check_generation_defaults(block: GenerationDefaults | None, task: str) -> None:
+    """What a task's generation defaults may hold: guidance for text-to-image only, beams and token
+    budgets for captioning only."""
+    if block is None:
+        return
+    where = "generation_defaults"
+    if task != "captioning":
+        for name in GenerationDefaults.LENGTHS:
+            if getattr(block, name) is not None:
+                raise ValueError(f"{where}.{name}: {task} draws a fixed number of tokens; only captioning "
+                                 f"takes a token budget")
+    s = block.sampling
+    if s is None:
+        return
+    if task != "captioning" and s.num_beams > 1:
+        raise ValueError(f"{where}.sampling.num_beams: beam search is for captioning, not {task}")
+    if task == "text-to-image" and (s.repetition_penalty != 1 or s.no_repeat_ngram_size):
+        raise ValueError(f"{where}.sampling: text-to-image has no repetition controls (repetition_penalty, "
+                         f"no_repeat_ngram_size)")
+    if task != "text-to-image" and s.guidance_scale is not None:
+        raise ValueError(f"{where}.sampling.guidance_scale: {task} has no guidance; leave it out")
+
+
 @validated
 class CheckpointConfig:
     """The fields every top-level checkpoint config starts with; a subclass narrows ``task`` and
@@ -291,6 +452,7 @@ class CaptioningConfig(CheckpointConfig):
     projection_dim: Width | None = None
     mapper_sizes: Annotated[list[Width], Field(max_length=MAX_LAYERS)] = Field(default_factory=list)
     prefix_length: Annotated[int, Strict(), Field(ge=0, le=MAX_POSITIONS)] = 0
+    generation_defaults: GenerationDefaults | None = None
 
     DECODERS: ClassVar[dict] = {"vit-gpt2": GPT2Config, "blip": BertConfig, "git": BertConfig,
                                 "clipcap": GPT2Config}
@@ -352,6 +514,7 @@ class CaptioningConfig(CheckpointConfig):
         for name, value in gen.special_ids.items():
             if value >= dec.vocab_size:
                 raise ValueError(f"generation.{name} is outside the vocabulary of {dec.vocab_size}")
+        _check_generation_defaults(self.generation_defaults, self.task)
         return self
 
 
@@ -524,6 +687,7 @@ class TextToImageConfig(CheckpointConfig):
     decoder: BartConfig
     generation: ImageGenerationConfig
     detokenizer: DetokenizerConfig
+    generation_defaults: GenerationDefaults | None = None
 
     @property
     def blocks(self) -> int:
@@ -545,6 +709,7 @@ class TextToImageConfig(CheckpointConfig):
         if gen.image_vocab_size > self.detokenizer.codebook_size:
             raise ValueError(f"the decoder samples {gen.image_vocab_size} codes but the detokenizer has "
                              f"{self.detokenizer.codebook_size}")
+        _check_generation_defaults(self.generation_defaults, self.task)
         return self
 
 
@@ -657,6 +822,7 @@ class SpeechToGestureConfig(CheckpointConfig):
     decoder: GPT2Config
     motion: MotionVQConfig
     gesture: GestureConfig
+    generation_defaults: GenerationDefaults | None = None
 
     @property
     def window_tokens(self) -> int:
@@ -692,6 +858,7 @@ class SpeechToGestureConfig(CheckpointConfig):
         if enc.n_mels != 64 or enc.max_positions != positions:
             raise ValueError(f"audio_encoder: a window gives {positions} states of 64 log-mel bins, the encoder "
                              f"takes {enc.max_positions} of {enc.n_mels}")
+        _check_generation_defaults(self.generation_defaults, self.task)
         return self
 
 

@@ -32,8 +32,10 @@ What it does, deterministically (fixed seeds, data drawn from fixed scene seeds,
   replaced by the unconditional text ``<s> </s>`` (min-dalle's supercondition = classifier-free
   guidance needs it). Text rows are trained 16 long: padding is masked, so that equals 64;
 * writes ``encoder.pt``, ``decoder.pt`` (min-dalle's state dict layouts), ``detoker.pt``
-  (``VQGanDetokenizer`` naming: ``embedding``, ``post_quant_conv``, ``decoder.*``), ``vocab.json``
-  and ``merges.txt`` to ``--out``; stage 1 (with the encoder and codebook) to ``--work``/stage1.pt,
+  (``VQGanDetokenizer`` naming: ``embedding``, ``post_quant_conv``, ``decoder.*``), ``vocab.json``,
+  ``merges.txt`` and ``generation_config.json`` (the sampling below, in min-dalle's ``generate_image``
+  argument names, which the ``min-dalle`` converter makes the checkpoint's generation defaults) to
+  ``--out``; stage 1 (with the encoder and codebook) to ``--work``/stage1.pt,
   which ``--reuse-stage1`` loads instead of retraining;
 * evaluates on held-out material with the bundled captioning demo model: the exact-match rate of the
   captions of VQ reconstructions of scene seeds ``[world.HELD_OUT_SEED, + --recon-eval-n)``, and,
@@ -42,8 +44,10 @@ What it does, deterministically (fixed seeds, data drawn from fixed scene seeds,
   captioned with the prompt's color and shape (grid in ``--work``/generated.png). Exits non-zero
   below ``--min-recon-accuracy`` or ``--min-accuracy``.
 
-Sampling: a low supercondition factor suits this small model (2; upstream's 16 over-sharpens an
-undertrained unconditional row and breaks the shapes), with top-k 4.
+Sampling (``GENERATION``, the checkpoint's generation defaults): a low supercondition factor suits
+this small model (upstream's 16 over-sharpens an undertrained unconditional row and breaks the
+shapes), with a small top-k; greedy decoding (top-k 1) degenerates. ``scripts/measure_demo_txt2img.py``
+measures the converted model with them.
 """
 
 from __future__ import annotations
@@ -73,6 +77,8 @@ SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")  # ids 0, 1, 2, 3 as in BART
 BOS_ID, PAD_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 WORD_MARK = chr(ord(" ") + 256)  # "Ġ": min-dalle prefixes every word with it before merging
 CHARS = string.ascii_lowercase + string.digits + string.punctuation  # the tokenizer lower-cases, keeps ASCII
+# the sampling the model is evaluated and shipped with (min-dalle's generate_image argument names)
+GENERATION = {"temperature": 0.7, "top_k": 4, "supercondition_factor": 2.0}
 TEXT_TOKEN_COUNT = 64  # min-dalle's text context
 TRAIN_TEXT_LEN = 16  # rows are trained padded to 16: padding is masked out, so this equals 64
 IMAGE_TOKEN_COUNT = 256  # a 16x16 grid
@@ -753,11 +759,12 @@ def main() -> int:
     ap.add_argument("--two-object-frac", type=float, default=0.2)
     ap.add_argument("--eval-every", type=int, default=500,
                     help="quick generation check (18 prompts, 1 seed) every N steps (0: off)")
-    # evaluation (min-dalle sampling)
+    # evaluation (min-dalle sampling), also written as the model's generation defaults
     ap.add_argument("--eval-seeds", type=int, default=8, help="images per one-object prompt")
-    ap.add_argument("--guidance", type=float, default=2.0, help="min-dalle's supercondition factor")
-    ap.add_argument("--top-k", type=int, default=4)
-    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--guidance", type=float, default=GENERATION["supercondition_factor"],
+                    help="min-dalle's supercondition factor")
+    ap.add_argument("--top-k", type=int, default=GENERATION["top_k"])
+    ap.add_argument("--temperature", type=float, default=GENERATION["temperature"])
     ap.add_argument("--min-accuracy", type=float, default=0.9)
     args = ap.parse_args()
 
@@ -827,6 +834,8 @@ def main() -> int:
     print(f"stage 2 trained in {time.time() - t0:.0f}s", flush=True)
     torch.save(state_dict_cpu(enc), out / "encoder.pt")
     torch.save(state_dict_cpu(dec), out / "decoder.pt")
+    generation = {"temperature": args.temperature, "top_k": args.top_k, "supercondition_factor": args.guidance}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf8")
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     print(f"saved {out} ({size / 1e6:.2f} MB)", flush=True)
 

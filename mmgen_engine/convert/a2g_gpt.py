@@ -4,12 +4,20 @@ with ``a2g_gpt.json`` and ``model.safetensors``, see :mod:`mmgen_engine.gesture_
 
 Conv1d weights ``[Cout, Cin, k]`` become the engine's tap-major ``[Cout, k Cin]``; the decoder is a
 GPT-2 with cross-attention (tied head); the motion VQ-VAE's encoder is training-only and dropped.
+
+Generation defaults: the engine's sampling for gestures (temperature 0.5, top-p 0.9, seed 0; see
+:data:`~mmgen_engine.config.BUILTIN_GENERATION_DEFAULTS`), unless the directory holds a
+``generation_config.json``: the sampling to use instead, in ``mm.SamplingParams`` field names
+(``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``seed``, ``repetition_penalty``,
+``no_repeat_ngram_size``; those left out are SamplingParams' defaults). The demo's training script
+writes the settings it evaluated the model with.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 from .. import gesture_format as a2g
+from ..config import BUILTIN_GENERATION_DEFAULTS
 from ..errors import ConversionError
 from ..layers.conv1d import tap_major
 from . import hf
@@ -17,6 +25,23 @@ from .keymap import apply_rules, check_config, finish, header, rule
 
 NAME = "a2g-gpt"
 IGNORED = [r"motion\.encoder\..*"]
+GENERATION_FILE = "generation_config.json"
+SAMPLING_FIELDS = ("do_sample", "temperature", "top_k", "top_p", "seed", "repetition_penalty",
+                   "no_repeat_ngram_size")
+
+
+def generation_defaults(src: Path) -> dict:
+    """The checkpoint's ``generation_defaults`` block (see the module docstring); its values are
+    checked with the rest of the config."""
+    path = src / GENERATION_FILE
+    if not path.is_file():
+        return {"sampling": dict(BUILTIN_GENERATION_DEFAULTS["speech-to-gesture"]["sampling"])}
+    sampling = hf.read_json(path)
+    unknown = sorted(sampling.keys() - set(SAMPLING_FIELDS))
+    if unknown:
+        raise ConversionError(f"{path}: unknown key(s) {', '.join(map(repr, unknown))}; the sampling of "
+                              f"gestures takes {', '.join(SAMPLING_FIELDS)}")
+    return {"sampling": sampling}
 
 
 def detect(src: Path) -> bool:
@@ -80,6 +105,7 @@ def convert(src: Path, dtype: str | None, workdir: Path, trust_pickle: bool = Fa
         "gesture": {"bos_token_id": cfg.bos, "eos_token_id": cfg.eos, "skeleton": list(a2g.PARENTS),
                     "front_end": "log_mel_400", "sample_rate": a2g.SAMPLE_RATE, "fps": a2g.FPS,
                     "window_frames": cfg.window_frames, "seed_tokens": cfg.seed_tokens},
+        "generation_defaults": generation_defaults(src),
     }
     check_config(config, str(src / a2g.CONFIG_FILE))
     tensors = hf.load_safetensors(src / a2g.WEIGHTS_FILE)

@@ -13,8 +13,9 @@ The source is a directory holding
 
 GPT-2's sizes are read off the tensors (64-wide heads, as in every GPT-2 size); the prefix length is
 the MLP's output width over GPT-2's. Captions are generated as ClipCap's ``generate2`` does: greedy
-after the prefix, no start token, up to and including the first "." token. ClipCap's transformer
-mapping network is not supported.
+after the prefix, no start token, up to and including the first "." token, at most its
+``entry_length`` of 67 tokens (the checkpoint's generation defaults: greedy, ``max_new_tokens`` 67).
+ClipCap's transformer mapping network is not supported.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ NAME = "clipcap"
 SIGNATURE = {"clip_project.model.0.weight", "gpt.transformer.wte.weight"}
 HEAD_DIM = 64  # GPT-2's head width at every size
 STOP_TOKEN = "."
+MAX_NEW_TOKENS = 67  # generate2's entry_length
 IGNORED = [r".*\.position_ids", r"gpt\.transformer\.h\.\d+\.attn\.(masked_)?bias",
            r"text_model\..*", r"text_projection\.weight", r"logit_scale"]
 
@@ -114,7 +116,8 @@ def convert(src: Path, dtype: str | None, workdir: Path, trust_pickle: bool = Fa
                              "include_eos": True},
               "preprocess": image_preprocess(clip / "preprocessor_config.json", "CLIPImageProcessor"),
               "projection_dim": projection_dim, "mapper_sizes": sizes,
-              "prefix_length": sizes[-1] // width if sizes[-1] % width == 0 else 0}
+              "prefix_length": sizes[-1] // width if sizes[-1] % width == 0 else 0,
+              "generation_defaults": {"max_new_tokens": MAX_NEW_TOKENS}}
     check_config(config, where)
 
     overlap = set(tensors) & set(clip_tensors)

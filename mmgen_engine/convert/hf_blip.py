@@ -9,7 +9,9 @@ not saved (a saved copy must equal them). With ``tie_word_embeddings`` false the
 and bias are the head, as in transformers, and ``cls.predictions.bias`` plays no part. Generation follows
 ``BlipForConditionalGeneration.generate``: start from ``text_config.bos_token_id`` ([DEC], 30522),
 stop at ``sep_token_id`` ([SEP], 102), pad with ``pad_token_id``. Preprocessing is
-BlipImageProcessor's (384x384 bicubic, CLIP mean/std); the tokenizer is BERT's WordPiece.
+BlipImageProcessor's (384x384 bicubic, CLIP mean/std); the tokenizer is BERT's WordPiece. The
+generation defaults come from ``generation_config.json`` (or, in older exports, the generation fields
+of ``config.json`` and its ``text_config``; see :func:`~.hf_towers.generation_defaults`).
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ from .hf_towers import (
     bert_config,
     bert_decoder_rules,
     blip_vision_rules,
+    generation_defaults,
+    hf_generation,
     image_preprocess,
     model_type,
     processor_files,
@@ -68,6 +72,9 @@ def convert(src: Path, dtype: str | None, workdir: Path, trust_pickle: bool = Fa
     config = {**header("captioning", "blip", NAME, dtype),
               "encoder": encoder, "decoder": decoder, "generation": generation,
               "preprocess": image_preprocess(src / "preprocessor_config.json", "BlipImageProcessor")}
+    defaults = generation_defaults(*hf_generation(src, top, top.get("text_config")))
+    if defaults:
+        config["generation_defaults"] = defaults
     check_config(config, where)  # consistent before any weight is read
 
     tensors = hf.read_weights(src)

@@ -7,7 +7,9 @@ stack (``git.embeddings``, ``git.encoder.layer.N``) onto a prefix
 :class:`~mmgen_engine.models.bert.BertDecoder`; ``output`` is the LM head (tied to the word
 embeddings only with ``tie_word_embeddings``). Video GIT (``num_image_with_embedding``) is not
 supported. Generation starts from ``bos_token_id`` ([CLS], 101) and stops at ``eos_token_id``
-([SEP], 102). Preprocessing is CLIPImageProcessor's (shortest edge, center crop, CLIP mean/std).
+([SEP], 102). Preprocessing is CLIPImageProcessor's (shortest edge, center crop, CLIP mean/std). The generation
+defaults come from ``generation_config.json`` (or, in older exports, the generation fields of
+``config.json``; see :func:`~.hf_towers.generation_defaults`).
 """
 from __future__ import annotations
 
@@ -20,7 +22,9 @@ from .hf_towers import (
     bert_config,
     bert_decoder_rules,
     clip_vision_rules,
+    generation_defaults,
     generation_sources,
+    hf_generation,
     image_preprocess,
     model_type,
     processor_files,
@@ -61,6 +65,9 @@ def convert(src: Path, dtype: str | None, workdir: Path, trust_pickle: bool = Fa
     config = {**header("captioning", "git", NAME, dtype),
               "encoder": encoder, "decoder": decoder, "generation": generation,
               "preprocess": image_preprocess(src / "preprocessor_config.json", "CLIPImageProcessor")}
+    defaults = generation_defaults(*hf_generation(src, top))
+    if defaults:
+        config["generation_defaults"] = defaults
     check_config(config, where)  # consistent before any weight is read
 
     tensors = hf.read_weights(src)

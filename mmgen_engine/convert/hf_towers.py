@@ -8,9 +8,11 @@ decoder) onto the engine's :class:`~mmgen_engine.models.vit.ViTEncoder` and
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
-from ..errors import ConversionError
+from ..config import GenerationDefaults, from_dict
+from ..errors import CheckpointError, ConversionError
 from . import hf
 from .keymap import concat, flatten_conv, rule, squeeze_leading, transpose
 
@@ -113,6 +115,115 @@ def token_id(sources: list[dict], key: str, where: str, default=None) -> int:
     if default is None:
         raise ConversionError(f"{where}: no {key} in config.json or generation_config.json")
     return default
+
+
+# transformers' GenerationConfig fields the engine takes, with transformers' defaults: a value equal to
+# its default is not written into the engine's generation_defaults block
+HF_GENERATION_FIELDS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "num_beams": 1,
+                        "length_penalty": 1.0, "early_stopping": False, "num_return_sequences": 1,
+                        "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "max_new_tokens": None,
+                        "max_length": 20, "min_new_tokens": None, "min_length": 0}
+# GenerationConfig fields that change what generate() produces but that the engine does not take; a
+# converted checkpoint ignores them (and the logits processors they stand for)
+HF_GENERATION_UNSUPPORTED = ("num_beam_groups", "diversity_penalty", "penalty_alpha", "typical_p", "min_p",
+                             "epsilon_cutoff", "eta_cutoff", "top_h", "encoder_repetition_penalty",
+                             "bad_words_ids", "force_words_ids", "constraints", "forced_bos_token_id",
+                             "forced_eos_token_id", "suppress_tokens", "begin_suppress_tokens",
+                             "sequence_bias", "exponential_decay_length_penalty", "renormalize_logits",
+                             "remove_invalid_values", "guidance_scale", "watermarking_config", "max_time",
+                             "stop_strings", "dola_layers", "assistant_model", "prompt_lookup_num_tokens")
+
+
+def hf_generation(src: Path, top: dict, decoder: dict | None = None) -> tuple[dict, str]:
+    """The generation settings (fields of :data:`HF_GENERATION_FIELDS` that are set) that
+    transformers' ``generate`` uses for the HF model in ``src`` by default, and the file they come
+    from, as ``from_pretrained`` finds them: ``generation_config.json`` alone when there is one (its
+    fields left out are transformers' defaults); otherwise, for older exports, ``config.json``: its
+    top-level fields, then for each field the top level leaves unset or at its default the
+    ``decoder`` sub-config's (``GenerationConfig.from_model_config``)."""
+    path = src / "generation_config.json"
+    if path.is_file():
+        gen = hf.read_json(path)
+        return {k: gen[k] for k in HF_GENERATION_FIELDS if gen.get(k) is not None}, str(path)
+    found = {k: top[k] for k in HF_GENERATION_FIELDS if top.get(k) is not None}
+    for k, default in HF_GENERATION_FIELDS.items():
+        if isinstance(decoder, dict) and decoder.get(k) is not None and found.get(k, default) == default:
+            found[k] = decoder[k]
+    return found, str(src / "config.json")
+
+
+def _hf_value(settings: dict, name: str, where: str):
+    """``settings[name]`` (transformers' default when absent), which must have the JSON type
+    transformers gives the field."""
+    value = settings.get(name, HF_GENERATION_FIELDS[name])
+    integer = isinstance(value, int) and not isinstance(value, bool)
+    real = name in ("temperature", "top_p", "length_penalty", "repetition_penalty")
+    if name == "do_sample":
+        ok, kind = isinstance(value, bool), "true or false"
+    elif name == "early_stopping":
+        ok, kind = isinstance(value, bool) or value == "never", 'true, false or "never"'
+    elif real:
+        ok, kind = integer or isinstance(value, float), "a number"
+    else:
+        ok, kind = integer or (value is None and HF_GENERATION_FIELDS[name] is None), "an integer"
+    if not ok:
+        raise ConversionError(f"{where}: {name} must be {kind}, got {value!r}")
+    return float(value) if real else value
+
+
+def generation_defaults(settings: dict, where: str) -> dict | None:
+    """The engine's ``generation_defaults`` block (see :class:`~mmgen_engine.config.GenerationDefaults`)
+    of transformers' generation ``settings`` (:func:`hf_generation`), with transformers' semantics:
+
+    - ``do_sample`` true: sampling with ``temperature``, ``top_k`` (transformers' default 50 is
+      written, the engine's default would be 0, all tokens) and ``top_p``; false: greedy, or beam
+      search with ``num_beams > 1`` (``length_penalty``, ``early_stopping``, ``num_return_sequences``);
+      ``repetition_penalty`` and ``no_repeat_ngram_size`` with either;
+    - ``max_new_tokens``, else ``max_length`` (which counts the decoder prompt: the start token and any
+      text prompt; the engine subtracts each call's prompt length, as transformers does); likewise
+      ``min_new_tokens``, else ``min_length``.
+
+    Values equal to transformers' defaults are not written (a missing ``max_length`` is transformers'
+    20 positions; without a block the engine's built-in budget is 20 new tokens), nor are settings
+    the mode ignores (a temperature without ``do_sample``). Beam sampling (``do_sample`` with
+    ``num_beams > 1``) is converted as beam search and several sampled sequences per input
+    (``num_return_sequences > 1`` without beams) as one, each with a warning. The fields of
+    :data:`HF_GENERATION_UNSUPPORTED` (diverse beams, contrastive search, typical / min-p / epsilon /
+    eta sampling, bad or forced words and tokens, suppressed tokens, sequence bias, length-decay
+    penalty, classifier-free guidance, watermarking, stop strings, time limits, assisted decoding)
+    are ignored. Returns None when nothing differs from the defaults."""
+    v = {name: _hf_value(settings, name, where) for name in HF_GENERATION_FIELDS}
+    default = HF_GENERATION_FIELDS
+    sampling: dict = {}
+    if v["do_sample"] and v["num_beams"] > 1:
+        warnings.warn(f"{where}: beam sampling (do_sample with num_beams {v['num_beams']}) is not supported; "
+                      f"converted as beam search", stacklevel=3)
+        v["do_sample"] = False
+    if v["do_sample"]:
+        sampling.update(do_sample=True, top_k=v["top_k"])
+        sampling.update({k: v[k] for k in ("temperature", "top_p") if v[k] != default[k]})
+        if v["num_return_sequences"] > 1:
+            warnings.warn(f"{where}: num_return_sequences {v['num_return_sequences']} sampled sequences per "
+                          f"input are not supported without beams; converted as one", stacklevel=3)
+    if v["num_beams"] > 1:
+        sampling["num_beams"] = v["num_beams"]
+        sampling.update({k: v[k] for k in ("length_penalty", "early_stopping", "num_return_sequences")
+                         if v[k] != default[k]})
+    sampling.update({k: v[k] for k in ("repetition_penalty", "no_repeat_ngram_size") if v[k] != default[k]})
+    block = {"sampling": sampling} if sampling else {}
+    for new, total in (("max_new_tokens", "max_length"), ("min_new_tokens", "min_length")):
+        if v[new] is not None:
+            if v[new] != (0 if new == "min_new_tokens" else None):
+                block[new] = v[new]
+        elif v[total] != default[total]:
+            block[total] = v[total]
+    if not block:
+        return None
+    try:
+        from_dict(GenerationDefaults, block, where=f"{where}: as generation_defaults")
+    except CheckpointError as e:
+        raise ConversionError(str(e)) from None
+    return block
 
 
 def generation_sources(src: Path, *configs: dict) -> list[dict]:

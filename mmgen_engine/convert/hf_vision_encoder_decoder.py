@@ -4,7 +4,9 @@ Accepts both key-name generations of transformers: v4 (``encoder.encoder.layer.N
 .query``, ...) and v5 (``encoder.layers.N.attention.q_proj``, ...); v4 names are first renamed to v5,
 then one declarative map builds the engine tensors. GPT-2 ``Conv1D`` weights are ``[in, out]`` and
 get transposed; q/k/v are fused; the LM head tied to ``wte`` (and usually not saved) is dropped;
-``enc_to_dec_proj`` exists exactly when the encoder and decoder widths differ.
+``enc_to_dec_proj`` exists exactly when the encoder and decoder widths differ. The generation
+defaults come from ``generation_config.json`` (or, in older exports, the generation fields of
+``config.json`` and its decoder config; see :func:`~.hf_towers.generation_defaults`).
 """
 from __future__ import annotations
 
@@ -14,8 +16,10 @@ from ..errors import ConversionError
 from . import hf
 from .hf_towers import (
     activation,
+    generation_defaults,
     generation_sources,
     gpt2_decoder_rules,
+    hf_generation,
     image_preprocess,
     model_type,
     processor_files,
@@ -129,6 +133,9 @@ def convert(src: Path, dtype: str | None, workdir: Path, trust_pickle: bool = Fa
               "encoder": encoder, "decoder": decoder, "generation": generation,
               "preprocess": image_preprocess(src / "preprocessor_config.json", "ViTImageProcessor"),
               "enc_to_dec_proj": proj}
+    defaults = generation_defaults(*hf_generation(src, top, dec))
+    if defaults:
+        config["generation_defaults"] = defaults
     check_config(config, where)  # consistent before any weight is read
 
     tensors = rename_keys(hf.read_weights(src), V4_TO_V5)

@@ -12,6 +12,13 @@ image vocabulary and token count (256 = a 16x16 grid); the head count is width /
 among all of them and starts from the extra last row of its embedding. q/k/v (and the cross
 attention's k/v) and the GLU's fc0/fc1 are fused. The detokenizer keeps min-dalle's VQGAN
 conventions: GroupNorm eps 1e-5 and pixels ``clamp(x, 0, 1)``.
+
+Generation defaults: min-dalle's ``generate_image`` defaults (top-k 256, supercondition factor 16,
+temperature 1, sampling), unless the directory holds a ``generation_config.json`` (not part of
+min-dalle's downloads; mmgen's demo training script writes one) whose keys are ``generate_image``'s
+keyword arguments ``temperature``, ``top_k``, ``supercondition_factor`` and ``seed`` (-1, min-dalle's
+default: a new seed every call); those it leaves out keep min-dalle's defaults, other keys are
+refused.
 """
 from __future__ import annotations
 
@@ -26,6 +33,9 @@ HEAD_DIM = 64           # min-dalle: attention_head_count = embed_count / 64
 SAMPLED_CODES = 2 ** 14  # min-dalle samples from logits[:, :2**14] ...
 START_TOKEN = 2 ** 14 - 1  # ... starting from this token
 TEXT_PAD = 1
+# min-dalle's generate_image(seed=-1, ..., temperature=1, top_k=256, supercondition_factor=16)
+GENERATE_IMAGE_DEFAULTS = {"temperature": 1.0, "top_k": 256, "supercondition_factor": 16.0, "seed": -1}
+GENERATION_FILE = "generation_config.json"
 
 L = "layers.{i}."
 
@@ -109,6 +119,30 @@ def _check_vocab(path: Path) -> None:
         raise ConversionError(f"{path}: <pad> must be id {TEXT_PAD} as min-dalle pads with it")
 
 
+def generation_defaults(src: Path) -> dict:
+    """The checkpoint's ``generation_defaults`` block: min-dalle's ``generate_image`` defaults, or the
+    settings of ``src/generation_config.json`` (see the module docstring)."""
+    settings = dict(GENERATE_IMAGE_DEFAULTS)
+    path = src / GENERATION_FILE
+    if path.is_file():
+        given = hf.read_json(path)
+        unknown = sorted(given.keys() - settings.keys())
+        if unknown:
+            raise ConversionError(f"{path}: unknown key(s) {', '.join(map(repr, unknown))}; min-dalle's "
+                                  f"generate_image takes {', '.join(GENERATE_IMAGE_DEFAULTS)}")
+        for key, value in given.items():
+            number = key in ("temperature", "supercondition_factor")
+            if isinstance(value, bool) or not isinstance(value, (int, float) if number else int):
+                raise ConversionError(f"{path}: {key} must be {'a number' if number else 'an integer'}, "
+                                      f"got {value!r}")
+        settings.update(given)
+    sampling = {"do_sample": True, "temperature": float(settings["temperature"]), "top_k": settings["top_k"],
+                "guidance_scale": float(settings["supercondition_factor"])}
+    if settings["seed"] >= 0:
+        sampling["seed"] = settings["seed"]
+    return {"sampling": sampling}
+
+
 def convert(src: Path, dtype: str | None, workdir: Path, trust_pickle: bool = False):
     """Returns ``(config dict, tensors, files to copy)`` (never unpickles: every file is a state dict)."""
     if not src.is_dir():
@@ -128,7 +162,8 @@ def convert(src: Path, dtype: str | None, workdir: Path, trust_pickle: bool = Fa
               "encoder": encoder, "decoder": decoder,
               "generation": {"bos_token_id": bos, "image_vocab_size": codes, "grid_size": grid,
                              "text_pad_token_id": TEXT_PAD},
-              "detokenizer": {"architecture": "vqgan", "vqgan": detok_cfg}}
+              "detokenizer": {"architecture": "vqgan", "vqgan": detok_cfg},
+              "generation_defaults": generation_defaults(src)}
     check_config(config, str(src))  # the sizes are consistent before any tensor is built
     out = apply_rules(_block_rules("encoder.", cross=False), enc_src, {"n": encoder["num_layers"]},
                       where=str(files["encoder"]))

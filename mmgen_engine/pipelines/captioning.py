@@ -30,6 +30,7 @@ from ..runtime import CUDAGraphs, GraphedCall, SamplingParams, generate
 from ..runtime.layout import column_major_weights
 from ..runtime.limits import MAX_PROMPT_TOKENS, MAX_RESIZED_PIXELS, check_count, check_new_tokens, check_prompt
 from ..runtime.sampler import check_sampling
+from .generation_defaults import default_new_tokens, default_sampling
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
@@ -144,10 +145,13 @@ class CaptioningPipeline:
         p = config.preprocess
         self._mean = np.array(p.image_mean, dtype=np.float32)[:, None, None]
         self._std = np.array(p.image_std, dtype=np.float32)[:, None, None]
+        # sampling=None: the checkpoint's generation defaults (else greedy), see generation_defaults
+        self.default_sampling = default_sampling(config)
 
     @classmethod
     def from_checkpoint(cls, path: Path, config: CaptioningConfig, device: torch.device,
                         dtype: torch.dtype | None) -> CaptioningPipeline:
+        default_sampling(config, str(path / "config.json"))  # refused before anything is read
         tok_file = path / "tokenizer.json"
         if not tok_file.is_file():
             raise CheckpointError(f"{path}: no tokenizer.json")
@@ -205,13 +209,18 @@ class CaptioningPipeline:
             raise InputError(f"prompt has {len(ids)} tokens; at most {MAX_PROMPT_TOKENS}")
         return ids
 
-    def generate_ids(self, pixel_values: torch.Tensor, max_new_tokens: int, min_new_tokens: int = 0,
-                     sampling: SamplingParams | None = None, prompt_ids=None) -> torch.LongTensor:
+    def generate_ids(self, pixel_values: torch.Tensor, max_new_tokens: int | None = None,
+                     min_new_tokens: int | None = None, sampling: SamplingParams | None = None,
+                     prompt_ids=None) -> torch.LongTensor:
         """``pixel_values [B, 3, H, W]`` (preprocessed) -> generated ids ``[B, max_new_tokens]``, start
-        token and prompt excluded; after ``eos`` a row holds ``pad_token_id``. Greedy when ``sampling``
-        is None. ``prompt_ids``: text ids that follow the start token in every row (a list, ``[T]`` or
-        ``[B, T]``, at most ``MAX_PROMPT_TOKENS``), e.g. :meth:`tokenize_prompt` of BLIP's "a
-        picture of". Every argument is checked before the encoder runs."""
+        token and prompt excluded; after ``eos`` a row holds ``pad_token_id``. ``prompt_ids``: text ids
+        that follow the start token in every row (a list, ``[T]`` or ``[B, T]``, at most
+        ``MAX_PROMPT_TOKENS``), e.g. :meth:`tokenize_prompt` of BLIP's "a picture of". Every argument
+        is checked before the encoder runs.
+
+        Left out (None), ``max_new_tokens``, ``min_new_tokens`` and ``sampling`` are the checkpoint's
+        generation defaults (:meth:`default_new_tokens`, :attr:`default_sampling`), else 20, 0 and
+        greedy."""
         enc = self.config.encoder
         want = (enc.num_channels, enc.image_size, enc.image_size)
         if (not isinstance(pixel_values, torch.Tensor) or not pixel_values.is_floating_point()
@@ -221,10 +230,11 @@ class CaptioningPipeline:
         if pixel_values.shape[0] == 0:
             raise InputError("pixel_values has an empty batch")
         check_count("images", pixel_values.shape[0])
-        check_new_tokens(max_new_tokens, min_new_tokens)
         check_sampling(sampling)
+        sampling = self.default_sampling if sampling is None else sampling
         gen = self.config.generation
         prompt = self._prompt(pixel_values.shape[0], prompt_ids)
+        max_new_tokens, min_new_tokens = self._budget(prompt.shape[1], max_new_tokens, min_new_tokens)
         with torch.inference_mode():
             encode = self._graphed_encode if self.use_cuda_graphs else self.model.encode
             states = encode(pixel_values.to(self.device, self.dtype))
@@ -234,6 +244,18 @@ class CaptioningPipeline:
                             eos_token_id=gen.eos_token_id, pad_token_id=gen.pad_token_id,
                             min_new_tokens=min_new_tokens, sampling=sampling,
                             graphs=self._graphs if self.use_cuda_graphs else None)
+
+    def default_new_tokens(self, prompt_length: int = 1) -> tuple[int, int]:
+        """``(max_new_tokens, min_new_tokens)`` of a call that leaves them out, for a decoder prompt of
+        ``prompt_length`` tokens (the start token and any text prompt): the checkpoint's generation
+        defaults (``max_length`` counts the prompt), else 20 and 0."""
+        return default_new_tokens(self.config, prompt_length)
+
+    def _budget(self, prompt_length: int, max_new_tokens, min_new_tokens) -> tuple[int, int]:
+        """The checked ``(max_new_tokens, min_new_tokens)`` of a call, the checkpoint's where left out."""
+        default_max, default_min = self.default_new_tokens(prompt_length)
+        top, _ = check_new_tokens(default_max if max_new_tokens is None else max_new_tokens)
+        return check_new_tokens(top, min(default_min, top) if min_new_tokens is None else min_new_tokens)
 
     def _prompt(self, batch: int, prompt_ids) -> torch.Tensor:
         """``[B, T]`` decoder input: the start token (if the model has one), then the prompt ids."""
@@ -252,12 +274,15 @@ class CaptioningPipeline:
             ids = torch.cat([torch.full((batch, 1), start, dtype=torch.int64), ids], dim=1)
         return ids.to(self.device)
 
-    def caption(self, images, max_new_tokens: int = 20, sampling: SamplingParams | None = None,
+    def caption(self, images, max_new_tokens: int | None = None, sampling: SamplingParams | None = None,
                 prompt: str | None = None) -> list[str]:
         """Captions of ``images`` (a list of paths, PIL images or HxWx3 uint8 arrays). With a text
-        ``prompt`` the model continues it and the caption starts with it. Every argument is
-        checked before an image is read (limits in :mod:`~mmgen_engine.runtime.limits`)."""
-        check_new_tokens(max_new_tokens)
+        ``prompt`` the model continues it and the caption starts with it. ``max_new_tokens`` and
+        ``sampling`` left out (None) are the checkpoint's generation defaults, else 20 and greedy (see
+        :meth:`generate_ids`). Every argument is checked before an image is read (limits in
+        :mod:`~mmgen_engine.runtime.limits`)."""
+        if max_new_tokens is not None:
+            check_new_tokens(max_new_tokens)
         check_sampling(sampling)
         prompt_ids = self.tokenize_prompt(prompt) if prompt is not None else []
         ids = self.generate_ids(self.preprocess(images), max_new_tokens, sampling=sampling,

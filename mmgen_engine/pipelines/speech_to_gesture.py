@@ -27,11 +27,13 @@ from ..models import build_model
 from ..runtime import CUDAGraphs, GraphedCall, SamplingParams, generate
 from ..runtime.layout import column_major_weights
 from .audio import LOG_MEL_HOP, LOG_MEL_N_FFT, AudioStream, log_mel_400, open_audio
+from .generation_defaults import builtin_sampling, default_sampling
 from .gesture_windows import Stitcher, WindowPlan
 
-# sampling when none is given: seeded, so a call is reproducible; a lowered temperature and top-p keep
-# a silent speaker still (at temperature 1 the demo model jitters between near-rest codes in silence)
-DEFAULT_SAMPLING = SamplingParams(do_sample=True, temperature=0.5, top_p=0.9, seed=0)
+# sampling when none is given and the checkpoint has no generation defaults: seeded, so a call is
+# reproducible; a lowered temperature and top-p keep a silent speaker still (at temperature 1 the demo
+# model jitters between near-rest codes in silence)
+DEFAULT_SAMPLING = builtin_sampling("speech-to-gesture")
 
 
 def window_seed(seed: int, w: int) -> int:
@@ -54,6 +56,8 @@ class SpeechToGesturePipeline:
         g = config.gesture
         self.plan = WindowPlan(g.sample_rate, g.fps, LOG_MEL_HOP, LOG_MEL_N_FFT, g.window_frames,
                                g.seed_tokens * config.motion.downsample_factor)
+        # sampling=None: the checkpoint's generation defaults, else DEFAULT_SAMPLING
+        self.default_sampling = default_sampling(config)
         self.use_cuda_graphs = device.type == "cuda"
         if device.type == "cuda":
             self._graphs = CUDAGraphs(model.decoder, self.dtype, device, vocab_limit=config.motion.codebook_size)
@@ -62,6 +66,7 @@ class SpeechToGesturePipeline:
     @classmethod
     def from_checkpoint(cls, path: Path, config: SpeechToGestureConfig, device: torch.device,
                         dtype: torch.dtype | None) -> SpeechToGesturePipeline:
+        default_sampling(config, str(path / "config.json"))  # refused before the weights are read
         model = load_model(path, config, build_model, device, dtype)
         if device.type == "cpu":
             column_major_weights(model.decoder)
@@ -80,7 +85,8 @@ class SpeechToGesturePipeline:
                  progress: Callable[[int, int | None], object] | None = None) -> np.ndarray:
         """Poses ``[T, joints, 2]`` float32 (neck-relative, y up, ``fps`` frames per second, ``T =
         round(seconds * fps)``) for ``audio``: an audio file path, or a 1-D (or ``[n, channels]``)
-        float array with its ``sample_rate``. ``sampling`` None: :data:`DEFAULT_SAMPLING`.
+        float array with its ``sample_rate``. ``sampling`` None: the checkpoint's generation
+        defaults (:attr:`default_sampling`), else :data:`DEFAULT_SAMPLING`.
         ``progress``, if given, is called as ``progress(done, total)`` after each generated window:
         ``done`` windows of ``total`` (None where the length is not known up front; files and
         arrays always know theirs)."""
@@ -104,7 +110,7 @@ class SpeechToGesturePipeline:
     def _inputs(self, audio, sample_rate, sampling) -> tuple[AudioStream, SamplingParams]:
         """The checked request: its audio as a stream at the model's rate (decoded only as windows
         need it) and its sampling."""
-        sampling = DEFAULT_SAMPLING if sampling is None else sampling
+        sampling = self.default_sampling if sampling is None else sampling
         if not isinstance(sampling, SamplingParams):
             raise InputError(f"sampling must be SamplingParams, got {type(sampling).__name__}")
         if sampling.guidance_scale is not None:

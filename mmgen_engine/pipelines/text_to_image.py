@@ -12,6 +12,7 @@ factor).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 from collections.abc import Callable
@@ -30,9 +31,11 @@ from ..runtime.layout import channels_last_weights, column_major_weights
 from ..runtime.limits import MAX_IMAGES_PER_CALL, MAX_NEW_TOKENS, check_count, check_int, check_prompt
 from ..runtime.sampler import check_sampling
 from .detokenizer import decode, to_pil
+from .generation_defaults import builtin_sampling, default_sampling
 
-# min-dalle's defaults (generate_image: top_k 256, supercondition_factor 16, temperature 1)
-DEFAULT_SAMPLING = SamplingParams(do_sample=True, top_k=256, guidance_scale=16.0)
+# min-dalle's defaults (generate_image: top_k 256, supercondition_factor 16, temperature 1): the
+# sampling of a checkpoint without generation defaults
+DEFAULT_SAMPLING = builtin_sampling("text-to-image")
 WORD_START = chr(ord(" ") + 256)  # "Ġ"
 STREAM_EVERY = 32
 PROGRESS_EVERY = 8  # generate(progress=...) reports every this many image tokens
@@ -92,6 +95,9 @@ class TextToImagePipeline:
         gen = config.generation
         self.text_len = config.encoder.max_positions
         self.num_tokens = gen.grid_size ** 2
+        # sampling=None: the checkpoint's generation defaults, else min-dalle's (DEFAULT_SAMPLING); a
+        # guidance_scale left out is min-dalle's 16
+        self.default_sampling = _guided(default_sampling(config), DEFAULT_SAMPLING.guidance_scale)
         # on CUDA the prefill and decode steps are replayed from CUDA graphs (False: eager, same tokens)
         self.use_cuda_graphs = device.type == "cuda"
         if device.type == "cuda":
@@ -101,6 +107,7 @@ class TextToImagePipeline:
     @classmethod
     def from_checkpoint(cls, path: Path, config: TextToImageConfig, device: torch.device,
                         dtype: torch.dtype | None) -> TextToImagePipeline:
+        default_sampling(config, str(path / "config.json"))  # refused before anything is read
         tokens = config.generation.grid_size ** 2
         if tokens > MAX_NEW_TOKENS:  # refused at load, not at every call as a max_new_tokens the user never set
             raise CheckpointError(f"{path}: a {config.generation.grid_size}x{config.generation.grid_size} token grid "
@@ -154,12 +161,11 @@ class TextToImagePipeline:
         return lengths
 
     def _params(self, sampling: SamplingParams | None) -> SamplingParams:
+        """The sampling of a call: ``sampling``, or the checkpoint's defaults when it is None; a
+        ``guidance_scale`` of None is the defaults' (min-dalle always superconditions)."""
         if check_sampling(sampling) is None:
-            return DEFAULT_SAMPLING
-        if sampling.guidance_scale is None:  # min-dalle always superconditions
-            return SamplingParams(sampling.do_sample, sampling.temperature, sampling.top_k, sampling.top_p,
-                                  DEFAULT_SAMPLING.guidance_scale, sampling.seed)
-        return sampling
+            return self.default_sampling
+        return _guided(sampling, self.default_sampling.guidance_scale)
 
     def generate_tokens_stream(self, text_tokens: torch.Tensor, sampling: SamplingParams | None = None,
                                every: int | None = STREAM_EVERY):
@@ -186,8 +192,10 @@ class TextToImagePipeline:
 
     def generate_tokens(self, text_tokens: torch.Tensor, sampling: SamplingParams | None = None) -> torch.LongTensor:
         """Text rows ``[B, 64]`` (min-dalle's tokenizer output, see :meth:`tokenize`) -> image tokens
-        ``[B, grid**2]``, row-major. ``sampling`` None: min-dalle's defaults (top-k 256, guidance 16);
-        a ``guidance_scale`` of None means 16; ``top_k=1`` (or ``do_sample=False``) is deterministic."""
+        ``[B, grid**2]``, row-major. ``sampling`` None: the checkpoint's generation defaults
+        (:attr:`default_sampling`; without them min-dalle's: top-k 256, guidance 16); a
+        ``guidance_scale`` of None is the defaults'; ``top_k=1`` (or ``do_sample=False``) is
+        deterministic."""
         for tokens in self.generate_tokens_stream(text_tokens, sampling, every=None):
             pass
         return tokens
@@ -240,6 +248,13 @@ class TextToImagePipeline:
                     torch.cuda.current_stream(tokens.device).synchronize()
                 progress(tokens.shape[1], self.num_tokens)
         return to_pil(self.decode_tokens(tokens))
+
+
+def _guided(sampling: SamplingParams, guidance_scale: float) -> SamplingParams:
+    """``sampling`` with ``guidance_scale`` where it has none."""
+    if sampling.guidance_scale is not None:
+        return sampling
+    return dataclasses.replace(sampling, guidance_scale=guidance_scale)
 
 
 def _prompt_list(prompts) -> list[str]:
