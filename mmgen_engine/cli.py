@@ -70,25 +70,36 @@ def _caption(args) -> None:
     from . import load
     from .files import open_regular_file
     from .runtime.limits import MAX_IMAGES_PER_CALL, check_new_tokens, check_prompt
+    from .runtime.sampler import MAX_BEAMS, SamplingParams
 
     if args.max_new_tokens is not None:  # None: the checkpoint's generation defaults
         check_new_tokens(args.max_new_tokens)
     if args.prompt is not None:
         check_prompt(args.prompt)
+    given = {name: getattr(args, name) for name in _DECODING_FLAGS if getattr(args, name) is not None}
+    probe = dict(given)
+    if "num_return_sequences" in probe and "num_beams" not in probe:  # the checkpoint's beams are not known yet
+        probe["num_beams"] = MAX_BEAMS
+    SamplingParams(**probe)  # bad values fail here, before the model loads
     for image in args.images:  # every file is there and a regular file before the model loads
         open_regular_file(Path(image), "image file").close()
     pipe = load(args.model, device=args.device, dtype=args.dtype)
     if pipe.task != "captioning":
         raise MMGenError(f"{args.model}: a {pipe.task} checkpoint, not a captioning one")
+    sampling = dataclasses.replace(pipe.default_sampling, **given) if given else None  # only the flags given
+    per_image = (sampling or pipe.default_sampling).num_return_sequences
     captions = []
     for start in range(0, len(args.images), MAX_IMAGES_PER_CALL):  # any number of images, in calls the API takes
         captions += pipe.caption(args.images[start:start + MAX_IMAGES_PER_CALL], max_new_tokens=args.max_new_tokens,
-                                 prompt=args.prompt)
+                                 sampling=sampling, prompt=args.prompt)
+    rows = [(image, captions[i * per_image:(i + 1) * per_image]) for i, image in enumerate(args.images)]
     if args.json:
-        print(json.dumps([{"image": str(i), "caption": c} for i, c in zip(args.images, captions)], indent=2))
+        print(json.dumps([{"image": str(i), "caption": c[0], **({"captions": c} if per_image > 1 else {})}
+                          for i, c in rows], indent=2))
     else:
-        for image, caption in zip(args.images, captions):
-            print(f"{image}: {caption}" if len(args.images) > 1 else caption)
+        for image, image_captions in rows:
+            for caption in image_captions:
+                print(f"{image}: {caption}" if len(args.images) > 1 or per_image > 1 else caption)
 
 
 def _txt2img(args) -> None:
@@ -186,6 +197,17 @@ _FROM_CHECKPOINT = ("Options left out take the checkpoint's generation defaults 
 _CAPTION_BUILTIN = BUILTIN_GENERATION_DEFAULTS["captioning"]["max_new_tokens"]
 
 
+_DECODING_FLAGS = ("num_beams", "length_penalty", "early_stopping", "num_return_sequences", "repetition_penalty",
+                   "no_repeat_ngram_size")
+
+
+def _early_stopping(value: str):
+    choices = {"true": True, "false": False, "never": "never"}
+    if value.lower() not in choices:
+        raise argparse.ArgumentTypeError(f"expected true, false or never, got {value!r}")
+    return choices[value.lower()]
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage mistakes are one line too (``mmgen -h`` still prints the full help)."""
 
@@ -220,6 +242,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"most tokens per caption (default: from the checkpoint's generation defaults; "
                         f"{_CAPTION_BUILTIN} without them)")
     c.add_argument("--prompt", help="text the captions continue (and start with), e.g. BLIP's \"a picture of\"")
+    c.add_argument("--num-beams", type=int, default=None, metavar="K",
+                   help=f"beam search with K beams, as transformers' generate (default: {_CHECKPOINT}; greedy "
+                        f"without them)")
+    c.add_argument("--length-penalty", type=float, default=None, metavar="X",
+                   help=f"beam scores are divided by length ** X (default: {_CHECKPOINT}; 1 without them)")
+    c.add_argument("--early-stopping", type=_early_stopping, default=None, metavar="{true,false,never}",
+                   help=f"when a beam search stops, as transformers' (default: {_CHECKPOINT}; false without them)")
+    c.add_argument("--num-return-sequences", type=int, default=None, metavar="N",
+                   help=f"print the N best beams per image (default: {_CHECKPOINT}; 1 without them)")
+    c.add_argument("--repetition-penalty", type=float, default=None, metavar="P",
+                   help=f"CTRL's penalty on tokens already in the caption (default: {_CHECKPOINT}; 1 = none "
+                        f"without them)")
+    c.add_argument("--no-repeat-ngram-size", type=int, default=None, metavar="N",
+                   help=f"no N-gram twice (default: {_CHECKPOINT}; 0 = off without them)")
     c.add_argument("--json", action="store_true", help="print JSON instead of plain text")
     c.set_defaults(func=_caption)
 

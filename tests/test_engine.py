@@ -128,7 +128,7 @@ def near_images(a, b) -> bool:
     return diff.max() <= 1 and (diff > 0).mean() < 0.005
 
 
-def solo_caption(pipe, image, prompt=None, max_new_tokens=20, sampling=None) -> str:
+def solo_caption(pipe, image, prompt=None, max_new_tokens=None, sampling=None) -> str:
     return pipe.caption([image], max_new_tokens=max_new_tokens, sampling=sampling, prompt=prompt)[0]
 
 

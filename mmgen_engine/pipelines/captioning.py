@@ -27,6 +27,7 @@ from ..errors import CheckpointError, InputError, one_line
 from ..files import open_regular_file
 from ..models import build_model
 from ..runtime import CUDAGraphs, GraphedCall, SamplingParams, generate
+from ..runtime.beam import beam_search
 from ..runtime.layout import column_major_weights
 from ..runtime.limits import MAX_PROMPT_TOKENS, MAX_RESIZED_PIXELS, check_count, check_new_tokens, check_prompt
 from ..runtime.sampler import check_sampling
@@ -240,6 +241,11 @@ class CaptioningPipeline:
             states = encode(pixel_values.to(self.device, self.dtype))
             batch = states.shape[0]
             lengths = torch.full((batch,), states.shape[1], dtype=torch.int64, device=self.device)
+            if sampling is not None and sampling.num_beams > 1:
+                return beam_search(self.model.decoder, prompt, states, lengths, max_new_tokens,
+                                   eos_token_id=gen.eos_token_id, pad_token_id=gen.pad_token_id,
+                                   min_new_tokens=min_new_tokens, params=sampling,
+                                   cuda_graphs=self.use_cuda_graphs)
             return generate(self.model.decoder, prompt, states, lengths, max_new_tokens,
                             eos_token_id=gen.eos_token_id, pad_token_id=gen.pad_token_id,
                             min_new_tokens=min_new_tokens, sampling=sampling,

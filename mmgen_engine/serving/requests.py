@@ -31,12 +31,14 @@ class _Common:
 @dataclass(frozen=True)
 class CaptionRequest(_Common):
     """One image to caption (a path, ``PIL.Image`` or ``HxWx3`` uint8 array), as
-    :meth:`CaptioningPipeline.caption` of ``[image]`` with the same arguments. Streams
-    :class:`TextDelta` events; the result is the caption ``str``."""
+    :meth:`CaptioningPipeline.caption` of ``[image]`` with the same arguments (``max_new_tokens``
+    and ``sampling`` left out: the checkpoint's generation defaults). Streams :class:`TextDelta`
+    events; the result is the caption ``str`` (with beams and ``num_return_sequences > 1``, the
+    list of captions, best first)."""
 
     image: Any
     prompt: str | None = None
-    max_new_tokens: int = 20
+    max_new_tokens: int | None = None
     sampling: Any = None
     timeout: float | None = None  # seconds from submit; then the request fails with DeadlineExceeded
     model: str | None = None      # which of the engine's models (None: its only one of this task)

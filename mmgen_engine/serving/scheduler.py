@@ -241,7 +241,7 @@ class Scheduler:
         st.history[index, :len(rows[0].prompt)] = prompt[:len(rows)]
         st.history_len[index] = len(rows[0].prompt)
         st.step[index] = 0
-        st.min_new[index] = 0
+        st.min_new[index] = torch.tensor([row.min_new for row in rows], device=r.device)
         st.done[index] = False
         # the first token: pick() on these rows (gathered copies, written back)
         sub = DecodeState(None, None, st.sampler.view(index), st.tokens[decoder_rows], st.positions[decoder_rows],
@@ -264,8 +264,8 @@ class Scheduler:
                 self._on_start(row.job)
         for group in {id(row.beams): row.beams for row in rows if row.beams is not None}.values():
             first = group.rows[0]
-            group.beams = Beams(torch.tensor([first.prompt], device=r.device), first.max_new, r.eos, r.pad, 0,
-                                first.sampling)
+            group.beams = Beams(torch.tensor([first.prompt], device=r.device), first.max_new, r.eos, r.pad,
+                                first.min_new, first.sampling)
             at = torch.tensor([rows.index(row) for row in group.rows], device=r.device)
             self._beam_step(group, logits[at])
         plain = [(row, token) for row, token in zip(rows, sub.tokens[:len(rows)].tolist()) if row.beams is None]

@@ -63,6 +63,7 @@ class Row:
     slot: int = -1
     first_position: int = 0  # the cache slot of the first generated token once prefilled
     queued_step: int = 0  # the scheduler's step count when the row began to wait for a slot
+    min_new: int = 0  # eos is suppressed until the row has this many tokens
     beams: BeamGroup | None = None  # the request's beam search, when its rows are beams
 
 
@@ -111,22 +112,25 @@ class CaptionRunner(TaskRunner):
 
     def prepare(self, job: Job) -> None:
         req = job.request
-        max_new, _ = check_new_tokens(req.max_new_tokens)
-        params = seeded(check_sampling(req.sampling) or SamplingParams(), beams=True)
+        if req.max_new_tokens is not None:
+            check_new_tokens(req.max_new_tokens)
+        params = seeded(check_sampling(req.sampling) or self.pipe.default_sampling, beams=True)
         if params.guidance_scale is not None:
             raise InputError("guidance_scale is not supported by this task")
         prompt_ids = self.pipe.tokenize_prompt(req.prompt) if req.prompt is not None else []
         pixels = self.pipe.preprocess([req.image])[0]
-        job.state.update(prompt_ids=prompt_ids, pixels=pixels, max_new=max_new, params=params, sent="")
+        job.state.update(prompt_ids=prompt_ids, pixels=pixels, params=params, sent="")
 
     def start(self, job: Job) -> list[Row]:
-        s = job.state
+        s, req = job.state, job.request
         prompt = self.pipe._prompt(1, s["prompt_ids"])[0].tolist()
+        max_new, min_new = self.pipe._budget(len(prompt), req.max_new_tokens, None)  # the checkpoint's if left out
         params, pixels = s["params"], s.pop("pixels")
         if params.num_beams == 1:
-            return [Row(job, 0, prompt, pixels, s["max_new"], params)]
+            return [Row(job, 0, prompt, pixels, max_new, params, min_new=min_new)]
         group = BeamGroup([])
-        group.rows = [Row(job, j, prompt, pixels, s["max_new"], params, beams=group) for j in range(params.num_beams)]
+        group.rows = [Row(job, j, prompt, pixels, max_new, params, min_new=min_new, beams=group)
+                      for j in range(params.num_beams)]
         return group.rows
 
     def encode(self, rows: list[Row]):
