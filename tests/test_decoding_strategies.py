@@ -264,3 +264,15 @@ def test_cli_caption_beams_and_bad_values(tmp_path):
                         (("--no-repeat-ngram-size", "-3"), "no_repeat_ngram_size")]:
         failed = run(*args)
         assert failed.returncode == 2 and match in failed.stderr and failed.stderr.count("\n") == 1, failed.stderr
+
+
+def test_the_readme_example_reproduces_transformers(tmp_path):
+    """README's "Beam search and repetition controls" example, as written there."""
+    family = Family("vit-gpt2", tmp_path)
+    px = pixels(2, seed=4)
+    with torch.no_grad():
+        ids = family.model.generate(pixel_values=px, max_new_tokens=16, num_beams=4, length_penalty=0.8,
+                                    early_stopping=True, num_return_sequences=2, no_repeat_ngram_size=3)
+    ours = family.pipe.generate_ids(px, 16, sampling=SamplingParams(
+        num_beams=4, length_penalty=0.8, early_stopping=True, num_return_sequences=2, no_repeat_ngram_size=3))
+    assert cut(ours, EOS, PAD, 16) == cut(ids[:, 1:], EOS, PAD, 16)
