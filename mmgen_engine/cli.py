@@ -181,6 +181,31 @@ def _demo(args) -> None:
           f"{g['silence_motion']:.2f} for near-silence")
 
 
+def _serve(args) -> None:
+    try:
+        from .serving.http import ServerConfig, parse_model_args, serve, start_engines
+    except ImportError as e:
+        raise MMGenError(f"mmgen serve needs FastAPI, uvicorn and prometheus-client ({one_line(e)}): "
+                         f"pip install 'mmgen_engine[serve]'") from None
+    if not 0 <= args.port <= 65535:
+        raise InputError(f"--port must be in [0, 65535], got {args.port}")
+    if args.max_body_mb <= 0:
+        raise InputError(f"--max-body-mb must be positive, got {args.max_body_mb:g}")
+    if args.request_timeout is not None and args.request_timeout <= 0:
+        raise InputError(f"--request-timeout must be positive, got {args.request_timeout:g}")
+    config = ServerConfig(parse_model_args(args.model), args.device, args.dtype, args.slots, args.max_queued,
+                          int(args.max_body_mb * 2**20), args.max_images, args.max_n, args.max_prompt_chars,
+                          args.request_timeout, args.grace, not args.no_cuda_graphs)
+    if args.ray:
+        from .serving.ray import serve_ray
+
+        serve_ray(config, args.replicas, address=args.ray_address, host=args.host, port=args.port)
+    else:
+        if args.replicas != 1 or args.ray_address is not None:
+            raise InputError("--replicas and --ray-address take --ray")
+        serve(config, args.host, args.port, args.log_level, start_engines(config))
+
+
 def _bench(args) -> None:
     script = BENCHMARKS_DIR / f"bench_{args.name}.py"
     if not script.is_file():
@@ -306,6 +331,41 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("demo", help="run every bundled demo model")
     c.add_argument("--out", default="out/demo", help="directory for the demo outputs")
     c.set_defaults(func=_demo)
+
+    c = sub.add_parser("serve", help="serve models over HTTP (captions, images, gestures; needs the [serve] extra)",
+                       description="Serve converted models over HTTP: POST /v1/captions, /v1/images/generations "
+                                   "(the OpenAI Images API), /v1/gestures, with stream=true for Server-Sent Events; "
+                                   "GET / (a playground page), /health, /v1/models, /metrics (Prometheus). One "
+                                   "engine with continuous batching per model. SIGTERM stops accepting, lets "
+                                   "requests in flight finish for --grace seconds, then cancels the rest.")
+    c.add_argument("--model", action="append", required=True, metavar="[NAME=]DIR",
+                   help="a converted checkpoint to serve, named NAME (default: the directory's name); repeatable")
+    c.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    c.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    c.add_argument("--device", default="cpu")
+    c.add_argument("--dtype", choices=DTYPES, default=None)
+    c.add_argument("--slots", type=int, default=8, help="decoder rows each model decodes at once (default 8)")
+    c.add_argument("--max-queued", type=int, default=64, metavar="M",
+                   help="requests that may wait for a slot per model; more are answered 429 (default 64)")
+    c.add_argument("--max-body-mb", type=float, default=32, metavar="MB",
+                   help="largest request body (uploads included), refused with 413 before it is read (default 32)")
+    c.add_argument("--max-images", type=int, default=16, metavar="N", help="images per caption request (default 16)")
+    c.add_argument("--max-n", type=int, default=16, metavar="N", help="images per image request (default 16)")
+    c.add_argument("--max-prompt-chars", type=int, default=4096, metavar="N",
+                   help="longest prompt in characters (default 4096)")
+    c.add_argument("--request-timeout", type=float, default=None, metavar="S",
+                   help="a request not finished S seconds after it arrived fails with 504 (default: none)")
+    c.add_argument("--grace", type=float, default=30, metavar="S",
+                   help="on SIGTERM, seconds requests in flight may take to finish (default 30)")
+    c.add_argument("--no-cuda-graphs", action="store_true", help="on CUDA, decode eagerly")
+    c.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    c.add_argument("--ray", action="store_true", help="run on Ray Serve (needs the [ray] extra): --replicas "
+                   "engines behind Ray's HTTP proxy, on a local Ray instance or the cluster at --ray-address")
+    c.add_argument("--replicas", type=int, default=1, metavar="N", help="with --ray: replicas (default 1)")
+    c.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="with --ray: the Ray cluster to join (e.g. ray://head:10001 or auto; default: start a "
+                        "local Ray instance)")
+    c.set_defaults(func=_serve)
 
     c = sub.add_parser("bench", help="run a benchmark from benchmarks/ (e.g. `mmgen bench caption`)")
     c.add_argument("name")

@@ -177,6 +177,12 @@ class Engine:
                 handle.cancel()
 
     # -- state ----------------------------------------------------------------------------------
+    @property
+    def closed(self) -> MMGenError | None:
+        """None while the engine takes requests; then what ``submit`` raises: ``EngineClosed`` after
+        :meth:`shutdown`, ``EngineFailed`` after a scheduler thread died."""
+        return self._closed
+
     def metrics(self) -> dict:
         """Counters: requests by outcome, queued now, and per model its decode steps and slot occupancy
         (occupied slots per step over ``slots``)."""
