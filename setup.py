@@ -64,6 +64,7 @@ setup(
             "demo/models/**/*.json",
             "demo/models/**/*.safetensors",
             "demo/models/**/*.txt",
+            "serving/playground.html",
         ]
     },
     ext_modules=[CMakeExtension("mmgen_engine._C")],
