@@ -145,6 +145,10 @@ class _BodyTooLarge(Exception):
     pass
 
 
+class _ClientGone(Exception):
+    """The client disconnected before its answer: its requests are cancelled; nobody reads the 499."""
+
+
 def _error_body(status: int, message: str, kind: str) -> dict:
     return {"error": {"message": message, "type": kind, "code": status}}
 
@@ -153,6 +157,8 @@ def _as_http_error(e: BaseException) -> HTTPError:
     """What an exception raised while serving a request is answered with."""
     if isinstance(e, HTTPError):
         return e
+    if isinstance(e, _ClientGone):
+        return HTTPError(499, "the client disconnected", "client_closed_request")
     if isinstance(e, _BodyTooLarge):
         return HTTPError(413, str(e), "request_too_large")
     if isinstance(e, EngineOverloaded):
@@ -259,6 +265,11 @@ async def _read_request(request: Request, files: str, max_files: int) -> tuple[d
             raise InputError("the JSON body must be an object")
         return body, []
     if ctype == "multipart/form-data":
+        boundary = request.headers["content-type"].partition("boundary=")[2].split(";")[0].strip().strip('"')
+        raw = await request.body()  # within the body limit; the form is parsed from it
+        if not boundary or not raw.rstrip(b"\r\n").endswith(b"--" + boundary.encode("latin-1") + b"--"):
+            raise InputError("bad multipart body: no boundary, or truncated (it does not end with its closing "
+                             "boundary)")
         try:
             form = await request.form(max_files=max_files, max_fields=64, max_part_size=1 << 20)
         except HTTPException as e:  # Starlette's parser: truncated or malformed multipart, too many parts
@@ -325,6 +336,8 @@ def _image(data, where: str) -> PIL.Image.Image:
         raise InputError(f"{where}: empty image")
     try:
         return PIL.Image.open(io.BytesIO(data))
+    except PIL.UnidentifiedImageError:
+        raise InputError(f"{where}: not an image format Pillow reads (PNG, JPEG, ...)") from None
     except Exception as e:  # noqa: BLE001 - PIL raises many types on bad data: all mean unreadable
         raise InputError(f"{where}: unreadable image ({one_line(e)})") from None
 
@@ -358,7 +371,7 @@ async def _results(request: Request, handles: list) -> list:
     try:
         await asyncio.wait({gathered, gone}, return_when=asyncio.FIRST_COMPLETED)
         if not gathered.done():
-            raise asyncio.CancelledError("the client disconnected")
+            raise _ClientGone()
         return gathered.result()
     finally:
         gone.cancel()
@@ -398,10 +411,10 @@ async def _events(handles: list):
             task.cancel()
 
 
-async def _stream(handles: list, events, finish):
+async def _stream(handles: list, events, finish, named=lambda e: e):
     """The SSE body: the task's events (``events(i, event)`` -> SSE bytes or None), then the ``done``
-    event with ``await finish(results)``, or an ``error`` event. Ending early (the client went, the
-    server shuts down) cancels the handles."""
+    event with ``await finish(results)``, or an ``error`` event (of ``named(error)``). Ending early
+    (the client went, the server shuts down) cancels the handles."""
     try:
         async for i, event in _events(handles):
             chunk = events(i, event)
@@ -409,7 +422,7 @@ async def _stream(handles: list, events, finish):
                 yield chunk
         yield _sse("done", await finish([h.result() for h in handles]))
     except Exception as e:  # noqa: BLE001 - the status line has gone: the error becomes the last event
-        err = _as_http_error(e)
+        err = _as_http_error(named(e))
         yield _sse("error", _error_body(err.status, str(err), err.kind))
     finally:
         for handle in handles:
@@ -468,7 +481,9 @@ def create_app(config: ServerConfig, engines: dict[str, Engine] | None = None) -
     generated = Counter("mmgen_generated_tokens", "Tokens generated", ["model"], registry=registry)
     app.add_middleware(_Limits, limit=config.max_body_bytes, counter=http_requests)
 
-    for kind in (Exception, HTTPException):
+    # expected errors are answered by the exception middleware; anything else by the outermost one,
+    # which also logs it with its traceback (server-side only)
+    for kind in (MMGenError, HTTPError, HTTPException, _BodyTooLarge, _ClientGone, Exception):
         app.add_exception_handler(kind, lambda request, e: _error_response(e))
 
     def observe(name: str, handle) -> None:
@@ -650,6 +665,12 @@ def create_app(config: ServerConfig, engines: dict[str, Engine] | None = None) -
             raise
         handles[0].future.add_done_callback(lambda _: audio.unlink(missing_ok=True) if fmt != "mp4" else None)
 
+        def named(e: BaseException) -> BaseException:
+            """The error with the upload named as the client knows it, not by its temporary path."""
+            if isinstance(e, InputError) and str(audio) in str(e):
+                return InputError(str(e).replace(str(audio), "audio"))
+            return e
+
         def answer(poses: np.ndarray) -> dict:
             return {"model": name, "fps": pipe.fps, "frames": int(poses.shape[0]), "joints": int(poses.shape[1]),
                     "joint_names": list(JOINT_NAMES), "skeleton": pipe.skeleton, "poses": _poses_json(poses)}
@@ -668,9 +689,12 @@ def create_app(config: ServerConfig, engines: dict[str, Engine] | None = None) -
             async def finish(results):
                 return answer(results[0])
 
-            return sse(_stream(handles, events, finish))
+            return sse(_stream(handles, events, finish, named))
         try:
-            poses = (await _results(request, handles))[0]
+            try:
+                poses = (await _results(request, handles))[0]
+            except MMGenError as e:
+                raise named(e) from None
             if fmt == "json":
                 return answer(poses)
             data = await asyncio.to_thread(_pose_file, fmt, poses, pipe, audio)
@@ -723,6 +747,12 @@ class _Server(uvicorn.Server):
         await super().startup(sockets)
         if not self.should_exit:
             print(self.ready, flush=True)
+
+    async def shutdown(self, sockets=None):
+        await super().shutdown(sockets)
+        # uvicorn re-raises the SIGTERM/SIGINT it caught once it has stopped, which kills the process
+        # with that signal; a graceful shutdown exits with status 0 instead, as other servers do
+        getattr(self, "_captured_signals", []).clear()
 
 
 def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
