@@ -13,7 +13,10 @@
 # kernels selected for the ops that have them; engine, the serving benchmark (bench_engine.py: mm.Engine's
 # continuous batching against static batching and one request at a time under Poisson arrivals, the
 # demo models, up to 7 minutes); beam, beam search K = 3 and 5 vs transformers and vs K greedy rows
-# (bench_beam.py, ViT-B/16 + GPT-2 small, fp16, about 2 minutes), e.g.
+# (bench_beam.py, ViT-B/16 + GPT-2 small, fp16, about 2 minutes); serving, the HTTP load test
+# (bench_serving.py: `mmgen serve` against a ten-line FastAPI app calling the pipeline behind a lock,
+# Poisson arrivals over loopback, the demo models, up to 6 minutes; needs fastapi, uvicorn, httpx
+# and prometheus-client, installed from wheels carried in build/serving_wheels when missing), e.g.
 #   STAGES="engine beam" bash benchmarks/gpu_check.sh
 # `sanitizer` runs the CUDA kernels' GPU tests under compute-sanitizer's memcheck
 # (out-of-bounds and misaligned accesses, launch errors in csrc/kernels) at the test shapes.
@@ -105,6 +108,25 @@ timeout 300 "$PY" benchmarks/bench_beam.py --device cuda --dtype float16 $QUICK 
   >"$OUT/bench_beam.log" 2>&1 || status=1
 fi
 
+if want serving; then
+step "serving over HTTP: mmgen serve vs a FastAPI app with the pipeline behind a lock, Poisson arrivals, demo models"
+# the machine has no network: pip download fastapi uvicorn httpx prometheus-client python-multipart
+# (and their dependencies) into build/serving_wheels on a CPU machine and carry it
+if ls build/serving_wheels/* >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-deps --no-index --no-build-isolation build/serving_wheels/* >"$OUT/serving_wheels.log" 2>&1 \
+    || tail -5 "$OUT/serving_wheels.log"
+fi
+if "$PY" -c "import fastapi, uvicorn, httpx, prometheus_client, multipart" 2>/dev/null; then
+  # the sweeps are bench_serving.py's CUDA defaults, a guess (not yet run on a GPU); each mode skips
+  # the rates above two saturated ones
+  timeout 360 "$PY" benchmarks/bench_serving.py --device cuda $QUICK --log-dir "$OUT/serving" \
+    --json "$OUT/bench_serving.json" >"$OUT/bench_serving.log" 2>&1 || status=1
+else
+  echo "fastapi, uvicorn, httpx, prometheus-client or python-multipart missing (see build/serving_wheels above)"
+  status=1
+fi
+fi
+
 if want txt2img; then
 step "text-to-image: engine vs min-dalle, DALL-E Mini size, random weights, fp16"
 # min-dalle, dall-e and taming ship as wheels carried in build/upstream_wheels (the machine has no
@@ -136,6 +158,7 @@ show "gesture benchmark" "$OUT/bench_gesture.log"
 show "engine benchmark" "$OUT/bench_engine.log"
 show "engine benchmark" "$OUT/bench_engine_t2i_gesture.log"
 [ -f "$OUT/bench_beam.log" ] && tail -20 "$OUT/bench_beam.log"
+show "serving benchmark" "$OUT/bench_serving.log"
 grep -E "WARNING|FAILED|Error" "$OUT"/bench_*.log 2>/dev/null | head -10
 [ -f "$OUT/pytest_gpu.log" ] && grep -E "passed|failed" "$OUT/pytest_gpu.log" | tail -1
 [ -f "$OUT/sanitizer.log" ] && grep -E "ERROR SUMMARY|passed|failed" "$OUT/sanitizer.log" | tail -2
