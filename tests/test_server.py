@@ -399,3 +399,23 @@ def test_sigterm_cancels_what_outlives_the_grace_period():
         assert not thread.is_alive()
         response = out[0]
         assert isinstance(response, httpx.HTTPError) or response.status_code in (500, 503), response
+
+
+def test_the_readme_curl_call(server, scenes, tmp_path):
+    """The README's curl call, as printed there, against the served demo captioner."""
+    import re
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("## HTTP server: `mmgen serve`"):]
+    line = re.search(r"^curl -s localhost:8000/v1/captions -F image=@(\S+)$", section, re.M)
+    assert line and 'mm.demo_model(\'captioning\')' in section[:line.start()]
+    scenes[0].save(tmp_path / "scene.png")
+    command = line.group(0).replace("localhost:8000", server.url).replace(line.group(1), str(tmp_path / "scene.png"))
+    out = subprocess.run(command.split(), capture_output=True, text=True, timeout=60, check=True).stdout
+    assert json.loads(out) == {"model": "captioning", "captions": [mm.load(mm.demo_model("captioning")).caption(
+        [scenes[0]])[0]]}
