@@ -213,6 +213,8 @@ BAD = [
     ("post", "/v1/captions", {"content": b"hello", "headers": {"content-type": "text/plain"}}, 415, "Content-Type"),
     ("post", "/v1/captions", {"json": {}}, 400, "no images"),
     ("post", "/v1/captions", {"json": {"images": ["@@@"]}}, 400, "base64"),
+    ("post", "/v1/captions", {"json": {"images": [{"url": "x"}]}}, 400, "base64 string"),
+    ("post", "/v1/captions", {"json": {"images": "AAAA"}}, 400, "no images"),
     ("post", "/v1/captions", {"json": {"images": [base64.b64encode(b"GIF89a nonsense").decode()]}}, 400, "image"),
     ("post", "/v1/captions", {"json": {"images": ["AAAA"], "temperature": "hot"}}, 400, "temperature"),
     ("post", "/v1/captions", {"json": {"images": ["AAAA"], "colour": 1}}, 400, "unknown field"),

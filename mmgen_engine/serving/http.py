@@ -325,6 +325,8 @@ def _check_prompt(prompt: str | None, limit: int) -> None:
 def _image(data, where: str) -> PIL.Image.Image:
     """A base64 string (or data: URL) or uploaded bytes -> a lazily decoded PIL image (its header
     read and checked; the pixels are decoded on the engine's preprocessing threads)."""
+    if not isinstance(data, (str, bytes)):
+        raise InputError(f"{where} must be a base64 string, got {json.dumps(data)[:40]}")
     if isinstance(data, str):
         if data.startswith("data:"):
             data = data.partition(",")[2]
