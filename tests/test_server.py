@@ -421,3 +421,22 @@ def test_the_readme_curl_call(server, scenes, tmp_path):
     out = subprocess.run(command.split(), capture_output=True, text=True, timeout=60, check=True).stdout
     assert json.loads(out) == {"model": "captioning", "captions": [mm.load(mm.demo_model("captioning")).caption(
         [scenes[0]])[0]]}
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--model", "/nonexistent/ckpt"], "not a converted checkpoint"),
+    (["--model", "a={c}", "--model", "a={c}"], "served already"),
+    (["--model", "{c}", "--port", "70000"], "--port"),
+    (["--model", "{c}", "--replicas", "2"], "--ray"),
+    (["--model", "{c}", "--max-images", "0"], "max_images"),
+    (["--model", "{c}", "--grace", "-1"], "grace"),
+])
+def test_serve_command_errors_are_one_line(args, words):
+    import subprocess
+    import sys
+
+    ckpt = str(mm.demo_model("captioning"))
+    cmd = [sys.executable, "-m", "mmgen_engine.cli", "serve", *[a.format(c=ckpt) for a in args]]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stdout == "", out
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith("mmgen: error:") and words in out.stderr, out.stderr
