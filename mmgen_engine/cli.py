@@ -199,10 +199,18 @@ def _serve(args) -> None:
     if args.ray:
         from .serving.ray import serve_ray
 
-        serve_ray(config, args.replicas, address=args.ray_address, host=args.host, port=args.port)
+        autoscaling = None
+        if args.autoscale is not None:
+            low, sep, high = args.autoscale.partition(":")
+            if not (sep and low.isdigit() and high.isdigit() and 0 <= int(low) <= int(high) and int(high) >= 1):
+                raise InputError(f"--autoscale takes MIN:MAX replicas (0 <= MIN <= MAX, MAX >= 1), "
+                                 f"got {args.autoscale!r}")
+            autoscaling = {"min_replicas": int(low), "max_replicas": int(high)}
+        serve_ray(config, args.replicas, address=args.ray_address, host=args.host, port=args.port,
+                  autoscaling=autoscaling, num_gpus=args.gpus_per_replica)
     else:
-        if args.replicas != 1 or args.ray_address is not None:
-            raise InputError("--replicas and --ray-address take --ray")
+        if args.replicas != 1 or args.ray_address is not None or args.autoscale or args.gpus_per_replica is not None:
+            raise InputError("--replicas, --ray-address, --autoscale and --gpus-per-replica take --ray")
         serve(config, args.host, args.port, args.log_level, start_engines(config))
 
 
@@ -362,6 +370,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--ray", action="store_true", help="run on Ray Serve (needs the [ray] extra): --replicas "
                    "engines behind Ray's HTTP proxy, on a local Ray instance or the cluster at --ray-address")
     c.add_argument("--replicas", type=int, default=1, metavar="N", help="with --ray: replicas (default 1)")
+    c.add_argument("--autoscale", default=None, metavar="MIN:MAX",
+                   help="with --ray: let Ray Serve's autoscaler run MIN to MAX replicas by load (instead of "
+                        "--replicas)")
+    c.add_argument("--gpus-per-replica", type=float, default=None, metavar="X",
+                   help="with --ray: GPUs each replica reserves (default 1 on CUDA, 0 on CPU; 0.5 puts two on a GPU)")
     c.add_argument("--ray-address", default=None, metavar="ADDR",
                    help="with --ray: the Ray cluster to join (e.g. ray://head:10001 or auto; default: start a "
                         "local Ray instance)")

@@ -428,6 +428,8 @@ def test_the_readme_curl_call(server, scenes, tmp_path):
     (["--model", "a={c}", "--model", "a={c}"], "served already"),
     (["--model", "{c}", "--port", "70000"], "--port"),
     (["--model", "{c}", "--replicas", "2"], "--ray"),
+    (["--model", "{c}", "--autoscale", "1:2"], "--ray"),
+    (["--model", "{c}", "--ray", "--autoscale", "3:1"], "MIN:MAX"),
     (["--model", "{c}", "--max-images", "0"], "max_images"),
     (["--model", "{c}", "--grace", "-1"], "grace"),
 ])
