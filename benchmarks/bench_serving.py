@@ -88,10 +88,10 @@ IDLE_CORES = 0.1  # a server using less than this (CPU seconds per second) count
 # unloaded requests, seconds to wait after the last arrival; the --quick values; the CUDA sweep (a
 # guess, not yet run on a GPU).
 DEFAULTS = {
-    "captions": {"rates": [10, 25, 50, 100, 150, 200], "requests": 300, "duration": 3.0, "unloaded": 30,
+    "captions": {"rates": [10, 25, 50, 100, 150, 200, 300, 400], "requests": 400, "duration": 3.0, "unloaded": 30,
                  "drain": 10.0, "cuda_rates": [50, 100, 200, 400, 800],
                  "quick": {"rates": [20], "requests": 8, "duration": 1.0, "unloaded": 3, "drain": 10.0}},
-    "images": {"rates": [0.5, 1, 2, 4, 6], "requests": 24, "duration": 6.0, "unloaded": 3, "drain": 20.0,
+    "images": {"rates": [0.5, 1, 2, 4, 6, 8], "requests": 24, "duration": 6.0, "unloaded": 3, "drain": 20.0,
                "cuda_rates": [2, 5, 10, 20, 40],
                "quick": {"rates": [1], "requests": 2, "duration": 2.0, "unloaded": 1, "drain": 30.0}},
     "gestures": {"rates": [2, 5, 10, 20, 30], "requests": 100, "duration": 4.0, "unloaded": 10, "drain": 10.0,
@@ -604,7 +604,9 @@ def given_models(values: list[str]) -> dict[str, str]:
 async def run_all(args, procs: dict[str, ServerProcess]) -> tuple[list, list, dict]:
     import httpx
 
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    # idle connections are dropped before uvicorn's keep-alive timeout (5 s) closes them: reusing one
+    # the server is closing at that moment fails the request (ReadError)
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None, keepalive_expiry=2.0)
     timeout = httpx.Timeout(None)
     async with httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False) as c_server, \
             httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False) as c_base:
@@ -690,6 +692,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)  # this process's: the servers get OMP_NUM_THREADS
     models = given_models(args.model) if args.model else demo_models(args.tasks)
+    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # the machine's at the end: machine_info
     t0 = time.perf_counter()
     procs = start_servers(models, args)
     log(f"servers up in {time.perf_counter() - t0:.1f} s")
@@ -702,7 +705,7 @@ def main(argv=None) -> int:
                "settings": {"tasks": args.tasks, "modes": args.modes, "models": models, "device": args.device,
                             "dtype": args.dtype, "slots": args.slots, "max_queued": args.max_queued,
                             "max_new": args.max_new, "slo": args.slo, "seed": args.seed, "quick": args.quick,
-                            "threads": args.threads, "per_task": settings},
+                            "threads": args.threads, "load_avg_1m_start": load_start, "per_task": settings},
                "results": rows, "summary": summary}
     write_json(args.json, payload)
     log(f"wrote {args.json} ({time.perf_counter() - t0:.0f} s)")
