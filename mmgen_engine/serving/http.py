@@ -69,6 +69,7 @@ FIELD_TYPES = {"prompt": str, "model": str, "size": str, "response_format": str,
 OPENAI_IGNORED = {"quality": None, "style": None, "user": None, "background": None, "moderation": None,
                   "output_format": "png"}
 DEFAULT_PARTIAL_IMAGES = 3
+KEEP_ALIVE_S = 75
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 ROUTES = ("/", "/health", "/v1/models", "/metrics", "/v1/captions", "/v1/images/generations", "/v1/gestures")
 
@@ -774,6 +775,8 @@ def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000, log_l
     app = create_app(config, engines)
     shown = f"[{host}]" if family == socket.AF_INET6 else host
     ready = f"mmgen serve: listening on http://{shown}:{port} (models: {', '.join(config.models)})"
+    # keep-alive: idle connections stay open longer than clients keep them (httpx 5 s, aiohttp 15 s), so a
+    # client never sends a request on a connection the server is closing (uvicorn's default is 5 s)
     server = _Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=config.grace_s,
-                                    lifespan="on"), ready)
+                                    timeout_keep_alive=KEEP_ALIVE_S, lifespan="on"), ready)
     server.run(sockets=[sock])
