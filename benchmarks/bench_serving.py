@@ -604,8 +604,8 @@ def given_models(values: list[str]) -> dict[str, str]:
 async def run_all(args, procs: dict[str, ServerProcess]) -> tuple[list, list, dict]:
     import httpx
 
-    # idle connections are dropped before uvicorn's keep-alive timeout (5 s) closes them: reusing one
-    # the server is closing at that moment fails the request (ReadError)
+    # idle connections are dropped before a server's keep-alive timeout closes them (the baseline has
+    # uvicorn's default 5 s): reusing one the server is closing at that moment fails with ReadError
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None, keepalive_expiry=2.0)
     timeout = httpx.Timeout(None)
     async with httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False) as c_server, \
