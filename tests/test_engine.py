@@ -295,6 +295,21 @@ def test_a_request_joins_a_batch_mid_decode(txt2img):
     assert near_images(b_images, solo_images(txt2img, *b_args))
 
 
+def test_partial_images_of_rows_at_different_lengths(txt2img):
+    """Two streamed requests that joined at different steps are due partial images at the same steps
+    with different token counts: each gets its own, and both end as their solo runs."""
+    with serving(txt2img, slots=4) as engine:
+        a = engine.submit(mm.ImageRequest("a red circle", sampling=image_sampling(1), every=1))
+        wait_until(lambda: a.tokens >= 3 or a.done(), what="A's first tokens")
+        b = engine.submit(mm.ImageRequest("a yellow triangle", sampling=image_sampling(2), every=1))
+        a_events, b_events = list(a), list(b)
+        for events in (a_events, b_events):  # (the last token's partial image is the final image)
+            assert [e.tokens for e in events][:255] == list(range(1, 256)), [e.tokens for e in events]
+        assert same_images(a.result(timeout=WAIT), solo_images(txt2img, "a red circle", 1, image_sampling(1)))
+        assert near_images(b.result(timeout=WAIT), solo_images(txt2img, "a yellow triangle", 1, image_sampling(2)))
+        assert engine.closed is None
+
+
 def test_a_caption_ending_at_eos_frees_its_slot(captioner):
     """One slot, a queue of captions that all end at eos well before max_new_tokens: every one
     completes, one after another, and no decode step is spent past an eos."""

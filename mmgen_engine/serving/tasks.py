@@ -213,10 +213,13 @@ class ImageRunner(TaskRunner):
         return to_pil(self.pipe.decode_tokens(grids))  # one batch for rows of every request
 
     def advanced(self, rows: list[Row]) -> None:
-        due = [r for r in rows if r.job.request.every and len(r.tokens) % r.job.request.every == 0]
-        if due:
-            for row, image in zip(due, self._images([r.tokens for r in due])):
-                self.emit(row.job, PartialImage(row.stream_row, image, len(row.tokens), self.total))
+        due: dict[int, list[Row]] = {}  # rows that joined at different steps are due with different lengths
+        for r in rows:
+            if r.job.request.every and len(r.tokens) % r.job.request.every == 0:
+                due.setdefault(len(r.tokens), []).append(r)
+        for length, group in due.items():  # one batch per length
+            for row, image in zip(group, self._images([r.tokens for r in group])):
+                self.emit(row.job, PartialImage(row.stream_row, image, length, self.total))
 
     def finished(self, rows: list[Row]) -> list[Row]:
         for row, image in zip(rows, self._images([r.tokens for r in rows])):
