@@ -1,5 +1,5 @@
-"""Fused bias + GELU: ``out = gelu(x + bias)``, erf, tanh or sigmoid form, and the gated GELU
-``gelu(x[..., :H]) * x[..., H:]`` (see ``ops.activation``).
+"""Fused bias + GELU: ``out = gelu(x + bias)``, erf, tanh or sigmoid form, the gated GELU
+``gelu(x[..., :H]) * x[..., H:]``, and bias + ReLU ``max(x + bias, 0)`` (see ``ops.activation``).
 
 Elementwise over ``x [..., N]`` with ``bias [N]`` broadcast: reads x once and writes out once
 (2·numel·e bytes) instead of the add's and the GELU's two passes. The gated form reads ``2H`` and
@@ -34,6 +34,15 @@ def _bias_gelu_kernel(x_ptr, b_ptr, out_ptr, numel, N, FORM: tl.constexpr, BLOCK
 
 
 @triton.jit
+def _bias_relu_kernel(x_ptr, b_ptr, out_ptr, numel, N, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    y = x + tl.load(b_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, tl.maximum(y, 0.0).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _gelu_mul_kernel(x_ptr, out_ptr, numel, H, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
@@ -59,4 +68,12 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor, approximate: str) -> torch.Te
     numel = x.numel()
     _bias_gelu_kernel[(triton.cdiv(numel, BLOCK),)](x, bias, out, numel, x.shape[-1],
                                                     FORM=FORMS[approximate], BLOCK=BLOCK)
+    return out
+
+
+def bias_relu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    numel = x.numel()
+    _bias_relu_kernel[(triton.cdiv(numel, BLOCK),)](x, bias, out, numel, x.shape[-1], BLOCK=BLOCK)
     return out

@@ -3,7 +3,7 @@
 See :mod:`mmgen_engine.ops.registry` for how an implementation is chosen and each op's module
 docstring for its math.
 """
-from .activation import bias_gelu, gelu_mul
+from .activation import bias_gelu, bias_relu, gelu_mul
 from .attention import attention, decode_attention
 from .conv import conv2d, group_norm
 from .embedding import embedding, token_gather
@@ -19,6 +19,7 @@ __all__ = [
     "available_backends",
     "BackendError",
     "bias_gelu",
+    "bias_relu",
     "conv2d",
     "decode_attention",
     "embedding",

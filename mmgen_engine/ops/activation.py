@@ -8,6 +8,9 @@ CLIP's "quick_gelu"). Math in fp32 for the sigmoid form.
 Gated GELU: ``gelu_mul(x) = gelu(x[..., :H]) * x[..., H:]`` for ``x [..., 2H]`` (the exact erf
 GELU; the GLU feed-forward of min-dalle's BART, whose two input projections are fused into one
 ``[2H, D]`` product). Math in fp32.
+
+Fused bias + ReLU: ``bias_relu(x, bias) = max(x + bias, 0)`` in x's dtype (OPT's feed-forward); the
+add in fp32 (as torch adds half-precision tensors), rounded once.
 """
 from __future__ import annotations
 
@@ -37,6 +40,21 @@ def gelu_mul_reference(x):
 
 
 register_lazy("gelu_mul", "triton", "mmgen_engine.kernels.activation:gelu_mul", TRITON_DEVICES)
+
+
+@register("bias_relu", "reference")
+def bias_relu_reference(x, bias):
+    return torch.relu(x + bias).to(x.dtype)
+
+
+register_lazy("bias_relu", "triton", "mmgen_engine.kernels.activation:bias_relu", TRITON_DEVICES)
+
+
+def bias_relu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """ReLU of ``x [..., N] + bias [N]``."""
+    if bias.dim() != 1 or bias.shape[0] != x.shape[-1]:
+        raise ValueError(f"bias must have shape ({x.shape[-1]},), got {tuple(bias.shape)}")
+    return dispatch("bias_relu", x)(x, bias)
 
 
 def gelu_mul(x: torch.Tensor) -> torch.Tensor:
