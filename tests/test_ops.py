@@ -205,3 +205,202 @@ def test_linear_splits_only_streaming_products(monkeypatch):
             assert bool(calls) == split, (tuple(w.shape), w.stride(), rows)
     finally:
         torch.set_num_threads(threads)
+
+
+# LLaMA-family ops: RMSNorm, rotary embedding, grouped-query attention (K/V heads dividing the query heads)
+# and the rotary decode step, against the written-out math and transformers' LLaMA functions.
+
+def seeded(*shape, dtype=torch.float32, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def rope_tables(b, t, dh, seed=0):
+    """cos, sin [B, T, Dh / 2] float32 of arbitrary per-row positions (as the caller gathers them)."""
+    pos = torch.randint(0, 4096, (b, t, 1), generator=torch.Generator().manual_seed(seed)).float()
+    angles = pos * 10000.0 ** (-torch.arange(0, dh, 2).float() / dh)
+    return angles.cos(), angles.sin()
+
+
+def naive_rotary(x, cos, sin):
+    """Each pair (x[i], x[i + Dh/2]) turned by its angle, as a complex product, in float64."""
+    half = x.shape[-1] // 2
+    z = torch.complex(x[..., :half].double(), x[..., half:].double()) * torch.complex(cos.double(), sin.double())
+    return torch.cat((z.real, z.imag), -1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (2, 5, 97), (17, 769), (2, 4096)])
+def test_rms_norm_matches_math(dtype, shape):
+    x = 3 * seeded(*shape, dtype=dtype, seed=1)
+    w = seeded(shape[-1], dtype=dtype, seed=2)
+    out = ops.rms_norm(x, w, 1e-6)
+    ref = x.double() / torch.sqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6) * w.double()
+    assert out.dtype == dtype and out.shape == x.shape
+    torch.testing.assert_close(out.double(), ref, atol=TOL[dtype], rtol=TOL[dtype])
+    # an fp32 weight (a checkpoint kept in fp32) gives x's dtype too
+    assert ops.rms_norm(x, w.float(), 1e-6).dtype == dtype
+    with pytest.raises(ValueError, match=r"rms_norm: weight must have shape"):
+        ops.rms_norm(x, w[:-1] if shape[-1] > 1 else torch.ones(2), 1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_is_llamas(dtype):
+    llama = pytest.importorskip("transformers.models.llama.modeling_llama")
+    norm = llama.LlamaRMSNorm(97, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(seeded(97, seed=3))
+        x = seeded(3, 5, 97, dtype=dtype, seed=4)
+        assert torch.equal(ops.rms_norm(x, norm.weight, 1e-5), norm(x))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b,h,t,dh", [(1, 1, 1, 2), (3, 2, 5, 6), (2, 3, 7, 66), (1, 4, 9, 128)])
+def test_rotary_matches_math(dtype, b, h, t, dh):
+    x = seeded(b, t, h, dh, dtype=dtype, seed=dh).transpose(1, 2)  # heads of a fused projection: strided
+    cos, sin = rope_tables(b, t, dh, seed=t)
+    out = ops.rotary(x, cos, sin)
+    ref = naive_rotary(x, cos[:, None], sin[:, None])
+    assert out.dtype == dtype and out.shape == x.shape
+    torch.testing.assert_close(out.double(), ref, atol=TOL[dtype], rtol=TOL[dtype])
+    assert not torch.equal(out, x) or t == 0
+
+
+def test_rotary_is_llamas_apply_rotary_pos_emb():
+    llama = pytest.importorskip("transformers.models.llama.modeling_llama")
+    b, hq, hkv, t, dh = 2, 4, 2, 6, 16
+    q, k = seeded(b, hq, t, dh, seed=1), seeded(b, hkv, t, dh, seed=2)
+    cos, sin = rope_tables(b, t, dh)
+    ref_q, ref_k = llama.apply_rotary_pos_emb(q, k, torch.cat((cos, cos), -1), torch.cat((sin, sin), -1))
+    torch.testing.assert_close(ops.rotary(q, cos, sin), ref_q, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(ops.rotary(k, cos, sin), ref_k, atol=1e-6, rtol=1e-6)
+
+
+def test_rotary_rejects_bad_arguments():
+    x = seeded(2, 3, 4, 8)
+    cos, sin = rope_tables(2, 4, 8)
+    with pytest.raises(ValueError, match=r"rotary: x must be \[B, H, T, Dh\] with an even Dh"):
+        ops.rotary(x[..., :7], cos, sin)
+    with pytest.raises(ValueError, match=r"rotary: cos must have shape \(2, 4, 4\), got \(2, 4, 8\)"):
+        ops.rotary(x, torch.cat((cos, cos), -1), sin)
+    with pytest.raises(TypeError, match="rotary: sin must be float32, got bfloat16"):
+        ops.rotary(x, cos, sin.bfloat16())
+    with pytest.raises(ValueError, match="rotary: cos and sin go together"):
+        ops.rotary(x, cos, None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hq,hkv", [(4, 1), (6, 2), (4, 4)])
+@pytest.mark.parametrize("causal,with_lengths", [(False, False), (True, False), (True, True)])
+def test_grouped_query_attention_is_attention_over_repeated_kv_heads(dtype, hq, hkv, causal, with_lengths):
+    """Query head h reads K/V head h // (Hq / Hkv): transformers' repeat_kv, then plain attention."""
+    b, tq, tk, d = 2, 5, 9, 16
+    q, k, v = seeded(b, hq, tq, d, dtype=dtype, seed=1), *(seeded(b, hkv, tk, d, dtype=dtype, seed=s) for s in (2, 3))
+    lengths = torch.tensor([9, 7]) if with_lengths else None
+    out = ops.attention(q, k, v, 0.25, causal=causal, key_lengths=lengths)
+    mask = torch.ones(b, 1, tq, tk, dtype=torch.bool)
+    if causal:
+        mask &= torch.ones(tq, tk, dtype=torch.bool).tril(tk - tq)
+    if with_lengths:
+        mask &= (torch.arange(tk)[None, :] < lengths[:, None])[:, None, None, :]
+    rep = hq // hkv
+    ref = naive_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), 0.25, mask)
+    assert out.shape == q.shape and out.dtype == dtype
+    torch.testing.assert_close(out.double(), ref, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def test_grouped_query_attention_is_llamas_eager_attention():
+    llama = pytest.importorskip("transformers.models.llama.modeling_llama")
+    b, hq, hkv, t, d = 2, 6, 3, 7, 8
+    q, k, v = seeded(b, hq, t, d, seed=1), *(seeded(b, hkv, t, d, seed=s) for s in (2, 3))
+    module = torch.nn.Module().eval()
+    module.num_key_value_groups = hq // hkv
+    causal = torch.full((t, t), float("-inf")).triu(1)[None, None]
+    ref, _ = llama.eager_attention_forward(module, q, k, v, causal, scaling=0.3)  # (B, T, Hq, D)
+    torch.testing.assert_close(ops.attention(q, k, v, 0.3, causal=True), ref.transpose(1, 2), atol=1e-6, rtol=1e-6)
+    assert torch.equal(llama.repeat_kv(k, 2), k.repeat_interleave(2, 1))  # the head order the ops assume
+
+
+def test_grouped_query_attention_rejects_heads_that_do_not_divide():
+    q, k = seeded(1, 6, 3, 8), seeded(1, 4, 3, 8, seed=1)
+    with pytest.raises(ValueError, match=r"attention: q must be \[B, Hq, Tq, D\] and k, v \[B, Hkv, Tk, D\] with "
+                                         r"Hkv dividing Hq, got q \(1, 6, 3, 8\), k \(1, 4, 3, 8\)"):
+        ops.attention(q, k, k, 0.3, causal=True)
+    with pytest.raises(ValueError, match=r"decode_attention: q must have shape \(1, 4, 8\)"):
+        ops.decode_attention(q[:, :, 0], k, k, torch.tensor([3]), 0.3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hq,hkv", [(4, 1), (6, 2), (3, 3)])
+@pytest.mark.parametrize("group", [1, 2])
+def test_grouped_query_decode_attention(dtype, hq, hkv, group):
+    """The decode op with fewer K/V heads: the op on K/V heads repeated (repeat_kv), and with the cache
+    write, the new key/value land in their K/V head's slot."""
+    b, s, d = 3, 37, 16
+    q = seeded(b * group, hq, d, dtype=dtype, seed=1)
+    k, v = seeded(b, hkv, s, d, dtype=dtype, seed=2), seeded(b, hkv, s, d, dtype=dtype, seed=3)
+    lengths = torch.tensor([1, s, 20])
+    rep = hq // hkv
+    out = ops.decode_attention(q, k, v, lengths, 0.3, group=group)
+    mask = (torch.arange(s)[None, :] < lengths[:, None])[:, None, None, :].repeat_interleave(group, 0)
+    ref = naive_attention(q[:, :, None], *(t.repeat_interleave(rep, 1).repeat_interleave(group, 0) for t in (k, v)),
+                          0.3, mask)[:, :, 0]
+    assert out.shape == q.shape and out.dtype == dtype
+    torch.testing.assert_close(out.double(), ref, atol=TOL[dtype], rtol=TOL[dtype])
+    if group == 1:
+        new_k, new_v = seeded(b, hkv, d, dtype=dtype, seed=4), seeded(b, hkv, d, dtype=dtype, seed=5)
+        k2, v2 = k.clone(), v.clone()
+        out = ops.decode_attention(q, k2, v2, lengths, 0.3, new_k, new_v)
+        rows = torch.arange(b)
+        k[rows, :, lengths - 1], v[rows, :, lengths - 1] = new_k, new_v
+        assert torch.equal(k2, k) and torch.equal(v2, v)
+        assert torch.equal(out, ops.decode_attention(q, k, v, lengths, 0.3))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group", [1, 3])
+def test_rotary_decode_step_is_rotary_then_decode(dtype, group):
+    """cos, sin: q (every query row of a cache row) and new_k are rotated as ops.rotary does; the cache
+    holds the rotated key."""
+    b, hq, hkv, s, d = 2, 4, 2, 11, 10
+    q = seeded(b * group, hq, d, dtype=dtype, seed=1)
+    k, v = seeded(b, hkv, s, d, dtype=dtype, seed=2), seeded(b, hkv, s, d, dtype=dtype, seed=3)
+    new = (seeded(b, hkv, d, dtype=dtype, seed=4), seeded(b, hkv, d, dtype=dtype, seed=5)) if group == 1 else ()
+    lengths = torch.tensor([4, 11])
+    cos, sin = (t[:, 0] for t in rope_tables(b, 1, d))
+    k2, v2 = k.clone(), v.clone()
+    out = ops.decode_attention(q, k2, v2, lengths, 0.3, *new, group=group, cos=cos, sin=sin)
+    rows = cos.repeat_interleave(group, 0)[:, None], sin.repeat_interleave(group, 0)[:, None]  # (B * group, 1, D/2)
+    q_rot = ops.rotary(q[:, :, None], *rows)[:, :, 0]
+    if new:
+        new = (ops.rotary(new[0][:, :, None], cos[:, None], sin[:, None])[:, :, 0], new[1])
+    assert torch.equal(out, ops.decode_attention(q_rot, k, v, lengths, 0.3, *new, group=group))
+    assert torch.equal(k2, k) and torch.equal(v2, v)
+
+
+def test_rotary_gqa_decode_step_continues_causal_prefill():
+    """A step of the LLaMA decoder: prefill T-1 tokens (rotated keys cached), then the rotary decode step
+    for token T equals the last row of rotated causal GQA attention over all T."""
+    b, hq, hkv, t, d = 2, 4, 2, 6, 8
+    q, k, v = seeded(b, hq, t, d, seed=1), seeded(b, hkv, t, d, seed=2), seeded(b, hkv, t, d, seed=3)
+    cos, sin = rope_tables(b, t, d)
+    full = ops.attention(ops.rotary(q, cos, sin), ops.rotary(k, cos, sin), v, 0.3, causal=True)
+    cache_k, cache_v = torch.zeros(b, hkv, t + 3, d), torch.zeros(b, hkv, t + 3, d)
+    cache_k[:, :, :t - 1] = ops.rotary(k, cos, sin)[:, :, :t - 1]
+    cache_v[:, :, :t - 1] = v[:, :, :t - 1]
+    step = ops.decode_attention(q[:, :, -1], cache_k, cache_v, torch.tensor([t, t]), 0.3, k[:, :, -1], v[:, :, -1],
+                                cos=cos[:, -1], sin=sin[:, -1])
+    torch.testing.assert_close(step, full[:, :, -1], atol=1e-6, rtol=1e-6)
+
+
+def test_rotary_decode_step_rejects_bad_tables():
+    q, k = seeded(2, 4, 8), seeded(2, 2, 5, 8, seed=1)
+    cos, sin = (t[:, 0] for t in rope_tables(2, 1, 8))
+    lengths = torch.tensor([2, 5])
+    with pytest.raises(ValueError, match=r"decode_attention: cos must have shape \(2, 4\), got \(2, 1, 4\)"):
+        ops.decode_attention(q, k, k, lengths, 0.3, cos=cos[:, None], sin=sin)
+    with pytest.raises(ValueError, match="decode_attention: cos and sin go together"):
+        ops.decode_attention(q, k, k, lengths, 0.3, cos=cos)
+    with pytest.raises(TypeError, match="decode_attention: cos must be float32, got float16"):
+        ops.decode_attention(q, k, k, lengths, 0.3, cos=cos.half(), sin=sin)
+    with pytest.raises(ValueError, match="rotary .cos, sin. needs an even head dim, got 7"):
+        ops.decode_attention(q[..., :7], k[..., :7], k[..., :7], lengths, 0.3, cos=cos[:, :3], sin=sin[:, :3])

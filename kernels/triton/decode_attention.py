@@ -33,6 +33,7 @@ import torch
 
 import triton
 import triton.language as tl
+from mmgen_engine.errors import BackendError
 
 
 @triton.jit
@@ -115,7 +116,10 @@ def blocks(device: torch.device) -> tuple[int, int]:
     return (256, 64) if device.type == "cuda" else (64, 32)
 
 
-def decode_attention(q, k, v, lengths, scale, new_k=None, new_v=None, group=1):
+def decode_attention(q, k, v, lengths, scale, new_k=None, new_v=None, group=1, cos=None, sin=None):
+    if cos is not None or k.shape[1] != q.shape[1]:
+        raise BackendError("decode_attention: this backend has no rotary (cos, sin) or grouped-query (fewer K/V "
+                           "heads than query heads) path yet; use MMGEN_BACKEND=decode_attention=reference")
     b, h, s, d = k.shape
     if new_k is not None and group != 1:
         raise ValueError(f"decode_attention: group={group} with new_k/new_v: a cache write needs one query "

@@ -8,9 +8,10 @@ from .attention import attention, decode_attention
 from .conv import conv2d, group_norm
 from .embedding import embedding, token_gather
 from .linear import linear
-from .norm import add_layer_norm, layer_norm
+from .norm import add_layer_norm, layer_norm, rms_norm
 from .penalties import penalize
 from .registry import BackendError, available_backends, forced_backend
+from .rotary import rotary
 from .sampling import sample
 
 __all__ = [
@@ -29,6 +30,8 @@ __all__ = [
     "layer_norm",
     "linear",
     "penalize",
+    "rms_norm",
+    "rotary",
     "sample",
     "token_gather",
 ]

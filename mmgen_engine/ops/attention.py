@@ -20,6 +20,16 @@ beam search: the result is that of ``group = 1`` on ``k, v, lengths`` repeated `
 token's key/value are first written into cache slot ``lengths[b] - 1`` of ``k, v``, so one call both
 extends the cache and attends over it (the kernels do the write themselves, saving two launches per
 layer).
+
+Grouped-query attention (both ops): k, v may have fewer heads than q, ``Hkv`` dividing ``Hq``; query
+head ``h`` reads K/V head ``h // (Hq / Hkv)`` (transformers' ``repeat_kv``, without the copy on the
+fast backends). ``new_k, new_v`` then are ``[B, Hkv, D]``.
+
+Rotary decode step: with ``cos, sin [B, D / 2]`` float32 (the table rows of each cache row's new
+position, ``lengths[b] - 1``), q and ``new_k`` are first rotated as :func:`mmgen_engine.ops.rotary`
+does (query row ``r`` by row ``r // group`` of the tables), so that the cache holds rotated keys;
+the fast backends fuse the rotation into the cache write and the scores. The reference rounds the
+rotated q to q's dtype (as an unfused rotary op would); the kernels keep it in fp32.
 """
 from __future__ import annotations
 
@@ -27,43 +37,51 @@ import torch
 import torch.nn.functional as F
 
 from .registry import CUDA_DEVICES, HALF_DTYPES, TRITON_DEVICES, dispatch, register, register_lazy
+from .rotary import check_tables, rotate
 
 
 @register("attention", "reference")
 def attention_reference(q, k, v, scale, causal, key_lengths):
     tq, tk = q.shape[2], k.shape[2]
+    gqa = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}  # K/V head h // (Hq / Hkv)
     if key_lengths is None and (not causal or tq == tk):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, **gqa)
     keep = torch.ones(1, 1, 1, tk, dtype=torch.bool, device=q.device)
     if key_lengths is not None:
         keep = (torch.arange(tk, device=q.device)[None, :] < key_lengths[:, None])[:, None, None, :]  # (B, 1, 1, Tk)
     if causal:
         keep = keep & torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale, **gqa)
 
 
 register_lazy("attention", "triton", "mmgen_engine.kernels.flash_attention:attention", TRITON_DEVICES)
 
 
 @register("decode_attention", "reference")
-def decode_attention_reference(q, k, v, lengths, scale, new_k=None, new_v=None, group=1):
-    b, h, s, d = k.shape
+def decode_attention_reference(q, k, v, lengths, scale, new_k=None, new_v=None, group=1, cos=None, sin=None):
+    b, hkv, s, d = k.shape
+    rep = q.shape[1] // hkv  # query heads per K/V head
+    if cos is not None:
+        q = rotate(q, cos.repeat_interleave(group, 0)[:, None], sin.repeat_interleave(group, 0)[:, None])
     if new_k is not None:
         if group != 1:
             raise ValueError(f"decode_attention: group={group} with new_k/new_v: a cache write needs one query "
                              "row per cache row (group=1)")
-        slots = (lengths - 1).view(-1, 1, 1, 1).expand(-1, h, 1, d)  # (B, H, 1, D)
+        if cos is not None:
+            new_k = rotate(new_k, cos[:, None], sin[:, None])
+        slots = (lengths - 1).view(-1, 1, 1, 1).expand(-1, hkv, 1, d)  # (B, Hkv, 1, D)
         k.scatter_(2, slots, new_k[:, :, None])
         v.scatter_(2, slots, new_v[:, :, None])
     # scores and softmax in fp32; k/v may be a view of the first S slots of a larger cache. The
-    # group's queries are batched against their cache row (no copy of k/v): (B, H, group, D).
+    # group's queries, and the query heads of one K/V head, are batched against their cache row and
+    # K/V head (no copy of k/v): (B, Hkv, group * rep, D).
     # (explicit math: torch's CPU SDPA with a mask is ~100x slower for a single query)
-    qg = q.float().view(b, group, h, d).transpose(1, 2)  # (B, H, group, D)
-    scores = (qg @ k.float().transpose(-1, -2)) * scale  # (B, H, group, S)
+    qg = q.float().view(b, group, hkv, rep, d).transpose(1, 2).reshape(b, hkv, group * rep, d)
+    scores = (qg @ k.float().transpose(-1, -2)) * scale  # (B, Hkv, group * rep, S)
     pad = torch.arange(s, device=q.device)[None, :] >= lengths[:, None]  # (B, S)
     probs = scores.masked_fill(pad[:, None, None, :], float("-inf")).softmax(dim=-1)
-    out = probs @ v.float()  # (B, H, group, D)
-    return out.transpose(1, 2).reshape(b * group, h, d).to(q.dtype)  # (B * group, H, D)
+    out = probs @ v.float()  # (B, Hkv, group * rep, D)
+    return out.view(b, hkv, group, rep * d).transpose(1, 2).reshape(b * group, hkv * rep, d).to(q.dtype)
 
 
 register_lazy("decode_attention", "triton", "mmgen_engine.kernels.decode_attention:decode_attention",
@@ -73,8 +91,12 @@ register_lazy("decode_attention", "cuda", "mmgen_engine.ops.cuda_ops:decode_atte
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
               key_lengths: torch.Tensor | None = None) -> torch.Tensor:
-    """Full attention, ``q [B, H, Tq, D]``, ``k, v [B, H, Tk, D]``, optional ``key_lengths [B]``
-    -> ``[B, H, Tq, D]``; causal queries are the last ``Tq`` of ``Tk`` positions."""
+    """Full attention, ``q [B, Hq, Tq, D]``, ``k, v [B, Hkv, Tk, D]`` (``Hkv`` dividing ``Hq``), optional
+    ``key_lengths [B]`` -> ``[B, Hq, Tq, D]``; causal queries are the last ``Tq`` of ``Tk`` positions."""
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or \
+            q.shape[3] != k.shape[3] or not 1 <= k.shape[1] <= q.shape[1] or q.shape[1] % k.shape[1]:
+        raise ValueError(f"attention: q must be [B, Hq, Tq, D] and k, v [B, Hkv, Tk, D] with Hkv dividing Hq, "
+                         f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if causal and q.shape[2] > k.shape[2]:
         raise ValueError(f"causal attention needs Tq <= Tk, got {q.shape[2]} and {k.shape[2]}")
     return dispatch("attention", q)(q, k, v, scale, causal, key_lengths)
@@ -82,16 +104,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, c
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor,
                      scale: float, new_k: torch.Tensor | None = None,
-                     new_v: torch.Tensor | None = None, group: int = 1) -> torch.Tensor:
-    """One query per row: ``q [B * group, H, D]``, ``k, v [B, H, S, D]``, ``lengths [B]`` ->
-    ``[B * group, H, D]``; query row ``r`` attends to cache row ``r // group``. ``new_k, new_v
-    [B, H, D]`` are stored at slot ``lengths - 1`` first (``group == 1`` only). See the module
-    docstring."""
-    _check_decode_shapes(q, k, v, lengths, new_k, new_v, group)
-    return dispatch("decode_attention", q)(q, k, v, lengths, scale, new_k, new_v, group)
+                     new_v: torch.Tensor | None = None, group: int = 1, cos: torch.Tensor | None = None,
+                     sin: torch.Tensor | None = None) -> torch.Tensor:
+    """One query per row: ``q [B * group, Hq, D]``, ``k, v [B, Hkv, S, D]`` (``Hkv`` dividing ``Hq``),
+    ``lengths [B]`` -> ``[B * group, Hq, D]``; query row ``r`` attends to cache row ``r // group``.
+    ``new_k, new_v [B, Hkv, D]`` are stored at slot ``lengths - 1`` first (``group == 1`` only). With
+    ``cos, sin [B, D / 2]`` float32, q and new_k are rotated first (RoPE). See the module docstring."""
+    _check_decode_shapes(q, k, v, lengths, new_k, new_v, group, cos, sin)
+    if cos is None:  # the backends' signature without rotary, as before
+        return dispatch("decode_attention", q)(q, k, v, lengths, scale, new_k, new_v, group)
+    return dispatch("decode_attention", q)(q, k, v, lengths, scale, new_k, new_v, group, cos, sin)
 
 
-def _check_decode_shapes(q, k, v, lengths, new_k, new_v, group) -> None:
+def _check_decode_shapes(q, k, v, lengths, new_k, new_v, group, cos=None, sin=None) -> None:
     """Shapes only: no device value is read (so it runs inside CUDA-graph capture too)."""
     if isinstance(group, bool) or not isinstance(group, int) or group < 1:
         raise ValueError(f"decode_attention: group must be an int >= 1, got {group!r}")
@@ -104,8 +129,13 @@ def _check_decode_shapes(q, k, v, lengths, new_k, new_v, group) -> None:
         raise ValueError(f"decode_attention: q must be [B * group, H, D] and k, v [B, H, S, D], got "
                          f"{tuple(q.shape)} and {tuple(k.shape)}")
     b, h, s, d = k.shape
-    for name, t, shape in (("q", q, (b * group, h, d)), ("v", v, (b, h, s, d)), ("lengths", lengths, (b,)),
+    hq = q.shape[1] if q.shape[1] % h == 0 and q.shape[1] >= h else h  # a bad Hq is reported as h
+    for name, t, shape in (("q", q, (b * group, hq, d)), ("v", v, (b, h, s, d)), ("lengths", lengths, (b,)),
                            ("new_k", new_k, (b, h, d)), ("new_v", new_v, (b, h, d))):
         if t is not None and t.shape != shape:
             raise ValueError(f"decode_attention: {name} must have shape {shape} (k is {tuple(k.shape)}, "
                              f"group={group}), got {tuple(t.shape)}")
+    if cos is not None or sin is not None:
+        if d % 2:
+            raise ValueError(f"decode_attention: rotary (cos, sin) needs an even head dim, got {d}")
+        check_tables("decode_attention", cos, sin, (b, d // 2))

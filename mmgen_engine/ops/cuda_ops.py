@@ -93,7 +93,10 @@ def _vectorizable(tensors, strides) -> bool:
         all(s % 16 == 0 for s in strides)
 
 
-def decode_attention(q, k, v, lengths, scale, new_k=None, new_v=None, group=1):
+def decode_attention(q, k, v, lengths, scale, new_k=None, new_v=None, group=1, cos=None, sin=None):
+    if cos is not None or k.shape[1] != q.shape[1]:
+        raise BackendError("decode_attention: this backend has no rotary (cos, sin) or grouped-query (fewer K/V "
+                           "heads than query heads) path yet; use MMGEN_BACKEND=decode_attention=reference")
     op = "decode_attention"
     if isinstance(group, bool) or not isinstance(group, int) or group < 1:
         raise ValueError(f"{op}: group must be an int >= 1, got {group!r}")
