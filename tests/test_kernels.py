@@ -1,6 +1,7 @@
-"""Triton kernels against the plain-torch references: norms, bias + GELU, embedding (+ LayerNorm),
-decode attention (self with the fused cache write, cross with per-row key lengths, query rows grouped
-over a shared cache row as in beam search).
+"""Triton kernels against the plain-torch references: norms (LayerNorm, RMSNorm), bias + GELU, rotary
+embedding, embedding (+ LayerNorm), decode attention (self with the fused cache write, cross with
+per-row key lengths, query rows grouped over a shared cache row as in beam search, fewer K/V heads
+than query heads with the rotary step fused).
 
 Without a GPU these run in Triton's interpreter (TRITON_INTERPRET=1, set by conftest) at small,
 awkward shapes; the ``gpu`` tests run the same comparisons at real sizes in fp16 and bf16.
@@ -16,9 +17,10 @@ from test_ops import relative_error
 from mmgen_engine import ops
 from mmgen_engine.ops.attention import decode_attention_reference
 from mmgen_engine.ops.embedding import embedding_reference, token_gather_reference
+from mmgen_engine.ops.rotary import rotary_reference
 
 triton = pytest.importorskip("triton")
-from mmgen_engine.kernels import activation, decode_attention, embedding, norm  # noqa: E402
+from mmgen_engine.kernels import activation, decode_attention, embedding, norm, rotary  # noqa: E402
 
 # (atol, rtol) of a kernel against the reference run on the same inputs
 TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2)}
@@ -54,6 +56,38 @@ def check_norms(rows, dim, dtype, device, kernels=norm, weight_dtype=torch.float
 @pytest.mark.parametrize("rows,dim", [((1,), 1), ((3,), 7), ((2, 5), 97), ((17,), 768)])
 def test_layer_norms(rows, dim, dtype):
     check_norms(rows, dim, dtype, "cpu")
+
+
+def check_rms_norm(rows, dim, dtype, device, weight_dtype=None, fn=norm.rms_norm):
+    x = 3 * rand(*rows, dim, dtype=dtype, device=device, seed=1)
+    w = rand(dim, dtype=weight_dtype or dtype, device=device, seed=3)
+    close(fn(x, w, 1e-6), ops.norm.rms_norm_reference(x, w, 1e-6))
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("rows,dim", [((1,), 1), ((3,), 7), ((2, 5), 97), ((17,), 768)])
+def test_rms_norm(rows, dim, dtype):
+    check_rms_norm(rows, dim, dtype, "cpu")
+    check_rms_norm(rows, dim, dtype, "cpu", weight_dtype=torch.float32)
+
+
+def rope_tables(b, t, dh, device, seed=0):
+    """cos, sin [B, T, Dh / 2] float32 of random positions (as the LLaMA layers gather them)."""
+    pos = torch.randint(0, 4096, (b, t, 1), generator=torch.Generator().manual_seed(seed)).float()
+    angles = pos * 10000.0 ** (-torch.arange(0, dh, 2).float() / dh)
+    return angles.cos().to(device), angles.sin().to(device)
+
+
+def check_rotary(b, h, t, dh, dtype, device):
+    x = rand(b, t, 3, h, dh, dtype=dtype, device=device, seed=dh)[:, :, 1].transpose(1, 2)  # a fused projection
+    cos, sin = rope_tables(b, t, dh, device)
+    close(rotary.rotary(x, cos, sin), rotary_reference(x, cos, sin))
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("b,h,t,dh", [(1, 1, 1, 2), (3, 2, 5, 6), (2, 3, 7, 66), (1, 33, 2, 128)])
+def test_rotary(b, h, t, dh, dtype):
+    check_rotary(b, h, t, dh, dtype, "cpu")
 
 
 def check_bias_gelu(shape, approximate, dtype, device):
@@ -255,7 +289,7 @@ def test_grouped_decode_attention_rejects_bad_arguments(monkeypatch):
         ops.decode_attention(q, k, v[:, :, :9], lengths, 0.25, group=2)
     with pytest.raises(ValueError, match="new_k and new_v go together"):
         ops.decode_attention(q[:2], k, v, lengths, 0.25, new, None)
-    with pytest.raises(ValueError, match=r"q must be \[B \* group, H, D\]"):
+    with pytest.raises(ValueError, match=r"q must be \[B \* group, Hq, D\] \(Hq a multiple of Hkv\)"):
         decode_attention.decode_attention(q, k, v, lengths, 0.25, group=3)
     monkeypatch.setenv("MMGEN_BACKEND", "decode_attention=triton")
     with pytest.raises(ValueError, match=r"q must have shape \(6, 3, 16\)"):  # checked before dispatch
@@ -264,10 +298,58 @@ def test_grouped_decode_attention_rejects_bad_arguments(monkeypatch):
           decode_attention_reference(q, k, v, lengths, 0.25, group=2))
 
 
+def check_gqa_decode_attention(b, group, hq, hkv, s, d, dtype, device, fused_write, rope, lengths=None,
+                               fn=decode_attention.decode_attention):
+    """Fewer K/V heads than query heads (each K/V head read once for its query heads), optionally with
+    the rotary step (q and new_k rotated, the rotated key written to the cache): ``fn`` against the
+    reference, which does the same with ops.rotary and repeat_kv's head order."""
+    q = rand(b * group, hq, d, dtype=dtype, device=device, seed=31)
+    k, v = (rand(b, hkv, s, d, dtype=dtype, device=device, seed=seed) for seed in (32, 33))
+    if lengths is None:
+        lengths = torch.randint(1, s + 1, (b,), generator=torch.Generator().manual_seed(s + hq))
+    lengths = lengths.to(device)
+    new = (rand(b, hkv, d, dtype=dtype, device=device, seed=34), rand(b, hkv, d, dtype=dtype, device=device, seed=35)) \
+        if fused_write else ()
+    cos, sin = (t[:, 0] for t in rope_tables(b, 1, d, device, seed=s)) if rope else (None, None)
+    scale = 1 / math.sqrt(d)
+    k2, v2 = k.clone(), v.clone()
+    out = fn(q, k2, v2, lengths, scale, *new, group=group, cos=cos, sin=sin)
+    ref = decode_attention_reference(q, k, v, lengths, scale, *new, group=group, cos=cos, sin=sin)
+    close(out, ref)
+    assert torch.equal(v2, v)
+    if rope:  # rotated in fp32 on both sides, rounded to the cache dtype (a GPU's FMA may move the last bit)
+        close(k2, k)
+    else:
+        assert torch.equal(k2, k)
+    return out, ref
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("fused_write,rope", [(False, False), (True, False), (True, True), (False, True)])
+@pytest.mark.parametrize("b,hq,hkv,s,d", [(1, 4, 1, 1, 8), (3, 6, 2, 97, 24), (2, 3, 3, 130, 32)])
+def test_gqa_decode_attention(b, hq, hkv, s, d, dtype, fused_write, rope):
+    # s = 97, 130: two and three chunks of the interpreter's 64 keys
+    check_gqa_decode_attention(b, 1, hq, hkv, s, d, dtype, "cpu", fused_write, rope)
+
+
+@pytest.mark.parametrize("rope", [False, True])
+@pytest.mark.parametrize("b,group,hq,hkv,s,d", [(2, 2, 8, 2, 70, 16), (1, 3, 6, 3, 5, 10)])
+def test_gqa_decode_attention_grouped_rows(b, group, hq, hkv, s, d, rope):
+    """Beams (query rows sharing a cache row) over a GQA cache: no cache write with group > 1."""
+    check_gqa_decode_attention(b, group, hq, hkv, s, d, torch.float16, "cpu", False, rope)
+
+
+def test_gqa_decode_attention_lengths_at_the_edges():
+    for lengths in (torch.tensor([1, 130]), torch.tensor([130, 64])):
+        check_gqa_decode_attention(2, 1, 8, 2, 130, 16, torch.float32, "cpu", True, True, lengths=lengths)
+
+
 def test_ops_dispatch_to_the_triton_kernels_when_forced(monkeypatch):
     monkeypatch.setenv("MMGEN_BACKEND", "triton")
     x = rand(3, 16)
     assert ops.registry.dispatch("layer_norm", x) is norm.layer_norm
+    assert ops.registry.dispatch("rms_norm", x) is norm.rms_norm
+    assert ops.registry.dispatch("rotary", x) is rotary.rotary
     assert ops.registry.dispatch("decode_attention", x) is decode_attention.decode_attention
     close(ops.bias_gelu(x, rand(16), "tanh"), ops.activation.bias_gelu_reference(x, rand(16), "tanh"))
     monkeypatch.delenv("MMGEN_BACKEND")

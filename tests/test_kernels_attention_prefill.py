@@ -80,6 +80,23 @@ def test_causal_after_a_prefix(dtype, with_lengths, tq, tk, d):
     check(flash_attention.attention(q, k, v, 0.3, True, lengths), reference(q, k, v, 0.3, True, lengths), dtype)
 
 
+@pytest.mark.parametrize("dtype", list(TOL))
+@pytest.mark.parametrize("causal,with_lengths", [(False, True), (True, False), (True, True)])
+@pytest.mark.parametrize("hq,hkv", [(4, 1), (6, 2), (3, 3)])
+def test_grouped_query_attention(dtype, causal, with_lengths, hq, hkv):
+    """Fewer K/V heads than query heads (LLaMA's GQA): the reference over K/V heads repeated (repeat_kv)."""
+    q = qkv(2, hq, 7, 70, 24, dtype, seed=hq)[0]
+    _, k, v = qkv(2, hkv, 7, 70, 24, dtype, seed=hkv + 10)
+    lengths = lengths_for(2, 70) if with_lengths else None
+    out = flash_attention.attention(q, k, v, 0.3, causal, lengths)
+    assert out.shape == q.shape
+    rep = hq // hkv
+    check(out, reference(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), 0.3, causal, lengths), dtype)
+    _, k2, v2 = qkv(2, 2, 7, 70, 24, dtype)
+    with pytest.raises(ValueError, match="do not match"):  # 2 K/V heads for 3 query heads
+        flash_attention.attention(q[:, :3], k2, v2, 0.3, causal, lengths)
+
+
 def test_row_without_keys_is_finite_and_others_are_unaffected():
     """key_lengths[b] == 0 is invalid input with an undefined output: it must not poison the
     other rows or produce NaN (the reference gives NaN there)."""

@@ -3,9 +3,11 @@
 Computes, for every batch row ``b``, head ``h`` and query ``t``,
 ``out[b, h, t] = sum_s softmax_s(q[b, h, t] . k[b, h, s] * scale) v[b, h, s]`` over the keys ``s``
 the mask keeps: ``s <= t`` when ``causal`` and ``s < key_lengths[b]`` when lengths are given (the
-spec is :func:`mmgen_engine.ops.attention.attention_reference`). q ``[B, H, Tq, D]``, k/v
-``[B, H, Tk, D]`` may be any strided views (the layers pass ``.view(b, t, h, d).transpose(1, 2)``
-of a fused projection); the output is a new contiguous ``[B, H, Tq, D]`` in q's dtype.
+spec is :func:`mmgen_engine.ops.attention.attention_reference`). q ``[B, Hq, Tq, D]``, k/v
+``[B, Hkv, Tk, D]`` (grouped-query attention: ``Hkv`` divides ``Hq``, query head ``h`` reads K/V head
+``h // (Hq / Hkv)`` in place, no repeated copy) may be any strided views (the layers pass
+``.view(b, t, h, d).transpose(1, 2)`` of a fused projection); the output is a new contiguous
+``[B, Hq, Tq, D]`` in q's dtype.
 
 One program owns ``BLOCK_M`` queries of one (batch, head). It loads its q block once and walks the
 key blocks, keeping a running row maximum ``m``, row sum ``l`` and output accumulator in fp32 (the
@@ -60,7 +62,7 @@ def _attention_fwd(
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_ob, stride_oh, stride_ot, stride_od,
-    num_heads, tq, tk, head_dim,
+    num_heads, kv_group, tq, tk, head_dim,  # kv_group: query heads per K/V head
     CAUSAL: tl.constexpr, HAS_LENGTHS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -75,8 +77,8 @@ def _attention_fwd(
 
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qt + dims[None, :] * stride_qd,
                 mask=(rows[:, None] < tq) & dim_ok[None, :], other=0.0)
-    k_base = k_ptr + b * stride_kb + h * stride_kh
-    v_base = v_ptr + b * stride_vb + h * stride_vh
+    k_base = k_ptr + b * stride_kb + (h // kv_group) * stride_kh
+    v_base = v_ptr + b * stride_vb + (h // kv_group) * stride_vh
 
     # keys [0, n_keys) are valid for this row; this program needs keys [0, end)
     n_keys = tk
@@ -119,10 +121,10 @@ def _attention_fwd(
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
               key_lengths: torch.Tensor | None) -> torch.Tensor:
-    """``q [B, H, Tq, D]``, ``k, v [B, H, Tk, D]``, optional ``key_lengths [B]`` -> ``[B, H, Tq, D]``."""
+    """``q [B, Hq, Tq, D]``, ``k, v [B, Hkv, Tk, D]``, optional ``key_lengths [B]`` -> ``[B, Hq, Tq, D]``."""
     b, h, tq, d = q.shape
-    tk = k.shape[2]
-    if k.shape != (b, h, tk, d) or v.shape != k.shape:
+    hkv, tk = k.shape[1:3]
+    if k.shape != (b, hkv, tk, d) or v.shape != k.shape or h % hkv:
         raise ValueError(f"attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
                          "do not match")
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
@@ -138,7 +140,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, c
         q, k, v, out, key_lengths,
         scale * math.log2(math.e),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        h, tq, tk, d,
+        h, h // hkv, tq, tk, d,
         CAUSAL=causal, HAS_LENGTHS=key_lengths is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=stages,
     )

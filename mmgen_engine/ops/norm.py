@@ -34,6 +34,7 @@ def rms_norm_reference(x, weight, eps):
     return (weight * h).to(x.dtype)
 
 
+register_lazy("rms_norm", "triton", "mmgen_engine.kernels.norm:rms_norm", TRITON_DEVICES)
 register_lazy("layer_norm", "triton", "mmgen_engine.kernels.norm:layer_norm", TRITON_DEVICES)
 register_lazy("add_layer_norm", "triton", "mmgen_engine.kernels.norm:add_layer_norm", TRITON_DEVICES)
 register_lazy("layer_norm", "cuda", "mmgen_engine.ops.cuda_ops:layer_norm", CUDA_DEVICES, HALF_DTYPES)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .registry import dispatch, register
+from .registry import TRITON_DEVICES, dispatch, register, register_lazy
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -27,6 +27,9 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 @register("rotary", "reference")
 def rotary_reference(x, cos, sin):
     return rotate(x, cos[:, None], sin[:, None])  # tables (B, 1, T, Dh/2) over the heads
+
+
+register_lazy("rotary", "triton", "mmgen_engine.kernels.rotary:rotary", TRITON_DEVICES)
 
 
 
