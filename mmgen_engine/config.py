@@ -240,6 +240,60 @@ class BertConfig(TextDecoderConfig):
 
 
 @validated
+class OPTConfig(TextDecoderConfig):
+    """OPT decoder (HF ``OPTForCausalLM``), pre-LayerNorm (``do_layer_norm_before``, OPT-1.3B and up,
+    the language model of BLIP-2): token embeddings ``word_embed_proj_dim`` wide (None: the hidden
+    width), raised to the hidden width by ``project_in`` when narrower, plus learned positions
+    (OPT's table without its two offset rows: position ``p`` reads row ``p``); blocks ``h +=
+    attn(ln1(h)); h += mlp(ln2(h))`` with biases and a ReLU MLP; a final LayerNorm, ``project_out``
+    back to the embedding width when it differs, and the head (tied to the token embeddings unless
+    ``tie_word_embeddings`` is false). Input embeddings in front of the text (BLIP-2's queries) are a
+    causal prefix whose positions count."""
+
+    layer_norm_eps: Positive = 1e-5
+    activation: Literal["relu", "gelu", "gelu_tanh", "quick_gelu"] = "relu"
+    word_embed_proj_dim: Width | None = None
+    tie_word_embeddings: Bool = True
+
+    @property
+    def embed_dim(self) -> int:
+        """Width of the token embeddings (and of the head's input)."""
+        return self.word_embed_proj_dim or self.hidden_size
+
+
+@validated
+class QFormerConfig:
+    """BLIP-2's Querying Transformer on its inference path (queries only): ``num_query_tokens``
+    learned queries, a LayerNorm, then BERT-style post-LayerNorm layers ``h = ln(h + attn(h));
+    (h = ln(h + cross(h, image));) h = ln(h + mlp(h))``, bidirectional, with cross-attention to the
+    ``encoder_hidden_size``-wide image states in layers ``0, f, 2f, ...`` (``f`` the
+    ``cross_attention_frequency``)."""
+
+    hidden_size: Width
+    num_layers: Layers
+    num_heads: Width
+    intermediate_size: Width
+    num_query_tokens: Positions
+    encoder_hidden_size: Width
+    cross_attention_frequency: Layers = 2
+    layer_norm_eps: Positive = 1e-12
+    activation: Activation = "gelu"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def blocks(self) -> int:
+        return self.num_layers
+
+    @model_validator(mode="after")
+    def _check(self):
+        _check_heads(self.hidden_size, self.num_heads)
+        return self
+
+
+@validated
 class GenerationConfig:
     """Special token ids of text generation. ``decoder_start_token_id`` None: no start token, the
     first token follows the image prefix directly (ClipCap). ``include_eos``: the stop token is part
@@ -439,13 +493,16 @@ class CaptioningConfig(CheckpointConfig):
       GIT's BERT decoder;
     - ``clipcap``: the CLIP image embedding (the final-normed CLS state times ``projection_dim``
       projection) goes through an MLP with tanh between layers (``mapper_sizes``, input first) to
-      ``prefix_length`` GPT-2 input embeddings, a causal prefix of a GPT-2 without cross-attention.
+      ``prefix_length`` GPT-2 input embeddings, a causal prefix of a GPT-2 without cross-attention;
+    - ``blip2``: BLIP-2's ViT states go through the Q-Former (``qformer``); its query outputs,
+      projected to the OPT decoder's width, are a causal prefix of input embeddings in front of the
+      start token (OPT's ``</s>``) and the prompt.
     """
 
     task: Literal["captioning"]
-    architecture: Literal["vit-gpt2", "blip", "git", "clipcap"]
+    architecture: Literal["vit-gpt2", "blip", "git", "clipcap", "blip2"]
     encoder: ViTConfig
-    decoder: GPT2Config | BertConfig
+    decoder: GPT2Config | BertConfig | OPTConfig
     generation: GenerationConfig
     preprocess: ImagePreprocessConfig
     enc_to_dec_proj: Bool = False
@@ -453,15 +510,17 @@ class CaptioningConfig(CheckpointConfig):
     mapper_sizes: Annotated[list[Width], Field(max_length=MAX_LAYERS)] = Field(default_factory=list)
     prefix_length: Annotated[int, Strict(), Field(ge=0, le=MAX_POSITIONS)] = 0
     generation_defaults: GenerationDefaults | None = None
+    qformer: QFormerConfig | None = None
 
     DECODERS: ClassVar[dict] = {"vit-gpt2": GPT2Config, "blip": BertConfig, "git": BertConfig,
-                                "clipcap": GPT2Config}
+                                "clipcap": GPT2Config, "blip2": OPTConfig}
 
     @property
     def blocks(self) -> int:
         """Repeated blocks (layers, ResNet blocks) of the model: each holds at least one tensor, so
         weights with fewer tensors cannot match, which the loader checks before building the model."""
-        return self.encoder.blocks + self.decoder.blocks + max(len(self.mapper_sizes) - 1, 0)
+        qformer = self.qformer.blocks if self.qformer is not None else 0
+        return self.encoder.blocks + self.decoder.blocks + max(len(self.mapper_sizes) - 1, 0) + qformer
 
     @field_validator("decoder", mode="wrap")
     @classmethod
@@ -471,11 +530,11 @@ class CaptioningConfig(CheckpointConfig):
         family = cls.DECODERS.get(info.data.get("architecture"))
         if family is None or not isinstance(value, dict):
             return handler(value)
-        (other,) = set(cls.DECODERS.values()) - {family}
-        foreign = sorted(value.keys() & (_field_names(other) - _field_names(family)))
-        if foreign:
-            raise ValueError(f"architecture {info.data['architecture']!r} needs a {family.__name__} decoder; "
-                             f"{foreign[0]!r} is a {other.__name__} field")
+        for other in sorted(set(cls.DECODERS.values()) - {family}, key=lambda c: c.__name__):
+            foreign = sorted(value.keys() & (_field_names(other) - _field_names(family)))
+            if foreign:
+                raise ValueError(f"architecture {info.data['architecture']!r} needs a {family.__name__} decoder; "
+                                 f"{foreign[0]!r} is a {other.__name__} field")
         return _adapter(family).validate_python(value)
 
     @model_validator(mode="after")
@@ -483,7 +542,8 @@ class CaptioningConfig(CheckpointConfig):
         arch, enc, dec = self.architecture, self.encoder, self.decoder
         if type(dec) is not self.DECODERS[arch]:
             raise ValueError(f"decoder: architecture {arch!r} needs a {self.DECODERS[arch].__name__} decoder")
-        cross = dec.cross_attention if isinstance(dec, GPT2Config) else dec.encoder_hidden_size is not None
+        cross = (dec.cross_attention if isinstance(dec, GPT2Config) else
+                 dec.encoder_hidden_size is not None if isinstance(dec, BertConfig) else False)
         if cross != (arch in ("vit-gpt2", "blip")):
             raise ValueError(f"decoder: architecture {arch!r} "
                              f"{'needs' if arch in ('vit-gpt2', 'blip') else 'has no'} cross-attention")
@@ -503,6 +563,16 @@ class CaptioningConfig(CheckpointConfig):
                                  f"prefix_length x decoder width = {self.prefix_length * dec.hidden_size}, got {m}")
         elif self.projection_dim is not None or self.mapper_sizes or self.prefix_length:
             raise ValueError("projection_dim, mapper_sizes and prefix_length are clipcap fields")
+        if (self.qformer is None) == (arch == "blip2"):
+            raise ValueError(f"architecture {arch!r} {'needs' if arch == 'blip2' else 'has no'} a 'qformer' block")
+        if self.qformer is not None:
+            if self.qformer.encoder_hidden_size != enc.hidden_size:
+                raise ValueError(f"qformer cross-attends to {self.qformer.encoder_hidden_size}-wide states but the "
+                                 f"encoder is {enc.hidden_size} wide")
+            if dec.embed_dim != dec.hidden_size:
+                raise ValueError(f"blip2 puts its queries in the decoder's input embeddings, so its "
+                                 f"word_embed_proj_dim ({dec.embed_dim}) must equal its hidden_size "
+                                 f"({dec.hidden_size})")
         if enc.num_channels != 3:
             raise ValueError(f"encoder.num_channels must be 3 (RGB input), got {enc.num_channels}")
         p, size = self.preprocess, enc.image_size

@@ -14,10 +14,20 @@ from pathlib import Path
 from ..checkpoint import remove_stale_writes, save_checkpoint
 from ..config import DTYPES
 from ..errors import CheckpointError, ConversionError, InputError, one_line
-from . import a2g_gpt, clipcap, hf_blip, hf_git, hf_vision_encoder_decoder, min_dalle, openai_dvae, taming_vqgan
+from . import (
+    a2g_gpt,
+    clipcap,
+    hf_blip,
+    hf_blip2,
+    hf_git,
+    hf_vision_encoder_decoder,
+    min_dalle,
+    openai_dvae,
+    taming_vqgan,
+)
 
-CONVERTERS = {m.NAME: m for m in (hf_vision_encoder_decoder, hf_blip, hf_git, clipcap, min_dalle, taming_vqgan,
-                                  openai_dvae, a2g_gpt)}
+CONVERTERS = {m.NAME: m for m in (hf_vision_encoder_decoder, hf_blip, hf_blip2, hf_git, clipcap, min_dalle,
+                                  taming_vqgan, openai_dvae, a2g_gpt)}
 
 
 def detect_format(src: Path) -> str:

@@ -1,6 +1,7 @@
 """Feed-forward blocks.
 
-``MLP``: ``fc2(gelu(fc1(x)))`` with the fc1 bias fused into the GELU (GPT-2, ViT).
+``MLP``: ``fc2(act(fc1(x)))`` with the fc1 bias fused into the activation: a GELU (GPT-2, ViT) or
+ReLU (OPT).
 ``GLU``: min-dalle's gated block ``fc2(ln1(gelu(fc0(x)) * fc1(x)))``, bias-free, with ``fc0`` and
 ``fc1`` fused into one ``fc01 [2H, D]`` product (rows of fc0, then fc1). Its input LayerNorm ``ln0``
 is held here but applied by the caller, which fuses it with the residual add.
@@ -23,12 +24,14 @@ class MLP(nn.Module):
         super().__init__()
         self.fc1 = Linear(dim, hidden, device=device)
         self.fc2 = Linear(hidden, dim, device=device)
-        self.approximate = GELU_FORMS[activation]
+        self.approximate = None if activation == "relu" else GELU_FORMS[activation]  # None: ReLU
         self.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = ops.bias_gelu(ops.linear(x, self.fc1.weight, None), self.fc1.bias, self.approximate)
-        return self.fc2(h)
+        h = ops.linear(x, self.fc1.weight, None)
+        if self.approximate is None:
+            return self.fc2(ops.bias_relu(h, self.fc1.bias))
+        return self.fc2(ops.bias_gelu(h, self.fc1.bias, self.approximate))
 
 
 class GLU(nn.Module):

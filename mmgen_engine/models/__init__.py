@@ -3,18 +3,20 @@
 from .a2g_gpt import A2GGpt
 from .bert import BertDecoder
 from .blip import Blip
+from .blip2 import Blip2
 from .clipcap import ClipCap
 from .dalle_bart import DalleBart
 from .detokenizers import DETOKENIZERS, build_detokenizer
 from .dvae import DVAEDecoder
 from .git import Git
 from .gpt2 import GPT2Decoder
+from .opt import OPTDecoder
 from .vit import ViTEncoder
 from .vit_gpt2 import VitGpt2
 from .vqgan import VQGANDecoder
 
 ARCHITECTURES = {"vit-gpt2": VitGpt2, "blip": Blip, "git": Git, "clipcap": ClipCap, "dalle-bart": DalleBart,
-                 "a2g-gpt": A2GGpt}
+                 "a2g-gpt": A2GGpt, "blip2": Blip2}
 
 
 def build_model(cfg, device=None):
@@ -29,6 +31,7 @@ __all__ = [
     "ARCHITECTURES",
     "BertDecoder",
     "Blip",
+    "Blip2",
     "ClipCap",
     "DalleBart",
     "Git",
@@ -37,6 +40,7 @@ __all__ = [
     "DETOKENIZERS",
     "DVAEDecoder",
     "GPT2Decoder",
+    "OPTDecoder",
     "ViTEncoder",
     "VitGpt2",
     "VQGANDecoder",
