@@ -71,7 +71,6 @@ def make_blip2(seed=0, init=0.5, eos=EOS, qformer_layers=3, frequency=2, text=No
         randomize(model, init)
         emb = model.get_input_embeddings().weight
         emb[[PAD, EOS]] *= 0.2  # damped special tokens: long, varied greedy output
-    model.generation_config.eos_token_id = eos
     return model
 
 
@@ -344,3 +343,80 @@ def test_opt_decoder_matches_opt_for_causal_lm(embed_dim, tie):
                    pad_token_id=PAD)
     assert torch.equal(ids, padded(seq[:, 4:], 16, PAD))
     assert_varied(ids)
+
+
+def test_blip2_half_precision_keeps_the_qformer_in_fp32(tmp_path):
+    """A half-precision conversion stores the Q-Former and its queries in float32, as transformers keeps
+    them in float16; the logits stay close to transformers' float16 model."""
+    from transformers import Blip2ForConditionalGeneration
+    model = make_blip2(seed=4, init=0.05)
+    src = save_blip2(model, tmp_path / "hf")
+    pipe = mm.load(mm.convert(src, tmp_path / "engine", dtype="float16"))
+    m = pipe.model
+    assert m.query_tokens.dtype == m.ln_query.weight.dtype == m.qformer[0].attn.qkv.weight.dtype == torch.float32
+    assert m.projection.weight.dtype == m.decoder.wte.dtype == m.encoder.patch_embed.weight.dtype == torch.float16
+    hf = Blip2ForConditionalGeneration.from_pretrained(src, dtype=torch.float16).eval()
+    assert hf.query_tokens.dtype == hf.qformer.layernorm.weight.dtype == torch.float32
+    px = pixels(2, seed=1)
+    tokens = torch.cat([torch.full((2, 1), BOS), torch.randint(4, BPE_SIZE, (2, 7))], dim=1)
+    with torch.no_grad():
+        ref = hf(pixel_values=px.half(), input_ids=torch.cat([hf_input_ids(2)[:, :QUERIES], tokens], 1)).logits
+    assert scaled_error(engine_logits(pipe, px.half(), tokens).float(), ref[:, QUERIES:].float()) <= 1e-2
+
+
+# ---- serving and the Triton backend ------------------------------------------------------------------
+
+def test_blip2_in_the_engine_equals_the_pipeline_alone(tmp_path):
+    """mm.Engine serves BLIP-2 captions: requests of mixed prompts, lengths and sampling in fewer slots
+    than requests, each caption what the pipeline gives for that request alone."""
+    pipe = blip2_pipe(make_blip2(seed=8), tmp_path)
+    g = torch.Generator().manual_seed(0)
+    pictures = [(torch.rand(IMAGE, IMAGE, 3, generator=g) * 255).to(torch.uint8).numpy() for _ in range(3)]
+    sampled = [None, mm.SamplingParams(do_sample=True, temperature=0.9, top_k=20, seed=3)]
+    requests = [(pictures[i % 3], [None, PROMPT, "a picture of"][i % 3], [9, 4, 7][i % 3], sampled[i % 2])
+                for i in range(6)]
+    expected = [pipe.caption([image], max_new_tokens=n, sampling=s, prompt=p)[0] for image, p, n, s in requests]
+    assert len(set(expected)) >= 4, f"degenerate random model: {expected}"
+    engine = mm.Engine(pipe, slots=2)
+    try:
+        handles = [engine.submit(mm.CaptionRequest(image, prompt=p, max_new_tokens=n, sampling=s))
+                   for image, p, n, s in requests]
+        assert [h.result(timeout=120) for h in handles] == expected
+    finally:
+        engine.shutdown(drain=False, timeout=120)
+
+
+def test_blip2_triton_backend_gives_the_reference_ids(tmp_path, monkeypatch):
+    """Every op forced to Triton (its interpreter on CPU), bias_relu and the prefix prefill included."""
+    pytest.importorskip("triton")
+    from mmgen_engine.ops import registry
+    pipe = blip2_pipe(make_blip2(seed=9), tmp_path)
+    px = pixels(2, seed=4)
+    ids = prompt_ids("a picture of")
+    monkeypatch.delenv("MMGEN_BACKEND", raising=False)
+    expected = pipe.generate_ids(px, 6, prompt_ids=ids)
+    registry.resolve.cache_clear()
+    monkeypatch.setenv("MMGEN_BACKEND", "triton")
+    try:
+        assert registry.dispatch("bias_relu", px) is not registry._TABLE["bias_relu"]["reference"].fn
+        ours = pipe.generate_ids(px, 6, prompt_ids=ids)
+    finally:
+        registry.resolve.cache_clear()
+    assert torch.equal(ours, expected)
+
+
+def test_blip2_generation_settings_come_from_the_text_config(tmp_path):
+    """transformers' BLIP-2 generate runs the language model's generate with settings from text_config:
+    generation_config.json's eos and max_length play no part, and a call without arguments gives 20 new
+    tokens; the converted model does the same."""
+    model = make_blip2(seed=10)
+    model.generation_config.max_length = QUERIES + 1 + 9
+    model.generation_config.eos_token_id = 5
+    pipe = blip2_pipe(model, tmp_path)
+    assert pipe.config.generation.eos_token_id == EOS and pipe.config.generation_defaults is None
+    px = pixels(2, seed=6)
+    input_ids = hf_input_ids(2)
+    with torch.no_grad():
+        seq = model.generate(pixel_values=px, input_ids=input_ids, do_sample=False)
+    ours = pipe.generate_ids(px)
+    assert ours.shape == (2, 20) and torch.equal(ours, padded(seq[:, input_ids.shape[1]:], 20, PAD))

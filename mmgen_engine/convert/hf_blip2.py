@@ -15,11 +15,12 @@ Supported OPT variants: pre-LayerNorm (``do_layer_norm_before``, every OPT from 
 BLIP-2's) with biases, affine LayerNorms and the final LayerNorm; a BLIP-2 whose language model is
 not OPT (Flan-T5) is refused with one line. Generation follows ``Blip2ForConditionalGeneration.
 generate``: the queries, then ``text_config.bos_token_id`` (OPT's ``</s>``) and the prompt; stop at
-``eos_token_id`` (``generation_config.json`` first, then ``text_config``), pad with
-``pad_token_id``. Preprocessing is BlipImageProcessor's; the tokenizer OPT's byte-level BPE
-(``tokenizer.json``, or ``vocab.json`` + ``merges.txt``). A ``max_length`` / ``min_length`` in the
-generation settings counts the start token and the prompt, not the queries (transformers counts the
-queries' placeholder tokens too: set ``max_new_tokens`` to get the same budget in both).
+``text_config.eos_token_id``, pad with its ``pad_token_id``. That ``generate`` runs the language
+model's own ``generate``, whose settings come from ``text_config`` alone: the checkpoint's
+``generation_config.json`` plays no part there, so none is converted (the engine's built-in
+defaults, greedy and 20 new tokens, are what transformers' call without arguments does).
+Preprocessing is BlipImageProcessor's; the tokenizer OPT's byte-level BPE (``tokenizer.json``, or
+``vocab.json`` + ``merges.txt``).
 """
 from __future__ import annotations
 
@@ -31,9 +32,6 @@ from .hf_towers import (
     BLIP_VISION_DEFAULTS,
     activation,
     blip_vision_rules,
-    generation_defaults,
-    generation_sources,
-    hf_generation,
     image_preprocess,
     model_type,
     processor_files,
@@ -157,16 +155,14 @@ def convert(src: Path, dtype: str | None, workdir: Path, trust_pickle: bool = Fa
                "num_query_tokens": top.get("num_query_tokens", 32), "encoder_hidden_size": qf["encoder_hidden_size"],
                "cross_attention_frequency": qf["cross_attention_frequency"], "layer_norm_eps": qf["layer_norm_eps"],
                "activation": activation(qf["hidden_act"], where + ": qformer_config")}
-    sources = generation_sources(src, text)
-    generation = {"decoder_start_token_id": token_id(sources[1:], "bos_token_id", where),
-                  "eos_token_id": token_id(sources, "eos_token_id", where),
-                  "pad_token_id": token_id(sources, "pad_token_id", where)}
+    # Blip2ForConditionalGeneration.generate runs the language model's generate, whose generation
+    # config comes from text_config: generation_config.json (the top level's) plays no part
+    generation = {name: token_id([text], key, where + ": text_config") for name, key in
+                  (("decoder_start_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
+                   ("pad_token_id", "pad_token_id"))}
     config = {**header("captioning", "blip2", NAME, dtype),
               "encoder": encoder, "decoder": decoder, "generation": generation, "qformer": qformer,
               "preprocess": image_preprocess(src / "preprocessor_config.json", "BlipImageProcessor")}
-    defaults = generation_defaults(*hf_generation(src, top, raw_text))
-    if defaults:
-        config["generation_defaults"] = defaults
     check_config(config, where)  # consistent before any weight is read
 
     tensors = hf.read_weights(src)

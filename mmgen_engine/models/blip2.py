@@ -10,6 +10,11 @@ query path) -> the language projection -> ``[B, Q, D]``, which the OPT decoder
 prefill per image, before the start token and the prompt (transformers puts ``Q`` image tokens and
 the BOS in front of the text and overwrites the image tokens' embeddings with the projected queries:
 the same sequence).
+
+As transformers does for float16 weights (``_keep_in_fp32_modules``), the Q-Former and its queries
+stay float32 in a half-precision model, bfloat16 included (``fp32_tensors``; a few percent of the
+weights): the image states enter it as float32 and its output is cast back to the model's dtype
+before the language projection.
 """
 from __future__ import annotations
 
@@ -60,12 +65,16 @@ class Blip2(nn.Module):
                                      for i in range(q.num_layers))
         self.projection = Linear(q.hidden_size, cfg.decoder.hidden_size, device=device)
         self.decoder = OPTDecoder(cfg.decoder, device)
+        self.fp32_tensors = frozenset(name for name, _ in self.named_parameters()
+                                      if name.startswith(("query_tokens", "ln_query.", "qformer.")))
         self.requires_grad_(False)
 
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``pixel_values [B, C, H, W]`` -> the decoder's prefix embeddings ``[B, num_query_tokens, D]``."""
         image = self.encoder(pixel_values)  # (B, 1 + N, D_v)
-        h = self.ln_query(self.query_tokens.expand(image.shape[0], -1, -1))
+        queries = self.query_tokens
+        h = self.ln_query(queries.expand(image.shape[0], -1, -1))
+        image = image.to(queries.dtype)
         for layer in self.qformer:
             h = layer(h, image)
-        return self.projection(h)
+        return self.projection(h.to(self.projection.weight.dtype))
