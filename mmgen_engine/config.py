@@ -164,6 +164,7 @@ class ViTConfig:
     qkv_bias: Bool = True
     patch_bias: Bool = True
     pre_norm: Bool = False  # CLIP's LayerNorm on the embeddings before the first block
+    final_norm: Bool = True  # False: no final LayerNorm (LLaVA reads the states of inner blocks)
 
     @property
     def num_patches(self) -> int:
@@ -293,6 +294,94 @@ class QFormerConfig:
         return self
 
 
+RopeKind = Literal["default", "linear", "llama3"]
+
+
+@validated
+class RopeConfig:
+    """Rotary position embedding frequencies, transformers' ``rope_parameters`` kinds of LLaMA:
+    ``inv_freq[i] = theta ** (-2i / head_dim)``, then for ``linear`` divided by ``factor``, and for
+    ``llama3`` (LLaMA 3.1) divided by ``factor`` where the wavelength ``2 pi / inv_freq`` exceeds
+    ``original_max_positions / low_freq_factor``, kept where it is below ``original_max_positions /
+    high_freq_factor``, interpolated smoothly between."""
+
+    kind: RopeKind = "default"
+    theta: Positive = 10000.0
+    factor: Positive = 1.0
+    low_freq_factor: Positive | None = None
+    high_freq_factor: Positive | None = None
+    original_max_positions: Positions | None = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        llama3 = (self.low_freq_factor, self.high_freq_factor, self.original_max_positions)
+        if self.kind == "llama3":
+            if None in llama3:
+                raise ValueError("llama3 rope needs low_freq_factor, high_freq_factor and original_max_positions")
+            if self.high_freq_factor <= self.low_freq_factor:
+                raise ValueError(f"llama3 rope needs high_freq_factor ({self.high_freq_factor}) above "
+                                 f"low_freq_factor ({self.low_freq_factor})")
+        elif llama3 != (None, None, None):
+            raise ValueError("low_freq_factor, high_freq_factor and original_max_positions are llama3 rope fields")
+        if self.kind == "default" and self.factor != 1:
+            raise ValueError(f"default rope has no factor (got {self.factor})")
+        return self
+
+
+@validated
+class LlamaConfig:
+    """LLaMA-family decoder (HF ``LlamaForCausalLM``): token embeddings, blocks ``h += attn(rms1(h));
+    h += mlp(rms2(h))`` with grouped-query attention (``num_kv_heads`` K/V heads shared by
+    ``num_heads / num_kv_heads`` query heads each), rotary positions, the SwiGLU MLP
+    ``down(silu(gate(x)) * up(x))``, a final RMSNorm and the head. The image states of LLaVA are a
+    causal prefix of input embeddings whose positions count."""
+
+    vocab_size: Vocab
+    hidden_size: Width
+    num_layers: Layers
+    num_heads: Width
+    num_kv_heads: Width
+    head_dim: Width
+    intermediate_size: Width
+    max_positions: Positions
+    rms_norm_eps: Positive = 1e-6
+    rope: RopeConfig = Field(default_factory=RopeConfig)
+    attention_bias: Bool = False
+    mlp_bias: Bool = False
+    tie_word_embeddings: Bool = False
+
+    @property
+    def blocks(self) -> int:
+        return self.num_layers
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} must be even (rotary embeddings rotate pairs)")
+        if self.num_heads * self.head_dim > MAX_WIDTH:
+            raise ValueError(f"num_heads x head_dim = {self.num_heads * self.head_dim} exceeds {MAX_WIDTH}")
+        return self
+
+
+@validated
+class LlavaConfig:
+    """LLaVA's image path (HF ``LlavaForConditionalGeneration``): the CLIP tower's states after
+    ``feature_layers`` blocks (each a count of blocks run, 0 the embeddings after ``ln_pre``; several
+    are concatenated along the width), without the CLS state unless ``keep_cls`` (transformers'
+    ``vision_feature_select_strategy`` "full"; "default" drops it), then the projector
+    ``linear_2(act(linear_1(x)))``. The projected states replace the ``image_token_id`` placeholder
+    of the prompt."""
+
+    image_token_id: TokenId
+    feature_layers: Annotated[list[Annotated[int, Strict(), Field(ge=0, le=MAX_LAYERS)]],
+                              Field(min_length=1, max_length=MAX_LAYERS)]
+    keep_cls: Bool = False
+    projector_bias: Bool = True
+    projector_activation: Activation = "gelu"
+
+
 @validated
 class GenerationConfig:
     """Special token ids of text generation. ``decoder_start_token_id`` None: no start token, the
@@ -316,7 +405,9 @@ class GenerationConfig:
 class ImagePreprocessConfig:
     """Resize (PIL, ``resample`` is a PIL filter id) > rescale > normalize, as ViTImageProcessor and
     BlipImageProcessor do. With ``shortest_edge`` the resize keeps the aspect ratio and makes the
-    shorter side that long, then a center crop cuts ``height x width`` (CLIPImageProcessor)."""
+    shorter side that long, then a center crop cuts ``height x width`` (CLIPImageProcessor). With
+    ``pad_to_square`` the image is first padded to a square of its longer side, centered, with the
+    mean color ``int(mean * 255)`` (LLaVA's processor, ``do_pad``)."""
 
     height: Pixels
     width: Pixels
@@ -329,6 +420,7 @@ class ImagePreprocessConfig:
     image_mean: RGB = Field(default_factory=lambda: [0.5, 0.5, 0.5])
     image_std: Annotated[list[Positive], Field(min_length=3, max_length=3)] = Field(
         default_factory=lambda: [0.5, 0.5, 0.5])
+    pad_to_square: Bool = False
 
     @model_validator(mode="after")
     def _check(self):
@@ -494,15 +586,19 @@ class CaptioningConfig(CheckpointConfig):
     - ``clipcap``: the CLIP image embedding (the final-normed CLS state times ``projection_dim``
       projection) goes through an MLP with tanh between layers (``mapper_sizes``, input first) to
       ``prefix_length`` GPT-2 input embeddings, a causal prefix of a GPT-2 without cross-attention;
+    - ``llava``: the CLIP tower's states after ``llava.feature_layers`` blocks, through LLaVA's
+      projector, replace the ``<image>`` placeholder inside the prompt of a LLaMA-family decoder:
+      the prompt's text before the placeholder and the image states are a causal prefix of input
+      embeddings, the text after it the decoder prompt;
     - ``blip2``: BLIP-2's ViT states go through the Q-Former (``qformer``); its query outputs,
       projected to the OPT decoder's width, are a causal prefix of input embeddings in front of the
       start token (OPT's ``</s>``) and the prompt.
     """
 
     task: Literal["captioning"]
-    architecture: Literal["vit-gpt2", "blip", "git", "clipcap", "blip2"]
+    architecture: Literal["vit-gpt2", "blip", "git", "clipcap", "llava", "blip2"]
     encoder: ViTConfig
-    decoder: GPT2Config | BertConfig | OPTConfig
+    decoder: GPT2Config | BertConfig | LlamaConfig | OPTConfig
     generation: GenerationConfig
     preprocess: ImagePreprocessConfig
     enc_to_dec_proj: Bool = False
@@ -510,10 +606,11 @@ class CaptioningConfig(CheckpointConfig):
     mapper_sizes: Annotated[list[Width], Field(max_length=MAX_LAYERS)] = Field(default_factory=list)
     prefix_length: Annotated[int, Strict(), Field(ge=0, le=MAX_POSITIONS)] = 0
     generation_defaults: GenerationDefaults | None = None
+    llava: LlavaConfig | None = None
     qformer: QFormerConfig | None = None
 
     DECODERS: ClassVar[dict] = {"vit-gpt2": GPT2Config, "blip": BertConfig, "git": BertConfig,
-                                "clipcap": GPT2Config, "blip2": OPTConfig}
+                                "clipcap": GPT2Config, "llava": LlamaConfig, "blip2": OPTConfig}
 
     @property
     def blocks(self) -> int:
@@ -563,6 +660,14 @@ class CaptioningConfig(CheckpointConfig):
                                  f"prefix_length x decoder width = {self.prefix_length * dec.hidden_size}, got {m}")
         elif self.projection_dim is not None or self.mapper_sizes or self.prefix_length:
             raise ValueError("projection_dim, mapper_sizes and prefix_length are clipcap fields")
+        if (self.llava is None) == (arch == "llava"):
+            raise ValueError(f"architecture {arch!r} {'needs' if arch == 'llava' else 'has no'} a 'llava' block")
+        if self.llava is not None:
+            deepest = max(self.llava.feature_layers)
+            if deepest > enc.num_layers:
+                raise ValueError(f"llava.feature_layers: layer {deepest} is beyond the encoder's {enc.num_layers}")
+            if self.llava.image_token_id >= dec.vocab_size:
+                raise ValueError(f"llava.image_token_id is outside the vocabulary of {dec.vocab_size}")
         if (self.qformer is None) == (arch == "blip2"):
             raise ValueError(f"architecture {arch!r} {'needs' if arch == 'blip2' else 'has no'} a 'qformer' block")
         if self.qformer is not None:

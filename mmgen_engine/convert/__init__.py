@@ -20,13 +20,14 @@ from . import (
     hf_blip,
     hf_blip2,
     hf_git,
+    hf_llava,
     hf_vision_encoder_decoder,
     min_dalle,
     openai_dvae,
     taming_vqgan,
 )
 
-CONVERTERS = {m.NAME: m for m in (hf_vision_encoder_decoder, hf_blip, hf_blip2, hf_git, clipcap, min_dalle,
+CONVERTERS = {m.NAME: m for m in (hf_vision_encoder_decoder, hf_blip, hf_blip2, hf_git, hf_llava, clipcap, min_dalle,
                                   taming_vqgan, openai_dvae, a2g_gpt)}
 
 

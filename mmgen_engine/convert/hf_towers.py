@@ -238,6 +238,7 @@ PROCESSORS = {
     "ViTImageProcessor": ({"height": 224, "width": 224}, None, 2, [0.5] * 3, [0.5] * 3),
     "BlipImageProcessor": ({"height": 384, "width": 384}, None, 3, CLIP_MEAN, CLIP_STD),
     "CLIPImageProcessor": ({"shortest_edge": 224}, {"height": 224, "width": 224}, 3, CLIP_MEAN, CLIP_STD),
+    "LlavaImageProcessor": ({"shortest_edge": 224}, {"height": 224, "width": 224}, 3, CLIP_MEAN, CLIP_STD),
 }
 ALIASES = {"ViTFeatureExtractor": "ViTImageProcessor", "CLIPFeatureExtractor": "CLIPImageProcessor"}
 

@@ -1,4 +1,5 @@
-"""Multi-head attention blocks: bidirectional (encoders), causal with a KV cache, cross-attention.
+"""Multi-head attention blocks: bidirectional (encoders), causal with a KV cache, cross-attention,
+and grouped-query attention with rotary positions (LLaMA).
 
 Weights use the torch ``Linear`` layout ``[out, in]``; q/k/v projections are fused into one
 ``qkv`` matrix ``[3 * D, D]`` (rows q, then k, then v) and cross-attention's k/v into ``kv``.
@@ -104,3 +105,54 @@ class CrossAttention(nn.Module):
         q = split_heads(self.q(x), self.num_heads)
         return self.out(merge_heads(ops.attention(q, k_cache, v_cache, self.scale, causal=False,
                                                   key_lengths=lengths)))
+
+
+class GroupedQueryAttention(nn.Module):
+    """Causal self-attention with ``num_kv_heads`` K/V heads, each shared by ``num_heads /
+    num_kv_heads`` query heads (grouped-query attention; multi-query with one K/V head, plain
+    multi-head with as many as query heads), and rotary positions on q and k (LLaMA).
+
+    One fused ``qkv`` matrix ``[(Hq + 2 Hkv) Dh, D]`` (rows q, then k, then v), the output
+    projection ``out [D, Hq Dh]``. The cache holds ``Hkv`` heads: ``k_cache, v_cache [B, Hkv, S, Dh]``,
+    rotated keys. ``cos, sin`` are the float32 rotary tables of the tokens' positions.
+    """
+
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, head_dim: int, bias: bool = False,
+                 device=None):
+        super().__init__()
+        self.qkv = Linear(dim, (num_heads + 2 * num_kv_heads) * head_dim, bias=bias, device=device)
+        self.out = Linear(num_heads * head_dim, dim, bias=bias, device=device)
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = head_dim ** -0.5
+        self.requires_grad_(False)
+
+    def _split(self, x):
+        kv = self.num_kv_heads * self.head_dim
+        return self.qkv(x).split([self.num_heads * self.head_dim, kv, kv], dim=-1)
+
+    def prefill(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> torch.Tensor:
+        """Causal attention over ``x [B, T, D]`` at positions ``0..T-1`` (``cos, sin [B, T, Dh / 2]``);
+        the rotated keys and the values go to cache slots ``0..T-1``."""
+        q, k, v = self._split(x)
+        q = ops.rotary(split_heads(q, self.num_heads), cos, sin)  # (B, Hq, T, Dh)
+        k = ops.rotary(split_heads(k, self.num_kv_heads), cos, sin)  # (B, Hkv, T, Dh)
+        v = split_heads(v, self.num_kv_heads)
+        t = x.shape[1]
+        k_cache[:, :, :t] = k
+        v_cache[:, :, :t] = v
+        return self.out(merge_heads(ops.attention(q, k, v, self.scale, causal=True)))
+
+    def decode(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
+               span: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """One token per row, ``x [B, D]`` at position ``lengths[b] - 1`` (``cos, sin [B, Dh / 2]``): its
+        query and key are rotated and its K/V written into that cache slot inside
+        :func:`~mmgen_engine.ops.decode_attention`, then it attends to slots ``0 .. lengths[b]-1``
+        (only the first ``span`` slots are read)."""
+        b = x.shape[0]
+        q, k, v = self._split(x)
+        q = q.view(b, self.num_heads, self.head_dim)
+        k, v = k.view(b, self.num_kv_heads, self.head_dim), v.view(b, self.num_kv_heads, self.head_dim)
+        o = ops.decode_attention(q, k_cache[:, :, :span], v_cache[:, :, :span], lengths, self.scale, k, v,
+                                 cos=cos, sin=sin)
+        return self.out(o.reshape(b, -1))

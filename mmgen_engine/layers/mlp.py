@@ -5,10 +5,13 @@ ReLU (OPT).
 ``GLU``: min-dalle's gated block ``fc2(ln1(gelu(fc0(x)) * fc1(x)))``, bias-free, with ``fc0`` and
 ``fc1`` fused into one ``fc01 [2H, D]`` product (rows of fc0, then fc1). Its input LayerNorm ``ln0``
 is held here but applied by the caller, which fuses it with the residual add.
+``SwiGLU``: LLaMA's ``down(silu(gate(x)) * up(x))``, with ``gate`` and ``up`` fused into one
+``gate_up [2H, D]`` product (rows of gate, then up); biases only with ``bias`` (``mlp_bias``).
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
@@ -46,3 +49,15 @@ class GLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The block on ``x`` already normalized by ``ln0``."""
         return self.fc2(self.ln1(ops.gelu_mul(self.fc01(x))))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int, bias: bool = False, device=None):
+        super().__init__()
+        self.gate_up = Linear(dim, 2 * hidden, bias=bias, device=device)
+        self.down = Linear(hidden, dim, bias=bias, device=device)
+        self.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)  # in x's dtype, as transformers' LlamaMLP

@@ -10,13 +10,15 @@ from .detokenizers import DETOKENIZERS, build_detokenizer
 from .dvae import DVAEDecoder
 from .git import Git
 from .gpt2 import GPT2Decoder
+from .llama import LlamaDecoder
+from .llava import Llava
 from .opt import OPTDecoder
 from .vit import ViTEncoder
 from .vit_gpt2 import VitGpt2
 from .vqgan import VQGANDecoder
 
 ARCHITECTURES = {"vit-gpt2": VitGpt2, "blip": Blip, "git": Git, "clipcap": ClipCap, "dalle-bart": DalleBart,
-                 "a2g-gpt": A2GGpt, "blip2": Blip2}
+                 "a2g-gpt": A2GGpt, "blip2": Blip2, "llava": Llava}
 
 
 def build_model(cfg, device=None):
@@ -40,6 +42,8 @@ __all__ = [
     "DETOKENIZERS",
     "DVAEDecoder",
     "GPT2Decoder",
+    "LlamaDecoder",
+    "Llava",
     "OPTDecoder",
     "ViTEncoder",
     "VitGpt2",

@@ -4,7 +4,8 @@ bias, a LayerNorm on the embeddings before the first block, quick GELU).
 
 ``pixel_values [B, C, H, W]`` -> patches ``[B, N, C*p*p]`` -> linear patch embedding, a learned CLS
 token in front, learned positions, (``ln_pre``,) ``num_layers`` pre-LN blocks, final LayerNorm ->
-``[B, 1 + N, D]``, or with ``pooled`` only the CLS state ``[B, D]`` (CLIP's pooled output). The
+``[B, 1 + N, D]``, or with ``pooled`` only the CLS state ``[B, D]`` (CLIP's pooled output);
+:meth:`ViTEncoder.layer_states` gives the states after chosen blocks instead (LLaVA). The
 patch embedding is the conv weight flattened to ``[D, C*p*p]`` (a stride-p conv with kernel p is
 exactly that matmul over non-overlapping patches).
 """
@@ -28,7 +29,7 @@ class ViTEncoder(nn.Module):
         self.ln_pre = LayerNorm(d, cfg.layer_norm_eps, device) if cfg.pre_norm else None
         self.layers = nn.ModuleList(EncoderBlock(d, cfg.num_heads, cfg.intermediate_size, cfg.layer_norm_eps,
                                                  cfg.activation, cfg.qkv_bias, device) for _ in range(cfg.num_layers))
-        self.ln_f = LayerNorm(d, cfg.layer_norm_eps, device)
+        self.ln_f = LayerNorm(d, cfg.layer_norm_eps, device) if cfg.final_norm else None
         self.requires_grad_(False)
 
     def patchify(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -37,14 +38,29 @@ class ViTEncoder(nn.Module):
         x = pixel_values.view(b, c, hgt // p, p, wid // p, p).permute(0, 2, 4, 1, 3, 5)  # (B, nh, nw, C, p, p)
         return x.reshape(b, (hgt // p) * (wid // p), c * p * p)  # (B, N, C*p*p)
 
-    def forward(self, pixel_values: torch.Tensor, pooled: bool = False) -> torch.Tensor:
-        """``pixel_values [B, C, H, W]`` (H = W = image_size) -> hidden states ``[B, 1 + N, D]``, or
-        the CLS state ``[B, D]`` when ``pooled``."""
+    def _embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(self.patchify(pixel_values.to(self.patch_embed.weight.dtype)))
         cls = self.cls_token.expand(x.shape[0], 1, -1)
         h = torch.cat([cls, x], dim=1) + self.pos_embed  # (B, 1 + N, D)
-        if self.ln_pre is not None:
-            h = self.ln_pre(h)
+        return h if self.ln_pre is None else self.ln_pre(h)
+
+    def forward(self, pixel_values: torch.Tensor, pooled: bool = False) -> torch.Tensor:
+        """``pixel_values [B, C, H, W]`` (H = W = image_size) -> hidden states ``[B, 1 + N, D]``, or
+        the CLS state ``[B, D]`` when ``pooled``; the final LayerNorm applied (if the model has one)."""
+        h = self._embed(pixel_values)
         for layer in self.layers:
             h = layer(h)
-        return self.ln_f(h[:, 0] if pooled else h)
+        h = h[:, 0] if pooled else h
+        return h if self.ln_f is None else self.ln_f(h)
+
+    def layer_states(self, pixel_values: torch.Tensor, layers: list[int]) -> list[torch.Tensor]:
+        """The states ``[B, 1 + N, D]`` after each of ``layers`` blocks (0: the embeddings, after
+        ``ln_pre``), without the final LayerNorm, as transformers' ``hidden_states[k]``; only the
+        blocks up to the deepest asked for run."""
+        h = self._embed(pixel_values)
+        states = {0: h}
+        for k, layer in enumerate(self.layers[:max(layers)], start=1):
+            h = layer(h)
+            if k in layers:
+                states[k] = h
+        return [states[k] for k in layers]

@@ -1,6 +1,6 @@
 """Image captioning: image -> vision encoder -> text decoder (cross-attention or image prefix) -> text.
 
-Architectures: ViT-GPT2, BLIP, GIT, ClipCap (see :class:`~mmgen_engine.config.CaptioningConfig`).
+Architectures: ViT-GPT2, BLIP, GIT, ClipCap, LLaVA (see :class:`~mmgen_engine.config.CaptioningConfig`).
 Preprocessing reproduces Hugging Face's ``ViTImageProcessor``, ``BlipImageProcessor`` and
 ``CLIPImageProcessor`` (PIL backend) bit for bit: RGB, PIL resize with the configured filter to
 (height, width) or, with ``shortest_edge``, keeping the aspect ratio (the longer side
@@ -10,6 +10,14 @@ rescale_factor -> float32``, ``(x - mean) / std`` in float32, channels first.
 A text prompt (``caption(..., prompt="a picture of")``) is tokenized without special tokens and put
 after the start token, as BLIP's and GIT's processors and ``generate`` do; the caption then starts
 with the prompt, as theirs do.
+
+LLaVA's prompt is a conversation with one ``<image>`` placeholder where the image goes
+(:data:`LLAVA_PROMPT` when left out, LLaVA-1.5's template around its caption instruction); it is
+tokenized as LLaVA's processor does (the model's ``tokenizer.json``, its BOS in front), the text
+before the placeholder and the image's states are prefilled as the decoder's prefix, the text after
+it is the decoder prompt, and the caption is the answer only (the prompt is not repeated). With
+``pad_to_square`` (LlavaImageProcessor's ``do_pad``) the image is first padded to a square with the
+mean color, as that processor does.
 """
 from __future__ import annotations
 
@@ -34,6 +42,9 @@ from ..runtime.sampler import check_sampling
 from .generation_defaults import default_new_tokens, default_sampling
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+# LLaVA-1.5's conversation template ("USER: <image>\n{question} ASSISTANT:") around the caption
+# instruction of its COCO evaluation
+LLAVA_PROMPT = "USER: <image>\nProvide a one-sentence caption for the provided image. ASSISTANT:"
 
 
 def to_rgb(im: PIL.Image.Image) -> PIL.Image.Image:
@@ -129,7 +140,7 @@ def resized_size(width: int, height: int, shortest_edge: int) -> tuple[int, int]
 
 
 class CaptioningPipeline:
-    """Captions images with a converted ViT-GPT2, BLIP, GIT or ClipCap checkpoint (see
+    """Captions images with a converted ViT-GPT2, BLIP, GIT, ClipCap or LLaVA checkpoint (see
     :func:`mmgen_engine.load`)."""
 
     task = "captioning"
@@ -137,6 +148,8 @@ class CaptioningPipeline:
     def __init__(self, model, tokenizer: Tokenizer, config: CaptioningConfig, device: torch.device):
         self.model, self.tokenizer, self.config, self.device = model, tokenizer, config, device
         self.dtype = model.decoder.wte.dtype
+        # LLaVA: the id of the <image> placeholder its prompts must hold once (None: other families)
+        self.image_token = config.llava.image_token_id if config.llava is not None else None
         # on CUDA the encoder (per batch size), the prefill and the decode steps (per batch bucket)
         # are captured as CUDA graphs and replayed; set False to run them eagerly (same tokens)
         self.use_cuda_graphs = device.type == "cuda"
@@ -162,6 +175,9 @@ class CaptioningPipeline:
             raise CheckpointError(f"{tok_file}: unreadable tokenizer ({one_line(e)})") from None
         check_tokenizer(str(tok_file), tokenizer.get_vocab(with_added_tokens=True).values(),
                         config.decoder.vocab_size, config.generation.special_ids)
+        if config.llava is not None and tokenizer.id_to_token(config.llava.image_token_id) is None:
+            raise CheckpointError(f"{tok_file}: no token for llava.image_token_id {config.llava.image_token_id} "
+                                  f"(the <image> placeholder)")
         model = load_model(path, config, build_model, device, dtype)
         if device.type == "cpu":
             column_major_weights(model.decoder)
@@ -179,6 +195,11 @@ class CaptioningPipeline:
         out = []
         for image in images:
             im = load_image(image)
+            if p.pad_to_square and im.width != im.height:
+                side = max(im.size)
+                square = PIL.Image.new("RGB", (side, side), tuple(int(m * 255) for m in p.image_mean))
+                square.paste(im, ((side - im.width) // 2, (side - im.height) // 2))
+                im = square
             if p.shortest_edge:
                 size = resized_size(*im.size, p.shortest_edge)
                 if size[0] * size[1] > MAX_RESIZED_PIXELS:
@@ -208,7 +229,21 @@ class CaptioningPipeline:
         ids = self.tokenizer.encode(check_prompt(prompt), add_special_tokens=False).ids
         if len(ids) > MAX_PROMPT_TOKENS:
             raise InputError(f"prompt has {len(ids)} tokens; at most {MAX_PROMPT_TOKENS}")
+        if self.image_token is not None:
+            self._placeholder(ids)
         return ids
+
+    def _placeholder(self, ids: list[int]) -> int:
+        """LLaVA: the index of the one ``<image>`` placeholder in ``ids``; InputError if there is
+        none or more than one."""
+        n = ids.count(self.image_token)
+        if n != 1:
+            name = self.tokenizer.id_to_token(self.image_token)
+            if n == 0:
+                raise InputError(f"the prompt has no {name} placeholder; LLaVA puts the image where it stands, "
+                                 f"e.g. {LLAVA_PROMPT!r}")
+            raise InputError(f"the prompt has {n} {name} placeholders; one image takes exactly one")
+        return ids.index(self.image_token)
 
     def generate_ids(self, pixel_values: torch.Tensor, max_new_tokens: int | None = None,
                      min_new_tokens: int | None = None, sampling: SamplingParams | None = None,
@@ -216,8 +251,9 @@ class CaptioningPipeline:
         """``pixel_values [B, 3, H, W]`` (preprocessed) -> generated ids ``[B, max_new_tokens]``, start
         token and prompt excluded; after ``eos`` a row holds ``pad_token_id``. ``prompt_ids``: text ids
         that follow the start token in every row (a list, ``[T]`` or ``[B, T]``, at most
-        ``MAX_PROMPT_TOKENS``), e.g. :meth:`tokenize_prompt` of BLIP's "a picture of". Every argument
-        is checked before the encoder runs.
+        ``MAX_PROMPT_TOKENS``), e.g. :meth:`tokenize_prompt` of BLIP's "a picture of"; for LLaVA the
+        whole prompt with its one ``<image>`` placeholder, at the same position in every row (None:
+        :data:`LLAVA_PROMPT`). Every argument is checked before the encoder runs.
 
         Left out (None), ``max_new_tokens``, ``min_new_tokens`` and ``sampling`` are the checkpoint's
         generation defaults (:meth:`default_new_tokens`, :attr:`default_sampling`), else 20, 0 and
@@ -234,11 +270,15 @@ class CaptioningPipeline:
         check_sampling(sampling)
         sampling = self.default_sampling if sampling is None else sampling
         gen = self.config.generation
-        prompt = self._prompt(pixel_values.shape[0], prompt_ids)
-        max_new_tokens, min_new_tokens = self._budget(prompt.shape[1], max_new_tokens, min_new_tokens)
+        if self.image_token is not None and prompt_ids is None:
+            prompt_ids = self.tokenize_prompt(LLAVA_PROMPT)
+        text_before, prompt, length = self.split_prompt(self._prompt(pixel_values.shape[0], prompt_ids))
+        max_new_tokens, min_new_tokens = self._budget(length, max_new_tokens, min_new_tokens)
         with torch.inference_mode():
             encode = self._graphed_encode if self.use_cuda_graphs else self.model.encode
             states = encode(pixel_values.to(self.device, self.dtype))
+            if text_before is not None:
+                states = self.model.prefix(states, text_before)
             batch = states.shape[0]
             lengths = torch.full((batch,), states.shape[1], dtype=torch.int64, device=self.device)
             if sampling is not None and sampling.num_beams > 1:
@@ -250,6 +290,20 @@ class CaptioningPipeline:
                             eos_token_id=gen.eos_token_id, pad_token_id=gen.pad_token_id,
                             min_new_tokens=min_new_tokens, sampling=sampling,
                             graphs=self._graphs if self.use_cuda_graphs else None)
+
+    def split_prompt(self, prompt: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, int]:
+        """``(text_before, decoder_prompt, length)`` of a decoder input ``prompt [B, T]``
+        (:meth:`_prompt`): LLaVA's text before its ``<image>`` placeholder (which goes into the
+        prefix, :meth:`~mmgen_engine.models.llava.Llava.prefix`), the text after it, and the prompt's
+        length with the image's tokens in place of the placeholder (what transformers' ``max_length``
+        counts); other families: ``(None, prompt, T)``."""
+        if self.image_token is None:
+            return None, prompt, prompt.shape[1]
+        at = {self._placeholder(row) for row in prompt.tolist()}
+        if len(at) != 1:
+            raise InputError("prompt_ids: the <image> placeholder must stand at the same position in every row")
+        at = at.pop()
+        return prompt[:, :at], prompt[:, at + 1:], prompt.shape[1] - 1 + self.model.image_tokens
 
     def default_new_tokens(self, prompt_length: int = 1) -> tuple[int, int]:
         """``(max_new_tokens, min_new_tokens)`` of a call that leaves them out, for a decoder prompt of
@@ -286,14 +340,18 @@ class CaptioningPipeline:
         ``prompt`` the model continues it and the caption starts with it. ``max_new_tokens`` and
         ``sampling`` left out (None) are the checkpoint's generation defaults, else 20 and greedy (see
         :meth:`generate_ids`). Every argument is checked before an image is read (limits in
-        :mod:`~mmgen_engine.runtime.limits`)."""
+        :mod:`~mmgen_engine.runtime.limits`). LLaVA: ``prompt`` is the conversation with one
+        ``<image>`` placeholder (None: :data:`LLAVA_PROMPT`) and the caption is the answer alone."""
         if max_new_tokens is not None:
             check_new_tokens(max_new_tokens)
         check_sampling(sampling)
+        if prompt is None and self.image_token is not None:
+            prompt = LLAVA_PROMPT
         prompt_ids = self.tokenize_prompt(prompt) if prompt is not None else []
         ids = self.generate_ids(self.preprocess(images), max_new_tokens, sampling=sampling,
                                 prompt_ids=prompt_ids).tolist()
         gen = self.config.generation
         eos, keep = gen.eos_token_id, int(gen.include_eos)
-        rows = [prompt_ids + (row[:row.index(eos) + keep] if eos in row else row) for row in ids]  # no padding
+        shown = [] if self.image_token is not None else prompt_ids  # LLaVA answers: the prompt is not the caption
+        rows = [shown + (row[:row.index(eos) + keep] if eos in row else row) for row in ids]  # no padding
         return [text.strip() for text in self.tokenizer.decode_batch(rows, skip_special_tokens=True)]
