@@ -35,20 +35,22 @@ void bind_kernels(pybind11::module_& m) {
       [](std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t new_k, std::uintptr_t new_v,
          std::uintptr_t lengths, std::uintptr_t out, std::uintptr_t partial, std::uintptr_t ml, int dtype,
          int batch, int group, int heads, int slots, int head_dim, int splits, Strides2 q_strides,
-         Strides3 k_strides, Strides3 v_strides, Strides2 new_strides, float scale, bool vectorized,
-         std::uintptr_t stream) {
+         Strides3 k_strides, Strides3 v_strides, Strides2 new_strides, float scale, int kv_heads,
+         std::uintptr_t cos, std::uintptr_t sin, bool vectorized, std::uintptr_t stream) {
         const kernels::DecodeAttentionParams p{
             ptr(q), ptr(k), ptr(v), ptr(new_k), ptr(new_v), ptr<const int64_t>(lengths), ptr(out),
             ptr<float>(partial), ptr<float>(ml), batch, heads, slots, head_dim, group, kernels::kDecodeChunk, splits,
             q_strides[0], q_strides[1], k_strides[0], k_strides[1], k_strides[2], v_strides[0], v_strides[1],
-            v_strides[2], new_strides[0], new_strides[1], scale};
+            v_strides[2], new_strides[0], new_strides[1], scale, kv_heads, ptr<const float>(cos),
+            ptr<const float>(sin)};
         Ops::decode_attention(p, static_cast<DType>(dtype), vectorized, stream);
       },
       "Decode attention over a KV cache (csrc/kernels/decode_attention.cuh).", py::arg("q"), py::arg("k"),
       py::arg("v"), py::arg("new_k"), py::arg("new_v"), py::arg("lengths"), py::arg("out"), py::arg("partial"),
       py::arg("ml"), py::arg("dtype"), py::arg("batch"), py::arg("group"), py::arg("heads"), py::arg("slots"),
       py::arg("head_dim"), py::arg("splits"), py::arg("q_strides"), py::arg("k_strides"), py::arg("v_strides"),
-      py::arg("new_strides"), py::arg("scale"), py::arg("vectorized"), py::arg("stream"));
+      py::arg("new_strides"), py::arg("scale"), py::arg("kv_heads"), py::arg("cos"), py::arg("sin"),
+      py::arg("vectorized"), py::arg("stream"));
 
   m.def(
       "layer_norm",

@@ -422,3 +422,14 @@ def test_gpu_grouped_decode_attention_replays_in_a_cuda_graph():
         lengths.copy_(torch.tensor([1 + step, 100 - step, 300, 512 - step]))
         graph.replay()
         close(out, decode_attention_reference(q, k, v, lengths, 0.125, group=3))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("hkv", [1, 8, 32])
+def test_gpu_gqa_decode_attention_at_llama_sizes(dtype, hkv):
+    """LLaMA-7B-like heads (32 query heads of 128) over 1, 8 and 32 K/V heads: a long cache over many
+    splits with the rotary cache write, and beams over an image prefix."""
+    check_gqa_decode_attention(4, 1, 32, hkv, 4096, 128, dtype, "cuda", True, True)
+    check_gqa_decode_attention(4, 1, 32, hkv, 1000, 128, dtype, "cuda", False, False)
+    check_gqa_decode_attention(2, 3, 32, hkv, 577, 128, dtype, "cuda", False, True)

@@ -165,6 +165,53 @@ def test_decode_attention_rejects_bad_input_before_any_launch(device):
         cuda_ops.decode_attention(wide[:, :, 0], wide, wide, torch.ones(1, dtype=torch.int64, device=device), 1.0)
 
 
+def check_gqa_decode_attention(b, group, hq, hkv, s, d, dtype, device, fused_write, rope, lengths=None):
+    return test_kernels.check_gqa_decode_attention(b, group, hq, hkv, s, d, dtype, device, fused_write, rope,
+                                                   lengths, fn=cuda_ops.decode_attention)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fused_write,rope", [(False, False), (True, False), (True, True), (False, True)])
+@pytest.mark.parametrize("b,hq,hkv,s,d", [(1, 4, 1, 1, 8), (3, 6, 2, 300, 24), (2, 8, 2, 9, 64), (2, 3, 3, 7, 16),
+                                          (1, 6, 1, 5, 12), (2, 16, 2, 40, 128)])
+def test_gqa_decode_attention(b, hq, hkv, s, d, dtype, fused_write, rope, device):
+    # query heads per block: 4 (hq/hkv 4, 8), 1 (3, 1) and, on the scalar path (d = 12), 1 for 6;
+    # s = 300: two splits
+    check_gqa_decode_attention(b, 1, hq, hkv, s, d, dtype, device, fused_write, rope)
+
+
+@pytest.mark.parametrize("rope", [False, True])
+def test_gqa_decode_attention_grouped_rows_and_edges(rope, device):
+    check_gqa_decode_attention(2, 3, 8, 4, 70, 32, torch.float16, device, False, rope)  # 2 heads per block
+    check_gqa_decode_attention(2, 1, 8, 2, 600, 32, torch.bfloat16, device, True, rope, lengths=torch.tensor([1, 600]))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hkv", [1, 8, 32])
+def test_gpu_gqa_decode_attention_at_llama_sizes(dtype, hkv):
+    """32 query heads of 128 over 1, 8 and 32 K/V heads (4, 2... heads per block), many splits."""
+    check_gqa_decode_attention(4, 1, 32, hkv, 4096, 128, dtype, "cuda", True, True)
+    check_gqa_decode_attention(2, 3, 32, hkv, 577, 128, dtype, "cuda", False, True)
+
+
+def test_gqa_decode_attention_rejects_bad_input_before_any_launch(device):
+    q = rand(2, 6, 16, dtype=torch.float16, device=device)
+    k = rand(2, 4, 10, 16, dtype=torch.float16, device=device)
+    ok = torch.tensor([4, 10], device=device)
+    cos = torch.ones(2, 8, device=device)
+    with pytest.raises(ValueError, match=r"decode_attention: q must have shape \(2, 4, 16\)"):  # 4 does not divide 6
+        cuda_ops.decode_attention(q, k, k, ok, 0.25)
+    with pytest.raises(ValueError, match=r"new_k must have shape \(2, 2, 16\)"):
+        cuda_ops.decode_attention(q, k[:, :2], k[:, :2], ok, 0.25, q, q)
+    with pytest.raises(ValueError, match="cos and sin go together"):
+        cuda_ops.decode_attention(q, k[:, :2], k[:, :2], ok, 0.25, cos=cos)
+    with pytest.raises(TypeError, match="sin must be float32"):
+        cuda_ops.decode_attention(q, k[:, :2], k[:, :2], ok, 0.25, cos=cos, sin=cos.half())
+    with pytest.raises(ValueError, match=r"cos must have shape \(2, 8\)"):
+        cuda_ops.decode_attention(q, k[:, :2], k[:, :2], ok, 0.25, cos=cos[:, :4], sin=cos)
+
+
 # ---- image-token gather -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES)

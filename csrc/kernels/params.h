@@ -24,9 +24,9 @@ inline void require(bool ok, const char* message) {
 
 struct DecodeAttentionParams {
   const void* q;       // [B * group, H, D], unit last stride: query row r attends to cache row r / group
-  void* k;             // [B, H, S, D] (a view of the first S slots of a cache is fine)
-  void* v;
-  const void* new_k;   // [B, H, D] or null
+  void* k;             // [B, Hkv, S, D] (a view of the first S slots of a cache is fine); query head h
+  void* v;             //   reads K/V head h / (H / Hkv)
+  const void* new_k;   // [B, Hkv, D] or null
   const void* new_v;
   const int64_t* lengths;  // [B], each in [1, S] (clamped by the kernel: a bad value stays in bounds)
   void* out;           // [B * group, H, D] contiguous
@@ -40,6 +40,9 @@ struct DecodeAttentionParams {
   int64_t v_b, v_h, v_s;
   int64_t new_b, new_h;
   float scale;
+  int kv_heads;        // Hkv, dividing heads (H)
+  const float* cos;    // [B, D / 2] contiguous fp32 (RoPE of q and new_k at the new position), or null
+  const float* sin;
 };
 
 struct LayerNormParams {

@@ -94,9 +94,6 @@ def _vectorizable(tensors, strides) -> bool:
 
 
 def decode_attention(q, k, v, lengths, scale, new_k=None, new_v=None, group=1, cos=None, sin=None):
-    if cos is not None or k.shape[1] != q.shape[1]:
-        raise BackendError("decode_attention: this backend has no rotary (cos, sin) or grouped-query (fewer K/V "
-                           "heads than query heads) path yet; use MMGEN_BACKEND=decode_attention=reference")
     op = "decode_attention"
     if isinstance(group, bool) or not isinstance(group, int) or group < 1:
         raise ValueError(f"{op}: group must be an int >= 1, got {group!r}")
@@ -105,38 +102,48 @@ def decode_attention(q, k, v, lengths, scale, new_k=None, new_v=None, group=1, c
         if t is not None and t.dtype != q.dtype:
             raise TypeError(f"{op}: {name} is {t.dtype}, q is {q.dtype}")
     if q.dim() != 3 or k.dim() != 4:
-        raise ValueError(f"{op}: q must be [B * group, H, D] and k, v [B, H, S, D], got {tuple(q.shape)} and "
+        raise ValueError(f"{op}: q must be [B * group, H, D] and k, v [B, Hkv, S, D], got {tuple(q.shape)} and "
                          f"{tuple(k.shape)}")
-    b, h, s, d = k.shape
-    _check_shape(op, "q", q, (b * group, h, d))
-    _check_shape(op, "v", v, (b, h, s, d))
+    b, hkv, s, d = k.shape
+    hq = q.shape[1] if hkv and q.shape[1] % hkv == 0 else hkv  # query heads: a multiple of the K/V heads
+    _check_shape(op, "q", q, (b * group, hq, d))
+    _check_shape(op, "v", v, (b, hkv, s, d))
     if (new_k is None) != (new_v is None):
         raise ValueError(f"{op}: new_k and new_v go together")
     if new_k is not None:
         if group != 1:
             raise ValueError(f"{op}: group={group} with new_k/new_v: a cache write needs one query row per cache "
                              "row (group=1)")
-        _check_shape(op, "new_k", new_k, (b, h, d))
-        _check_shape(op, "new_v", new_v, (b, h, d))
+        _check_shape(op, "new_k", new_k, (b, hkv, d))
+        _check_shape(op, "new_v", new_v, (b, hkv, d))
         if new_k.stride() != new_v.stride():
             raise ValueError(f"{op}: new_k and new_v need the same strides")
+    if (cos is None) != (sin is None):
+        raise ValueError(f"{op}: cos and sin go together")
+    if cos is not None:
+        if d % 2:
+            raise ValueError(f"{op}: rotary (cos, sin) needs an even head dim, got {d}")
+        for name, t in (("cos", cos), ("sin", sin)):
+            _check_shape(op, name, t, (b, d // 2))
+            _check_dtype(op, name, t, (torch.float32,))
+        cos, sin = cos.contiguous(), sin.contiguous()
     _check_shape(op, "lengths", lengths, (b,))
     _check_dtype(op, "lengths", lengths, (torch.int64,))
     if not 1 <= d <= _C.DECODE_MAX_HEAD_DIM:
         raise ValueError(f"{op}: head dim {d} outside [1, {_C.DECODE_MAX_HEAD_DIM}]")
-    if b * h == 0 or s == 0:
+    if b * hkv == 0 or s == 0:
         raise ValueError(f"{op}: empty batch, heads or cache, k has shape {tuple(k.shape)}")
     _check(op, q, unit_stride=("q", "k", "v", "new_k", "new_v"), q=q, k=k, v=v, new_k=new_k, new_v=new_v,
-           lengths=lengths)
+           lengths=lengths, cos=cos, sin=sin)
     lengths = lengths.contiguous()
     _check_range(op, "lengths", lengths, 1, s, f"every row attends to 1 to {s} cached positions")
     rows = b * group  # query rows
-    out = torch.empty(rows, h, d, dtype=q.dtype, device=q.device)
+    out = torch.empty(rows, hq, d, dtype=q.dtype, device=q.device)
     splits = -(-s // _C.DECODE_CHUNK)
     partial = ml = None
     if splits > 1:
-        partial = torch.empty(rows * h * splits, d, dtype=torch.float32, device=q.device)
-        ml = torch.empty(rows * h * splits, 2, dtype=torch.float32, device=q.device)
+        partial = torch.empty(rows * hq * splits, d, dtype=torch.float32, device=q.device)
+        ml = torch.empty(rows * hq * splits, 2, dtype=torch.float32, device=q.device)
     size = q.element_size()
     new_strides = tuple(new_k.stride()[:2]) if new_k is not None else (0, 0)
     strides = [x * size for x in (*q.stride()[:2], *k.stride()[:3], *v.stride()[:3], *new_strides)]
@@ -145,8 +152,9 @@ def decode_attention(q, k, v, lengths, scale, new_k=None, new_v=None, group=1, c
             q.data_ptr(), k.data_ptr(), v.data_ptr(), new_k.data_ptr() if new_k is not None else 0,
             new_v.data_ptr() if new_v is not None else 0, lengths.data_ptr(), out.data_ptr(),
             partial.data_ptr() if partial is not None else 0, ml.data_ptr() if ml is not None else 0,
-            DTYPES[q.dtype], b, group, h, s, d, splits, tuple(q.stride()[:2]), tuple(k.stride()[:3]),
-            tuple(v.stride()[:3]), new_strides, float(scale), vectorized)
+            DTYPES[q.dtype], b, group, hq, s, d, splits, tuple(q.stride()[:2]), tuple(k.stride()[:3]),
+            tuple(v.stride()[:3]), new_strides, float(scale), hkv, cos.data_ptr() if cos is not None else 0,
+            sin.data_ptr() if sin is not None else 0, vectorized)
     return out
 
 
