@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Per-kernel benchmark on CUDA: every backend of each op - the CUDA kernels of csrc/ (``cuda``), the
 Triton kernels and the reference (plain torch) - on the same inputs, at the shapes of ViT-B/16 +
-GPT-2 small captioning (and of DALL·E Mini's gated GELU, the image decoders' code gathers).
+GPT-2 small captioning (and of DALL·E Mini's gated GELU, the image decoders' code gathers, and the
+LLaMA-7B-like decoder of LLaVA-1.5: RMSNorm, rotary, grouped-query decode attention).
 
 Each case reports µs per call (median of CUDA-graph replays, ``triton.testing.do_bench_cudagraph``,
 so launch gaps are not counted, as in the engine's captured decode step), the bytes the op must move at
@@ -83,6 +84,7 @@ def cases(dtype, device, quick: bool):
         new_k, new_v = rnd(b, h, dh), rnd(b, h, dh)
         yield "decode_attention", f"B{b} H{h} L{s} D{dh} + cache write", \
             (q, k, v, lengths, dh ** -0.5, new_k, new_v), nbytes(q, k, v, q, new_k, new_v)
+    yield from llama_cases(rnd, quick)
     for b in (1, 16):
         logits = rnd(b, vocab, dt=torch.float32)
         ones = torch.ones(b, device=device)
@@ -115,6 +117,28 @@ def cases(dtype, device, quick: bool):
             yield "token_gather", f"B{b} {side}x{side} codes of {vocab_size}x{dim}{' + bias' if bias else ''}", \
                 (tokens, table, *extra), 2 * b * side * side * dim * table.element_size() + nbytes(tokens)
     yield from conv_cases(rnd, quick)
+
+
+def llama_cases(rnd, quick: bool):
+    """LLaMA-7B-like shapes (width 4096, 32 query heads of 128; 8 K/V heads as in grouped-query models, 32
+    as in LLaMA-7B itself): RMSNorm, the rotary embedding of a prefill, and the decode step with the
+    rotary cache write."""
+    d, hq, dh = 4096, 32, 128
+    for rows in (1, 16):
+        x, w = rnd(rows, d), rnd(d)
+        yield "rms_norm", f"{rows}x{d}", (x, w, 1e-6), nbytes(x) * 2 + nbytes(w)
+    t = 64 if quick else 600  # a LLaVA-1.5 prompt: 576 image tokens and some text
+    x, angles = rnd(1, hq, t, dh), rnd(1, t, dh // 2, dt=torch.float32)
+    yield "rotary", f"B1 H{hq} T{t} D{dh}", (x, angles.cos(), angles.sin()), nbytes(x) * 2 + 2 * nbytes(angles)
+    for b, s in ((1, 4096), (16, 1024)) if not quick else ((1, 256),):
+        for hkv in (8, 32):
+            q, k, v = rnd(b, hq, dh), rnd(b, hkv, s, dh), rnd(b, hkv, s, dh)
+            new_k, new_v = rnd(b, hkv, dh), rnd(b, hkv, dh)
+            angles = rnd(b, dh // 2, dt=torch.float32)
+            lengths = torch.full((b,), s, device=q.device)
+            yield "decode_attention", f"B{b} Hq{hq} Hkv{hkv} L{s} D{dh} + rotary cache write", \
+                (q, k, v, lengths, dh ** -0.5, new_k, new_v, 1, angles.cos(), angles.sin()), \
+                nbytes(q, k, v, q, new_k, new_v) + 2 * nbytes(angles)
 
 
 def conv_cases(rnd, quick: bool):
