@@ -6,9 +6,15 @@ the captioner architectures picked with ``--arch`` (one or several; default ``vi
 - ``blip``: BLIP-base (ViT-B/16 at 384 px + 12-layer BERT decoder with cross-attention), as
   ``BlipForConditionalGeneration``;
 - ``git``: GIT-base (CLIP ViT-B/16 at 224 px + 6-layer BERT over the image prefix), as
-  ``GitForCausalLM``.
+  ``GitForCausalLM``;
+- ``llava``: LLaVA-1.5-7B (CLIP ViT-L/14 at 336 px, MLP projector, LLaMA-7B) on CUDA; on CPU the same
+  vision tower with a ~1.1B LLaMA (TinyLlama's shape: 22 layers of 2048, 4 K/V heads), as
+  ``LlavaForConditionalGeneration``, prompted with a short conversation around one ``<image>``;
+- ``blip2``: BLIP-2 OPT-2.7B (ViT-g/14, Q-Former, OPT-2.7B) on CUDA; on CPU a ViT-B/16 tower, the
+  full Q-Former and OPT-125m's shape, as ``Blip2ForConditionalGeneration``.
 
-``--quick`` uses a tiny model of each. For each arch, dtype and batch size it times, for both
+``--quick`` uses a tiny model of each. (Sizes per device: ``full`` on CUDA, ``cpu`` where an arch
+has it, on CPU.) For each arch, dtype and batch size it times, for both
 implementations, after warm-up:
 
 - first-token latency: a call generating exactly 1 token (encoder + prefill + one greedy pick);
@@ -92,9 +98,56 @@ PRESETS = {
                   "initializer_range": 0.1, "new_tokens": 16},
     },
 }
+_CLIP_L336 = {"image_size": 336, "patch_size": 14, "num_hidden_layers": 24, "hidden_size": 1024,
+              "num_attention_heads": 16, "intermediate_size": 4096, "projection_dim": 768}
+_LLAMA = {"vocab_size": 32064, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5}
+_TINY_LLAMA = {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128}
+_QFORMER = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
+            "cross_attention_frequency": 2}
+_OPT = {"vocab_size": 50272, "max_position_embeddings": 2048, "bos_token_id": 2, "eos_token_id": 2, "pad_token_id": 1}
+# LLaVA and BLIP-2: "image_token" is the placeholder's id (LLaVA-1.5: 32000, its <pad> 32001; BLIP-2
+# OPT: 50265), "init" the initializer range of every sub-config (see above)
+PRESETS["llava"] = {
+    "full": {"name": "LLaVA-1.5-7B", "encoder": _CLIP_L336,
+             "decoder": {**_LLAMA, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                         "num_attention_heads": 32, "num_key_value_heads": 32},
+             "image_token": 32000, "pad": 32001, "init": 0.02, "new_tokens": 32},
+    "cpu": {"name": "CLIP ViT-L/14-336 + 1.1B LLaMA", "encoder": _CLIP_L336,
+            "decoder": {**_LLAMA, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+                        "num_attention_heads": 32, "num_key_value_heads": 4},
+            "image_token": 32000, "pad": 32001, "init": 0.02, "new_tokens": 16},
+    "quick": {"name": "tiny LLaVA", "encoder": {**_TINY_VIT, "projection_dim": 32}, "decoder": _TINY_LLAMA,
+              "image_token": 254, "pad": 255, "init": 0.2, "new_tokens": 16},
+}
+PRESETS["blip2"] = {
+    "full": {"name": "BLIP-2 OPT-2.7B",
+             "encoder": {"image_size": 224, "patch_size": 14, "num_hidden_layers": 39, "hidden_size": 1408,
+                         "num_attention_heads": 16, "intermediate_size": 6144},
+             "qformer": _QFORMER,
+             "decoder": {**_OPT, "hidden_size": 2560, "ffn_dim": 10240, "num_hidden_layers": 32,
+                         "num_attention_heads": 32, "word_embed_proj_dim": 2560},
+             "image_token": 50265, "init": 0.02, "new_tokens": 32},
+    "cpu": {"name": "BLIP-2 (ViT-B/16, Q-Former, OPT-125m shapes)",
+            "encoder": {"image_size": 224, **_VIT_B16}, "qformer": _QFORMER,
+            "decoder": {**_OPT, "hidden_size": 768, "ffn_dim": 3072, "num_hidden_layers": 12,
+                        "num_attention_heads": 12, "word_embed_proj_dim": 768},
+            "image_token": 50265, "init": 0.02, "new_tokens": 32},
+    "quick": {"name": "tiny BLIP-2", "encoder": _TINY_VIT,
+              "qformer": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                          "intermediate_size": 64, "cross_attention_frequency": 2},
+              "decoder": {"vocab_size": 256, "hidden_size": 48, "ffn_dim": 64, "num_hidden_layers": 2,
+                          "num_attention_heads": 4, "max_position_embeddings": 96, "word_embed_proj_dim": 48,
+                          "bos_token_id": 2, "eos_token_id": 2, "pad_token_id": 1},
+              "image_token": 255, "init": 0.2, "new_tokens": 16},
+}
+BLIP2_QUERIES = 32
 ARCHS = list(PRESETS)
 HF_CLASSES = {"vit-gpt2": "VisionEncoderDecoderModel", "blip": "BlipForConditionalGeneration",
-              "git": "GitForCausalLM"}
+              "git": "GitForCausalLM", "llava": "LlavaForConditionalGeneration",
+              "blip2": "Blip2ForConditionalGeneration"}
+# LLaVA's prompt: BOS, a few words, the one <image>, a few more (made-up ids: only the ids are compared)
+LLAVA_TEXT = ([10, 11, 12], [13, 14, 15, 16])
 SPEC_FILE = "bench_spec.json"
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -111,6 +164,14 @@ def model_spec(arch: str, preset: str, seed: int) -> dict:
             **{k: v for k, v in p.items() if k not in ("name", "new_tokens")}}
 
 
+def preset_of(arch: str, args) -> str:
+    """The model size of ``arch`` in this run: ``quick``, else ``full`` on CUDA and the arch's ``cpu``
+    size (where it has one) on CPU."""
+    if args.quick:
+        return "quick"
+    return "cpu" if not args.device.startswith("cuda") and "cpu" in PRESETS[arch] else "full"
+
+
 def max_positions(arch: str, preset: str) -> int:
     dec = PRESETS[arch][preset]["decoder"]
     return dec["n_positions"] if arch == "vit-gpt2" else dec["max_position_embeddings"]
@@ -122,6 +183,10 @@ def token_ids(spec: dict) -> tuple[int, int, int]:
     if spec["arch"] == "vit-gpt2":
         special = dec["vocab_size"] - 1
         return special, special, special
+    if spec["arch"] == "llava":
+        return 1, 2, spec["pad"]
+    if spec["arch"] == "blip2":
+        return dec["bos_token_id"], dec["eos_token_id"], dec["pad_token_id"]
     eos = dec["sep_token_id"] if spec["arch"] == "blip" else dec["eos_token_id"]
     return dec["bos_token_id"], eos, dec["pad_token_id"]
 
@@ -184,18 +249,42 @@ def build_hf_model(hf_dir: Path, spec: dict) -> None:
         model = transformers.GitForCausalLM(config)
         processor = transformers.CLIPImageProcessor(size={"shortest_edge": size},
                                                     crop_size={"height": size, "width": size})
+    elif arch == "llava":
+        init = spec["init"]
+        config = transformers.LlavaConfig(
+            vision_config=transformers.CLIPVisionConfig(**enc, initializer_range=init),
+            text_config=transformers.LlamaConfig(**dec, bos_token_id=start, eos_token_id=eos, pad_token_id=pad,
+                                                 initializer_range=init),
+            image_token_index=spec["image_token"], image_seq_length=(size // enc["patch_size"]) ** 2)
+        model = transformers.LlavaForConditionalGeneration(config)
+        processor = transformers.CLIPImageProcessor(size={"shortest_edge": size},
+                                                    crop_size={"height": size, "width": size})
+    elif arch == "blip2":
+        init = spec["init"]
+        config = transformers.Blip2Config(
+            vision_config={**enc, "initializer_range": init},
+            qformer_config={**spec["qformer"], "encoder_hidden_size": enc["hidden_size"], "initializer_range": init},
+            text_config={**dec, "model_type": "opt", "init_std": init}, num_query_tokens=BLIP2_QUERIES,
+            image_token_index=spec["image_token"], initializer_range=init)
+        model = transformers.Blip2ForConditionalGeneration(config)
+        processor = transformers.BlipImageProcessor(size={"height": size, "width": size})
     else:
         raise ValueError(f"unknown arch {arch!r}")
     hf_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(hf_dir)
     processor.save_pretrained(hf_dir)
     # The ids are what is compared; the tokenizer only has to exist and cover the vocab.
-    if arch == "vit-gpt2":
+    if arch in ("vit-gpt2", "llava", "blip2"):
         from tokenizers import Tokenizer
         from tokenizers.models import WordLevel
 
-        vocab = {f"t{i}": i for i in range(dec["vocab_size"])}
-        Tokenizer(WordLevel(vocab, unk_token="t0")).save(str(hf_dir / "tokenizer.json"))
+        names = {i: f"t{i}" for i in range(dec["vocab_size"])}
+        if arch != "vit-gpt2":
+            names.update({start: "<s>", eos: "</s>", pad: "<pad>", spec["image_token"]: "<image>"})
+        tok = Tokenizer(WordLevel({name: i for i, name in names.items()}, unk_token=names[0]))
+        if arch != "vit-gpt2":
+            tok.add_special_tokens(sorted({names[start], names[eos], names[pad], "<image>"}))
+        tok.save(str(hf_dir / "tokenizer.json"))
     else:
         specials = {pad: "[PAD]", 1: "[UNK]", 101: "[CLS]", 102: "[SEP]", 103: "[MASK]"}
         if arch == "blip":
@@ -236,6 +325,9 @@ def decoder_weight_bytes(hf, arch: str) -> int:
     less an input embedding table that is not also the LM head (a step gathers only its rows)."""
     if arch == "git":  # the text side of GitForCausalLM: BERT embeddings and layers, LM head
         owner, modules = hf, [hf.git.embeddings, hf.git.encoder, hf.output]
+    elif arch in ("llava", "blip2"):  # the language model and its head
+        owner = hf
+        modules = [hf.model.language_model if arch == "llava" else hf.language_model, hf.get_output_embeddings()]
     else:
         owner = hf.decoder if arch == "vit-gpt2" else hf.text_decoder
         modules = [owner]
@@ -272,7 +364,7 @@ def bench_dtype(arch: str, dtype: str, engine_dir: Path, hf_dir: Path, args) -> 
     device = args.device
     pipe = mm.load(engine_dir, device=device)
     hf = getattr(transformers, HF_CLASSES[arch]).from_pretrained(hf_dir, dtype=DTYPES[dtype]).to(device).eval()
-    start = token_ids(model_spec(arch, args.preset, args.seed))[0]
+    start = token_ids(model_spec(arch, preset_of(arch, args), args.seed))[0]
     enc = pipe.config.encoder
     # every decode step reads all decoder weights once (tied lm_head counted once): a lower bound
     # on the bytes a step moves, for a GB/s figure comparable with the memory ceiling
@@ -284,17 +376,21 @@ def bench_dtype(arch: str, dtype: str, engine_dir: Path, hf_dir: Path, args) -> 
         px = torch.rand(batch, enc.num_channels, enc.image_size, enc.image_size, generator=g) * 2 - 1
         px_engine = px.to(device)
         px_hf = px.to(device, DTYPES[dtype])
-        # GIT's generate takes the start token as input_ids; ViT-GPT2 and BLIP add their own
-        hf_prompt = {"input_ids": torch.full((batch, 1), start, device=device)} if arch == "git" else {}
+        # GIT's generate takes the start token as input_ids; ViT-GPT2 and BLIP add their own; LLaVA and
+        # BLIP-2 take the processor's ids (the image's placeholders expanded)
+        engine_prompt, hf_ids = hf_inputs(arch, hf, start)
+        hf_prompt = {} if hf_ids is None else {"input_ids": hf_ids.expand(batch, -1).to(device)}
+        if hf_ids is not None:
+            hf_prompt["attention_mask"] = torch.ones_like(hf_prompt["input_ids"])
 
         def run_engine(n):
-            return pipe.generate_ids(px_engine, max_new_tokens=n, min_new_tokens=n)
+            return pipe.generate_ids(px_engine, max_new_tokens=n, min_new_tokens=n, prompt_ids=engine_prompt)
 
         def run_hf(n):
             with torch.inference_mode():
                 out = hf.generate(pixel_values=px_hf, **hf_prompt, max_new_tokens=n, min_new_tokens=n,
                                   do_sample=False, num_beams=1, use_cache=True)
-            return out[:, 1:]  # drop the start token
+            return out[:, 1 if hf_ids is None else hf_ids.shape[1]:]  # the generated ids only
 
         row = {"arch": arch, "device": device, "dtype": dtype, "batch": batch}
         log(f"timing engine {arch} {dtype} batch {batch} ...")
@@ -330,6 +426,21 @@ def bench_dtype(arch: str, dtype: str, engine_dir: Path, hf_dir: Path, args) -> 
     return results, comparisons
 
 
+def hf_inputs(arch: str, hf, start: int) -> tuple[list[int] | None, torch.Tensor | None]:
+    """``(engine prompt_ids, HF input_ids [1, T])`` of one row: None, None where ``generate`` needs
+    none; GIT: the start token; LLaVA: :data:`LLAVA_TEXT` around the ``<image>`` (expanded to the
+    image's tokens for HF, BOS first); BLIP-2: the query placeholders then BOS."""
+    if arch == "git":
+        return None, torch.tensor([[start]])
+    if arch == "llava":
+        image, (before, after) = hf.config.image_token_index, LLAVA_TEXT
+        return [*before, image, *after], torch.tensor([[start, *before, *[image] * hf.config.image_seq_length,
+                                                        *after]])
+    if arch == "blip2":
+        return None, torch.tensor([[hf.config.image_token_index] * hf.config.num_query_tokens + [start]])
+    return None, None
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -352,13 +463,12 @@ def parse_args(argv=None):
                                               "results_quick.json with --quick)")
     args = ap.parse_args(argv)
     args.arch = list(dict.fromkeys(args.arch))  # in the order given, once each
-    args.preset = "quick" if args.quick else "full"
     args.device = checked_device(ap, args.device)
     args.dtype = args.dtype or (["float16"] if args.device.startswith("cuda") else ["float32"])
-    args.new_tokens = args.new_tokens or max(PRESETS[a][args.preset]["new_tokens"] for a in args.arch)
+    args.new_tokens = args.new_tokens or max(PRESETS[a][preset_of(a, args)]["new_tokens"] for a in args.arch)
     args.repeats = args.repeats or (3 if args.quick else 5)
     args.json = args.json or args.cache_dir / ("results_quick.json" if args.quick else "results.json")
-    max_new = min(max_positions(a, args.preset) for a in args.arch) - 1  # the start token takes a position
+    max_new = min(max_positions(a, preset_of(a, args)) for a in args.arch) - 1  # the start token takes a position
     if not 2 <= args.new_tokens <= max_new:
         ap.error(f"--new-tokens must be in [2, {max_new}]")
     if args.warmup < 2 or args.repeats < 1 or min(args.batch) < 1:
@@ -376,7 +486,7 @@ def main(argv=None) -> int:
 
     results, comparisons = [], []
     for arch in args.arch:
-        hf_dir, engines = prepare(args.cache_dir, arch, args.preset, args.seed, args.dtype)
+        hf_dir, engines = prepare(args.cache_dir, arch, preset_of(arch, args), args.seed, args.dtype)
         for dtype in args.dtype:
             r, c = bench_dtype(arch, dtype, engines[dtype], hf_dir, args)
             results += r
@@ -388,8 +498,8 @@ def main(argv=None) -> int:
     payload = {"benchmark": "caption", "machine": machine_info(args.device),
                "engine": engine_info(),
                "transformers": transformers.__version__,
-               "models": {arch: {"name": PRESETS[arch][args.preset]["name"],
-                                 **model_spec(arch, args.preset, args.seed)} for arch in args.arch},
+               "models": {arch: {"name": PRESETS[arch][preset_of(arch, args)]["name"],
+                                 **model_spec(arch, preset_of(arch, args), args.seed)} for arch in args.arch},
                "settings": {"archs": args.arch, "device": args.device, "dtypes": args.dtype, "batch": args.batch,
                             "new_tokens": args.new_tokens, "warmup": args.warmup, "repeats": args.repeats,
                             "flush_l2": args.flush_l2, "threads": torch.get_num_threads()},
@@ -405,8 +515,9 @@ def main(argv=None) -> int:
     columns = ["arch", "device", "dtype", "batch", "impl", "first_token_ms", "first_token_p90_ms", "ms_per_token",
                "ms_per_token_p90", "weight_GBps"]
     m = payload["machine"]
-    models = ", ".join(f"{a}: {PRESETS[a][args.preset]['name']}" for a in args.arch)
-    print(f"\ncaption benchmark ({args.preset}; {models}; N={args.new_tokens}, {args.repeats} repeats) on "
+    models = ", ".join(f"{a}: {PRESETS[a][preset_of(a, args)]['name']}" for a in args.arch)
+    size = "quick" if args.quick else "full"
+    print(f"\ncaption benchmark ({size}; {models}; N={args.new_tokens}, {args.repeats} repeats) on "
           f"{m.get('gpu', m['cpu'])}, torch threads {m['torch_threads']}")
     print(format_table(rows, columns))
     bad = [k for r in results for k in ("first_token_ms", "ms_per_token") if not math.isfinite(r[k])]

@@ -57,9 +57,9 @@ def test_bench_caption_quick(tmp_path):
         assert _positive(c["first_token_ms"]) and _positive(c["ms_per_token"])
 
 
-@pytest.mark.parametrize("arch", ["blip", "git"])
+@pytest.mark.parametrize("arch", ["blip", "git", "llava", "blip2"])
 def test_bench_caption_quick_arch(tmp_path, arch):
-    """--arch blip / git: a tiny random BLIP / GIT, the engine against transformers' generate."""
+    """--arch blip / git / llava / blip2: a tiny random model, the engine against transformers' generate."""
     pytest.importorskip("transformers")
     out = tmp_path / "results.json"
     proc = subprocess.run(
