@@ -10,7 +10,8 @@
 #   STAGES="txt2img gesture" bash benchmarks/gpu_check.sh
 # (the build runs every time; on a warm machine it is quick). Stages: pytest sanitizer kernels caption
 # txt2img gesture, and, not in the default list: caption_cuda, the ViT-GPT2 benchmark with the CUDA
-# kernels selected for the ops that have them; engine, the serving benchmark (bench_engine.py: mm.Engine's
+# kernels selected for the ops that have them; caption_vlm, LLaVA-1.5-7B (bf16) and BLIP-2 OPT-2.7B
+# (fp16) shapes against transformers (up to 13 minutes the first time: the random models are built); engine, the serving benchmark (bench_engine.py: mm.Engine's
 # continuous batching against static batching and one request at a time under Poisson arrivals, the
 # demo models, up to 7 minutes); beam, beam search K = 3 and 5 vs transformers and vs K greedy rows
 # (bench_beam.py, ViT-B/16 + GPT-2 small, fp16, about 2 minutes); serving, the HTTP load test
@@ -86,6 +87,17 @@ timeout 150 "$PY" benchmarks/bench_caption.py --arch vit-gpt2 --device cuda --dt
   --json "$OUT/bench_caption_cuda.json" >"$OUT/bench_caption_cuda.log" 2>&1 || status=1
 fi
 
+if want caption_vlm; then
+step "captioning benchmark: LLaVA-1.5-7B (bf16) and BLIP-2 OPT-2.7B (fp16) shapes vs transformers, random weights"
+# building and converting the random 7B model takes a few minutes the first time (cached in build/)
+timeout 480 "$PY" benchmarks/bench_caption.py --arch llava --device cuda --dtype bfloat16 \
+  --batch 1 8 --new-tokens 32 --repeats 3 --warmup 2 --cache-dir build/bench_caption \
+  --json "$OUT/bench_caption_llava.json" >"$OUT/bench_caption_llava.log" 2>&1 || status=1
+timeout 300 "$PY" benchmarks/bench_caption.py --arch blip2 --device cuda --dtype float16 \
+  --batch 1 8 --new-tokens 32 --repeats 3 --warmup 2 --cache-dir build/bench_caption \
+  --json "$OUT/bench_caption_blip2.json" >"$OUT/bench_caption_blip2.log" 2>&1 || status=1
+fi
+
 if want engine; then
 step "serving: mm.Engine vs static batching vs one at a time, Poisson arrivals, demo models"
 # the sweeps are a guess for an H100/H200 (not yet run on one: widen them where a mode does not
@@ -152,6 +164,8 @@ show "kernel benchmark" "$OUT/bench_kernels.log"
 show "caption benchmark" "$OUT/bench_caption.log"
 [ -f "$OUT/bench_caption_cuda.log" ] && echo "--- the same with the CUDA kernels (caption_cuda):" \
   && show "caption benchmark" "$OUT/bench_caption_cuda.log"
+show "caption benchmark" "$OUT/bench_caption_llava.log"
+show "caption benchmark" "$OUT/bench_caption_blip2.log"
 show "txt2img benchmark" "$OUT/bench_txt2img.log"
 show "detok" "$OUT/bench_detok.log"
 show "gesture benchmark" "$OUT/bench_gesture.log"
