@@ -242,8 +242,8 @@ class BertConfig(TextDecoderConfig):
 
 @validated
 class OPTConfig(TextDecoderConfig):
-    """OPT decoder (HF ``OPTForCausalLM``), pre-LayerNorm (``do_layer_norm_before``, OPT-1.3B and up,
-    the language model of BLIP-2): token embeddings ``word_embed_proj_dim`` wide (None: the hidden
+    """OPT decoder (HF ``OPTForCausalLM``), pre-LayerNorm (``do_layer_norm_before``: every published
+    OPT but 350m, BLIP-2's language models): token embeddings ``word_embed_proj_dim`` wide (None: the hidden
     width), raised to the hidden width by ``project_in`` when narrower, plus learned positions
     (OPT's table without its two offset rows: position ``p`` reads row ``p``); blocks ``h +=
     attn(ln1(h)); h += mlp(ln2(h))`` with biases and a ReLU MLP; a final LayerNorm, ``project_out``

@@ -11,8 +11,8 @@ captioning and is dropped. ``language_projection`` becomes ``projection``; the O
 q/k/v fused and OPT's two offset rows cut from the position table; ``language_model.lm_head`` is
 tied to the token embeddings unless ``text_config.tie_word_embeddings`` is false.
 
-Supported OPT variants: pre-LayerNorm (``do_layer_norm_before``, every OPT from 1.3B up, all of
-BLIP-2's) with biases, affine LayerNorms and the final LayerNorm; a BLIP-2 whose language model is
+Supported OPT variants: pre-LayerNorm (``do_layer_norm_before``: every published OPT but 350m, all
+of BLIP-2's) with biases, affine LayerNorms and the final LayerNorm; a BLIP-2 whose language model is
 not OPT (Flan-T5) is refused with one line. Generation follows ``Blip2ForConditionalGeneration.
 generate``: the queries, then ``text_config.bos_token_id`` (OPT's ``</s>``) and the prompt; stop at
 ``text_config.eos_token_id``, pad with its ``pad_token_id``. That ``generate`` runs the language
@@ -77,8 +77,8 @@ def opt_config(text: dict, where: str) -> dict:
                    ("layer_norm_elementwise_affine", False, "OPT with non-affine LayerNorms")]
     for key, bad, what in unsupported:
         if bool(text[key]) == bad:
-            raise ConversionError(f"{where}: {what} is not supported (pre-LayerNorm OPT with biases, as OPT-1.3B "
-                                  f"and up, is)")
+            raise ConversionError(f"{where}: {what} is not supported (supported: pre-LayerNorm OPT with biases, "
+                                  f"every published size but 350m)")
     act = text["activation_function"]
     embed = text["word_embed_proj_dim"]
     return {"vocab_size": text["vocab_size"], "hidden_size": text["hidden_size"],

@@ -1,5 +1,5 @@
-"""OPT decoder (Zhang et al. 2022; HF ``OPTForCausalLM``), pre-LayerNorm as OPT-1.3B and up and
-BLIP-2's language models.
+"""OPT decoder (Zhang et al. 2022; HF ``OPTForCausalLM``), pre-LayerNorm as every published OPT but
+350m, BLIP-2's language models included.
 
 Embeddings: ``project_in(wte[token]) + wpe[position]`` (``project_in`` only when the embeddings are
 narrower than the hidden width). OPT's learned position table has two extra leading rows (position
