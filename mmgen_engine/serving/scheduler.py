@@ -193,7 +193,14 @@ class Scheduler:
             rows.extend(self.waiting.popleft() for _ in range(need))
         if not rows:
             return
-        states, lengths = self.runner.encode(rows)  # arrivals encoded together
+        batches: dict = {}
+        for row in rows:  # arrivals encoded together, by the runner's key (LLaVA: the text before the image)
+            batches.setdefault(self.runner.prefix_key(row), []).append(row)
+        for batch in batches.values():
+            self._encode_and_prefill(batch)
+
+    def _encode_and_prefill(self, rows: list[Row]) -> None:
+        states, lengths = self.runner.encode(rows)
         decoder = self.runner.decoder
         prefix = states.shape[1] if decoder.uses_prefix else 0
         if self.state is None:

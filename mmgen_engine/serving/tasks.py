@@ -22,6 +22,7 @@ import torch
 
 from ..errors import InputError
 from ..pipelines.audio import log_mel_400
+from ..pipelines.captioning import LLAVA_PROMPT
 from ..pipelines.detokenizer import to_pil
 from ..pipelines.gesture_windows import Stitcher
 from ..pipelines.speech_to_gesture import window_seed
@@ -100,6 +101,10 @@ class TaskRunner:
     def fail(self, job: Job, error: BaseException) -> None:
         job.handle._fail(error)
 
+    def prefix_key(self, row: Row):
+        """Rows with different keys are encoded (and prefilled) apart; one key by default."""
+        return None
+
     def emit(self, job: Job, event) -> None:
         job.handle._emit(event)
 
@@ -117,14 +122,26 @@ class CaptionRunner(TaskRunner):
         params = seeded(check_sampling(req.sampling) or self.pipe.default_sampling, beams=True)
         if params.guidance_scale is not None:
             raise InputError("guidance_scale is not supported by this task")
-        prompt_ids = self.pipe.tokenize_prompt(req.prompt) if req.prompt is not None else []
+        prompt = LLAVA_PROMPT if req.prompt is None and self.pipe.image_token is not None else req.prompt
+        prompt_ids = self.pipe.tokenize_prompt(prompt) if prompt is not None else []
+        # LLaVA: the text before the <image> placeholder goes into the prefix with the image, the rest
+        # is the decoder prompt, and the caption is the answer alone (as in the pipeline)
+        text_before, decoder_prompt, length = self.pipe.split_prompt(self.pipe._prompt(1, prompt_ids))
         pixels = self.pipe.preprocess([req.image])[0]
-        job.state.update(prompt_ids=prompt_ids, pixels=pixels, params=params, sent="")
+        job.state.update(prompt_ids=prompt_ids if text_before is None else [], pixels=pixels, params=params,
+                         sent="", decoder_prompt=decoder_prompt[0].tolist(), length=length,
+                         text_before=None if text_before is None else text_before[0].tolist())
+
+    def prefix_key(self, row: Row):
+        """Rows that can be encoded together have the same key: LLaVA's text before the image is part
+        of the prefix, so only rows with the same text share an encoder batch."""
+        text = row.job.state["text_before"]
+        return None if text is None else tuple(text)
 
     def start(self, job: Job) -> list[Row]:
         s, req = job.state, job.request
-        prompt = self.pipe._prompt(1, s["prompt_ids"])[0].tolist()
-        max_new, min_new = self.pipe._budget(len(prompt), req.max_new_tokens, None)  # the checkpoint's if left out
+        prompt = s["decoder_prompt"]
+        max_new, min_new = self.pipe._budget(s["length"], req.max_new_tokens, None)  # the checkpoint's if left out
         params, pixels = s["params"], s.pop("pixels")
         if params.num_beams == 1:
             return [Row(job, 0, prompt, pixels, max_new, params, min_new=min_new)]
@@ -139,6 +156,9 @@ class CaptionRunner(TaskRunner):
         where = {key: i for i, key in enumerate(unique)}
         states = self.pipe.model.encode(torch.stack(list(unique.values())).to(self.device, self.dtype))
         states = states[torch.tensor([where[id(r.features)] for r in rows], device=self.device)]
+        text = rows[0].job.state["text_before"]  # the same for all rows (prefix_key)
+        if text is not None:
+            states = self.pipe.model.prefix(states, torch.tensor([text] * len(rows), device=self.device))
         return states, torch.full((len(rows),), states.shape[1], dtype=torch.int64, device=self.device)
 
     def _text(self, job: Job, tokens: list[int]) -> str:
