@@ -59,20 +59,22 @@ def hf_greedy(model, px, n, prompt=QUESTION, **kwargs):
 def engine_logits(pipe, px, prompt: str, tokens: torch.Tensor) -> torch.Tensor:
     """The engine's logits after the prompt and after each of ``tokens [B, T]`` fed one decode step
     at a time -> ``[B, 1 + T, V]``."""
-    model, dec = pipe.model, pipe.model.decoder
-    ids = torch.tensor([[BOS, *prompt_ids(prompt)]] * px.shape[0])
+    model, dec, device = pipe.model, pipe.model.decoder, pipe.device
+    ids = torch.tensor([[BOS, *prompt_ids(prompt)]] * px.shape[0], device=device)
     at = ids[0].tolist().index(IMAGE_TOKEN)
+    tokens = tokens.to(device)
     with torch.inference_mode():
-        states = model.prefix(model.encode(px), ids[:, :at])
+        states = model.prefix(model.encode(px.to(device, pipe.dtype)), ids[:, :at])
         prompt_rest = ids[:, at + 1:]
         start = states.shape[1] + prompt_rest.shape[1]
         layers, heads, head_dim, _ = dec.cache_geometry()
-        cache = KVCache.allocate(layers, px.shape[0], heads, start + tokens.shape[1], head_dim, states.dtype, "cpu")
+        cache = KVCache.allocate(layers, px.shape[0], heads, start + tokens.shape[1], head_dim, states.dtype, device)
         out = [dec.prefill(prompt_rest, states, cache, None)]
         for i in range(tokens.shape[1]):
             cache.span = start + i + 1
-            out.append(dec.decode_step(tokens[:, i], torch.full((px.shape[0],), start + i), cache, None))
-    return torch.stack(out, dim=1)
+            out.append(dec.decode_step(tokens[:, i], torch.full((px.shape[0],), start + i, device=device), cache,
+                                       None))
+    return torch.stack(out, dim=1).float().cpu()
 
 
 def scaled_error(ours, ref):
@@ -238,13 +240,50 @@ def test_missing_projector_is_refused(tmp_path):
     assert "\n" not in str(e.value)
 
 
-def test_detection_and_bf16(tmp_path):
-    path = save_llava(make_llava(seed=2), tmp_path / "hf")
+def reference_logits(model, px, tokens):
+    """transformers' fp32 logits after the question and after each of ``tokens``."""
+    ids = torch.cat([hf_input_ids(model, QUESTION, px.shape[0]), tokens], dim=1)
+    with torch.no_grad():
+        return model(input_ids=ids, pixel_values=px).logits[:, -tokens.shape[1] - 1:]
+
+
+def test_detection_and_bf16_on_cpu(tmp_path):
+    """A bfloat16 conversion: detected as hf-llava, its logits within bf16's tolerance of transformers'
+    fp32 logits."""
+    model = make_llava(seed=2, init=0.05)
+    path = save_llava(model, tmp_path / "hf")
     assert mm.convert(path, tmp_path / "engine", dtype="bfloat16")
     pipe = mm.load(tmp_path / "engine")
     assert pipe.config.source_format == "hf-llava" and pipe.dtype == torch.bfloat16
-    ids = pipe.generate_ids(pixels(2), 6, prompt_ids=prompt_ids(QUESTION))
-    assert ids.shape == (2, 6)
+    assert pipe.model.decoder.wte.dtype == pipe.model.encoder.patch_embed.weight.dtype == torch.bfloat16
+    px = pixels(2)
+    tokens = torch.randint(3, 120, (2, 6), generator=torch.Generator().manual_seed(3))
+    assert scaled_error(engine_logits(pipe, px, QUESTION, tokens), reference_logits(model, px, tokens)) <= 4e-2
+    assert pipe.generate_ids(px, 6, prompt_ids=prompt_ids(QUESTION)).shape == (2, 6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_cuda_graphs_and_half_precision(tmp_path, dtype):
+    """On CUDA (default backends: Triton/CUDA kernels, the rotary step fused into decode attention):
+    graph replays give the eager ids; fp32 gives the CPU reference's ids; fp16 / bf16 logits stay
+    within their tolerance of transformers' fp32 logits."""
+    model = make_llava(seed=13, kv_heads=2, rope=ROPES["llama3"], init=0.05)
+    path = mm.convert(save_llava(model, tmp_path / "hf"), tmp_path / "engine")
+    pipe = mm.load(path, device="cuda", dtype=dtype)
+    cpu = mm.load(path) if dtype == "float32" else None
+    for batch, seed in ((1, 0), (3, 1), (4, 2)):
+        px = pixels(batch, seed)
+        pipe.use_cuda_graphs = True
+        graph = pipe.generate_ids(px, 16, prompt_ids=prompt_ids(QUESTION))
+        pipe.use_cuda_graphs = False
+        assert torch.equal(graph, pipe.generate_ids(px, 16, prompt_ids=prompt_ids(QUESTION))), (batch, seed)
+        if cpu is not None:
+            assert torch.equal(graph.cpu(), cpu.generate_ids(px, 16, prompt_ids=prompt_ids(QUESTION))), (batch, seed)
+    px = pixels(2, seed=3)
+    tokens = torch.randint(3, 120, (2, 6), generator=torch.Generator().manual_seed(3))
+    tolerance = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 4e-2}[dtype]
+    assert scaled_error(engine_logits(pipe, px, QUESTION, tokens), reference_logits(model, px, tokens)) <= tolerance
 
 
 @pytest.mark.parametrize("kv", [1, 2], ids=["mqa", "gqa"])

@@ -17,7 +17,10 @@ tokenized as LLaVA's processor does (the model's ``tokenizer.json``, its BOS in 
 before the placeholder and the image's states are prefilled as the decoder's prefix, the text after
 it is the decoder prompt, and the caption is the answer only (the prompt is not repeated). With
 ``pad_to_square`` (LlavaImageProcessor's ``do_pad``) the image is first padded to a square with the
-mean color, as that processor does.
+mean color, as that processor does. The repetition controls (``repetition_penalty``,
+``no_repeat_ngram_size``) see the decoder prompt and the answer, not the text before the placeholder
+nor the image's placeholder ids, which transformers' ``generate`` also counts; greedy and beam
+search without them give transformers' ids.
 """
 from __future__ import annotations
 
