@@ -297,3 +297,32 @@ def test_triton_backend_gives_the_reference_ids(tmp_path, monkeypatch, kv):
     monkeypatch.setenv("MMGEN_BACKEND", "triton")
     assert torch.equal(pipe.generate_ids(px, 10, prompt_ids=prompt_ids(QUESTION)), ref)
     assert_varied(ref)
+
+
+def test_hub_layout_v4_keys_and_rope_scaling(tmp_path):
+    """The hub's llava-hf layout (transformers v4): ``vision_tower.vision_model.*`` keys, a sparse
+    ``text_config`` with v4's ``rope_scaling`` + ``rope_theta``, no ``generation_config.json`` (the pad
+    id at the top level)."""
+    from safetensors.torch import load_file, save_file
+    model = make_llava(seed=14, rope=ROPES["linear"])
+    path = save_llava(model, tmp_path / "hf")
+    weights = load_file(str(path / "model.safetensors"))
+    v4 = {("vision_tower.vision_model." + k.removeprefix("vision_tower.") if k.startswith("vision_tower.") else k): t
+          for k, t in weights.items()}
+    assert len(v4) == len(weights) and any(k.startswith("vision_tower.vision_model.") for k in v4)
+    save_file(v4, str(path / "model.safetensors"))
+    cfg = json.loads((path / "config.json").read_text())
+    text = cfg["text_config"]
+    rope = text.pop("rope_parameters")
+    for key in ("head_dim", "attention_bias", "mlp_bias", "rms_norm_eps", "pad_token_id", "bos_token_id",
+                "eos_token_id"):
+        text.pop(key)
+    text.update(rope_scaling={"type": "linear", "factor": rope["factor"]}, rope_theta=rope["rope_theta"],
+                rms_norm_eps=1e-6)
+    cfg["pad_token_id"] = PAD
+    (path / "config.json").write_text(json.dumps(cfg))
+    (path / "generation_config.json").unlink()
+    pipe = mm.load(mm.convert(path, tmp_path / "engine"))
+    assert pipe.config.decoder.rope.kind == "linear" and pipe.config.generation.pad_token_id == PAD
+    px = pixels(2, seed=6)
+    assert torch.equal(pipe.generate_ids(px, 16, prompt_ids=prompt_ids(QUESTION)), hf_greedy(model, px, 16))
