@@ -420,3 +420,17 @@ def test_blip2_generation_settings_come_from_the_text_config(tmp_path):
         seq = model.generate(pixel_values=px, input_ids=input_ids, do_sample=False)
     ours = pipe.generate_ids(px)
     assert ours.shape == (2, 20) and torch.equal(ours, padded(seq[:, input_ids.shape[1]:], 20, PAD))
+
+
+def test_blip2_repetition_controls_match_transformers(tmp_path):
+    """repetition_penalty and no_repeat_ngram_size over BOS, the prompt and the caption (transformers
+    also counts the queries' placeholder ids, which this model never generates)."""
+    model = make_blip2(seed=11)
+    pipe = blip2_pipe(model, tmp_path)
+    px = pixels(2, seed=8)
+    ids = prompt_ids()
+    controls = dict(repetition_penalty=1.3, no_repeat_ngram_size=2)
+    ref = hf_greedy(model, px, 16, ids, **controls)
+    assert IMAGE_TOKEN not in ref.tolist()
+    ours = pipe.generate_ids(px, 16, prompt_ids=ids, sampling=mm.SamplingParams(**controls))
+    assert torch.equal(ours, ref) and not torch.equal(ours, hf_greedy(model, px, 16, ids))

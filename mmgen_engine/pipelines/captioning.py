@@ -1,6 +1,7 @@
 """Image captioning: image -> vision encoder -> text decoder (cross-attention or image prefix) -> text.
 
-Architectures: ViT-GPT2, BLIP, GIT, ClipCap, LLaVA (see :class:`~mmgen_engine.config.CaptioningConfig`).
+Architectures: ViT-GPT2, BLIP, GIT, ClipCap, LLaVA, BLIP-2 (see
+:class:`~mmgen_engine.config.CaptioningConfig`).
 Preprocessing reproduces Hugging Face's ``ViTImageProcessor``, ``BlipImageProcessor`` and
 ``CLIPImageProcessor`` (PIL backend) bit for bit: RGB, PIL resize with the configured filter to
 (height, width) or, with ``shortest_edge``, keeping the aspect ratio (the longer side
@@ -21,6 +22,12 @@ mean color, as that processor does. The repetition controls (``repetition_penalt
 ``no_repeat_ngram_size``) see the decoder prompt and the answer, not the text before the placeholder
 nor the image's placeholder ids, which transformers' ``generate`` also counts; greedy and beam
 search without them give transformers' ids.
+
+BLIP-2's image is its query outputs in front of OPT's BOS (``</s>``, the start token) and the prompt
+(e.g. ``"Question: what is on the table? Answer:"``), as ``Blip2Processor`` lays them out (the
+queries' placeholders, then the tokenizer's BOS and text); the caption starts with the prompt, as
+the processor's ``batch_decode`` of ``generate``'s output does. Its repetition controls likewise see
+BOS, the prompt and the caption, not the queries' placeholder ids.
 """
 from __future__ import annotations
 
@@ -143,7 +150,7 @@ def resized_size(width: int, height: int, shortest_edge: int) -> tuple[int, int]
 
 
 class CaptioningPipeline:
-    """Captions images with a converted ViT-GPT2, BLIP, GIT, ClipCap or LLaVA checkpoint (see
+    """Captions images with a converted ViT-GPT2, BLIP, GIT, ClipCap, LLaVA or BLIP-2 checkpoint (see
     :func:`mmgen_engine.load`)."""
 
     task = "captioning"
