@@ -6,15 +6,16 @@
 // group > 1 a request's beams share one copy of its cross-attention K/V (nothing is copied per beam).
 // The same kernel serves causal self-attention over the static KV cache (lengths = tokens so far)
 // and cross-attention over the cached encoder K/V (lengths = the row's encoder length). With
-// new_k / new_v [B, H, D] (self-attention, group = 1 only) the new token's key and value are written
-// into cache slot lengths[b] - 1 by the kernel, and read from new_k / new_v for that slot.
+// new_k / new_v [B, Hkv, D] (self-attention, group = 1 only) the new token's key and value are written
+// into cache slot lengths[b] - 1 by the kernel: by the block(s) whose chunk holds that slot, which then
+// read it back like any other (a barrier between), so the key loop has no special case.
 //
-// Work split: the key axis is cut into chunks of `chunk` keys; block ((r * H + h) / HPB, split) reduces
-// one chunk of query row r's heads h .. h + HPB - 1 against cache row r / group with an online softmax (running max, sum and fp32
-// accumulator) and writes a partial result (or, with one split, the output). A second kernel combines
+// Work split: the key axis is cut into chunks of `chunk` keys; block ((r * H + h) / HPB, split)
+// reduces one chunk of query row r's heads h .. h + HPB - 1 against cache row r / group with an
+// online softmax (running max, sum and fp32 accumulator) and writes a partial result (or, with one split, the output). A second kernel combines
 // a row's partials, weighting each by exp(m_split - m_max). Chunks past a row's length write an empty
 // partial (m = -inf), so the launch can cover a whole static cache, as CUDA-graph capture needs. The
-// group * H blocks of one cache row and split are consecutive, so repeated reads of shared K/V mostly
+// group * H / HPB blocks of one cache row and split are consecutive, so repeated reads of shared K/V mostly
 // hit L2.
 //
 // Inside a block, groups of TPK threads (thread groups, unrelated to p.group) own one key at a time;
@@ -30,8 +31,8 @@
 // further repeats mostly hit L2. Nothing is copied.
 //
 // Rotary step (cos, sin [B, D / 2] fp32, each cache row's new position): q and new_k are rotated on
-// load (rotate-half convention, ops/rotary.py); the rotated key, rounded to T, is written to the
-// cache and scored, the rotated query stays in fp32.
+// load (rotate-half convention, ops/rotary.py); the rotated key, rounded to T, is what the cache holds
+// and what is scored, the rotated query stays in fp32.
 //
 // Arithmetic as in the Triton kernel (kernels/decode_attention.py): q is multiplied by the scale in
 // fp32 first, scores and softmax in fp32; exp is expf here (Triton's is exp2-based), so the two agree
@@ -96,19 +97,19 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_attention_kernel(Decode
   const T* new_k = has_new ? static_cast<const T*>(p.new_k) + b * p.new_b + kv_head * p.new_h : nullptr;
   const T* new_v = has_new ? static_cast<const T*>(p.new_v) + b * p.new_b + kv_head * p.new_h : nullptr;
 
-  // The cache write (by every block of the K/V head with split 0: the same values); this launch
-  // reads slot length-1 from new_k/new_v, rotated again where it is scored.
-  if (has_new && split == 0) {
-    for (int d = threadIdx.x * VEC; d < D; d += kDecodeThreads * VEC) {
-      if (cos != nullptr) {
+  // The cache write: the block whose chunk holds slot length-1 stores the new key (rotated with cos)
+  // and value there, then reads that slot like any other (with Hkv < H, each block of the K/V head
+  // holding the slot stores the same values).
+  if (has_new) {
+    if (start <= length - 1 && length - 1 < end) {
+      for (int d = threadIdx.x * VEC; d < D; d += kDecodeThreads * VEC) {
         float kv[VEC];
         load_row<T, VEC>(new_k, d, D, cos, sin, kv);
         store_floats<T, VEC>(k_row + (length - 1) * p.k_s + d, kv);
-      } else {
-        copy_elements<T, VEC>(k_row + (length - 1) * p.k_s + d, new_k + d);
+        copy_elements<T, VEC>(v_row + (length - 1) * p.v_s + d, new_v + d);
       }
-      copy_elements<T, VEC>(v_row + (length - 1) * p.v_s + d, new_v + d);
     }
+    __syncthreads();  // the block's writes are visible to all its threads
   }
 
   float q[HPB][NCHUNK][VEC], acc[HPB][NCHUNK][VEC];
@@ -147,9 +148,8 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_attention_kernel(Decode
     for (int u = 0; u < kDecodeUnroll; ++u) {
       const int n = n0 + u * kGroups + group;
       const bool valid = n < end;
-      const bool is_new = has_new && n == length - 1;
-      const T* k_vec = is_new ? new_k : k_row + static_cast<int64_t>(n) * p.k_s;
-      const T* v_vec = is_new ? new_v : v_row + static_cast<int64_t>(n) * p.v_s;
+      const T* k_vec = k_row + static_cast<int64_t>(n) * p.k_s;
+      const T* v_vec = v_row + static_cast<int64_t>(n) * p.v_s;
 #pragma unroll
       for (int j = 0; j < HPB; ++j) s[u][j] = 0.f;
 #pragma unroll
@@ -157,11 +157,7 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_attention_kernel(Decode
         const int d = (c * TPK + lane) * VEC;
         if (valid && d < D) {
           float kv[VEC];
-          load_row<T, VEC>(k_vec, d, D, is_new ? cos : nullptr, sin, kv);
-          if (is_new && cos != nullptr) {  // the key the cache holds
-#pragma unroll
-            for (int i = 0; i < VEC; ++i) kv[i] = to_float(from_float<T>(kv[i]));
-          }
+          load_floats<T, VEC>(k_vec + d, kv);
           load_floats<T, VEC>(v_vec + d, vals[u][c]);
 #pragma unroll
           for (int j = 0; j < HPB; ++j)
