@@ -433,3 +433,38 @@ def test_gpu_gqa_decode_attention_at_llama_sizes(dtype, hkv):
     check_gqa_decode_attention(4, 1, 32, hkv, 4096, 128, dtype, "cuda", True, True)
     check_gqa_decode_attention(4, 1, 32, hkv, 1000, 128, dtype, "cuda", False, False)
     check_gqa_decode_attention(2, 3, 32, hkv, 577, 128, dtype, "cuda", False, True)
+
+
+@gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_rotary_gqa_decode_step_replays_in_a_cuda_graph(backend):
+    """The LLaMA decode step (8 K/V heads of 32, rotary cache write), captured once and replayed with new
+    lengths and new table rows, as the engine's captured step does."""
+    fn = decode_attention.decode_attention
+    if backend == "cuda":
+        if not ops.registry.CUDA_DEVICES:
+            pytest.skip("the native library was built without CUDA")
+        from mmgen_engine.ops import cuda_ops
+        fn = cuda_ops.decode_attention
+    q = rand(4, 32, 128, dtype=torch.bfloat16, device="cuda", seed=1)
+    k, v = (rand(4, 8, 512, 128, dtype=torch.bfloat16, device="cuda", seed=i) for i in (2, 3))
+    new_k, new_v = (rand(4, 8, 128, dtype=torch.bfloat16, device="cuda", seed=i) for i in (4, 5))
+    lengths = torch.tensor([1, 100, 300, 512], device="cuda")
+    cos, sin = (t[:, 0].contiguous() for t in rope_tables(4, 1, 128, "cuda"))
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn(q, k.clone(), v.clone(), lengths, 0.088, new_k, new_v, 1, cos, sin)  # compiles outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn(q, k, v, lengths, 0.088, new_k, new_v, 1, cos, sin)
+    for step in range(3):
+        k0, v0 = k.clone(), v.clone()
+        lengths.copy_(torch.tensor([2 + step, 100 - step, 300, 511 - step]))
+        tables = rope_tables(4, 1, 128, "cuda", seed=step)
+        cos.copy_(tables[0][:, 0])
+        sin.copy_(tables[1][:, 0])
+        graph.replay()
+        close(out, decode_attention_reference(q, k0, v0, lengths, 0.088, new_k, new_v, 1, cos, sin))
+        close(k, k0)  # the reference wrote the same rotated keys into k0
