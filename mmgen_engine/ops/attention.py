@@ -111,8 +111,6 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths:
     ``new_k, new_v [B, Hkv, D]`` are stored at slot ``lengths - 1`` first (``group == 1`` only). With
     ``cos, sin [B, D / 2]`` float32, q and new_k are rotated first (RoPE). See the module docstring."""
     _check_decode_shapes(q, k, v, lengths, new_k, new_v, group, cos, sin)
-    if cos is None:  # the backends' signature without rotary, as before
-        return dispatch("decode_attention", q)(q, k, v, lengths, scale, new_k, new_v, group)
     return dispatch("decode_attention", q)(q, k, v, lengths, scale, new_k, new_v, group, cos, sin)
 
 
@@ -129,7 +127,7 @@ def _check_decode_shapes(q, k, v, lengths, new_k, new_v, group, cos=None, sin=No
         raise ValueError(f"decode_attention: q must be [B * group, H, D] and k, v [B, H, S, D], got "
                          f"{tuple(q.shape)} and {tuple(k.shape)}")
     b, h, s, d = k.shape
-    hq = q.shape[1] if q.shape[1] % h == 0 and q.shape[1] >= h else h  # a bad Hq is reported as h
+    hq = q.shape[1] if h and q.shape[1] % h == 0 else h  # query heads: a multiple of the K/V heads
     for name, t, shape in (("q", q, (b * group, hq, d)), ("v", v, (b, h, s, d)), ("lengths", lengths, (b,)),
                            ("new_k", new_k, (b, h, d)), ("new_v", new_v, (b, h, d))):
         if t is not None and t.shape != shape:
