@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from hf_models import IMAGE, engine_logits, padded
+from hf_models import IMAGE, padded
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -107,6 +107,33 @@ def hf_greedy(model, px, n, ids=(), **kwargs):
     return padded(seq[:, input_ids.shape[1]:], n, PAD)
 
 
+def engine_logits(pipe, pixel_values, tokens):
+    """The engine's logits after every position of ``tokens [B, T]`` (the BOS first): the queries and
+    the BOS prefilled, then one decode step per token, on the pipeline's device and dtype."""
+    from mmgen_engine.runtime import CrossKVCache, KVCache
+    dec, device = pipe.model.decoder, pipe.device
+    tokens = tokens.to(device)
+    with torch.inference_mode():
+        states = pipe.model.encode(pixel_values.to(device, pipe.dtype))
+        b, t = tokens.shape
+        prefix = states.shape[1]
+        layers, heads, head_dim, _ = dec.cache_geometry()
+        cache = KVCache.allocate(layers, b, heads, prefix + t, head_dim, states.dtype, device)
+        cross = CrossKVCache.allocate(layers, torch.full((b,), prefix), heads, 0, head_dim, states.dtype, device)
+        out = [dec.prefill(tokens[:, :1], states, cache, cross)]
+        for i in range(1, t):
+            cache.span = prefix + i + 1
+            out.append(dec.decode_step(tokens[:, i], torch.full((b,), prefix + i, device=device), cache, cross))
+    return torch.stack(out, dim=1).float().cpu()
+
+
+def reference_logits(model, px, tokens):
+    """transformers' fp32 logits after every position of ``tokens`` (the queries' placeholders first)."""
+    with torch.no_grad():
+        return model(pixel_values=px, input_ids=torch.cat([hf_input_ids(px.shape[0])[:, :QUERIES], tokens], 1)
+                     ).logits[:, QUERIES:]
+
+
 def assert_varied(ids):
     assert len(set(ids.flatten().tolist())) > 5, "degenerate random model: the test would prove little"
 
@@ -154,9 +181,7 @@ def test_blip2_logits_match_transformers_fp32(tmp_path):
     pipe = blip2_pipe(model, tmp_path)
     px = pixels(3, seed=1)
     tokens = torch.cat([torch.full((3, 1), BOS), torch.randint(4, BPE_SIZE, (3, 11))], dim=1)
-    with torch.no_grad():
-        ref = model(pixel_values=px, input_ids=torch.cat([hf_input_ids(3)[:, :QUERIES], tokens], dim=1)).logits
-    assert scaled_error(engine_logits(pipe, px, tokens), ref[:, QUERIES:]) <= 1e-4
+    assert scaled_error(engine_logits(pipe, px, tokens), reference_logits(model, px, tokens)) <= 1e-4
 
 
 @pytest.mark.parametrize("layers,frequency", [(1, 1), (4, 3)])
@@ -361,7 +386,42 @@ def test_blip2_half_precision_keeps_the_qformer_in_fp32(tmp_path):
     tokens = torch.cat([torch.full((2, 1), BOS), torch.randint(4, BPE_SIZE, (2, 7))], dim=1)
     with torch.no_grad():
         ref = hf(pixel_values=px.half(), input_ids=torch.cat([hf_input_ids(2)[:, :QUERIES], tokens], 1)).logits
-    assert scaled_error(engine_logits(pipe, px.half(), tokens).float(), ref[:, QUERIES:].float()) <= 1e-2
+    assert scaled_error(engine_logits(pipe, px, tokens), ref[:, QUERIES:].float()) <= 1e-2
+
+
+def test_blip2_bf16_on_cpu(tmp_path):
+    """A bfloat16 conversion on CPU: logits within bf16's tolerance of transformers' fp32 logits."""
+    model = make_blip2(seed=4, init=0.05)
+    pipe = mm.load(mm.convert(save_blip2(model, tmp_path / "hf"), tmp_path / "engine", dtype="bfloat16"))
+    assert pipe.dtype == pipe.model.encoder.patch_embed.weight.dtype == torch.bfloat16
+    px = pixels(2, seed=1)
+    tokens = torch.cat([torch.full((2, 1), BOS), torch.randint(4, BPE_SIZE, (2, 7))], dim=1)
+    assert scaled_error(engine_logits(pipe, px, tokens), reference_logits(model, px, tokens)) <= 4e-2
+    assert pipe.generate_ids(px, 6, prompt_ids=prompt_ids()).shape == (2, 6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_blip2_cuda_graphs_and_half_precision(tmp_path, dtype):
+    """On CUDA (default backends): graph replays give the eager ids; fp32 gives the CPU reference's
+    ids; fp16 / bf16 logits stay within their tolerance of transformers' fp32 logits."""
+    model = make_blip2(seed=13, init=0.05)
+    path = mm.convert(save_blip2(model, tmp_path / "hf"), tmp_path / "engine")
+    pipe = mm.load(path, device="cuda", dtype=dtype)
+    cpu = mm.load(path) if dtype == "float32" else None
+    ids = prompt_ids()
+    for batch, seed in ((1, 0), (3, 1), (4, 2)):
+        px = pixels(batch, seed)
+        pipe.use_cuda_graphs = True
+        graph = pipe.generate_ids(px, 16, prompt_ids=ids)
+        pipe.use_cuda_graphs = False
+        assert torch.equal(graph, pipe.generate_ids(px, 16, prompt_ids=ids)), (batch, seed)
+        if cpu is not None:
+            assert torch.equal(graph.cpu(), cpu.generate_ids(px, 16, prompt_ids=ids)), (batch, seed)
+    px = pixels(2, seed=3)
+    tokens = torch.cat([torch.full((2, 1), BOS), torch.randint(4, BPE_SIZE, (2, 7))], dim=1)
+    tolerance = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 4e-2}[dtype]
+    assert scaled_error(engine_logits(pipe, px, tokens), reference_logits(model, px, tokens)) <= tolerance
 
 
 # ---- serving and the Triton backend ------------------------------------------------------------------
