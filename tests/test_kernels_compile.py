@@ -107,6 +107,7 @@ def exercise_every_launcher():
         norm.add_layer_norm(x, x, w, b, 1e-5)
         for approximate in ("none", "tanh", "sigmoid"):
             activation.bias_gelu(x, x[0], approximate)
+        activation.bias_relu(x, x[0])
         tokens = torch.tensor([[1, 2]])
         embedding.embedding(tokens, tokens, x, x)
         embedding.embedding(tokens, tokens, x, x, w, b, 1e-5)
