@@ -23,7 +23,17 @@ if os.environ.get("TRITON_INTERPRET") != "1":  # conftest sets it where there is
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from mmgen_engine import ops  # noqa: E402
-from mmgen_engine.kernels import activation, conv, decode_attention, embedding, flash_attention, linear, norm, sampling  # noqa: E402,E501
+from mmgen_engine.kernels import (  # noqa: E402
+    activation,
+    conv,
+    decode_attention,
+    embedding,
+    flash_attention,
+    linear,
+    norm,
+    rotary,
+    sampling,
+)
 
 TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.int64: "*i64",
          torch.int32: "*i32", torch.bool: "*i1"}
@@ -119,8 +129,17 @@ def exercise_every_launcher():
                                           q, q)  # one chunk, fused cache write
         beams = torch.randn(2 * 3, 3, 16, generator=g).to(dtype)
         decode_attention.decode_attention(beams, k, k.clone(), lengths, 0.25, group=3)  # 3 query rows per cache row
+        # LLaMA's step: 2 K/V heads for 6 query heads (3 per program, padded to 4), the rotary cache write
+        gq, gk = torch.randn(2, 6, 16, generator=g).to(dtype), torch.randn(2, 2, 150, 16, generator=g).to(dtype)
+        cos, sin = torch.randn(2, 8, generator=g), torch.randn(2, 8, generator=g)
+        decode_attention.decode_attention(gq, gk, gk.clone(), lengths, 0.25, gk[:, :, 0], gk[:, :, 1], 1, cos, sin)
+        decode_attention.decode_attention(gq, gk[:, :, :40], gk[:, :, :40].clone(), torch.tensor([3, 40]), 0.25,
+                                          cos=cos, sin=sin)  # one chunk, rotary without a cache write
+        norm.rms_norm(x, w, 1e-6)
         qs = torch.randn(2, 3, 9, 16, generator=g).to(dtype)
+        rotary.rotary(qs, torch.randn(2, 9, 8, generator=g), torch.randn(2, 9, 8, generator=g))
         flash_attention.attention(qs, qs, qs, 0.25, True, None)
+        flash_attention.attention(torch.cat([qs, qs], 1), qs, qs, 0.25, True, None)  # 2 query heads per K/V head
         flash_attention.attention(qs, qs, qs, 0.25, False, torch.tensor([4, 9]))
         for d in (256, 512):  # the wide-head block sizes (the VQGAN's attention)
             wide = torch.randn(1, 1, 5, d, generator=g).to(dtype)
@@ -151,7 +170,8 @@ def test_every_kernel_variant_compiles_for_sm80_and_sm90(monkeypatch):
             monkeypatch.setattr(conv, "INTERPRETER_CONFIG", config)
             exercise_conv(dtype, g, cin=64, every_variant=False)
     assert {v["kernel"].rsplit(".", 2)[1] for v in variants.values()} >= {
-        "norm", "activation", "embedding", "decode_attention", "flash_attention", "linear", "sampling", "conv"}
+        "norm", "activation", "embedding", "decode_attention", "flash_attention", "linear", "sampling", "conv",
+        "rotary"}
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(ops.__file__).parents[2]), env.get("PYTHONPATH", "")])
     out = subprocess.run([sys.executable, "-c", COMPILE], input=json.dumps(list(variants.values())),
