@@ -494,3 +494,12 @@ def test_blip2_repetition_controls_match_transformers(tmp_path):
     assert IMAGE_TOKEN not in ref.tolist()
     ours = pipe.generate_ids(px, 16, prompt_ids=ids, sampling=mm.SamplingParams(**controls))
     assert torch.equal(ours, ref) and not torch.equal(ours, hf_greedy(model, px, 16, ids))
+
+
+def test_malformed_text_config_is_one_line(tmp_path):
+    src = save_blip2(make_blip2(seed=0), tmp_path / "hf")
+    config = json.loads((src / "config.json").read_text())
+    config["text_config"] = [1, 2]
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConversionError, match=r"text_config: expected an object, got \[1, 2\]"):
+        mm.convert(src, tmp_path / "engine")

@@ -141,7 +141,7 @@ def convert(src: Path, dtype: str | None, workdir: Path, trust_pickle: bool = Fa
         raise ConversionError(f"{where}: {archs} is not a BLIP-2 captioning model (Blip2ForConditionalGeneration); "
                               f"retrieval and feature-extraction heads are not supported")
     raw_text = top.get("text_config") or {}
-    kind = raw_text.get("model_type", "opt") if isinstance(raw_text, dict) else None
+    kind = raw_text.get("model_type", "opt") if isinstance(raw_text, dict) else "opt"  # a non-object: settings()
     if kind != "opt":
         raise ConversionError(f"{where}: BLIP-2 with a {kind!r} language model is not supported; supported: BLIP-2 "
                               f"with an OPT language model (text_config.model_type 'opt', e.g. blip2-opt-2.7b)")
