@@ -154,6 +154,18 @@ def test_beam_search_matches_transformers(tmp_path):
     assert torch.equal(ours, hf_greedy(model, px, 10, num_beams=3))
 
 
+@pytest.mark.parametrize("controls", [dict(repetition_penalty=1.5), dict(no_repeat_ngram_size=2),
+                                      dict(num_beams=3, repetition_penalty=1.5)], ids=["penalty", "ngram", "beams"])
+def test_repetition_controls_see_the_whole_prompt(tmp_path, controls):
+    """As transformers' generate: the controls count the prompt's every id, the text before the image
+    and the placeholder once per image token included, not just the decoder prompt."""
+    model = make_llava(seed=15)
+    pipe = llava_pipe(model, tmp_path)
+    px = pixels(3, seed=2)
+    ours = pipe.generate_ids(px, 20, prompt_ids=prompt_ids(QUESTION), sampling=mm.SamplingParams(**controls))
+    assert torch.equal(ours, hf_greedy(model, px, 20, **controls))
+
+
 @pytest.mark.parametrize("processor", ["clip", "llava-pad"])
 def test_caption_matches_the_processor_and_generate(tmp_path, processor):
     """Non-square images through the processor (CLIPImageProcessor's shortest edge + center crop,

@@ -19,9 +19,8 @@ before the placeholder and the image's states are prefilled as the decoder's pre
 it is the decoder prompt, and the caption is the answer only (the prompt is not repeated). With
 ``pad_to_square`` (LlavaImageProcessor's ``do_pad``) the image is first padded to a square with the
 mean color, as that processor does. The repetition controls (``repetition_penalty``,
-``no_repeat_ngram_size``) see the decoder prompt and the answer, not the text before the placeholder
-nor the image's placeholder ids, which transformers' ``generate`` also counts; greedy and beam
-search without them give transformers' ids.
+``no_repeat_ngram_size``) see what transformers' ``generate`` sees: the whole prompt with the
+placeholder repeated once per image token, then the answer.
 
 BLIP-2's image is its query outputs in front of OPT's BOS (``</s>``, the start token) and the prompt
 (e.g. ``"Question: what is on the table? Answer:"``), as ``Blip2Processor`` lays them out (the
@@ -287,19 +286,29 @@ class CaptioningPipeline:
         with torch.inference_mode():
             encode = self._graphed_encode if self.use_cuda_graphs else self.model.encode
             states = encode(pixel_values.to(self.device, self.dtype))
+            context = None
             if text_before is not None:
                 states = self.model.prefix(states, text_before)
+                context = self.image_context(text_before)
             batch = states.shape[0]
             lengths = torch.full((batch,), states.shape[1], dtype=torch.int64, device=self.device)
             if sampling is not None and sampling.num_beams > 1:
                 return beam_search(self.model.decoder, prompt, states, lengths, max_new_tokens,
                                    eos_token_id=gen.eos_token_id, pad_token_id=gen.pad_token_id,
                                    min_new_tokens=min_new_tokens, params=sampling,
-                                   cuda_graphs=self.use_cuda_graphs)
+                                   cuda_graphs=self.use_cuda_graphs, context=context)
             return generate(self.model.decoder, prompt, states, lengths, max_new_tokens,
                             eos_token_id=gen.eos_token_id, pad_token_id=gen.pad_token_id,
                             min_new_tokens=min_new_tokens, sampling=sampling,
-                            graphs=self._graphs if self.use_cuda_graphs else None)
+                            graphs=self._graphs if self.use_cuda_graphs else None, context=context)
+
+    def image_context(self, text_before: torch.Tensor) -> torch.Tensor:
+        """LLaVA: the ids in front of the decoder prompt as transformers' input ids hold them, the text
+        before the placeholder ``[B, T]`` and the placeholder once per image token: what the
+        repetition controls see before the prompt."""
+        image = torch.full((text_before.shape[0], self.model.image_tokens), self.image_token, dtype=torch.int64,
+                           device=text_before.device)
+        return torch.cat([text_before, image], dim=1)
 
     def split_prompt(self, prompt: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, int]:
         """``(text_before, decoder_prompt, length)`` of a decoder input ``prompt [B, T]``

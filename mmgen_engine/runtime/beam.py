@@ -154,14 +154,16 @@ class Beams:
 @torch.inference_mode()
 def beam_search(decoder: Decoder, prompt: torch.Tensor, encoder_states: torch.Tensor, encoder_lengths: torch.Tensor,
                 max_new_tokens: int, *, eos_token_id: int | None, pad_token_id: int, min_new_tokens: int = 0,
-                params: SamplingParams, cuda_graphs: bool = False) -> torch.Tensor:
+                params: SamplingParams, cuda_graphs: bool = False, context: torch.Tensor | None = None) -> torch.Tensor:
     """``[B * num_return_sequences, max_new_tokens]`` token ids after ``prompt [B, T]`` (excluded),
     the best hypotheses of each row first; after a hypothesis' eos its row holds ``pad_token_id``.
     Arguments as :func:`~mmgen_engine.runtime.generate.generate_stream` (no guidance). With
     ``cuda_graphs`` on a CUDA device the beams' decoder step (all layers and the head, over the
-    whole cache: the kernels stop at each row's length) is captured once per call and replayed."""
+    whole cache: the kernels stop at each row's length) is captured once per call and replayed.
+    ``context [B, C]``: ids before the prompt that the repetition controls see (see ``generate_stream``)."""
     max_new_tokens, min_new_tokens = check_new_tokens(max_new_tokens, min_new_tokens)
-    beams = Beams(prompt, max_new_tokens, eos_token_id, pad_token_id, min_new_tokens, params)
+    seen = prompt if context is None else torch.cat([context.to(prompt.device), prompt], dim=1)
+    beams = Beams(seen, max_new_tokens, eos_token_id, pad_token_id, min_new_tokens, params)
     k = params.num_beams
     batch, prompt_len = prompt.shape
     prefix = encoder_states.shape[1] if decoder.uses_prefix else 0

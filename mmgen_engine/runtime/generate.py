@@ -160,7 +160,7 @@ def generate(*args, **kwargs) -> torch.Tensor:
 def generate_stream(decoder: Decoder, prompt: torch.Tensor, encoder_states: torch.Tensor, encoder_lengths: torch.Tensor,
                     max_new_tokens: int, *, eos_token_id: int | None, pad_token_id: int, min_new_tokens: int = 0,
                     sampling: SamplingParams | None = None, graphs=None, guided: bool = False,
-                    vocab_limit: int | None = None, every: int | None = None):
+                    vocab_limit: int | None = None, every: int | None = None, context: torch.Tensor | None = None):
     """Generate ``[B, max_new_tokens]`` token ids after ``prompt [R, T]`` (prompt excluded), a generator.
 
     ``decoder``: a :class:`~mmgen_engine.runtime.decoder.Decoder`. ``encoder_states [R, S, D]`` with
@@ -172,7 +172,9 @@ def generate_stream(decoder: Decoder, prompt: torch.Tensor, encoder_states: torc
     Yields the tokens so far ``[B, n]`` after every ``every`` tokens (None: never) and last all
     ``[B, max_new_tokens]``. ``graphs``: a :class:`~mmgen_engine.runtime.graphs.CUDAGraphs` of
     this decoder (made with the same ``guided`` and ``vocab_limit``) to replay the prefill and the
-    steps from (CUDA only).
+    steps from (CUDA only). ``context [B, C]``: ids the repetition controls see before the prompt
+    (LLaVA's text before the image and its placeholder ids, which transformers counts in the input
+    ids), none by default; at most as long as the prefix.
     """
     groups = 2 if guided else 1
     if prompt.shape[0] % groups:
@@ -185,6 +187,9 @@ def generate_stream(decoder: Decoder, prompt: torch.Tensor, encoder_states: torc
     if every is not None:
         check_int("every", every, 1, MAX_NEW_TOKENS)
     fed = check_fits(prefix, prompt_len, max_new_tokens, max_positions)
+    seen = 0 if context is None else context.shape[1]
+    if seen > prefix:  # the history holds the positions fed and a few more, not an unbounded context
+        raise ValueError(f"a context of {seen} ids needs a prefix at least as long, got {prefix}")
     device, dtype = encoder_states.device, encoder_states.dtype
     cuda = device.type == "cuda"
     rows = batch_bucket(batch) if cuda else batch
@@ -214,8 +219,10 @@ def generate_stream(decoder: Decoder, prompt: torch.Tensor, encoder_states: torc
     st.positions.fill_(prefix + prompt_len)
     st.out.fill_(pad_token_id)
     st.cross.lengths.copy_(_pad_rows(encoder_lengths.to(device), rows, groups))
-    st.history[:, :prompt_len] = prompt[:rows]  # the conditioned rows' prompts (no guidance: all)
-    st.history_len.fill_(prompt_len)
+    if seen:
+        st.history[:, :seen] = _pad_rows(context.to(device), rows)
+    st.history[:, seen:seen + prompt_len] = prompt[:rows]  # the conditioned rows' prompts (no guidance: all)
+    st.history_len.fill_(seen + prompt_len)
 
     run_prefill()
     for step in range(1, max_new_tokens):
