@@ -67,7 +67,7 @@ fi
 
 if want kernels; then
 step "kernel benchmark"
-timeout 80 "$PY" benchmarks/bench_kernels.py ${QUICK:+--quick} --json "$OUT/bench_kernels.json" \
+timeout 150 "$PY" benchmarks/bench_kernels.py ${QUICK:+--quick} --json "$OUT/bench_kernels.json" \
   >"$OUT/bench_kernels.log" 2>&1 || status=1
 tail -5 "$OUT/bench_kernels.log"
 fi
