@@ -13,6 +13,7 @@ import PIL.Image
 import pytest
 import torch
 from hf_models import IMAGE, make_blip, make_clipcap, make_git, make_model, save, save_blip, save_clipcap, save_git
+from llava_models import IMAGE as LLAVA_IMAGE
 from llava_models import make_llava, save_llava
 
 import mmgen_engine as mm
@@ -163,3 +164,26 @@ def test_continuous_batching_with_triton_kernels_gives_the_reference_captions(ch
     assert [h.tokens for h in handles] == [7, 5, 3]
     assert joined_mid_batch(handles)
     assert calls and max(calls) >= 2, "the decode steps did not run the Triton kernel over shared rows"
+
+
+def test_llava_engine_repetition_controls_equal_the_pipeline(tmp_path):
+    """The repetition controls see LLaVA's whole prompt in the engine too (the text before the image
+    and the image's placeholder ids), as in the pipeline and transformers."""
+    pipe = mm.load(mm.convert(save_llava(make_llava(seed=15), tmp_path / "hf"), tmp_path / "engine"))
+    g = torch.Generator().manual_seed(0)
+    pictures = [(torch.rand(LLAVA_IMAGE + 5, LLAVA_IMAGE, 3, generator=g) * 255).to(torch.uint8).numpy()
+                for _ in range(3)]
+    controls = [mm.SamplingParams(repetition_penalty=1.5), mm.SamplingParams(num_beams=2, repetition_penalty=1.5),
+                mm.SamplingParams(do_sample=True, top_k=20, seed=3, repetition_penalty=1.3)]
+    # long text before the image: its ids are in the repetition controls' history
+    prompts = [None, "abcdefghijklmnopqrstuvwxyz0123456789 <image> it",
+               "ABCDEFGHIJKLMNOPQRSTUVWXYZ!?.,;:+- <image> Say it."]
+    requests = [(pictures[i % 3], prompts[i % 3], 30, controls[i % 3]) for i in range(6)]
+    expected = [pipe.caption([image], max_new_tokens=n, sampling=s, prompt=p)[0] for image, p, n, s in requests]
+    engine = mm.Engine(pipe, slots=3)
+    try:
+        handles = [engine.submit(mm.CaptionRequest(image, prompt=p, max_new_tokens=n, sampling=s))
+                   for image, p, n, s in requests]
+        assert [h.result(timeout=120) for h in handles] == expected
+    finally:
+        engine.shutdown(drain=False, timeout=120)

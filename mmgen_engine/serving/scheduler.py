@@ -245,8 +245,9 @@ class Scheduler:
         for slot, row in zip(slots, rows):  # beams choose their tokens outside the sampler
             st.sampler.load(row.sampling if row.beams is None else None, index=slot, stream_rows=row.stream_row)
         st.positions[decoder_rows] = width
-        st.history[index, :len(rows[0].prompt)] = prompt[:len(rows)]
-        st.history_len[index] = len(rows[0].prompt)
+        seen = torch.tensor([row.context + row.prompt for row in rows], dtype=torch.int64, device=r.device)
+        st.history[index, :seen.shape[1]] = seen  # rows of one prefill share the context's length
+        st.history_len[index] = seen.shape[1]
         st.step[index] = 0
         st.min_new[index] = torch.tensor([row.min_new for row in rows], device=r.device)
         st.done[index] = False
@@ -271,8 +272,8 @@ class Scheduler:
                 self._on_start(row.job)
         for group in {id(row.beams): row.beams for row in rows if row.beams is not None}.values():
             first = group.rows[0]
-            group.beams = Beams(torch.tensor([first.prompt], device=r.device), first.max_new, r.eos, r.pad,
-                                first.min_new, first.sampling)
+            group.beams = Beams(torch.tensor([first.context + first.prompt], device=r.device), first.max_new, r.eos,
+                                r.pad, first.min_new, first.sampling)
             at = torch.tensor([rows.index(row) for row in group.rows], device=r.device)
             self._beam_step(group, logits[at])
         plain = [(row, token) for row, token in zip(rows, sub.tokens[:len(rows)].tolist()) if row.beams is None]

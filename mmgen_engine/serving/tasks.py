@@ -66,6 +66,7 @@ class Row:
     queued_step: int = 0  # the scheduler's step count when the row began to wait for a slot
     min_new: int = 0  # eos is suppressed until the row has this many tokens
     beams: BeamGroup | None = None  # the request's beam search, when its rows are beams
+    context: list[int] = field(default_factory=list)  # ids before the prompt the repetition controls see
 
 
 @dataclass(eq=False)
@@ -130,7 +131,8 @@ class CaptionRunner(TaskRunner):
         pixels = self.pipe.preprocess([req.image])[0]
         job.state.update(prompt_ids=prompt_ids if text_before is None else [], pixels=pixels, params=params,
                          sent="", decoder_prompt=decoder_prompt[0].tolist(), length=length,
-                         text_before=None if text_before is None else text_before[0].tolist())
+                         text_before=None if text_before is None else text_before[0].tolist(),
+                         seen=[] if text_before is None else self.pipe.image_context(text_before)[0].tolist())
 
     def prefix_key(self, row: Row):
         """Rows that can be encoded together have the same key: LLaVA's text before the image is part
@@ -144,9 +146,9 @@ class CaptionRunner(TaskRunner):
         max_new, min_new = self.pipe._budget(s["length"], req.max_new_tokens, None)  # the checkpoint's if left out
         params, pixels = s["params"], s.pop("pixels")
         if params.num_beams == 1:
-            return [Row(job, 0, prompt, pixels, max_new, params, min_new=min_new)]
+            return [Row(job, 0, prompt, pixels, max_new, params, min_new=min_new, context=s["seen"])]
         group = BeamGroup([])
-        group.rows = [Row(job, j, prompt, pixels, max_new, params, min_new=min_new, beams=group)
+        group.rows = [Row(job, j, prompt, pixels, max_new, params, min_new=min_new, beams=group, context=s["seen"])
                       for j in range(params.num_beams)]
         return group.rows
 
