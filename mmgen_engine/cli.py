@@ -274,7 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
                    help=f"most tokens per caption (default: from the checkpoint's generation defaults; "
                         f"{_CAPTION_BUILTIN} without them)")
-    c.add_argument("--prompt", help="text the captions continue (and start with), e.g. BLIP's \"a picture of\"")
+    c.add_argument("--prompt", help="text the captions continue (and start with), e.g. BLIP's \"a picture of\"; "
+                   "LLaVA: the conversation with one <image> where the image goes, e.g. \"USER: <image>\\nWhat "
+                   "is on the table? ASSISTANT:\" (the caption is the answer)")
     c.add_argument("--num-beams", type=int, default=None, metavar="K",
                    help=f"beam search with K beams, as transformers' generate (default: {_CHECKPOINT}; greedy "
                         f"without them)")
