@@ -23,6 +23,7 @@ from .errors import (
     InputError,
     MMGenError,
 )
+from .onnx import export_onnx
 from .ops import available_backends
 from .pipelines import CaptioningPipeline, ImageDetokenizer, SpeechToGesturePipeline, TextToImagePipeline, load
 from .runtime import SamplingParams
@@ -52,6 +53,6 @@ def build_info() -> dict:
 
 __all__ = ["BackendError", "build_info", "CaptioningPipeline", "CaptionRequest", "CheckpointError", "ConversionError",
            "convert", "DeadlineExceeded", "demo_model", "Engine", "EngineClosed", "EngineFailed", "EngineOverloaded",
-           "GestureRequest", "ImageDetokenizer", "ImageRequest", "InputError", "load", "MMGenError", "PartialImage",
-           "PoseChunk", "RequestHandle", "SamplingParams", "SpeechToGesturePipeline", "TextDelta",
+           "export_onnx", "GestureRequest", "ImageDetokenizer", "ImageRequest", "InputError", "load", "MMGenError",
+           "PartialImage", "PoseChunk", "RequestHandle", "SamplingParams", "SpeechToGesturePipeline", "TextDelta",
            "TextToImagePipeline"]

@@ -378,6 +378,39 @@ def _cleanup_on_sigterm():
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def writing_directory(out: Path, what: str):
+    """Yields a new temporary sibling directory of ``out`` (``.NAME.new.PID.RANDOM``, see
+    :func:`remove_stale_writes`) to write ``what`` ("checkpoint", "ONNX export") into; when the
+    block ends normally it is renamed to ``out`` (an existing ``out`` is swapped out and removed,
+    put back if the rename fails), else removed: ``out`` appears complete or not at all, SIGTERM
+    included. An OSError in the block or the renames is a :class:`CheckpointError`."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"{out}: cannot create the output directory ({one_line(e)})") from None
+    with _cleanup_on_sigterm():
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.new.{os.getpid()}.", dir=out.parent))
+        except OSError as e:
+            raise CheckpointError(f"{out}: cannot create the output directory ({one_line(e)})") from None
+        _LIVE.add(tmp)
+        try:
+            (tmp / _MARKER).write_text(socket.gethostname() + "\n", encoding="utf-8")
+            yield tmp
+            (tmp / _MARKER).unlink()
+            _default_permissions(tmp)
+            if out.exists():
+                _replace(out, tmp)
+            else:
+                tmp.rename(out)
+        except OSError as e:
+            raise CheckpointError(f"{out}: cannot write the {what} ({one_line(e)})") from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            _LIVE.discard(tmp)
+
+
 def save_checkpoint(out: str | os.PathLike, config: dict, tensors: dict[str, torch.Tensor],
                     files: dict[str, Path] | None = None, overwrite: bool = False,
                     progress: Callable[[int, int], None] | None = None) -> Path:
@@ -397,33 +430,11 @@ def save_checkpoint(out: str | os.PathLike, config: dict, tensors: dict[str, tor
                                   f"directory or pass overwrite (--overwrite)")
         if not is_checkpoint(out):
             raise CheckpointError(f"{out}: refusing to replace it: it is not an mmgen checkpoint")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CheckpointError(f"{out}: cannot create the output directory ({one_line(e)})") from None
-    with _cleanup_on_sigterm():
-        try:
-            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.new.{os.getpid()}.", dir=out.parent))
-        except OSError as e:
-            raise CheckpointError(f"{out}: cannot create the output directory ({one_line(e)})") from None
-        _LIVE.add(tmp)
-        try:
-            (tmp / _MARKER).write_text(socket.gethostname() + "\n", encoding="utf-8")
-            write_safetensors(tmp / WEIGHTS_FILE, tensors, {"format": FORMAT_NAME}, progress)
-            for name, src in (files or {}).items():
-                shutil.copyfile(src, tmp / name)
-            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-            (tmp / _MARKER).unlink()
-            _default_permissions(tmp)
-            if out.exists():
-                _replace(out, tmp)
-            else:
-                tmp.rename(out)
-        except OSError as e:
-            raise CheckpointError(f"{out}: cannot write the checkpoint ({one_line(e)})") from None
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-            _LIVE.discard(tmp)
+    with writing_directory(out, "checkpoint") as tmp:
+        write_safetensors(tmp / WEIGHTS_FILE, tensors, {"format": FORMAT_NAME}, progress)
+        for name, src in (files or {}).items():
+            shutil.copyfile(src, tmp / name)
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return out
 
 

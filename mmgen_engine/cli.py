@@ -66,6 +66,15 @@ def _convert(args) -> None:
     print(f"converted {args.src} -> {out}")
 
 
+def _export_onnx(args) -> None:
+    from .onnx import export_onnx
+
+    parts = [p for item in args.parts for p in item.split(",") if p] if args.parts else None
+    _check_output_dir(Path(args.out))
+    out = export_onnx(args.dir, args.out, parts=parts, dtype=args.dtype, opset=args.opset)
+    print(f"exported {args.dir} -> {out}")
+
+
 def _caption(args) -> None:
     from . import load
     from .files import open_regular_file
@@ -261,6 +270,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=_convert)
+
+    c = sub.add_parser("export-onnx", help="export a converted checkpoint's one-shot stages as ONNX models",
+                       description="Export the one-shot stages of a converted checkpoint (image, text and audio "
+                                   "encoders, the image detokenizer, the motion decoder) as ONNX models with a "
+                                   "dynamic batch, plus manifest.json (needs the [onnx] extra).")
+    c.add_argument("dir", help="converted checkpoint directory")
+    c.add_argument("out", help="new (or empty) output directory")
+    c.add_argument("--parts", nargs="+", default=None, metavar="PART",
+                   help="parts to export (default: all of the checkpoint's task), e.g. image_encoder; "
+                        "text_encoder detokenizer; audio_encoder motion_decoder")
+    c.add_argument("--dtype", choices=DTYPES, default=None, help="cast the weights (default: the checkpoint's)")
+    c.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    c.set_defaults(func=_export_onnx)
 
     c = sub.add_parser("caption", help="caption images",
                        description="Caption images. They are decoded as the checkpoint's generation defaults say "

@@ -22,7 +22,7 @@ LAYERS = [
     {"layers"},
     {"models", "runtime"},
     {"convert", "pipelines"},
-    {"training", "demo", "serving"},
+    {"training", "demo", "serving", "onnx"},
     {"__init__"},
     {"cli"},
 ]
