@@ -183,15 +183,18 @@ def test_bad_options_are_refused_before_loading(tmp_path):
 
 
 def test_failed_export_leaves_nothing(tmp_path, monkeypatch):
-    import mmgen_engine.onnx as onnx_export
+    real, calls = torch.onnx.export, []
 
-    def fail(*args, **kwargs):
-        raise RuntimeError("boom")
+    def fail_second(*args, **kwargs):  # the first part is written, the second fails
+        calls.append(args[2])
+        if len(calls) > 1:
+            raise RuntimeError("boom")
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(onnx_export.torch.onnx, "export", fail)
+    monkeypatch.setattr(torch.onnx, "export", fail_second)
     with pytest.raises(mm.MMGenError) as e:
         mm.export_onnx(mm.demo_model("speech-to-gesture"), tmp_path / "out")
-    assert "boom" in _one_line(e)
+    assert "boom" in _one_line(e) and len(calls) == 2
     assert not any(tmp_path.iterdir())
 
 
