@@ -2,9 +2,10 @@
 over it: every part of the demo models and of tiny converted captioners of each family, ORT CPU
 against the engine's own stage, a dynamic batch, and bad input (one-line errors, nothing written).
 
-Tolerance (fp32 weights, ORT CPU vs the engine's reference stage on CPU), relative to the output's
-scale ``s = max(1, max|engine|)``: ``|ort - engine| / s <= ATOL + RTOL * |engine| / s`` with ATOL and
-RTOL 1e-4. Summation order differs between ORT's kernels and torch's, so the error grows with the
+Tolerance (ORT CPU vs the engine's reference stage on CPU), relative to the output's scale
+``s = max(1, max|engine|)``: ``|ort - engine| / s <= ATOL + RTOL * |engine| / s`` with ATOL and RTOL
+1e-4 for fp32 weights, 1e-2 for fp16 (bf16 exports, but ONNX Runtime's CPU provider has no bf16
+MatMul). Summation order differs between ORT's kernels and torch's, so the error grows with the
 magnitude of the values summed: the tiny random BLIP-2's states reach ~8 (error ~5e-4), the poses
 ~270 units; the demo encoders' states and the pixels in [0, 1] are of unit scale (s = 1).
 """
@@ -28,8 +29,8 @@ from mmgen_engine.onnx import PARTS, load_session
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-RTOL = {torch.float32: 1e-4}
-ATOL = {torch.float32: 1e-4}
+RTOL = {torch.float32: 1e-4, torch.float16: 1e-2}
+ATOL = {torch.float32: 1e-4, torch.float16: 1e-2}
 RUN_BATCHES = (1, 3)
 FAMILIES = ("vit-gpt2", "blip", "git", "clipcap", "llava", "blip2")  # traced at TRACE_BATCH (2): the batch is symbolic
 
@@ -138,6 +139,20 @@ def test_standalone_detokenizer_any_grid(arch, tmp_path):
                                    atol=ATOL[torch.float32])
 
 
+def test_float16_export(tmp_path):
+    ckpt = mm.demo_model("captioning")
+    out = mm.export_onnx(ckpt, tmp_path / "onnx", dtype="float16")
+    entry = json.loads((out / "manifest.json").read_text())["parts"]["image_encoder"]
+    assert entry["inputs"][0]["dtype"] == entry["outputs"][0]["dtype"] == "float16"
+    pipe, session = mm.load(ckpt, dtype="float16"), load_session(out, "image_encoder")
+    x = _inputs(pipe, "image_encoder", 3)["pixel_values"].half()
+    (got,) = session.run(None, {"pixel_values": x.numpy()})
+    want = _engine(pipe, "image_encoder", {"pixel_values": x}).float()
+    scale = want.abs().max().clamp(min=1)
+    torch.testing.assert_close(torch.from_numpy(got).float() / scale, want / scale, rtol=RTOL[torch.float16],
+                               atol=ATOL[torch.float16])
+
+
 def test_manifest_describes_the_export(exports):
     ckpt, out = exports["text-to-image"]
     manifest = json.loads((out / "manifest.json").read_text())
@@ -214,6 +229,15 @@ def test_truncated_onnx_is_refused(copied_export, damage):
     with pytest.raises(mm.CheckpointError) as e:
         load_session(out, "image_encoder")
     assert "truncated" in _one_line(e)
+
+
+def test_manifest_of_another_format_version_is_refused(copied_export):
+    _, out = copied_export
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
+    with pytest.raises(mm.CheckpointError) as e:
+        load_session(out, "image_encoder")
+    assert "version 99" in _one_line(e)
 
 
 def test_export_of_another_checkpoint_is_refused(exports, copied_export):
