@@ -24,7 +24,8 @@ from test_convert_blip2 import make_blip2, save_blip2  # its tiny BLIP-2 builder
 from test_detokenizers import VQGAN_CASES, dalle_decoder, save_state, taming_vqmodel
 
 import mmgen_engine as mm
-from mmgen_engine.onnx import PARTS, load_session
+from mmgen_engine.checkpoint import read_config
+from mmgen_engine.onnx import PARTS, load_session, supported_parts
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -33,6 +34,8 @@ RTOL = {torch.float32: 1e-4, torch.float16: 1e-2}
 ATOL = {torch.float32: 1e-4, torch.float16: 1e-2}
 RUN_BATCHES = (1, 3)
 FAMILIES = ("vit-gpt2", "blip", "git", "clipcap", "llava", "blip2")  # traced at TRACE_BATCH (2): the batch is symbolic
+# the stages that run once per request (the decoder parts are tested in test_onnx_decoders.py)
+ONE_SHOT = ("image_encoder", "text_encoder", "detokenizer", "audio_encoder", "motion_decoder")
 
 
 def _captioner(tmp_path, family: str):
@@ -54,15 +57,19 @@ def _captioner(tmp_path, family: str):
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
     """``{name: (checkpoint, export)}`` of the three demo models and one tiny converted captioner per
-    family, every part exported."""
+    family, every one-shot part exported."""
     root = tmp_path_factory.mktemp("onnx")
     out = {}
     for task in ("captioning", "text-to-image", "speech-to-gesture"):
-        out[task] = (mm.demo_model(task), mm.export_onnx(mm.demo_model(task), root / task))
+        out[task] = (mm.demo_model(task), _export(mm.demo_model(task), root / task))
     for family in FAMILIES:
         ckpt = _captioner(root / family, family)
-        out[family] = (ckpt, mm.export_onnx(ckpt, root / family / "onnx"))
+        out[family] = (ckpt, _export(ckpt, root / family / "onnx"))
     return out
+
+
+def _export(ckpt, out):
+    return mm.export_onnx(ckpt, out, parts=[p for p in supported_parts(read_config(ckpt)) if p in ONE_SHOT])
 
 
 def _inputs(pipe, name: str, batch: int) -> dict[str, np.ndarray]:
@@ -103,7 +110,7 @@ def test_ort_matches_engine(exports, name):
     ckpt, out = exports[name]
     pipe = mm.load(ckpt)
     manifest = json.loads((out / "manifest.json").read_text())
-    assert list(manifest["parts"]) == list(PARTS[pipe.task])
+    assert list(manifest["parts"]) == [p for p in PARTS[pipe.task] if p in ONE_SHOT]
     for part, entry in manifest["parts"].items():
         session = load_session(out, part, checkpoint_dir=ckpt)
         assert [i.name for i in session.get_inputs()] == [i["name"] for i in entry["inputs"]]
@@ -141,7 +148,7 @@ def test_standalone_detokenizer_any_grid(arch, tmp_path):
 
 def test_float16_export(tmp_path):
     ckpt = mm.demo_model("captioning")
-    out = mm.export_onnx(ckpt, tmp_path / "onnx", dtype="float16")
+    out = mm.export_onnx(ckpt, tmp_path / "onnx", parts=["image_encoder"], dtype="float16")
     entry = json.loads((out / "manifest.json").read_text())["parts"]["image_encoder"]
     assert entry["inputs"][0]["dtype"] == entry["outputs"][0]["dtype"] == "float16"
     pipe, session = mm.load(ckpt, dtype="float16"), load_session(out, "image_encoder")

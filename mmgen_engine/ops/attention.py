@@ -116,7 +116,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths:
 
 def _check_decode_shapes(q, k, v, lengths, new_k, new_v, group, cos=None, sin=None) -> None:
     """Shapes only: no device value is read (so it runs inside CUDA-graph capture too)."""
-    if isinstance(group, bool) or not isinstance(group, int) or group < 1:
+    # a SymInt: traced by torch.export (the ONNX decode step divides its symbolic token rows by cache rows)
+    if isinstance(group, bool) or not isinstance(group, (int, torch.SymInt)) or group < 1:
         raise ValueError(f"decode_attention: group must be an int >= 1, got {group!r}")
     if (new_k is None) != (new_v is None):
         raise ValueError("decode_attention: new_k and new_v go together")
