@@ -2,7 +2,7 @@
 from .attention import CrossAttention, GroupedQueryAttention, SelfAttention, merge_heads, split_heads
 from .block import EncoderBlock
 from .conv1d import Conv1d
-from .linear import Linear
+from .linear import Linear, QuantizedLinear, quantize_linears
 from .mlp import GLU, MLP, SwiGLU
 from .norm import LayerNorm, RMSNorm
 from .rotary import RotaryTable
@@ -16,10 +16,12 @@ __all__ = [
     "LayerNorm",
     "Linear",
     "MLP",
+    "QuantizedLinear",
     "RMSNorm",
     "RotaryTable",
     "SelfAttention",
     "SwiGLU",
     "merge_heads",
+    "quantize_linears",
     "split_heads",
 ]

@@ -10,6 +10,7 @@ from .embedding import embedding, token_gather
 from .linear import linear
 from .norm import add_layer_norm, layer_norm, rms_norm
 from .penalties import penalize
+from .quant import Int8Weight, dequantize_int8, quantize_int8
 from .registry import BackendError, available_backends, forced_backend
 from .rotary import rotary
 from .sampling import sample
@@ -23,13 +24,16 @@ __all__ = [
     "bias_relu",
     "conv2d",
     "decode_attention",
+    "dequantize_int8",
     "embedding",
     "forced_backend",
     "gelu_mul",
     "group_norm",
+    "Int8Weight",
     "layer_norm",
     "linear",
     "penalize",
+    "quantize_int8",
     "rms_norm",
     "rotary",
     "sample",
