@@ -13,7 +13,9 @@ here, not pass silently).
 from __future__ import annotations
 
 import json
+import multiprocessing
 import shutil
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import pytest
@@ -43,11 +45,13 @@ def exports(tmp_path_factory):
     root = tmp_path_factory.mktemp("onnx_decoders")
     ckpts = {task: mm.demo_model(task) for task in DEMOS}
     ckpts.update((family, _captioner(root / family, family)) for family in FAMILIES)
-    out = {}
-    for name, ckpt in ckpts.items():
-        parts = [p for p in supported_parts(read_config(ckpt)) if p in (*DECODER_PARTS, "token_embedding")]
-        out[name] = (ckpt, mm.export_onnx(ckpt, root / name / "onnx", parts=parts))
-    return out
+    # the exporter traces on one thread (a dozen seconds per model): two processes use both cores
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        jobs = {name: pool.submit(mm.export_onnx, ckpt, root / name / "onnx",
+                                  [p for p in supported_parts(read_config(ckpt))
+                                   if p in (*DECODER_PARTS, "token_embedding")])
+                for name, ckpt in ckpts.items()}
+        return {name: (ckpts[name], job.result()) for name, job in jobs.items()}
 
 
 @pytest.fixture(scope="module")
