@@ -1,4 +1,10 @@
-"""Export of a converted checkpoint's one-shot stages with ``torch.onnx.export`` (see :mod:`mmgen_engine.onnx`)."""
+"""Export of a converted checkpoint's one-shot stages and autoregressive decoder with ``torch.onnx.export``
+(see :mod:`mmgen_engine.onnx` for the parts and their inputs and outputs).
+
+The decoder parts wrap the model's own ``prefill`` / ``decode_step`` (:class:`_Prefill`,
+:class:`_Step`): the wrapper allocates the caches the runtime would hand in (one tensor per layer),
+lets the decoder fill them, and returns them; the step first grows the past cache by the slot it
+writes. No attention is written twice."""
 from __future__ import annotations
 
 import contextlib
@@ -404,14 +410,16 @@ def _io(values) -> list[dict]:
 
 
 def export_onnx(checkpoint_dir, out_dir, parts=None, dtype=None, opset=None) -> Path:
-    """Export the one-shot stages of the converted checkpoint ``checkpoint_dir`` as ONNX models into
-    the new directory ``out_dir`` (``PART.onnx`` + ``PART.onnx.data`` each, and ``manifest.json``).
+    """Export parts of the converted checkpoint ``checkpoint_dir`` as ONNX models into the new
+    directory ``out_dir`` (``PART.onnx`` + ``PART.onnx.data`` each, and ``manifest.json``).
 
-    ``parts`` None exports every part of the checkpoint's task (:data:`PARTS`: ``image_encoder``;
-    ``text_encoder``, ``detokenizer``; ``audio_encoder``, ``motion_decoder``); ``dtype`` casts the
+    ``parts`` None exports every part of the checkpoint (:func:`supported_parts`: ``image_encoder``;
+    ``text_encoder``, ``detokenizer``; ``audio_encoder``, ``motion_decoder``; and with a decoder
+    ``decoder_prefill``, ``decoder_step``, LLaVA's ``token_embedding``); ``dtype`` casts the
     weights as :func:`mmgen_engine.load` does (None: the checkpoint's); ``opset`` the ONNX opset
-    (None: the exporter's default). Dimension 0 of every input and output is the symbolic ``batch``.
-    ``out_dir`` must not exist or be empty; it appears complete or not at all. Returns ``out_dir``."""
+    (None: the exporter's default). Dimension 0 of every input and output is the symbolic ``batch``;
+    the other symbolic dimensions are in :data:`DIMS`. ``out_dir`` must not exist or be empty; it
+    appears complete or not at all. Returns ``out_dir``."""
     src, out, task, names = _check_request(checkpoint_dir, out_dir, parts, dtype, opset)
     onnx = require("onnx")
     require("onnxscript")

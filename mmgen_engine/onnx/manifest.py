@@ -3,8 +3,13 @@ and its checkpoint.
 
 ``{"format": "mmgen-onnx", "format_version": 1, "task", "dtype", "checkpoint": {file: sha256} (the
 checkpoint's config.json and model.safetensors), "parts": {name: {"file", "stage" (the engine call it
-replaces), "opset", "inputs" / "outputs": [{"name", "shape" (ints; symbolic dimensions by name,
-"batch" first), "dtype"}], "files": {file: {"bytes", "sha256"}} (the .onnx and its external data)}}}``
+replaces), "opset", "inputs" / "outputs": [{"name", "shape" (ints; symbolic dimensions by name or
+expression, "batch" first, e.g. "past_len + 1"), "dtype"}], "files": {file: {"bytes", "sha256"}}
+(the .onnx and its external data)}}, "decoder": {...}}``. ``decoder``, present when a decoder part
+is exported: ``{"kind": "cross" | "prefix", "num_layers", "num_kv_heads", "head_dim",
+"max_positions", "vocab_size", "prefix_length" (GIT's fixed prefix, else null)}``; the decoder
+parts' inputs and outputs are named as :mod:`mmgen_engine.onnx` describes (``past_key_values.{i}.key``,
+``present.{i}.key``, ``present.{i}.encoder.key``, ...).
 """
 from __future__ import annotations
 
