@@ -24,8 +24,9 @@ from .errors import (
     MMGenError,
 )
 from .onnx import export_onnx
+from .onnx.backend import load
 from .ops import available_backends
-from .pipelines import CaptioningPipeline, ImageDetokenizer, SpeechToGesturePipeline, TextToImagePipeline, load
+from .pipelines import CaptioningPipeline, ImageDetokenizer, SpeechToGesturePipeline, TextToImagePipeline
 from .runtime import SamplingParams
 from .serving import (
     CaptionRequest,

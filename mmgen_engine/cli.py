@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from .config import BUILTIN_GENERATION_DEFAULTS, DTYPES
 from .errors import InputError, MMGenError, one_line
+from .pipelines.stages import BACKENDS
 
 BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -92,7 +93,7 @@ def _caption(args) -> None:
     SamplingParams(**probe)  # bad values fail here, before the model loads
     for image in args.images:  # every file is there and a regular file before the model loads
         open_regular_file(Path(image), "image file").close()
-    pipe = load(args.model, device=args.device, dtype=args.dtype)
+    pipe = load(args.model, device=args.device, dtype=args.dtype, **_backends(args))
     if pipe.task != "captioning":
         raise MMGenError(f"{args.model}: a {pipe.task} checkpoint, not a captioning one")
     sampling = dataclasses.replace(pipe.default_sampling, **given) if given else None  # only the flags given
@@ -124,7 +125,7 @@ def _txt2img(args) -> None:
     out = check_output_file(args.output, (".png",))
     check_prompt(args.prompt)
     given = _given(args, temperature="temperature", top_k="top_k", guidance_scale="guidance", seed="seed")
-    pipe = load(args.model, device=args.device, dtype=args.dtype)
+    pipe = load(args.model, device=args.device, dtype=args.dtype, **_backends(args))
     if pipe.task != "text-to-image":
         raise MMGenError(f"{args.model}: a {pipe.task} checkpoint, not a text-to-image one")
     sampling = dataclasses.replace(pipe.default_sampling, **given)
@@ -147,7 +148,7 @@ def _gesture(args) -> None:
             raise InputError("--greedy takes the most likely token: leave out --temperature and --top-p")
         given = {**given, "do_sample": False}
     audio = open_audio(args.audio)  # the header checked before the model loads; decoded as windows need it
-    pipe = load(args.model, device=args.device, dtype=args.dtype)
+    pipe = load(args.model, device=args.device, dtype=args.dtype, **_backends(args))
     if pipe.task != "speech-to-gesture":
         raise MMGenError(f"{args.model}: a {pipe.task} checkpoint, not a speech-to-gesture one")
     sampling = dataclasses.replace(pipe.default_sampling, **given)
@@ -157,6 +158,24 @@ def _gesture(args) -> None:
     speech = read_wav(args.audio, mono=True) if out.suffix.lower() == ".mp4" else (None, None)
     save_poses(out, poses, pipe.fps, audio=speech[0], sample_rate=speech[1])
     print(f"{out}: {poses.shape[0]} frames of {poses.shape[1]} joints at {pipe.fps:g} fps")
+
+
+def _backends(args) -> dict:
+    """``mm.load``'s ONNX Runtime options from the command line."""
+    return {"stage_backend": args.stage_backend, "runtime": args.runtime, "onnx_dir": args.onnx_dir}
+
+
+def _add_backend_options(c: argparse.ArgumentParser) -> None:
+    c.add_argument("--stage-backend", choices=BACKENDS, default="engine",
+                   help="who runs the one-shot stages (encoders, detokenizer, motion decoder): the engine, or "
+                        "ONNX Runtime over an export of the checkpoint made on first use (the [onnx] extra; "
+                        "[onnx-gpu] on CUDA)")
+    c.add_argument("--runtime", choices=BACKENDS, default="engine",
+                   help="who runs the decode loop: the engine, or ONNX Runtime over the exported decoder "
+                        "(greedy only)")
+    c.add_argument("--onnx-dir", default=None, metavar="DIR",
+                   help="where the ONNX export is kept (default: CKPT/onnx/DTYPE where writable, else the "
+                        "user's cache, $MMGEN_CACHE_DIR or ~/.cache/mmgen_engine)")
 
 
 def _given(args, **flags) -> dict:
@@ -293,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", required=True, help="converted checkpoint directory")
     c.add_argument("--device", default="cpu")
     c.add_argument("--dtype", choices=DTYPES, default=None)
+    _add_backend_options(c)
     c.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
                    help=f"most tokens per caption (default: from the checkpoint's generation defaults; "
                         f"{_CAPTION_BUILTIN} without them)")
@@ -336,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"images every run)")
     c.add_argument("--device", default="cpu")
     c.add_argument("--dtype", choices=DTYPES, default=None)
+    _add_backend_options(c)
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=_txt2img)
 
@@ -357,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "generation defaults say)")
     c.add_argument("--device", default="cpu")
     c.add_argument("--dtype", choices=DTYPES, default=None)
+    _add_backend_options(c)
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=_gesture)
 

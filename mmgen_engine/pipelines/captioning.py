@@ -43,12 +43,13 @@ from ..config import CaptioningConfig
 from ..errors import CheckpointError, InputError, one_line
 from ..files import open_regular_file
 from ..models import build_model
-from ..runtime import CUDAGraphs, GraphedCall, SamplingParams, generate
+from ..runtime import CUDAGraphs, SamplingParams
 from ..runtime.beam import beam_search
 from ..runtime.layout import column_major_weights
 from ..runtime.limits import MAX_PROMPT_TOKENS, MAX_RESIZED_PIXELS, check_count, check_new_tokens, check_prompt
 from ..runtime.sampler import check_sampling
 from .generation_defaults import default_new_tokens, default_sampling
+from .stages import Stages
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 # LLaVA-1.5's conversation template ("USER: <image>\n{question} ASSISTANT:") around the caption
@@ -148,7 +149,7 @@ def resized_size(width: int, height: int, shortest_edge: int) -> tuple[int, int]
     return (shortest_edge, new_long) if width <= height else (new_long, shortest_edge)
 
 
-class CaptioningPipeline:
+class CaptioningPipeline(Stages):
     """Captions images with a converted ViT-GPT2, BLIP, GIT, ClipCap, LLaVA or BLIP-2 checkpoint (see
     :func:`mmgen_engine.load`)."""
 
@@ -164,7 +165,7 @@ class CaptioningPipeline:
         self.use_cuda_graphs = device.type == "cuda"
         if device.type == "cuda":
             self._graphs = CUDAGraphs(model.decoder, self.dtype, device)
-            self._graphed_encode = GraphedCall(model.encode)
+        self._init_stages({"image_encoder": model.encode}, graphed=("image_encoder",))
         p = config.preprocess
         self._mean = np.array(p.image_mean, dtype=np.float32)[:, None, None]
         self._std = np.array(p.image_std, dtype=np.float32)[:, None, None]
@@ -278,14 +279,16 @@ class CaptioningPipeline:
         check_count("images", pixel_values.shape[0])
         check_sampling(sampling)
         sampling = self.default_sampling if sampling is None else sampling
+        if sampling is not None and sampling.num_beams > 1 and self.runtime != "engine":
+            raise InputError(f"beam search runs on the engine's decoder only; with runtime={self.runtime!r} "
+                             f"pass sampling with num_beams=1")
         gen = self.config.generation
         if self.image_token is not None and prompt_ids is None:
             prompt_ids = self.tokenize_prompt(LLAVA_PROMPT)
         text_before, prompt, length = self.split_prompt(self._prompt(pixel_values.shape[0], prompt_ids))
         max_new_tokens, min_new_tokens = self._budget(length, max_new_tokens, min_new_tokens)
         with torch.inference_mode():
-            encode = self._graphed_encode if self.use_cuda_graphs else self.model.encode
-            states = encode(pixel_values.to(self.device, self.dtype))
+            states = self.stage("image_encoder")(pixel_values.to(self.device, self.dtype))
             context = None
             if text_before is not None:
                 states = self.model.prefix(states, text_before)
@@ -297,10 +300,9 @@ class CaptioningPipeline:
                                    eos_token_id=gen.eos_token_id, pad_token_id=gen.pad_token_id,
                                    min_new_tokens=min_new_tokens, params=sampling,
                                    cuda_graphs=self.use_cuda_graphs, context=context)
-            return generate(self.model.decoder, prompt, states, lengths, max_new_tokens,
-                            eos_token_id=gen.eos_token_id, pad_token_id=gen.pad_token_id,
-                            min_new_tokens=min_new_tokens, sampling=sampling,
-                            graphs=self._graphs if self.use_cuda_graphs else None, context=context)
+            return self.decode_ids(prompt, states, lengths, max_new_tokens, eos_token_id=gen.eos_token_id,
+                                   pad_token_id=gen.pad_token_id, min_new_tokens=min_new_tokens, sampling=sampling,
+                                   context=context)
 
     def image_context(self, text_before: torch.Tensor) -> torch.Tensor:
         """LLaVA: the ids in front of the decoder prompt as transformers' input ids hold them, the text

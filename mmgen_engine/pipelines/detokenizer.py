@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from ..errors import InputError, one_line
 from ..models import build_model
 from ..runtime.layout import channels_last_weights
 from ..runtime.limits import MAX_IMAGE_TOKENS_PER_CALL, MAX_TOKEN_GRID_SIDE, check_count
+from .stages import Stages
 
 
 def check_image_tokens(tokens, codebook_size: int) -> torch.Tensor:
@@ -64,13 +66,15 @@ def check_image_tokens(tokens, codebook_size: int) -> torch.Tensor:
 DECODE_PIXELS = 2 ** 20
 
 
-def decode(model: torch.nn.Module, image_tokens, codebook_size: int, device: torch.device) -> torch.Tensor:
+def decode(stage: Callable[[torch.Tensor], torch.Tensor], image_tokens, codebook_size: int, downsample_factor: int,
+           device: torch.device) -> torch.Tensor:
     """Pixels ``[B, 3, H, W]`` float32 in ``[0, 1]`` on ``device`` of checked image tokens (see
-    :func:`check_image_tokens`) through a detokenizer ``model``, :data:`DECODE_PIXELS` at a time."""
+    :func:`check_image_tokens`) through a detokenizer ``stage`` (ids ``[b, h, w]`` -> pixels ``[b, 3,
+    h * f, w * f]``, ``f = downsample_factor``), :data:`DECODE_PIXELS` at a time."""
     tokens = check_image_tokens(image_tokens, codebook_size).to(device)
-    pixels = tokens.shape[1] * tokens.shape[2] * model.cfg.downsample_factor ** 2
+    pixels = tokens.shape[1] * tokens.shape[2] * downsample_factor ** 2
     with torch.inference_mode():
-        return torch.cat([model(chunk).float() for chunk in tokens.split(max(1, DECODE_PIXELS // pixels))])
+        return torch.cat([stage(chunk).float() for chunk in tokens.split(max(1, DECODE_PIXELS // pixels))])
 
 
 def to_pil(images: torch.Tensor) -> list[PIL.Image.Image]:
@@ -82,7 +86,7 @@ def to_pil(images: torch.Tensor) -> list[PIL.Image.Image]:
     return [PIL.Image.fromarray(np.ascontiguousarray(p), "RGB") for p in pixels]
 
 
-class ImageDetokenizer:
+class ImageDetokenizer(Stages):
     """Decodes image tokens with a converted VQGAN or dVAE (see :func:`mmgen_engine.load`)."""
 
     task = "image-detokenizer"
@@ -92,6 +96,7 @@ class ImageDetokenizer:
         self.model, self.config, self.device = model, config, device
         self.codebook_size = config.detokenizer.codebook_size
         self.downsample_factor = config.detokenizer.downsample_factor
+        self._init_stages({"detokenizer": model})
 
     @classmethod
     def from_checkpoint(cls, path: Path, config: ImageDetokenizerConfig, device: torch.device,
@@ -104,4 +109,4 @@ class ImageDetokenizer:
         """Ids ``[B, h, w]`` or ``[B, h*w]`` (see :func:`check_image_tokens`) -> pixels
         ``[B, 3, h * f, w * f]`` float32 in ``[0, 1]`` on the pipeline's device, ``f`` the
         downsampling factor."""
-        return decode(self.model, image_tokens, self.codebook_size, self.device)
+        return decode(self.stages["detokenizer"], image_tokens, self.codebook_size, self.downsample_factor, self.device)

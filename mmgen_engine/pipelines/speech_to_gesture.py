@@ -24,11 +24,12 @@ from ..checkpoint import load_model
 from ..config import SpeechToGestureConfig
 from ..errors import InputError
 from ..models import build_model
-from ..runtime import CUDAGraphs, GraphedCall, SamplingParams, generate
+from ..runtime import CUDAGraphs, SamplingParams
 from ..runtime.layout import column_major_weights
 from .audio import LOG_MEL_HOP, LOG_MEL_N_FFT, AudioStream, log_mel_400, open_audio
 from .generation_defaults import builtin_sampling, default_sampling
 from .gesture_windows import Stitcher, WindowPlan
+from .stages import Stages
 
 # sampling when none is given and the checkpoint has no generation defaults: seeded, so a call is
 # reproducible; a lowered temperature and top-p keep a silent speaker still (at temperature 1 the demo
@@ -45,7 +46,7 @@ def window_seed(seed: int, w: int) -> int:
     return (z ^ (z >> 31)) >> 1
 
 
-class SpeechToGesturePipeline:
+class SpeechToGesturePipeline(Stages):
     """Generates gestures with a converted a2g-gpt checkpoint (see :func:`mmgen_engine.load`)."""
 
     task = "speech-to-gesture"
@@ -61,7 +62,7 @@ class SpeechToGesturePipeline:
         self.use_cuda_graphs = device.type == "cuda"
         if device.type == "cuda":
             self._graphs = CUDAGraphs(model.decoder, self.dtype, device, vocab_limit=config.motion.codebook_size)
-            self._graphed_encode = GraphedCall(model.encode)
+        self._init_stages({"audio_encoder": model.encode, "motion_decoder": model.poses}, graphed=("audio_encoder",))
 
     @classmethod
     def from_checkpoint(cls, path: Path, config: SpeechToGestureConfig, device: torch.device,
@@ -141,7 +142,7 @@ class SpeechToGesturePipeline:
             tokens = self.decode_window(window_audio, context, window_sampling)
             context = tokens[-self.config.gesture.seed_tokens:]
             with torch.inference_mode():
-                poses = self.model.poses(torch.tensor([tokens], device=self.device))[0]
+                poses = self.stages["motion_decoder"](torch.tensor([tokens], device=self.device))[0]
             yield tokens, poses.cpu().numpy()
 
     def decode_window(self, window_audio: np.ndarray, context: list[int], sampling: SamplingParams) -> list[int]:
@@ -150,12 +151,10 @@ class SpeechToGesturePipeline:
         cfg = self.config
         mel = log_mel_400(window_audio)[None].to(self.device, self.dtype)  # (1, F, 64)
         with torch.inference_mode():
-            encode = self._graphed_encode if self.use_cuda_graphs else self.model.encode
-            states = encode(mel)
+            states = self.stage("audio_encoder")(mel)
             prompt = torch.tensor([[cfg.gesture.bos_token_id, *context]], dtype=torch.int64, device=self.device)
             lengths = torch.full((1,), states.shape[1], dtype=torch.int64, device=self.device)
-            new = generate(self.model.decoder, prompt, states, lengths, cfg.window_tokens - len(context),
-                           eos_token_id=None, pad_token_id=cfg.gesture.eos_token_id, sampling=sampling,
-                           vocab_limit=cfg.motion.codebook_size,
-                           graphs=self._graphs if self.use_cuda_graphs else None)
+            new = self.decode_ids(prompt, states, lengths, cfg.window_tokens - len(context), eos_token_id=None,
+                                  pad_token_id=cfg.gesture.eos_token_id, sampling=sampling,
+                                  vocab_limit=cfg.motion.codebook_size)
         return context + new[0].tolist()

@@ -26,12 +26,13 @@ from ..config import TextToImageConfig
 from ..errors import CheckpointError, InputError, one_line
 from ..files import open_regular_file
 from ..models import build_model
-from ..runtime import CUDAGraphs, SamplingParams, generate_stream
+from ..runtime import CUDAGraphs, SamplingParams
 from ..runtime.layout import channels_last_weights, column_major_weights
 from ..runtime.limits import MAX_IMAGES_PER_CALL, MAX_NEW_TOKENS, check_count, check_int, check_prompt
 from ..runtime.sampler import check_sampling
 from .detokenizer import decode, to_pil
 from .generation_defaults import builtin_sampling, default_sampling
+from .stages import Stages
 
 # min-dalle's defaults (generate_image: top_k 256, supercondition_factor 16, temperature 1): the
 # sampling of a checkpoint without generation defaults
@@ -84,7 +85,7 @@ class MinDalleTokenizer:
         return [self.bos, *ids, self.eos]
 
 
-class TextToImagePipeline:
+class TextToImagePipeline(Stages):
     """Generates images from prompts with a converted min-dalle checkpoint (see :func:`mmgen_engine.load`)."""
 
     task = "text-to-image"
@@ -103,6 +104,11 @@ class TextToImagePipeline:
         if device.type == "cuda":
             self._graphs = CUDAGraphs(model.decoder, self.dtype, device, guided=True,
                                       vocab_limit=gen.image_vocab_size)
+        self._init_stages({"text_encoder": self._encode_text, "detokenizer": model.detokenizer})
+
+    def _encode_text(self, text_tokens: torch.Tensor) -> torch.Tensor:
+        """Encoder states ``[B, 64, D]`` of text rows ``[B, 64]``, their padding masked."""
+        return self.model.encoder(text_tokens, (text_tokens != self.config.generation.text_pad_token_id).sum(1))
 
     @classmethod
     def from_checkpoint(cls, path: Path, config: TextToImageConfig, device: torch.device,
@@ -183,12 +189,11 @@ class TextToImagePipeline:
         unique, inverse = torch.unique(rows, dim=0, return_inverse=True)
         with torch.inference_mode():  # not around the yields: the caller runs between them
             unique = unique.to(self.device)
-            states = self.model.encoder(unique, (unique != gen.text_pad_token_id).sum(1))[inverse.to(self.device)]
+            states = self.stages["text_encoder"](unique)[inverse.to(self.device)]
         prompt = torch.full((2 * batch, 1), gen.bos_token_id, dtype=torch.int64, device=self.device)
-        yield from generate_stream(self.model.decoder, prompt, states, row_lengths, self.num_tokens,
-                                   eos_token_id=None, pad_token_id=gen.bos_token_id, sampling=params,
-                                   graphs=self._graphs if self.use_cuda_graphs else None, guided=True,
-                                   vocab_limit=gen.image_vocab_size, every=every)
+        yield from self.decode_stream(prompt, states, row_lengths, self.num_tokens, eos_token_id=None,
+                                      pad_token_id=gen.bos_token_id, sampling=params, guided=True,
+                                      vocab_limit=gen.image_vocab_size, every=every)
 
     def generate_tokens(self, text_tokens: torch.Tensor, sampling: SamplingParams | None = None) -> torch.LongTensor:
         """Text rows ``[B, 64]`` (min-dalle's tokenizer output, see :meth:`tokenize`) -> image tokens
@@ -202,7 +207,8 @@ class TextToImagePipeline:
 
     def decode_tokens(self, image_tokens: torch.Tensor) -> torch.Tensor:
         """Image tokens ``[B, h, w]`` or ``[B, h*w]`` -> pixels ``[B, 3, H, W]`` float32 in [0, 1]."""
-        return decode(self.model.detokenizer, image_tokens, self.config.detokenizer.codebook_size, self.device)
+        det = self.config.detokenizer
+        return decode(self.stages["detokenizer"], image_tokens, det.codebook_size, det.downsample_factor, self.device)
 
     def _partial(self, tokens: torch.Tensor) -> torch.Tensor:
         """Tokens so far, the rest of the grid filled as min-dalle fills it (its start token, when it

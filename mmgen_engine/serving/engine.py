@@ -57,6 +57,9 @@ class Engine:
             if getattr(pipe, "task", None) not in RUNNERS:
                 raise InputError(f"model {name!r}: the engine serves {', '.join(RUNNERS)} pipelines, "
                                  f"got {type(pipe).__name__}")
+            if pipe.runtime != "engine":  # the scheduler drives the engine's decoder; its stages may be ORT's
+                raise InputError(f"model {name!r}: mm.Engine decodes with the engine's decoder; load it with "
+                                 f"runtime='engine' (stage_backend={pipe.stage_backend!r} may stay)")
             self.models[name] = pipe
         self._lock = threading.Lock()
         self._ids = itertools.count(1)

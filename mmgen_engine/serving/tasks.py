@@ -10,6 +10,9 @@ pre- and post-processing, so a request gives what the pipeline gives for the sam
 - ``start(job)``, ``encode(rows)``, ``advanced(rows)``, ``finished(rows)`` (the scheduler thread):
   the first rows; encoder states of rows arriving together; stream events after a step; results,
   and the rows that follow (a gesture's next window).
+
+The one-shot stages (encoders, detokenizer, motion decoder) run through the pipeline's ``stages``,
+the engine's own or ONNX Runtime's (``mm.load(..., stage_backend="onnxruntime")``).
 """
 from __future__ import annotations
 
@@ -156,7 +159,7 @@ class CaptionRunner(TaskRunner):
         # the beams of a request share their image: each distinct one is encoded once
         unique = {id(r.features): r.features for r in rows}
         where = {key: i for i, key in enumerate(unique)}
-        states = self.pipe.model.encode(torch.stack(list(unique.values())).to(self.device, self.dtype))
+        states = self.pipe.stages["image_encoder"](torch.stack(list(unique.values())).to(self.device, self.dtype))
         states = states[torch.tensor([where[id(r.features)] for r in rows], device=self.device)]
         text = rows[0].job.state["text_before"]  # the same for all rows (prefix_key)
         if text is not None:
@@ -222,12 +225,11 @@ class ImageRunner(TaskRunner):
         return [Row(job, j, [bos], s["text"], self.total, s["params"]) for j in range(s["n"])]
 
     def encode(self, rows: list[Row]):
-        pad = self.pipe.config.generation.text_pad_token_id
         text = torch.cat([torch.stack([r.features[0] for r in rows]), torch.stack([r.features[1] for r in rows])])
         lengths = [r.job.state["lengths"][0] for r in rows] + [r.job.state["lengths"][1] for r in rows]
         unique, inverse = torch.unique(text, dim=0, return_inverse=True)  # the encoder runs once per distinct row
         unique = unique.to(self.device)
-        states = self.pipe.model.encoder(unique, (unique != pad).sum(1))[inverse.to(self.device)]
+        states = self.pipe.stages["text_encoder"](unique)[inverse.to(self.device)]
         return states, torch.tensor(lengths, dtype=torch.int64, device=self.device)
 
     def _images(self, tokens: list[list[int]]) -> list:
@@ -281,7 +283,7 @@ class GestureRunner(TaskRunner):
         return [self._window(job)]
 
     def encode(self, rows: list[Row]):
-        states = self.pipe.model.encode(torch.stack([r.features for r in rows]).to(self.device, self.dtype))
+        states = self.pipe.stages["audio_encoder"](torch.stack([r.features for r in rows]).to(self.device, self.dtype))
         return states, torch.full((len(rows),), states.shape[1], dtype=torch.int64, device=self.device)
 
     def advanced(self, rows: list[Row]) -> None:
@@ -289,7 +291,7 @@ class GestureRunner(TaskRunner):
 
     def finished(self, rows: list[Row]) -> list[Row]:
         windows = [r.job.state["context"] + r.tokens for r in rows]
-        poses = self.pipe.model.poses(torch.tensor(windows, device=self.device)).cpu().numpy()  # one batch
+        poses = self.pipe.stages["motion_decoder"](torch.tensor(windows, device=self.device)).cpu().numpy()  # one batch
         follow = []
         for row, tokens, window_poses in zip(rows, windows, poses):
             job, s = row.job, row.job.state
