@@ -210,6 +210,16 @@ def test_bad_options_are_one_line_errors(options, message, monkeypatch):
     assert message in _one_line(e)
 
 
+def test_cuda_without_onnxruntime_gpu_names_the_extra(monkeypatch):
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(mm.MMGenError) as e:
+        backend.require_provider(torch.device("cuda"))
+    assert "[onnx-gpu] extra" in _one_line(e)
+    backend.require_provider(torch.device("cpu"))
+
+
 def test_output_dims_follow_the_inputs():
     assert backend.output_dim("8*grid_height", {"grid_height": 3, "batch": 2}) == 24
     assert backend.output_dim("batch", {"batch": 5}) == 5 and backend.output_dim(7, {}) == 7

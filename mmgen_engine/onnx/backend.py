@@ -103,7 +103,7 @@ def load(path, device="cpu", dtype=None, cuda_graphs=True, stage_backend="engine
     if pipe.device.type == "cpu" and weights == torch.bfloat16:
         raise InputError("ONNX Runtime's CPU provider has no bfloat16 MatMul; load with dtype='float32' or "
                          "'float16' to run stages or the decoder on ONNX Runtime on CPU")
-    _providers(pipe.device)  # a missing onnxruntime or CUDA provider fails before the export
+    require_provider(pipe.device)  # a missing onnxruntime or CUDA provider fails before the export
     out = cached_export(Path(path), dtype_name, parts, onnx_dir)
     if stage_backend == "onnxruntime":
         stream = torch.cuda.Stream(pipe.device) if pipe.device.type == "cuda" else None
@@ -260,16 +260,13 @@ def _export_into(checkpoint_dir: Path, out: Path, dtype: str, parts: list[str], 
 
 # -- sessions ------------------------------------------------------------------------------------
 
-def _providers(device: torch.device) -> list[str]:
-    """The onnxruntime execution providers of ``device``, checked to be there."""
-    ort = require("onnxruntime")
-    if device.type == "cpu":
-        return ["CPUExecutionProvider"]
-    have = ort.get_available_providers()
-    if "CUDAExecutionProvider" not in have:
+def require_provider(device: torch.device) -> None:
+    """A one-line MMGenError unless onnxruntime is installed with the execution provider of ``device``
+    (CPU; CUDA: onnxruntime-gpu, the ``[onnx-gpu]`` extra)."""
+    have = require("onnxruntime").get_available_providers()
+    if device.type == "cuda" and "CUDAExecutionProvider" not in have:
         raise MMGenError(f"ONNX Runtime on CUDA needs onnxruntime-gpu, the [onnx-gpu] extra (pip install "
                          f"'mmgen-engine[onnx-gpu]'); this onnxruntime has {', '.join(have)}")
-    return ["CUDAExecutionProvider"]
 
 
 def _session(file: Path, device: torch.device, stream, cuda_graph: bool):
@@ -279,7 +276,7 @@ def _session(file: Path, device: torch.device, stream, cuda_graph: bool):
     if device.type == "cpu":
         providers = ["CPUExecutionProvider"]
     else:
-        cuda = {"device_id": str(device.index if device.index is not None else torch.cuda.current_device()),
+        cuda = {"device_id": str(device.index),
                 "user_compute_stream": str(stream.cuda_stream), "has_user_compute_stream": "1"}
         if cuda_graph:
             cuda["enable_cuda_graph"] = "1"
@@ -320,11 +317,15 @@ class OrtStage:
     """Part ``part`` of the export ``out_dir`` as a stage: ``stage(*inputs) -> output``, torch tensors
     on ``device`` in and out (inputs in the part's order; each cast to the part's dtype), run by an
     ONNX Runtime session through I/O binding. ``stream``: the CUDA stream ORT runs on (CUDA only);
-    ``cuda_graph``: ask ORT for CUDA graphs (one per input shape), see the module docstring."""
+    ``cuda_graph``: ask ORT for CUDA graphs (one per input shape), see the module docstring. The
+    export is taken as checked (:func:`cached_export` checks it; :func:`check_export` otherwise):
+    its files are not hashed again here."""
 
     def __init__(self, out_dir: Path, part: str, device: torch.device, stream=None, cuda_graph: bool = False):
         ort = require("onnxruntime")
-        entry = check_export(out_dir, None, part)["parts"][part]
+        entry = read_manifest(out_dir)["parts"][part]
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         self.part, self.device, self.stream = part, device, stream
         try:
             self.inputs = [(io["name"], *ELEMENT_TYPES[io["dtype"]], io["shape"]) for io in entry["inputs"]]
@@ -359,7 +360,7 @@ class OrtStage:
             if x.dim() != len(shape) or any(isinstance(d, int) and d != s for d, s in zip(shape, x.shape)):
                 raise InputError(f"{self.part}: input {name} must be of shape {shape}, got {list(x.shape)}")
             sizes.update((d, s) for d, s in zip(shape, x.shape) if isinstance(d, str))
-        kind, index = self.device.type, self.device.index or 0
+        kind, index = self.device.type, self.device.index or 0  # CUDA: always an index (__init__)
         binding = self.session.io_binding()
         for (name, _, element, _), x in zip(self.inputs, inputs):
             binding.bind_input(name, kind, index, element, list(x.shape), x.data_ptr())
