@@ -6,14 +6,21 @@ matrices larger than the caches, so every product streams its weight from memory
 - **peer**: ``torch.nn.functional.linear`` on the row-major ``[out, in]`` weight, what a torch
   model (transformers' ``nn.Linear``) runs;
 - **engine**: ``mmgen_engine.ops.linear`` on the weight as the engine stores it on that device
-  (column-major on CPU, see ``mmgen_engine/runtime/layout.py``).
+  (column-major on CPU, see ``mmgen_engine/runtime/layout.py``);
+- **int8**, **int8-g128** (``--int8``): ``ops.linear`` on a weight-only int8 weight
+  (:class:`mmgen_engine.ops.Int8Weight`), per output channel and in groups of 128 inputs, on the
+  path the dispatch picks; on CPU also each CPU path by name (**int8 chunked**, **int8 pack**, see
+  ``mmgen_engine/ops/linear.py``), the numbers that pick the default.
 
-It reports µs per product, weight GB/s and the fraction of the measured read ceiling (a ``sum`` over
-a 512 MB buffer, all threads). Bytes moved ~ weight bytes; the activations are negligible.
+It reports µs per product, weight GB/s (int8 rows: int8 bytes + float32 scales), the fraction of the
+measured read ceiling (a ``sum`` over a 512 MB buffer, all threads) and, for int8 rows, the time
+against the engine's float product of the same shape (``vs_engine``). Bytes moved ~ weight bytes;
+the activations are negligible.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
@@ -25,11 +32,14 @@ from timing import format_table, machine_info, measure, write_json  # noqa: E402
 
 from mmgen_engine import ops  # noqa: E402
 from mmgen_engine.checkpoint import TORCH_DTYPES  # noqa: E402
+from mmgen_engine.ops.quant import Int8Weight, dequantize_int8  # noqa: E402
 from mmgen_engine.runtime.layout import column_major_weights  # noqa: E402
 
 # (in, out) of one GPT-2 small decode step: qkv, attn/cross out and cross q, fc1, fc2, LM head
 SHAPES = [(768, 2304), (768, 768), (768, 3072), (3072, 768), (768, 50257)]
 QUICK_SHAPES = [(64, 192), (192, 64)]
+INT8_GROUP = 128
+linear_ops = importlib.import_module("mmgen_engine.ops.linear")  # the module (ops.linear is the function)
 
 
 def read_ceiling_gbps(device: torch.device, dtype: torch.dtype, nbytes: int) -> float:
@@ -64,6 +74,45 @@ def bench_shape(k: int, n: int, rows: int, dtype, device, args) -> list[dict]:
     return rows_out
 
 
+def random_int8(n: int, k: int, group_size, gen, device) -> Int8Weight:
+    """Random int8 values and scales of a plausible size: the timing does not depend on them."""
+    groups = () if group_size is None else (-(-k // group_size),)
+    q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    return Int8Weight(q.to(device), (torch.rand((n, *groups), generator=gen) * 0.01 + 0.01).to(device),
+                      group_size)
+
+
+def bench_int8(k: int, n: int, rows: int, dtype, device, args, engine_us: float) -> list[dict]:
+    gen = torch.Generator().manual_seed(k * n + 1)
+    x = torch.randn(rows, k, generator=gen).to(device, dtype)
+    cases = [("int8", None, ops.linear), ("int8-g128", INT8_GROUP, ops.linear)]
+    if device.type == "cpu":
+        cases += [("int8 chunked", None, linear_ops.linear_int8_chunked),
+                  ("int8-g128 chunked", INT8_GROUP, linear_ops.linear_int8_chunked)]
+        if linear_ops.int8_pack_supported(x, random_int8(1, k, None, gen, device)):
+            cases.append(("int8 pack", None, linear_ops.linear_int8_pack))
+    out = []
+    weights = {}
+    for impl, group, fn in cases:
+        if group not in weights:
+            nbytes = random_int8(1, k, group, gen, device).nbytes() * n
+            weights[group] = [random_int8(n, k, group, gen, device)
+                              for _ in range(max(2, args.cold_bytes // nbytes))]
+        ws = weights[group]
+        spec = F.linear(x, dequantize_int8(ws[0], dtype))
+        torch.testing.assert_close(fn(x, ws[0], None), spec, atol=2e-2 * k ** 0.5, rtol=2e-2)
+
+        def run():
+            for w in ws:
+                fn(x, w, None)
+        t = measure(run, warmup=args.warmup, repeats=args.repeats, device=device)
+        us = t["median_ms"] * 1e3 / len(ws)
+        out.append({"shape": f"{k}->{n}", "rows": rows, "impl": impl, "us": us,
+                    "GBps": ws[0].nbytes() / us / 1e3, "p90_us": t["p90_ms"] * 1e3 / len(ws),
+                    "vs_engine": us / engine_us})
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -74,6 +123,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--cold-bytes", type=int, default=256 << 20, help="weights rotated per timed call")
     ap.add_argument("--quick", action="store_true", help="tiny shapes, for smoke tests")
+    ap.add_argument("--int8", action="store_true", help="also time weight-only int8 weights")
     ap.add_argument("--json", default="build/bench_linear/results.json")
     args = ap.parse_args(argv)
     if args.threads:
@@ -86,6 +136,8 @@ def main(argv=None) -> int:
     for k, n in QUICK_SHAPES if args.quick else SHAPES:
         for rows in args.rows:
             results += bench_shape(k, n, rows, dtype, device, args)
+            if args.int8:
+                results += bench_int8(k, n, rows, dtype, device, args, engine_us=results[-1]["us"])
     for r in results:
         r["of_ceiling"] = r["GBps"] / ceiling
     machine = machine_info(device)
@@ -94,7 +146,8 @@ def main(argv=None) -> int:
     print(f"wrote {args.json}\n")
     print(f"ops.linear vs F.linear on {machine.get('gpu', machine['cpu'])}, {args.dtype}, "
           f"torch threads {machine['torch_threads']}, read ceiling {ceiling:.1f} GB/s")
-    print(format_table(results, ["shape", "rows", "impl", "us", "p90_us", "GBps", "of_ceiling"]))
+    columns = ["shape", "rows", "impl", "us", "p90_us", "GBps", "of_ceiling"] + (["vs_engine"] if args.int8 else [])
+    print(format_table(results, columns))
     return 0
 
 

@@ -25,13 +25,17 @@ On CPU (Triton's interpreter, for tests) bfloat16 is refused, as in :mod:`mmgen_
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 import triton
 import triton.language as tl
 from mmgen_engine.errors import BackendError
 from mmgen_engine.kernels.linear import GROUP_M, REDUCE_BLOCK, _reduce_splits, grouped_tile, plan
-from mmgen_engine.ops.quant import Int8Weight
+
+if TYPE_CHECKING:
+    from mmgen_engine.ops.quant import Int8Weight
 
 
 @triton.jit
