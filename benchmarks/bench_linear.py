@@ -65,8 +65,9 @@ def bench_shape(k: int, n: int, rows: int, dtype, device, args) -> list[dict]:
         def run():
             for w in weights:
                 fn(w)
+        tol = 1e-3 if dtype == torch.float32 else 2e-2
         torch.testing.assert_close(ops.linear(x, engine_w[0], None), F.linear(x, peer_w[0]),
-                                   atol=1e-3 * k ** 0.5, rtol=1e-3)
+                                   atol=tol * k ** 0.5, rtol=tol)
         t = measure(run, warmup=args.warmup, repeats=args.repeats, device=device)
         us = t["median_ms"] * 1e3 / len(weights)
         rows_out.append({"shape": f"{k}->{n}", "rows": rows, "impl": impl, "us": us,

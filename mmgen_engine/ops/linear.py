@@ -73,7 +73,7 @@ def linear_int8_dequant(x, weight: Int8Weight, bias):
     return F.linear(x, weight.dequantize(x.dtype), bias)
 
 
-# Dequantized rows of W per chunk of the CPU path: about this many bytes of x's dtype. Each chunk
+# Dequantized rows of W per chunk of the CPU path: about this many bytes of float32. Each chunk
 # costs three or four torch calls, each a barrier of the thread pool, so fewer, larger chunks win
 # while they still sit in the last-level cache (32 MiB L3 on the CPU box). Measured there, one row,
 # float32, 2 threads, idle: 3072->768 in 1047 / 643 / 450 / 322 us with chunks of 0.25 / 1 / 2 /
@@ -82,10 +82,10 @@ INT8_CHUNK_BYTES = 8 << 20
 _scratch = threading.local()  # per thread: the chunk buffer, kept (a fresh one page-faults every call)
 
 
-def _chunk_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
+def _chunk_buffer(numel: int) -> torch.Tensor:
     buf = getattr(_scratch, "buf", None)
-    if buf is None or buf.dtype != dtype or buf.numel() < numel:
-        buf = _scratch.buf = torch.empty(numel, dtype=dtype)
+    if buf is None or buf.numel() < numel:
+        buf = _scratch.buf = torch.empty(numel)
     return buf[:numel]
 
 
@@ -95,19 +95,20 @@ def linear_int8_chunked(x, weight: Int8Weight, bias):
     does (few rows: the reduction split over threads as one batched product; many rows: BLAS's
     threaded GEMM). Per-channel scales are
     applied once to the output; group scales while dequantizing. Never materializes all of W.
-    Partial sums, scales and bias are added in float32, then rounded once to x's dtype."""
+    Computes in float32 whatever x's dtype (rounded once at the end): with the chunk in bfloat16
+    torch's CPU GEMMs made it 4-7x slower on the CPU box (no AMX there)."""
     q, s, g = weight.qweight, weight.scale, weight.group_size
     n, k = q.shape
-    x2 = x.reshape(-1, k)
+    x2 = x.reshape(-1, k).float()
     rows = x2.shape[0]
     parts = torch.get_num_threads()
     if rows > SPLIT_MAX_ROWS or k % parts:
         parts = 1
     out = torch.empty(rows, n, dtype=torch.float32, device=x.device)
-    chunk = max(1, INT8_CHUNK_BYTES // (k * x.element_size()))
+    chunk = max(1, INT8_CHUNK_BYTES // (k * 4))
     if rows > SPLIT_MAX_ROWS:
         chunk = max(chunk, 16 * SPLIT_MAX_ROWS)  # GEMM: wide enough tiles for BLAS's threads
-    buf = _chunk_buffer(min(chunk, n) * k, x.dtype).view(-1, k)
+    buf = _chunk_buffer(min(chunk, n) * k).view(-1, k)
     xs = x2.view(rows, parts, k // parts).transpose(0, 1)  # (P, rows, K/P)
     full = k - k % g if g else k
     for n0 in range(0, n, chunk):
@@ -122,7 +123,7 @@ def linear_int8_chunked(x, weight: Int8Weight, bias):
                 torch.mul(q[n0:n1, full:], s[n0:n1, -1:], out=w[:, full:])
         if parts > 1:
             torch.sum(torch.bmm(xs, w.view(n1 - n0, parts, k // parts).permute(1, 2, 0)), 0,
-                      dtype=torch.float32, out=out[:, n0:n1])
+                      out=out[:, n0:n1])
         else:
             out[:, n0:n1] = x2 @ w.t()
     if g is None:
@@ -162,8 +163,11 @@ _int8_cpu_choice: dict[tuple, str] = {}
 def int8_cpu_path(dtype: torch.dtype) -> str:
     """Which few-row CPU path runs per-channel int8 products of ``dtype`` on this machine: both are
     timed once per process (dtype, thread count) on a 1024 -> 4096 product at one row, the faster
-    kept. The choice differs by CPU and dtype (torch's int8 kernel is vectorized for bfloat16 on
-    x86 only; on the 2-core box, benchmarks/RESULTS.md "int8 weight-only linear (CPU)")."""
+    kept. The choice differs by CPU and dtype: torch's int8 kernel is vectorized for bfloat16 on
+    x86 only (and for every dtype on aarch64). On the 2-core box (benchmarks/RESULTS.md, "int8
+    weight-only linear (CPU)"), one row, GPT-2 shapes: bfloat16 ``pack`` 53-195 us against
+    ``chunked`` 165-504 us (LM head 3.0 against 7.5 ms); float32 ``pack`` 257-997 us (scalar loop)
+    against ``chunked`` 162-524 us (LM head 16.1 against 7.8 ms)."""
     key = (dtype, torch.get_num_threads())
     if key not in _int8_cpu_choice:
         gen = torch.Generator().manual_seed(0)
