@@ -13,6 +13,12 @@ Models (random, seeded weights; built and cached by the other benchmarks' own bu
 - speech-to-gesture: ``bench_gesture``'s model (the demo model's size): the audio encoder over one
   window's log-mel and the motion-VQ decoder over one window's tokens.
 
+Then captioning end to end (``--e2e-arch``, default ``vit-gpt2``), greedy at forced lengths as
+``bench_caption`` times it (first token: a 1-token call; ms/token: ``(t(N) - t(1)) / (N - 1)``):
+the engine; the engine with its image encoder on ONNX Runtime (``mm.load(...,
+stage_backend="onnxruntime")``); and everything on ONNX Runtime, the exported prefill and decode-step
+models driven by the reference loop (``runtime="onnxruntime"``). Their ids are compared.
+
 The engine runs each stage as its pipeline does (default backend, ``torch.inference_mode``); ORT runs
 the exported part on its CPU execution provider (or the CUDA one with ``--device cuda``, through
 ``mmgen_engine.onnx.backend`` when that is installed) with its default threading. Each figure is the
@@ -52,7 +58,7 @@ def log(msg: str) -> None:
 def checkpoints(args) -> dict[str, Path]:
     """``{model name: engine checkpoint}`` of every model in this run, built or reused."""
     out = {}
-    for arch in args.arch:
+    for arch in dict.fromkeys(args.arch + args.e2e_arch):
         preset = bench_caption.preset_of(arch, args)
         _, engines = bench_caption.prepare(args.cache_dir / "caption", arch, preset, args.seed, ["float32"])
         out[f"caption-{arch}"] = engines["float32"]
@@ -137,6 +143,44 @@ def bench_model(name: str, ckpt: Path, export: Path, args) -> tuple[list[dict], 
     return results, comparisons
 
 
+E2E = {"engine": {}, "engine+ort-stages": {"stage_backend": "onnxruntime"},
+       "ort-loop": {"stage_backend": "onnxruntime", "runtime": "onnxruntime"}}
+
+
+def bench_e2e(arch: str, ckpt: Path, args) -> tuple[list[dict], list[dict]]:
+    """Captioning end to end: the engine against ONNX Runtime stages and the ORT decode loop."""
+    onnx_dir = args.cache_dir / "onnx" / f"e2e-{arch}"
+    pipes = {impl: mm.load(ckpt, device=args.device, onnx_dir=onnx_dir if opts else None, **opts)
+             for impl, opts in E2E.items()}
+    enc = pipes["engine"].config.encoder
+    n = args.new_tokens
+    results, comparisons = [], []
+    for batch in args.batch:
+        g = torch.Generator().manual_seed(args.seed + batch)
+        px = torch.rand(batch, enc.num_channels, enc.image_size, enc.image_size, generator=g) * 2 - 1
+        row = {"model": f"caption-{arch}", "part": "end to end", "device": args.device, "batch": batch}
+        timed, ids = {}, {}
+        for impl, pipe in pipes.items():
+            def run(k, pipe=pipe):
+                return pipe.generate_ids(px, max_new_tokens=k, min_new_tokens=k)
+
+            log(f"timing {arch} end to end {impl} batch {batch} ...")
+            ids[impl] = run(n)
+            first = measure(lambda: run(1), warmup=args.warmup, repeats=args.repeats, device=args.device)
+            full = measure(lambda: run(n), warmup=args.warmup, repeats=args.repeats, device=args.device)
+            timed[impl] = {**row, "impl": impl, "first_token_ms": first["median_ms"],
+                           "ms_per_token": (full["median_ms"] - first["median_ms"]) / (n - 1),
+                           "timing": {"first": first, "full": full}}
+        results += timed.values()
+        base = timed["engine"]
+        for impl in list(E2E)[1:]:
+            comparisons.append({**row, "impl": f"{impl}/engine",
+                                "first_token_ms": timed[impl]["first_token_ms"] / base["first_token_ms"],
+                                "ms_per_token": timed[impl]["ms_per_token"] / base["ms_per_token"],
+                                "ids_match": torch.equal(ids[impl], ids["engine"])})
+    return results, comparisons
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -145,6 +189,9 @@ def parse_args(argv=None):
     ap.add_argument("--tasks", nargs="*", choices=["text-to-image", "speech-to-gesture"],
                     default=["text-to-image", "speech-to-gesture"],
                     help="other tasks whose one-shot stages are timed (default both)")
+    ap.add_argument("--e2e-arch", nargs="*", choices=bench_caption.ARCHS, default=["vit-gpt2"],
+                    help="captioners timed end to end (default vit-gpt2; none: --e2e-arch)")
+    ap.add_argument("--new-tokens", type=int, help="forced length N end to end (default 32; 8 with --quick)")
     add_device_arguments(ap)
     ap.add_argument("--batch", nargs="+", type=int, default=[1, 8], help="batch sizes (default 1 8)")
     ap.add_argument("--repeats", type=int, help="timed calls per figure (default 10; 3 with --quick)")
@@ -160,6 +207,9 @@ def parse_args(argv=None):
     if args.device != "cpu":
         ap.error("ONNX Runtime stages are timed on --device cpu so far")
     args.repeats = args.repeats or (3 if args.quick else 10)
+    args.new_tokens = args.new_tokens or (8 if args.quick else 32)
+    if args.new_tokens < 2:
+        ap.error("--new-tokens must be at least 2")
     args.json = args.json or args.cache_dir / ("results_quick.json" if args.quick else "results.json")
     if args.warmup < 1 or args.repeats < 1 or min(args.batch) < 1:
         ap.error("need --warmup >= 1, --repeats >= 1 and batch sizes >= 1")
@@ -175,8 +225,15 @@ def main(argv=None) -> int:
     transformers.logging.set_verbosity_error()
 
     results, comparisons = [], []
-    for name, ckpt in checkpoints(args).items():
-        r, c = bench_model(name, ckpt, exported(name, ckpt, args), args)
+    models = checkpoints(args)
+    for name, ckpt in models.items():
+        if not name.startswith("caption-") or name.removeprefix("caption-") in args.arch:
+            r, c = bench_model(name, ckpt, exported(name, ckpt, args), args)
+            results += r
+            comparisons += c
+    stage_rows = len(comparisons)
+    for arch in args.e2e_arch:
+        r, c = bench_e2e(arch, models[f"caption-{arch}"], args)
         results += r
         comparisons += c
     payload = {"benchmark": "onnx", "machine": machine_info(args.device), "engine": engine_info(),
@@ -187,19 +244,25 @@ def main(argv=None) -> int:
                "results": results, "comparisons": comparisons}
     write_json(args.json, payload)
     log(f"wrote {args.json}")
-    rows = []
-    for c in comparisons:
-        rows += [r for r in results if all(r[k] == c[k] for k in ("model", "part", "batch"))]
-        rows.append(c)
     m = payload["machine"]
-    print(f"\nonnx stage benchmark ({'quick' if args.quick else 'full'}; onnxruntime {ort.__version__}) on "
+    print(f"\nonnx benchmark ({'quick' if args.quick else 'full'}; onnxruntime {ort.__version__}) on "
           f"{m.get('gpu', m['cpu'])}, torch threads {m['torch_threads']}")
-    print(format_table(rows, ["model", "part", "device", "batch", "impl", "ms", "p90_ms", "max_rel_diff"]))
-    worst = max((c["max_rel_diff"] for c in comparisons), default=0.0)
+    for part, columns in ((comparisons[:stage_rows], ["ms", "p90_ms", "max_rel_diff"]),
+                          (comparisons[stage_rows:], ["first_token_ms", "ms_per_token", "ids_match"])):
+        rows = []
+        for key in dict.fromkeys((c["model"], c["part"], c["batch"]) for c in part):
+            rows += [r for r in results + part if (r["model"], r["part"], r["batch"]) == key]
+        if rows:
+            print(format_table(rows, ["model", "part", "device", "batch", "impl", *columns]))
+    worst = max((c["max_rel_diff"] for c in comparisons[:stage_rows]), default=0.0)
+    status = 0
     if worst > 1e-3:
         print(f"WARNING: ONNX Runtime and the engine differ by {worst:.2e} of the output's scale", flush=True)
-        return 1
-    return 0
+        status = 1
+    if not all(c["ids_match"] for c in comparisons[stage_rows:]):
+        print("WARNING: greedy ids differ between the engine and ONNX Runtime", flush=True)
+        status = 1
+    return status
 
 
 if __name__ == "__main__":
