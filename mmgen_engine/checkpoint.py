@@ -214,10 +214,17 @@ def check_tokenizer(where: str, token_ids: Collection[int], vocab_size: int, spe
 
 
 def load_model(path: Path, config, build: Callable, device: torch.device,
-               dtype: torch.dtype | None = None) -> torch.nn.Module:
+               dtype: torch.dtype | None = None, rebuild: Callable | None = None) -> torch.nn.Module:
     """The model of checkpoint directory ``path`` (``build(config, device="meta")`` builds it), its
     weights read from every ``*.safetensors`` file (memory-mapped on CPU) and cast to ``dtype`` (None:
-    keep the checkpoint's). Nothing is allocated before the checkpoint is known to be consistent:
+    keep the checkpoint's floating tensors as they are stored).
+
+    ``rebuild(model)``, when given, is called on the meta model once its tensors are checked against
+    the headers: it may change the model's structure (quantize its decoder, as
+    ``mm.load(quantize=...)`` does) and returns ``{stored tensor name: f}``, ``f(tensor as read)``
+    giving the tensors put into the model in its place (``{name: tensor}``), each stored tensor
+    transformed as it is read, before the cast. Nothing is allocated before the checkpoint is known to
+    be consistent:
 
     1. the files' headers give each tensor's name, dtype and shape (:func:`read_header`);
     2. the config's repeated blocks (``config.blocks``, each holds at least one tensor) must not
@@ -245,6 +252,7 @@ def load_model(path: Path, config, build: Callable, device: torch.device,
     model = build(config, device="meta")
     stored = torch_dtype(config.dtype)
     check_tensors(model, header, str(path), stored)
+    maps = rebuild(model) if rebuild is not None else {}
     tensors = {}
     for f in files:
         with safe_open(str(f), "pt", device=str(device)) as weights:
@@ -252,9 +260,10 @@ def load_model(path: Path, config, build: Callable, device: torch.device,
                 t = weights.get_tensor(name)
                 if t.is_floating_point() and not _all_finite(t):
                     raise CheckpointError(f"{f}: tensor {name!r} holds NaN or infinite values")
-                if dtype is not None and t.is_floating_point():
-                    t = t.to(tensor_dtype(model, name, dtype))
-                tensors[name] = t
+                for key, value in (maps[name](t) if name in maps else {name: t}).items():
+                    if dtype is not None and value.is_floating_point():
+                        value = value.to(tensor_dtype(model, key, dtype))
+                    tensors[key] = value
     model.load_state_dict(tensors, assign=True)
     return model
 

@@ -63,7 +63,8 @@ def _convert(args) -> None:
 
     with _progress_bar(args, "converting", "B") as progress:
         out = convert(args.src, args.out, source_format=args.source_format, dtype=args.dtype,
-                      trust_pickle=args.trust_pickle, overwrite=args.overwrite, progress=progress)
+                      trust_pickle=args.trust_pickle, overwrite=args.overwrite, progress=progress,
+                      quantize=args.quantize)
     print(f"converted {args.src} -> {out}")
 
 
@@ -161,8 +162,9 @@ def _gesture(args) -> None:
 
 
 def _backends(args) -> dict:
-    """``mm.load``'s ONNX Runtime options from the command line."""
-    return {"stage_backend": args.stage_backend, "runtime": args.runtime, "onnx_dir": args.onnx_dir}
+    """``mm.load``'s ONNX Runtime and quantization options from the command line."""
+    return {"stage_backend": args.stage_backend, "runtime": args.runtime, "onnx_dir": args.onnx_dir,
+            "quantize": args.quantize}
 
 
 def _add_backend_options(c: argparse.ArgumentParser) -> None:
@@ -176,6 +178,11 @@ def _add_backend_options(c: argparse.ArgumentParser) -> None:
     c.add_argument("--onnx-dir", default=None, metavar="DIR",
                    help="where the ONNX export is kept (default: CKPT/onnx/DTYPE where writable, else the "
                         "user's cache, $MMGEN_CACHE_DIR or ~/.cache/mmgen_engine)")
+    c.add_argument("--quantize", default=None, metavar="int8[-gN]", help=QUANTIZE_HELP + " at load")
+
+
+QUANTIZE_HELP = ("weight-only int8 for the decoder's linear layers and head: 'int8' (scales per output channel) "
+                 "or 'int8-gN' (per group of N input columns, e.g. int8-g128)")
 
 
 def _given(args, **flags) -> dict:
@@ -288,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--trust-pickle", action="store_true", help="allow sources that need full unpickling")
     c.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.add_argument("--quantize", default=None, metavar="int8[-gN]",
+                   help=QUANTIZE_HELP + "; recorded in config.json, loaded as stored")
     c.set_defaults(func=_convert)
 
     c = sub.add_parser("export-onnx", help="export a converted checkpoint's one-shot stages as ONNX models",

@@ -561,6 +561,60 @@ def _check_generation_defaults(block: GenerationDefaults | None, task: str) -> N
         raise ValueError(f"{where}.sampling.guidance_scale: {task} has no guidance; leave it out")
 
 
+QUANTIZE_METHODS = ("int8",)
+MIN_GROUP_SIZE = 16  # a scale per fewer weights than this would cost more bytes than int8 saves
+
+
+@validated
+class QuantizationConfig:
+    """Weight-only quantization of a checkpoint (``config.json`` ``"quantization"``).
+
+    ``method`` "int8": symmetric int8 weights with float32 scales (see
+    :mod:`mmgen_engine.ops.quant`), per output channel (``group_size`` null) or per group of
+    ``group_size`` input columns. ``modules`` "decoder": every linear layer of the decoder (attention
+    projections, cross-attention, MLP, OPT's projections, BERT's head transform) and its LM head
+    (the text, image-token or motion-token head); encoders and detokenizers stay floating point. A
+    quantized linear stores ``NAME.weight`` int8 ``[out, in]`` and ``NAME.weight_scale`` float32
+    (``[out]`` or ``[out, ceil(in / group_size)]``); its bias keeps the checkpoint's dtype. A head tied
+    to the token embeddings stores an int8 copy as ``decoder.lm_head`` beside the floating ``decoder.wte``
+    the lookups read.
+
+    The block keeps ``format_version`` 1: an engine without it refuses such a checkpoint with the
+    one line ``config.json: unknown field 'quantization'`` (configs refuse unknown fields), so no
+    old reader can misread the int8 tensors.
+
+    As an option (``mm.load(quantize=...)``, ``mmgen convert --quantize``) it is written
+    ``"int8"`` (per channel) or ``"int8-g128"`` (groups of 128): :meth:`parse`, :attr:`spec`.
+    """
+
+    method: Literal["int8"]
+    group_size: Annotated[int, Strict(), Field(ge=MIN_GROUP_SIZE, le=MAX_WIDTH)] | None = None
+    modules: Literal["decoder"] = "decoder"
+
+    @property
+    def spec(self) -> str:
+        """The option string: ``"int8"`` or ``"int8-g128"``."""
+        return self.method if self.group_size is None else f"{self.method}-g{self.group_size}"
+
+    @classmethod
+    def parse(cls, spec, error: type = CheckpointError) -> QuantizationConfig | None:
+        """``None`` -> None; ``"int8"`` (per output channel) or ``"int8-gN"`` (groups of ``N`` input
+        columns, ``N`` >= 16) -> the config. Anything else raises ``error`` with one line."""
+        if spec is None:
+            return None
+        usage = "None, 'int8' (per output channel) or 'int8-gN' (groups of N input columns, e.g. 'int8-g128')"
+        if not isinstance(spec, str):
+            raise error(f"quantize must be {usage}, got {type(spec).__name__}")
+        method, _, group = spec.partition("-g")
+        if method not in QUANTIZE_METHODS or (group and not (group.isascii() and group.isdigit())) \
+                or spec.endswith("-g"):
+            raise error(f"quantize must be {usage}, got {spec!r}")
+        size = int(group) if group else None
+        if size is not None and not MIN_GROUP_SIZE <= size <= MAX_WIDTH:
+            raise error(f"quantize {spec!r}: the group size must be in [{MIN_GROUP_SIZE}, {MAX_WIDTH}]")
+        return cls(method=method, group_size=size)
+
+
 @validated
 class CheckpointConfig:
     """The fields every top-level checkpoint config starts with; a subclass narrows ``task`` and
@@ -608,6 +662,7 @@ class CaptioningConfig(CheckpointConfig):
     generation_defaults: GenerationDefaults | None = None
     llava: LlavaConfig | None = None
     qformer: QFormerConfig | None = None
+    quantization: QuantizationConfig | None = None
 
     DECODERS: ClassVar[dict] = {"vit-gpt2": GPT2Config, "blip": BertConfig, "git": BertConfig,
                                 "clipcap": GPT2Config, "llava": LlamaConfig, "blip2": OPTConfig}
@@ -863,6 +918,7 @@ class TextToImageConfig(CheckpointConfig):
     generation: ImageGenerationConfig
     detokenizer: DetokenizerConfig
     generation_defaults: GenerationDefaults | None = None
+    quantization: QuantizationConfig | None = None
 
     @property
     def blocks(self) -> int:
@@ -998,6 +1054,7 @@ class SpeechToGestureConfig(CheckpointConfig):
     motion: MotionVQConfig
     gesture: GestureConfig
     generation_defaults: GenerationDefaults | None = None
+    quantization: QuantizationConfig | None = None
 
     @property
     def window_tokens(self) -> int:

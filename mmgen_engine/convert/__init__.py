@@ -6,14 +6,16 @@ from file names) and ``convert(src, dtype, workdir, trust_pickle) -> (config, te
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from ..checkpoint import remove_stale_writes, save_checkpoint
-from ..config import DTYPES
+from ..config import CONFIG_CLASSES, DTYPES, QuantizationConfig, from_dict
 from ..errors import CheckpointError, ConversionError, InputError, one_line
+from ..models import build_model, quantize_tensors
 from . import (
     a2g_gpt,
     clipcap,
@@ -42,7 +44,7 @@ def detect_format(src: Path) -> str:
 
 def convert(src, out, source_format: str | None = None, dtype: str | None = None,
             trust_pickle: bool = False, overwrite: bool = False,
-            progress: Callable[[int, int | None], None] | None = None) -> Path:
+            progress: Callable[[int, int | None], None] | None = None, quantize: str | None = None) -> Path:
     """Convert the upstream checkpoint at ``src`` into an engine checkpoint directory ``out``.
 
     ``source_format`` None detects it; ``dtype`` "float32" | "float16" | "bfloat16" casts floating
@@ -52,8 +54,12 @@ def convert(src, out, source_format: str | None = None, dtype: str | None = None
     an existing non-empty ``out`` is replaced only with ``overwrite``. ``progress(done, total)``, if
     given, is called with the bytes of weights written so far and in all (``total`` is an int here;
     the contract allows None for an unknown total), first with ``done`` 0, then after each tensor.
-    Arguments of the wrong type raise InputError; temporary directories that killed conversions
-    left beside ``out`` are removed first.
+    ``quantize`` None | "int8" | "int8-gN" (e.g. "int8-g128") writes the decoder's linear layers
+    and head as int8 with float32 scales, per output channel or per group of N input columns, and
+    records it in ``config.json`` ``"quantization"`` (see
+    :class:`~mmgen_engine.config.QuantizationConfig`); the quantized checkpoint loads without
+    quantizing again. Arguments of the wrong type raise InputError; temporary directories that
+    killed conversions left beside ``out`` are removed first.
     """
     src, out = _path("src", src), _path("out", out)
     for name, value in (("source_format", source_format), ("dtype", dtype)):
@@ -62,6 +68,7 @@ def convert(src, out, source_format: str | None = None, dtype: str | None = None
     for name, value in (("trust_pickle", trust_pickle), ("overwrite", overwrite)):
         if not isinstance(value, bool):
             raise InputError(f"{name} must be True or False, got {type(value).__name__}")
+    quantization = QuantizationConfig.parse(quantize, InputError)
     if progress is not None and not callable(progress):
         raise InputError(f"progress must be a callable progress(done, total) or None, got {type(progress).__name__}")
     try:
@@ -81,10 +88,21 @@ def convert(src, out, source_format: str | None = None, dtype: str | None = None
     remove_stale_writes(out)
     with tempfile.TemporaryDirectory() as workdir:
         config, tensors, files = CONVERTERS[source_format].convert(src, dtype, Path(workdir), trust_pickle)
+        if quantization is not None:
+            config, tensors = _quantized(config, tensors, quantization)
         try:
             return save_checkpoint(out, config, tensors, files, overwrite=overwrite, progress=progress)
         except CheckpointError as e:
             raise ConversionError(str(e)) from None
+
+
+def _quantized(config: dict, tensors: dict, quantization: QuantizationConfig) -> tuple[dict, dict]:
+    """The converted ``config`` and ``tensors`` with the decoder quantized."""
+    if config["task"] not in CONFIG_CLASSES or config["task"] == "image-detokenizer":
+        raise ConversionError(f"a {config['task']} checkpoint has no decoder to quantize")
+    config = {**config, "quantization": dataclasses.asdict(quantization)}
+    model = build_model(from_dict(CONFIG_CLASSES[config["task"]], {**config, "quantization": None}), device="meta")
+    return config, quantize_tensors(model, tensors, quantization)
 
 
 def _path(name: str, value) -> Path:

@@ -31,7 +31,7 @@ class MLP(nn.Module):
         self.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = ops.linear(x, self.fc1.weight, None)
+        h = ops.linear(x, self.fc1.op_weight, None)
         if self.approximate is None:
             return self.fc2(ops.bias_relu(h, self.fc1.bias))
         return self.fc2(ops.bias_gelu(h, self.fc1.bias, self.approximate))

@@ -13,6 +13,7 @@ from .gpt2 import GPT2Decoder
 from .llama import LlamaDecoder
 from .llava import Llava
 from .opt import OPTDecoder
+from .quantize import head_weight, quantize_model, quantize_tensors
 from .vit import ViTEncoder
 from .vit_gpt2 import VitGpt2
 from .vqgan import VQGANDecoder
@@ -22,10 +23,14 @@ ARCHITECTURES = {"vit-gpt2": VitGpt2, "blip": Blip, "git": Git, "clipcap": ClipC
 
 
 def build_model(cfg, device=None):
-    """The model of a top-level checkpoint config (``device="meta"`` to assign weights afterwards)."""
+    """The model of a top-level checkpoint config (``device="meta"`` to assign weights afterwards),
+    its decoder quantized where ``cfg.quantization`` says so (:func:`.quantize.quantize_model`)."""
     if cfg.task == "image-detokenizer":
         return build_detokenizer(cfg.detokenizer, device)
-    return ARCHITECTURES[cfg.architecture](cfg, device)
+    model = ARCHITECTURES[cfg.architecture](cfg, device)
+    if cfg.quantization is not None:
+        quantize_model(model, cfg.quantization)
+    return model
 
 
 __all__ = [
@@ -42,9 +47,12 @@ __all__ = [
     "DETOKENIZERS",
     "DVAEDecoder",
     "GPT2Decoder",
+    "head_weight",
     "LlamaDecoder",
     "Llava",
     "OPTDecoder",
+    "quantize_model",
+    "quantize_tensors",
     "ViTEncoder",
     "VitGpt2",
     "VQGANDecoder",

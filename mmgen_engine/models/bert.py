@@ -21,6 +21,7 @@ from .. import ops
 from ..config import BertConfig
 from ..layers import MLP, CrossAttention, LayerNorm, Linear, SelfAttention
 from ..layers.mlp import GELU_FORMS
+from .quantize import head_weight
 
 
 class BertBlock(nn.Module):
@@ -82,10 +83,9 @@ class BertDecoder(nn.Module):
     def _logits(self, h) -> torch.Tensor:
         if self.cfg.head_transform:
             dense = self.head_dense
-            h = ops.bias_gelu(ops.linear(h, dense.weight, None), dense.bias, GELU_FORMS[self.cfg.activation])
+            h = ops.bias_gelu(ops.linear(h, dense.op_weight, None), dense.bias, GELU_FORMS[self.cfg.activation])
             h = self.ln_head(h)
-        head = self.wte if self.cfg.tie_word_embeddings else self.lm_head
-        return ops.linear(h, head, self.lm_bias)
+        return ops.linear(h, head_weight(self), self.lm_bias)
 
     def prefill(self, tokens: torch.Tensor, encoder_states: torch.Tensor, cache, cross) -> torch.Tensor:
         """Cross-attention: fill its cache from ``encoder_states [B, S, D_enc]``. Prefix: the states

@@ -25,6 +25,7 @@ from .. import ops
 from ..config import BartConfig, TextToImageConfig
 from ..layers import GLU, CrossAttention, LayerNorm, SelfAttention
 from .detokenizers import build_detokenizer
+from .quantize import head_weight
 
 
 class BartBlock(nn.Module):
@@ -104,7 +105,7 @@ class BartDecoder(_Bart):
         delta = None
         for i, layer in enumerate(self.layers):
             h, delta = layer(h, delta, lambda x: attend(i, layer.attn, x), (cross.k[i], cross.v[i], cross.lengths))
-        return ops.linear(self._final(h, delta), self.lm_head, None)
+        return ops.linear(self._final(h, delta), head_weight(self), None)
 
     def prefill(self, tokens: torch.Tensor, encoder_states: torch.Tensor, cache, cross) -> torch.Tensor:
         """Fill the cross cache from ``encoder_states [B, S, D]``, run ``tokens [B, T]`` at positions

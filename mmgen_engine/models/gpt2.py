@@ -3,7 +3,8 @@
 input embeddings in front of the text, a causal prefix whose positions count).
 
 Block: ``h += attn(ln_1(h)); (h += cross(ln_cross(h), encoder);) h += mlp(ln_2(h))``, then ``ln_f``
-and the LM head (tied to ``wte`` unless the checkpoint has its own). The runtime hands in the caches:
+and the LM head (tied to ``wte`` unless the checkpoint has its own; int8 when quantized, see
+:mod:`.quantize`). The runtime hands in the caches:
 ``cache.k[i], cache.v[i] [B, H, S, Dh]`` with ``cache.span`` (slots any row may read this step) and
 ``cross.k[i], cross.v[i] [B, H, S_enc, Dh]`` with ``cross.lengths [B]``; ``positions`` are cache
 slots, which for GPT-2 are also its position ids.
@@ -18,6 +19,7 @@ from torch import nn
 from .. import ops
 from ..config import GPT2Config
 from ..layers import MLP, CrossAttention, LayerNorm, SelfAttention
+from .quantize import head_weight
 
 
 class GPT2Block(nn.Module):
@@ -73,8 +75,7 @@ class GPT2Decoder(nn.Module):
         return h, delta
 
     def _logits(self, h, delta) -> torch.Tensor:
-        head = self.wte if self.cfg.tie_word_embeddings else self.lm_head
-        return ops.linear(self.ln_f.add(delta, h)[0], head, None)
+        return ops.linear(self.ln_f.add(delta, h)[0], head_weight(self), None)
 
     def prefill(self, tokens: torch.Tensor, encoder_states: torch.Tensor, cache, cross) -> torch.Tensor:
         """Fill the cross-attention cache from ``encoder_states [B, S, D]`` and run the prompt

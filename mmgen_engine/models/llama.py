@@ -20,6 +20,7 @@ from torch import nn
 from .. import ops
 from ..config import LlamaConfig
 from ..layers import GroupedQueryAttention, RMSNorm, RotaryTable, SwiGLU
+from .quantize import head_weight
 
 
 class LlamaBlock(nn.Module):
@@ -62,8 +63,7 @@ class LlamaDecoder(nn.Module):
         return ops.token_gather(tokens, self.wte)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        head = self.wte if self.cfg.tie_word_embeddings else self.lm_head
-        return ops.linear(self.norm(h), head, None)
+        return ops.linear(self.norm(h), head_weight(self), None)
 
     def prefill(self, tokens: torch.Tensor, encoder_states: torch.Tensor, cache, cross) -> torch.Tensor:
         """The prefix ``encoder_states [B, S, D]`` (input embeddings, ``S`` may be 0) at positions

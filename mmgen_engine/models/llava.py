@@ -45,8 +45,8 @@ class Llava(nn.Module):
         if not llava.keep_cls:
             x = x[:, 1:]
         fc1 = self.linear_1
-        bias = fc1.bias if fc1.bias is not None else fc1.weight.new_zeros(fc1.out_features)
-        h = ops.bias_gelu(ops.linear(x, fc1.weight, None), bias, GELU_FORMS[llava.projector_activation])
+        bias = fc1.bias if fc1.bias is not None else x.new_zeros(fc1.out_features)
+        h = ops.bias_gelu(ops.linear(x, fc1.op_weight, None), bias, GELU_FORMS[llava.projector_activation])
         return self.linear_2(h)
 
     def prefix(self, image: torch.Tensor, text_ids: torch.Tensor) -> torch.Tensor:

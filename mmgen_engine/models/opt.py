@@ -23,6 +23,7 @@ from torch import nn
 from .. import ops
 from ..config import OPTConfig
 from ..layers import MLP, LayerNorm, Linear, SelfAttention
+from .quantize import head_weight
 
 
 class OPTBlock(nn.Module):
@@ -80,7 +81,7 @@ class OPTDecoder(nn.Module):
         h = self.ln_f.add(delta, h)[0]
         if self.project_out is not None:
             h = self.project_out(h)
-        return ops.linear(h, self.wte if self.cfg.tie_word_embeddings else self.lm_head, None)
+        return ops.linear(h, head_weight(self), None)
 
     def prefill(self, tokens: torch.Tensor, encoder_states: torch.Tensor, cache, cross) -> torch.Tensor:
         """Input embeddings ``encoder_states [B, P, E]`` at positions ``0..P-1`` (``P`` may be 0), then

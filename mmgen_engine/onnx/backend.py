@@ -66,7 +66,8 @@ ELEMENT_TYPES = {"float32": (torch.float32, 1), "float16": (torch.float16, 10), 
 _DIM_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv}
 
 
-def load(path, device="cpu", dtype=None, cuda_graphs=True, stage_backend="engine", runtime="engine", onnx_dir=None):
+def load(path, device="cpu", dtype=None, cuda_graphs=True, stage_backend="engine", runtime="engine", onnx_dir=None,
+         quantize=None):
     """Load a converted checkpoint directory as its task's pipeline (``mm.load``).
 
     ``device`` "cpu" | "cuda" | "cuda:N"; ``dtype`` "float32" | "float16" | "bfloat16" casts the
@@ -75,8 +76,9 @@ def load(path, device="cpu", dtype=None, cuda_graphs=True, stage_backend="engine
     ``stage_backend`` "engine" | "onnxruntime": who runs the one-shot stages (encoders, detokenizer,
     motion decoder); ``runtime`` "engine" | "onnxruntime": who runs the decode loop (ONNX Runtime:
     greedy only). ``onnx_dir``: where the ONNX export is kept (None: beside the checkpoint or in the
-    user's cache; see :mod:`mmgen_engine.onnx.backend`). Returns e.g. a
-    :class:`~mmgen_engine.pipelines.CaptioningPipeline`."""
+    user's cache; see :mod:`mmgen_engine.onnx.backend`). ``quantize`` None | "int8" | "int8-g128":
+    weight-only int8 decoder weights (see :func:`mmgen_engine.pipelines.load`; the engine's backends
+    only). Returns e.g. a :class:`~mmgen_engine.pipelines.CaptioningPipeline`."""
     for name, value in (("stage_backend", stage_backend), ("runtime", runtime)):
         if value not in BACKENDS:
             raise InputError(f"{name} must be one of {', '.join(map(repr, BACKENDS))}, got {value!r}")
@@ -85,9 +87,14 @@ def load(path, device="cpu", dtype=None, cuda_graphs=True, stage_backend="engine
     ort = stage_backend == "onnxruntime" or runtime == "onnxruntime"
     if onnx_dir is not None and not ort:
         raise InputError("onnx_dir is used with stage_backend='onnxruntime' or runtime='onnxruntime' only")
-    pipe = load_pipeline(path, device, dtype, cuda_graphs)
+    if ort and quantize is not None:
+        raise InputError("quantize is not supported with ONNX Runtime (stage_backend or runtime 'onnxruntime'); "
+                         "use the engine's backends")
+    pipe = load_pipeline(path, device, dtype, cuda_graphs, quantize)
     if not ort:
         return pipe
+    if getattr(pipe.config, "quantization", None) is not None:
+        raise InputError(f"{path}: a quantized checkpoint runs on the engine's backends only, not ONNX Runtime")
     parts = list(pipe.stages) if stage_backend == "onnxruntime" else []
     if runtime == "onnxruntime":
         decoders = [p for p in supported_parts(pipe.config) if p not in pipe.stages]

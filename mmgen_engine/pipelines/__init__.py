@@ -2,13 +2,16 @@
 :func:`load` opens a converted checkpoint as its task's pipeline (``mm.load``)."""
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
 import torch
 
 from ..checkpoint import read_config, torch_dtype
+from ..config import QuantizationConfig
 from ..errors import CheckpointError, InputError
+from ..models import quantize_model
 from .captioning import CaptioningPipeline
 from .detokenizer import ImageDetokenizer
 from .speech_to_gesture import SpeechToGesturePipeline
@@ -33,12 +36,16 @@ def _device(device) -> torch.device:
     return dev
 
 
-def load(path, device="cpu", dtype=None, cuda_graphs=True):
+def load(path, device="cpu", dtype=None, cuda_graphs=True, quantize=None):
     """Load a converted checkpoint directory as its task's pipeline.
 
     ``device`` "cpu" | "cuda" | "cuda:N"; ``dtype`` "float32" | "float16" | "bfloat16" casts the
     weights (None keeps the checkpoint's); ``cuda_graphs`` replays decode steps from CUDA graphs on
-    a CUDA device (False: eager steps, the same tokens). Returns e.g. a :class:`CaptioningPipeline`.
+    a CUDA device (False: eager steps, the same tokens). ``quantize`` None | "int8" | "int8-g128"
+    (any "int8-gN", N >= 16): weight-only int8 for the decoder's linear layers and head, per output
+    channel or per group of N input columns, made from the floating weights as they are read (see
+    :class:`~mmgen_engine.config.QuantizationConfig`); a checkpoint converted with ``--quantize``
+    loads as it is stored (None or its own setting). Returns e.g. a :class:`CaptioningPipeline`.
     """
     if not isinstance(path, (str, os.PathLike)):
         raise InputError(f"path must be a checkpoint directory (str or os.PathLike), got {type(path).__name__}")
@@ -50,8 +57,17 @@ def load(path, device="cpu", dtype=None, cuda_graphs=True):
         target = torch_dtype(dtype)
     except CheckpointError as e:
         raise InputError(str(e)) from None
+    quantization = QuantizationConfig.parse(quantize, InputError)
     config = read_config(path)
-    pipe = PIPELINES[config.task].from_checkpoint(path, config, dev, target)
+    kwargs = {}
+    if quantization is not None and quantization != config.quantization:
+        if config.quantization is not None:
+            raise InputError(f"{path}: the checkpoint is quantized as {config.quantization.spec!r}; load it with "
+                             f"quantize=None (or {config.quantization.spec!r}), or requantize from a floating one")
+        if config.task == "image-detokenizer":
+            raise InputError(f"{path}: an image-detokenizer checkpoint has no decoder to quantize")
+        kwargs["rebuild"] = functools.partial(quantize_model, quantization=quantization)
+    pipe = PIPELINES[config.task].from_checkpoint(path, config, dev, target, **kwargs)
     pipe.use_cuda_graphs = cuda_graphs and dev.type == "cuda"
     return pipe
 

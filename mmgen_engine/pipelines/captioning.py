@@ -174,7 +174,7 @@ class CaptioningPipeline(Stages):
 
     @classmethod
     def from_checkpoint(cls, path: Path, config: CaptioningConfig, device: torch.device,
-                        dtype: torch.dtype | None) -> CaptioningPipeline:
+                        dtype: torch.dtype | None, rebuild=None) -> CaptioningPipeline:
         default_sampling(config, str(path / "config.json"))  # refused before anything is read
         tok_file = path / "tokenizer.json"
         if not tok_file.is_file():
@@ -188,7 +188,7 @@ class CaptioningPipeline(Stages):
         if config.llava is not None and tokenizer.id_to_token(config.llava.image_token_id) is None:
             raise CheckpointError(f"{tok_file}: no token for llava.image_token_id {config.llava.image_token_id} "
                                   f"(the <image> placeholder)")
-        model = load_model(path, config, build_model, device, dtype)
+        model = load_model(path, config, build_model, device, dtype, rebuild)  # rebuild: quantize at load
         if device.type == "cpu":
             column_major_weights(model.decoder)
         return cls(model, tokenizer, config, device)

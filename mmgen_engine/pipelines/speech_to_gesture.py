@@ -66,9 +66,9 @@ class SpeechToGesturePipeline(Stages):
 
     @classmethod
     def from_checkpoint(cls, path: Path, config: SpeechToGestureConfig, device: torch.device,
-                        dtype: torch.dtype | None) -> SpeechToGesturePipeline:
+                        dtype: torch.dtype | None, rebuild=None) -> SpeechToGesturePipeline:
         default_sampling(config, str(path / "config.json"))  # refused before the weights are read
-        model = load_model(path, config, build_model, device, dtype)
+        model = load_model(path, config, build_model, device, dtype, rebuild)  # rebuild: quantize at load
         if device.type == "cpu":
             column_major_weights(model.decoder)
         return cls(model, config, device)

@@ -112,7 +112,7 @@ class TextToImagePipeline(Stages):
 
     @classmethod
     def from_checkpoint(cls, path: Path, config: TextToImageConfig, device: torch.device,
-                        dtype: torch.dtype | None) -> TextToImagePipeline:
+                        dtype: torch.dtype | None, rebuild=None) -> TextToImagePipeline:
         default_sampling(config, str(path / "config.json"))  # refused before anything is read
         tokens = config.generation.grid_size ** 2
         if tokens > MAX_NEW_TOKENS:  # refused at load, not at every call as a max_new_tokens the user never set
@@ -121,7 +121,7 @@ class TextToImagePipeline(Stages):
         tokenizer = MinDalleTokenizer.from_files(path / "vocab.json", path / "merges.txt")
         check_tokenizer(str(path / "vocab.json"), tokenizer.vocab.values(), config.encoder.vocab_size,
                         {"text_pad_token_id": config.generation.text_pad_token_id})
-        model = load_model(path, config, build_model, device, dtype)
+        model = load_model(path, config, build_model, device, dtype, rebuild)  # rebuild: quantize at load
         if device.type == "cpu":
             column_major_weights(model.decoder)
         channels_last_weights(model.detokenizer)

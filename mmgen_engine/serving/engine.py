@@ -34,7 +34,7 @@ class Engine:
     """Serves requests for one or several models with continuous batching.
 
     ``models``: a checkpoint path or a loaded pipeline, or ``{name: path or pipeline}``; paths are
-    loaded with ``device`` and ``dtype`` (as :func:`mmgen_engine.load`). Each model gets a
+    loaded with ``device``, ``dtype`` and ``quantize`` (as :func:`mmgen_engine.load`). Each model gets a
     scheduler thread decoding up to ``slots`` rows at once (a caption, an image, or a window of a
     gesture request each). At most ``max_queued`` requests may wait for a slot; ``submit`` raises
     :class:`~mmgen_engine.EngineOverloaded` beyond that. ``cuda_graphs``: on CUDA, replay the
@@ -42,7 +42,7 @@ class Engine:
     """
 
     def __init__(self, models, device="cpu", dtype=None, slots: int = 8, max_queued: int = 64,
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, quantize=None):
         self.slots = check_int("slots", slots, 1, MAX_IMAGES_PER_CALL)
         self.max_queued = check_int("max_queued", max_queued, 0, 2**31 - 1)
         if not isinstance(models, dict):
@@ -53,7 +53,7 @@ class Engine:
         for name, model in models.items():
             if not isinstance(name, str) or not name:
                 raise InputError(f"model names must be non-empty strings, got {name!r}")
-            pipe = load(model, device, dtype, cuda_graphs) if isinstance(model, (str, os.PathLike)) else model
+            pipe = load(model, device, dtype, cuda_graphs, quantize) if isinstance(model, (str, os.PathLike)) else model
             if getattr(pipe, "task", None) not in RUNNERS:
                 raise InputError(f"model {name!r}: the engine serves {', '.join(RUNNERS)} pipelines, "
                                  f"got {type(pipe).__name__}")
