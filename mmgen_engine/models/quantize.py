@@ -64,7 +64,9 @@ def quantize_model(model: nn.Module, quantization: QuantizationConfig) -> dict[s
         source = decoder.wte if tied else head
         linear = nn.Linear(source.shape[1], source.shape[0], bias=False, device="meta")
         linear.weight = nn.Parameter(source, requires_grad=False)  # the same storage: no copy
-        decoder.lm_head = QuantizedLinear.from_linear(linear, group)  # replaces the parameter lm_head
+        if not tied:
+            del decoder.lm_head  # the parameter; a module takes its name
+        decoder.lm_head = QuantizedLinear.from_linear(linear, group)
         name = "decoder.wte" if tied else "decoder.lm_head"
         maps[name] = _int8("decoder.lm_head", group, keep=name if tied else None)
     scales = {f"{name}.weight_scale" for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
