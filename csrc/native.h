@@ -1,6 +1,7 @@
 // Declarations shared by the native sources and the Python bindings. Nothing here depends on
-// Python or torch: kernels take raw pointers, shapes and a stream, and their framework-free
-// templates live in csrc/kernels/*.cuh (argument blocks in csrc/kernels/params.h).
+// Python or torch: kernels take raw pointers, shapes and a stream (the CPU ones: a thread count),
+// and the CUDA kernels' framework-free templates live in csrc/kernels/*.cuh (argument blocks in
+// csrc/kernels/params.h).
 #pragma once
 
 #include <cstdint>
@@ -22,6 +23,40 @@ struct BuildInfo {
 };
 
 BuildInfo build_info();  // csrc/cpu/build_info.cpp
+
+// ---- CPU kernels (csrc/cpu/gemv.cpp) -----------------------------------------------------------
+// Few-row products whose weight is stored in fewer bytes than float32 and widened in registers:
+//   y[r, n] = sum_k x[r, k] W[n, k] (+ bias[n]),  r < rows <= kGemvMaxRows,
+// W int8 times float32 scales (per output channel, or per group of `group_size` inputs with a short
+// last group) or bfloat16 (widened exactly to float32); x, y and the sums float32. At one row the
+// product streams W once: its speed is the memory bandwidth over W's bytes.
+
+constexpr int kGemvMaxRows = 16;
+
+// Instruction sets of the CPU kernels, widest last. kAvx2 needs AVX2 + FMA; kAvx512 needs AVX-512
+// F, BW and VL. Vector code is compiled for x86-64 with GCC or Clang (function-level targets, chosen
+// at run time), so one build runs on every x86-64 CPU; elsewhere only kScalar exists.
+enum class CpuIsa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+std::vector<CpuIsa> cpu_isas();  // what this build compiled and this CPU runs, widest last
+bool cpu_openmp();               // threads through OpenMP (else one thread)
+
+enum class GemvWeight : int { kInt8 = 0, kBfloat16 = 1 };
+
+struct GemvParams {
+  const float* x;      // [rows, k], row stride ldx (elements), unit column stride
+  int64_t ldx;
+  const void* w;       // [n, k] row-major contiguous: int8, or bfloat16 bits (uint16)
+  const float* scale;  // int8: [n, ceil(k / group_size)] contiguous; unused for bfloat16
+  int64_t group_size;  // int8: inputs per scale (>= k: one scale per output channel, scale [n])
+  const float* bias;   // [n] or null
+  float* y;            // [rows, n], row stride ldy
+  int64_t ldy;
+  int64_t rows, n, k;
+};
+
+// Runs the product on up to `threads` threads (contiguous ranges of outputs), with `isa` (one of
+// cpu_isas()). Bad arguments throw std::invalid_argument before anything is read.
+void gemv(const GemvParams& p, GemvWeight weight, int threads, CpuIsa isa);
 
 #if MMGEN_WITH_CUDA
 // csrc/cuda/device.cu

@@ -1,4 +1,4 @@
-"""Python face of the native extension ``mmgen_engine._C`` (C++/CUDA, built by CMake).
+"""Python face of the native extension ``mmgen_engine._C`` (C++ CPU and CUDA kernels, built by CMake).
 
 The extension never links libtorch; kernel wrappers in ``mmgen_engine.ops`` check shapes, dtypes
 and contiguity and pass raw pointers and a stream.
@@ -15,6 +15,10 @@ except ImportError as exc:
     ) from exc
 
 
+# CpuIsa codes of csrc/native.h
+CPU_ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512"}
+
+
 def native_info() -> dict:
     """How the native library was built and what CUDA it sees now.
 
@@ -24,9 +28,14 @@ def native_info() -> dict:
       compiler (str): host C++ compiler, "<id> <version>";
       cuda_toolkit (str | None): CUDA toolkit version used at build time;
       cuda_runtime (str | None): version of the (statically linked) CUDA runtime, "major.minor";
-      cuda_runtime_devices (int): CUDA devices visible now, 0 without CUDA, driver or device.
+      cuda_runtime_devices (int): CUDA devices visible now, 0 without CUDA, driver or device;
+      cpu_isas (list[str]): instruction sets of the CPU kernels this build and CPU run, widest last
+        ("scalar", "avx2", "avx512"; empty for a build from before the CPU kernels);
+      cpu_openmp (bool): the CPU kernels use threads (OpenMP).
     """
     info = {
+        "cpu_isas": [CPU_ISA_NAMES[isa] for isa in getattr(_C, "cpu_isas", ())],
+        "cpu_openmp": bool(getattr(_C, "cpu_openmp", False)),
         "cuda": _C.cuda,
         "cuda_archs": list(_C.cuda_archs),
         "compiler": _C.compiler,

@@ -29,6 +29,9 @@ def test_native_info_types():
     assert info["cuda_toolkit"] is None or isinstance(info["cuda_toolkit"], str)
     assert info["cuda_runtime"] is None or isinstance(info["cuda_runtime"], str)
     assert isinstance(info["cuda_runtime_devices"], int) and info["cuda_runtime_devices"] >= 0
+    # the CPU kernels (csrc/cpu/gemv.cpp) are in every build; the portable code runs everywhere
+    assert info["cpu_isas"][0] == "scalar" and set(info["cpu_isas"]) <= {"scalar", "avx2", "avx512"}
+    assert isinstance(info["cpu_openmp"], bool)
 
 
 def test_cuda_fields_agree():
@@ -88,7 +91,8 @@ def test_package_layout_installs_kernels_under_mmgen_engine(tmp_path):
 
 def test_cpu_only_build_without_nvcc(tmp_path):
     """With no CUDA compiler on PATH (MMGEN_CUDA=auto), CMake builds the CPU-only module: it imports,
-    reports no CUDA and has no kernel launchers (the ops then never register a cuda backend)."""
+    reports no CUDA and has no CUDA kernel launchers (the ops then never register a cuda backend),
+    but has the CPU kernels."""
     cmake = shutil.which("cmake")
     if cmake is None:
         pytest.skip("cmake not found")
@@ -109,11 +113,11 @@ def test_cpu_only_build_without_nvcc(tmp_path):
     probe = (
         "import importlib.util, sys; spec = importlib.util.spec_from_file_location('mmgen_engine._C', sys.argv[1]); "
         "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
-        "print(m.cuda, hasattr(m, 'decode_attention'), m.cuda_archs)"
+        "print(m.cuda, hasattr(m, 'decode_attention'), m.cuda_archs, hasattr(m, 'gemv'))"
     )
     run = subprocess.run([sys.executable, "-c", probe, str(module)], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
-    assert run.stdout.split() == ["False", "False", "()"]
+    assert run.stdout.split() == ["False", "False", "()", "True"]  # the CPU kernels are there
 
 
 def test_ops_register_the_cuda_backend_iff_the_library_has_cuda():

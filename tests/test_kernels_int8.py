@@ -1,18 +1,24 @@
 """Weight-only int8 linear: quantization, the spec against float64 math, every fast path against
-the spec, the quantized layer, and the Triton kernel (Triton's interpreter on CPU, small shapes).
+the spec (the native CPU kernel under each instruction set this CPU runs and odd thread counts),
+the quantized layer, and the Triton kernel (Triton's interpreter on CPU, small shapes); and the
+native kernel's bfloat16-weight product against its spec.
 
-Shapes are awkward on purpose: K not a multiple of the group (200, 300), N of 1, 1-17 rows, 3-D x.
+Shapes are awkward on purpose: K not a multiple of the group (200, 300) nor of the vector width
+(15, 301), N of 1, 1-17 rows, 3-D x.
 """
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import platform
+from pathlib import Path
 
 import pytest
 import torch
 from test_ops import relative_error
 
 from mmgen_engine import BackendError, ops
+from mmgen_engine._native import CPU_ISA_NAMES
 from mmgen_engine.errors import InputError
 from mmgen_engine.layers import MLP, Linear, QuantizedLinear, quantize_linears
 from mmgen_engine.ops.quant import Int8Weight, dequantize_int8, quantize_int8
@@ -20,6 +26,8 @@ from mmgen_engine.ops.quant import Int8Weight, dequantize_int8, quantize_int8
 L = importlib.import_module("mmgen_engine.ops.linear")  # the module; `ops.linear` is the function
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+needs_gemv = pytest.mark.skipif(L._GEMV is None, reason="mmgen_engine._C lacks the CPU gemv kernels (not built, "
+                                "or built before them: `make install`)")
 GROUPS = [None, 128, 48]  # per channel, the default group, a group that does not divide BLOCK_K
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -146,16 +154,191 @@ def test_pack_refuses_what_it_cannot_run():
     assert not L.int8_pack_supported(x, Int8Weight(q, torch.ones(8), None))
 
 
-def test_cpu_path_is_measured_once_per_dtype(monkeypatch):
-    monkeypatch.setattr(L, "_int8_cpu_choice", {})
+def _spy_paths(monkeypatch, table):
     calls = []
-    real = dict(L.INT8_CPU_PATHS)
-    for name, fn in real.items():
-        monkeypatch.setitem(L.INT8_CPU_PATHS, name, lambda *a, _fn=fn, _n=name: calls.append(_n) or _fn(*a))
-    choice = L.int8_cpu_path(torch.bfloat16)
-    assert choice in real and set(calls) == set(real)
+    for name, fn in dict(table).items():
+        monkeypatch.setitem(table, name, lambda *a, _fn=fn, _n=name: calls.append(_n) or _fn(*a))
+    return calls
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_cpu_path_is_measured_once_per_dtype_and_scale_layout(grouped, monkeypatch):
+    monkeypatch.setattr(L, "_int8_cpu_choice", {})
+    calls = _spy_paths(monkeypatch, L.INT8_CPU_PATHS)
+    choice = L.int8_cpu_path(torch.bfloat16, grouped)
+    # pack runs per-channel scales only; native wherever the kernels are built
+    timed = {"chunked"} | ({"pack"} if not grouped else set()) | ({"native"} if L._GEMV is not None else set())
+    assert choice in timed and set(calls) == timed
     calls.clear()
-    assert L.int8_cpu_path(torch.bfloat16) == choice and not calls
+    assert L.int8_cpu_path(torch.bfloat16, grouped) == choice and not calls
+
+
+def test_bf16_weight_path_is_measured_once(monkeypatch):
+    monkeypatch.setattr(L, "_bf16_cpu_choice", {})
+    calls = _spy_paths(monkeypatch, L.BF16_CPU_PATHS)
+    choice = L.bf16_weight_cpu_path()
+    assert set(calls) == {"upcast"} | ({"native"} if L._GEMV is not None else set()) and choice in calls
+    calls.clear()
+    assert L.bf16_weight_cpu_path() == choice and not calls
+
+
+@pytest.mark.parametrize("path", ["native", "pack", "chunked"])
+def test_dispatch_takes_the_measured_path(path, monkeypatch):
+    """Few rows go where the measurement said, when that path can run the product; 17 rows chunked."""
+    if path == "native" and L._GEMV is None:
+        pytest.skip("no native kernels in this build")
+    x, w, b, _ = operands(2, 40, 64, None, torch.float32)
+    monkeypatch.setattr(L, "_int8_cpu_choice", {(torch.float32, False, torch.get_num_threads()): path})
+    calls = _spy_paths(monkeypatch, L.INT8_CPU_PATHS)
+    for name in ("native", "pack", "chunked"):  # what linear_int8_reference calls
+        monkeypatch.setattr(L, f"linear_int8_{name}", L.INT8_CPU_PATHS[name])
+    assert_no_worse_than_spec(L.linear_int8_reference(x, w, b), x, w, b)
+    assert calls == [path]
+    calls.clear()
+    x17 = torch.randn(17, 64)
+    assert_no_worse_than_spec(L.linear_int8_reference(x17, w, b), x17, w, b)
+    assert calls == ["chunked"]
+
+
+# --- the native CPU kernel (csrc/cpu/gemv.cpp) ------------------------------------------------
+
+ISAS = [pytest.param(isa, id=CPU_ISA_NAMES[isa]) for isa in L.GEMV_ISAS] or [pytest.param(0, id="none")]
+ROWS = [1, 2, 3, 4, 5, 7, 16]
+# (N, K): N of 1, K below one vector and not a multiple of 8 or 16, N not a multiple of the column
+# tile (4); the last two large enough (> 64 KiB of int8 per thread) for the kernel to split them
+GEMV_SHAPES = [(1, 64), (97, 200), (8, 15), (1001, 301), (523, 520)]
+GEMV_GROUPS = [None, 128, 48, 50, 7]  # per channel, the default, a multiple of 16, neither, tiny
+THREADS = torch.get_num_threads()
+
+
+@needs_gemv
+def test_native_kernels_are_built_here():
+    """The installed extension holds the CPU kernels, with OpenMP threads (Linux: GCC's libgomp),
+    and on x86-64 the vector code this CPU can run."""
+    assert L.GEMV_ISAS[0] == 0 and L._GEMV.GEMV_MAX_ROWS == L.SPLIT_MAX_ROWS == 16
+    if platform.system() == "Linux":
+        assert L._GEMV.cpu_openmp
+    cpuinfo = Path("/proc/cpuinfo")
+    if platform.machine() == "x86_64" and cpuinfo.exists():
+        flags = set(next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")).split())
+        assert (1 in L.GEMV_ISAS) == ({"avx2", "fma"} <= flags)
+        assert (2 in L.GEMV_ISAS) == ({"avx512f", "avx512bw", "avx512vl"} <= flags)
+
+
+@pytest.mark.skipif(L._GEMV is not None, reason="the kernels are built")
+def test_without_native_kernels_the_torch_paths_run():
+    x, w, b, _ = operands(1, 40, 64, None, torch.float32)
+    assert not L.gemv_supported(x, w.qweight, w.scale)
+    assert L.int8_cpu_path(torch.float32) in ("chunked", "pack")
+    assert_no_worse_than_spec(ops.linear(x, w, b), x, w, b)
+
+
+@needs_gemv
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("group_size", GEMV_GROUPS)
+@pytest.mark.parametrize("n,k", GEMV_SHAPES)
+def test_native_int8_matches_spec(isa, group_size, n, k):
+    x, w, b, _ = operands(16, n, k, group_size, torch.float32)
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        try:
+            for rows in ROWS:
+                bias = b if (rows + threads) % 2 else None
+                xr = x[:rows]
+                assert_no_worse_than_spec(L.linear_int8_native(xr, w, bias, isa=isa), xr, w, bias)
+        finally:
+            torch.set_num_threads(THREADS)
+
+
+@needs_gemv
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("group_size", [None, 50])
+def test_native_int8_bfloat16_activations(isa, group_size):
+    for rows in (1, 3, 16):
+        x, w, b, _ = operands(rows, 97, 301, group_size, torch.bfloat16)
+        assert_no_worse_than_spec(L.linear_int8_native(x, w, b, isa=isa), x, w, b)
+
+
+@needs_gemv
+def test_native_int8_takes_strided_rows_and_leading_dims():
+    """x a column slice (row stride 2K: passed as is) and a 3-D view; the bias as float32."""
+    x, w, b, _ = operands(6, 97, 128, 128, torch.float32)
+    wide = torch.cat([x, x], dim=1)[:, 3:131]
+    assert wide.stride() == (256, 1)
+    assert_no_worse_than_spec(L.linear_int8_native(wide, w, b), wide, w, b)
+    out = L.linear_int8_native(x.view(2, 3, 128), w, b)
+    assert out.shape == (2, 3, 97)
+    assert_no_worse_than_spec(out.view(6, 97), x, w, b)
+
+
+def bf16_operands(rows, n, k, seed=0):
+    g = torch.Generator().manual_seed(seed + 31 * n + k)
+    return (torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g).bfloat16(),
+            torch.randn(n, generator=g))
+
+
+@needs_gemv
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("n,k", GEMV_SHAPES)
+def test_native_bf16_weight_matches_spec(isa, n, k):
+    """float32 x bfloat16 weight: float64 math on the widened weight within 1e-5 (float32 sums)."""
+    x, w, b = bf16_operands(16, n, k)
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        try:
+            for rows in ROWS:
+                bias = (b, b.bfloat16(), None)[(rows + threads) % 3]
+                xr = x[:rows]
+                out = L.linear_bf16_weight_native(xr, w, bias, isa=isa)
+                ref = xr.double() @ w.double().t() + (0 if bias is None else bias.double())
+                assert out.dtype == torch.float32 and relative_error(out, ref) < 1e-5
+        finally:
+            torch.set_num_threads(THREADS)
+
+
+@pytest.mark.parametrize("layout", ["row-major", "column-major"])
+def test_ops_linear_dispatches_a_bf16_weight(layout, monkeypatch):
+    """``ops.linear`` with float32 x and a bfloat16 weight: op ``linear_bf16_weight``, whose CPU
+    path (native where it can run and was measured faster, else the spec) matches the spec."""
+    monkeypatch.setenv("MMGEN_BACKEND", "reference")
+    x, w, b = bf16_operands(3, 97, 200)
+    if layout == "column-major":
+        w = w.t().contiguous().t()  # the native kernel reads rows of W: this one runs the spec
+        assert not L.gemv_supported(x, w)
+    out = ops.linear(x.view(1, 3, 200), w, b)
+    ref = x.double() @ w.double().t() + b.double()
+    assert out.shape == (1, 3, 97) and relative_error(out.view(3, 97), ref) < 1e-5
+    x17 = torch.randn(17, 200)
+    assert relative_error(ops.linear(x17, w, b), x17.double() @ w.double().t() + b.double()) < 1e-5
+    monkeypatch.setenv("MMGEN_BACKEND", "linear_bf16_weight=cuda")
+    with pytest.raises(BackendError, match="linear_bf16_weight"):
+        ops.linear(x, w, b)
+
+
+@needs_gemv
+def test_native_refuses_what_it_cannot_run():
+    x, w, b, _ = operands(1, 8, 64, None, torch.float32)
+    strided = Int8Weight(torch.zeros(64, 8, dtype=torch.int8).t(), w.scale, None)
+    assert not L.gemv_supported(x, strided.qweight, strided.scale)
+    with pytest.raises(ValueError, match="native kernel cannot take"):
+        L.linear_int8_native(x, strided, b)
+    with pytest.raises(ValueError, match="native kernel cannot take"):
+        L.linear_int8_native(torch.randn(17, 64), w, b)  # more rows than the kernel's tiles
+    with pytest.raises(ValueError, match="native kernel cannot take"):
+        L.linear_int8_native(x.half(), w, b)
+    with pytest.raises(ValueError, match="input features"):
+        L.linear_int8_native(torch.randn(1, 63), w, b)
+    with pytest.raises(ValueError, match="bias must be"):
+        L.linear_int8_native(x, w, torch.zeros(9))
+    with pytest.raises(ValueError, match="instruction set 7"):
+        L.linear_int8_native(x, w, b, isa=7)
+    # the library checks its own arguments too (a C++ caller has no Python wrapper)
+    y = torch.empty(17, 8)
+    with pytest.raises(ValueError, match="gemv: rows must be 1..16, got 17"):
+        L._GEMV.gemv(x.data_ptr(), 64, w.qweight.data_ptr(), 0, w.scale.data_ptr(), 64, 0, y.data_ptr(), 8, 17, 8,
+                     64, 1, 0)
+    with pytest.raises(ValueError, match="gemv: int8 weight without scales"):
+        L._GEMV.gemv(x.data_ptr(), 64, w.qweight.data_ptr(), 0, 0, 64, 0, y.data_ptr(), 8, 1, 8, 64, 1, 0)
 
 
 @pytest.mark.parametrize("group_size", [None, 128])

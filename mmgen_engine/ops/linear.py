@@ -6,6 +6,12 @@ memory, and BLAS runs it on one thread. When ``W`` is stored column-major (``W^T
 thread and runs the slices as one batched product, then adds the partial sums: same math, every
 core streaming. Small weights (cache-resident, overhead-bound) and many rows keep BLAS's path. Measured
 on the 2-core CPU box: GPT-2's 768x50257 head 23 -> 38 GB/s, 3072->768 14 -> 25 GB/s at batch 1.
+
+Weights stored in fewer bytes - int8 with float32 scales (op ``linear_int8``) or bfloat16 under
+float32 activations (op ``linear_bf16_weight``) - have a plain-torch spec (widen the weight, then
+``F.linear``) and, at up to 16 rows on CPU, a native kernel (csrc/cpu/gemv.cpp) that widens them in
+registers, so that the product streams only the stored bytes. Which CPU path runs is measured once
+per process on the machine (:func:`int8_cpu_path`, :func:`bf16_weight_cpu_path`), not fixed.
 """
 from __future__ import annotations
 
@@ -15,8 +21,24 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .quant import Int8Weight, quantize_int8
+from .quant import DEFAULT_GROUP_SIZE, Int8Weight, quantize_int8
 from .registry import TRITON_DEVICES, dispatch, register, register_lazy
+
+
+def _native_gemv():
+    """``mmgen_engine._C`` when it holds the CPU few-row kernels (csrc/cpu/gemv.cpp), else None
+    (no native build, or one from before the kernels)."""
+    try:
+        from .. import _native
+    except ImportError:
+        return None
+    return _native._C if hasattr(_native._C, "gemv") else None
+
+
+_GEMV = _native_gemv()
+# CpuIsa codes of csrc/native.h: what the build and this CPU run (widest last), and its weight kinds
+GEMV_ISAS: tuple[int, ...] = tuple(_GEMV.cpu_isas) if _GEMV is not None else ()
+_GEMV_INT8, _GEMV_BF16 = 0, 1
 
 # above this many rows the product is a matrix-matrix product that BLAS already spreads over threads
 SPLIT_MAX_ROWS = 16
@@ -156,47 +178,111 @@ def int8_pack_supported(x, weight: Int8Weight) -> bool:
             and q.is_contiguous() and q.data_ptr() % 64 == 0 and hasattr(torch, "_weight_int8pack_mm"))
 
 
-INT8_CPU_PATHS = {"chunked": linear_int8_chunked, "pack": linear_int8_pack}
+def gemv_supported(x, weight: torch.Tensor, scale: torch.Tensor | None = None) -> bool:
+    """Whether the native few-row kernel can run ``x @ weight^T``: the kernels are built, x is a CPU
+    float32 or bfloat16 tensor of at most ``GEMV_MAX_ROWS`` rows, and the weight (int8, or bfloat16
+    with float32 x) and its scales are contiguous CPU tensors (the kernel streams W row by row)."""
+    if _GEMV is None or x.device.type != "cpu" or weight.device.type != "cpu" or not weight.is_contiguous():
+        return False
+    if weight.dtype == torch.bfloat16:
+        ok = x.dtype == torch.float32
+    else:
+        ok = x.dtype in (torch.float32, torch.bfloat16) and scale is not None and scale.is_contiguous() \
+            and scale.device.type == "cpu"
+    return ok and 0 < x.numel() // weight.shape[1] <= _GEMV.GEMV_MAX_ROWS
+
+
+def _gemv(x, weight: torch.Tensor, scale, group_size: int, bias, isa: int | None):
+    """``x [..., K] @ weight[N, K]^T (+ bias)`` by csrc/cpu/gemv.cpp on torch's thread count, after
+    the checks the kernel relies on (one-line errors). float32 math; the result in x's dtype."""
+    n, k = weight.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"linear: x has {x.shape[-1]} input features, the weight {k}")
+    if not gemv_supported(x, weight, scale):
+        raise ValueError(f"linear: the native kernel cannot take x {x.dtype} {tuple(x.shape)} on {x.device} with "
+                         f"a {'contiguous' if weight.is_contiguous() else 'strided'} {weight.dtype} weight "
+                         f"{tuple(weight.shape)} (see gemv_supported)")
+    if isa is not None and isa not in GEMV_ISAS:
+        raise ValueError(f"linear: instruction set {isa} not among this CPU's {GEMV_ISAS}")
+    x2 = x.reshape(-1, k)
+    if x2.dtype != torch.float32 or x2.stride(-1) != 1:
+        x2 = x2.float().contiguous()
+    if bias is not None:
+        if bias.shape != (n,) or bias.device.type != "cpu":
+            raise ValueError(f"linear: bias must be a CPU tensor of shape ({n},), got {tuple(bias.shape)} on "
+                             f"{bias.device}")
+        if bias.dtype != torch.float32 or not bias.is_contiguous():
+            bias = bias.float().contiguous()
+    rows = x2.shape[0]
+    out = torch.empty(rows, n)
+    _GEMV.gemv(x2.data_ptr(), x2.stride(0), weight.data_ptr(), _GEMV_BF16 if scale is None else _GEMV_INT8,
+               0 if scale is None else scale.data_ptr(), group_size, 0 if bias is None else bias.data_ptr(),
+               out.data_ptr(), n, rows, n, k, torch.get_num_threads(), GEMV_ISAS[-1] if isa is None else isa)
+    return out.to(x.dtype).view(*x.shape[:-1], n)
+
+
+def linear_int8_native(x, weight: Int8Weight, bias, isa: int | None = None):
+    """CPU, at most 16 rows: csrc/cpu/gemv.cpp, which widens the int8 weights to float32 in
+    registers (per-channel scales applied to each sum, group scales to each weight) and splits the
+    output channels over torch's threads; ``isa`` picks an instruction set of :data:`GEMV_ISAS`
+    (default the widest). bfloat16 x is widened to float32 first, the result rounded once."""
+    k = weight.shape[1]
+    return _gemv(x, weight.qweight, weight.scale, weight.group_size or k, bias, isa)
+
+
+INT8_CPU_PATHS = {"chunked": linear_int8_chunked, "pack": linear_int8_pack, "native": linear_int8_native}
 _int8_cpu_choice: dict[tuple, str] = {}
 
 
-def int8_cpu_path(dtype: torch.dtype) -> str:
-    """Which few-row CPU path runs per-channel int8 products of ``dtype`` on this machine: both are
-    timed once per process (dtype, thread count) on a 1024 -> 4096 product at one row, the faster
-    kept. The choice differs by CPU and dtype: torch's int8 kernel is vectorized for bfloat16 on
-    x86 only (and for every dtype on aarch64). On the 2-core box (benchmarks/RESULTS.md, "int8
-    weight-only linear (CPU)"), one row, GPT-2 shapes: bfloat16 ``pack`` 53-195 us against
-    ``chunked`` 165-504 us (LM head 3.0 against 7.5 ms); float32 ``pack`` 257-997 us (scalar loop)
-    against ``chunked`` 162-524 us (LM head 16.1 against 7.8 ms)."""
-    key = (dtype, torch.get_num_threads())
+def _fastest(paths: dict, supported, x, w) -> str:
+    """The name of the fastest of ``paths`` that ``supported(name)`` allows, each run on
+    ``(x, w, None)`` once untimed, then best of 5."""
+    times = {}
+    for name, fn in paths.items():
+        if not supported(name):
+            continue
+        fn(x, w, None)
+        best = float("inf")
+        for _ in range(5):
+            start = time.perf_counter()
+            fn(x, w, None)
+            best = min(best, time.perf_counter() - start)
+        times[name] = best
+    return min(times, key=times.get)
+
+
+def int8_cpu_path(dtype: torch.dtype, grouped: bool = False) -> str:
+    """Which few-row CPU path runs int8 products of ``dtype`` (per-channel scales, or grouped ones)
+    on this machine: the paths that can run it are timed once per process (dtype, scale layout,
+    thread count) on a 1024 -> 4096 product at one row, the fastest kept. The choice differs by CPU
+    and dtype: torch's int8 kernel (``pack``, per channel only) is vectorized for bfloat16 on x86
+    only (and for every dtype on aarch64); ``native`` exists where the extension was built with its
+    CPU kernels. Figures per path, GPT-2 shapes, on the 2-core box: benchmarks/RESULTS.md, "int8
+    weight-only linear (CPU)"."""
+    key = (dtype, grouped, torch.get_num_threads())
     if key not in _int8_cpu_choice:
         gen = torch.Generator().manual_seed(0)
-        w = quantize_int8(torch.randn(4096, 1024, generator=gen), group_size=None)
+        w = quantize_int8(torch.randn(4096, 1024, generator=gen), group_size=DEFAULT_GROUP_SIZE if grouped else None)
         x = torch.randn(1, 1024, generator=gen).to(dtype)
-        times = {}
-        for name, fn in INT8_CPU_PATHS.items():
-            if name == "pack" and not int8_pack_supported(x, w):
-                continue
-            fn(x, w, None)
-            best = float("inf")
-            for _ in range(5):
-                start = time.perf_counter()
-                fn(x, w, None)
-                best = min(best, time.perf_counter() - start)
-            times[name] = best
-        _int8_cpu_choice[key] = min(times, key=times.get)
+        supported = {"chunked": True, "pack": int8_pack_supported(x, w),
+                     "native": gemv_supported(x, w.qweight, w.scale)}
+        _int8_cpu_choice[key] = _fastest(INT8_CPU_PATHS, supported.get, x, w)
     return _int8_cpu_choice[key]
 
 
 @register("linear_int8", "reference")
 def linear_int8_reference(x, weight: Int8Weight, bias):
-    """CPU: the chunked product, or for per-channel scales and few rows torch's int8 kernel where
-    :func:`int8_cpu_path` measured it faster. Elsewhere the spec, :func:`linear_int8_dequant`."""
+    """CPU: at most 16 rows, the path :func:`int8_cpu_path` measured fastest for x's dtype and the
+    scale layout (native kernel, torch's int8 kernel or the chunked product) where it can run this
+    product; more rows, the chunked product. Elsewhere the spec, :func:`linear_int8_dequant`."""
     if x.device.type != "cpu":
         return linear_int8_dequant(x, weight, bias)
-    if (x.numel() // weight.shape[1] <= SPLIT_MAX_ROWS and int8_pack_supported(x, weight)
-            and int8_cpu_path(x.dtype) == "pack"):
-        return linear_int8_pack(x, weight, bias)
+    if x.numel() // weight.shape[1] <= SPLIT_MAX_ROWS:
+        path = int8_cpu_path(x.dtype, weight.group_size is not None)
+        if path == "native" and gemv_supported(x, weight.qweight, weight.scale):
+            return linear_int8_native(x, weight, bias)
+        if path == "pack" and int8_pack_supported(x, weight):
+            return linear_int8_pack(x, weight, bias)
     return linear_int8_chunked(x, weight, bias)
 
 
@@ -204,9 +290,55 @@ if TRITON_DEVICES:
     register_lazy("linear_int8", "triton", "mmgen_engine.kernels.linear_int8:linear_int8", TRITON_DEVICES)
 
 
+# ---------------------------------------------------------------------------------------------
+# bfloat16 weights with float32 activations (bf16 storage, float32 compute, for CPUs without bf16
+# arithmetic): the op ``linear_bf16_weight``.
+# ---------------------------------------------------------------------------------------------
+
+def linear_bf16_weight_spec(x, weight, bias):
+    """The spec: the weight widened to float32 (exact), then ``F.linear`` in float32."""
+    return F.linear(x, weight.float(), None if bias is None else bias.float())
+
+
+def linear_bf16_weight_native(x, weight, bias, isa: int | None = None):
+    """CPU, at most 16 rows, a row-major weight: csrc/cpu/gemv.cpp, each bf16 weight widened to
+    float32 in a register (a 16-bit shift); half of float32's bytes streamed."""
+    return _gemv(x, weight, None, 0, bias, isa)
+
+
+BF16_CPU_PATHS = {"upcast": linear_bf16_weight_spec, "native": linear_bf16_weight_native}
+_bf16_cpu_choice: dict[int, str] = {}
+
+
+def bf16_weight_cpu_path() -> str:
+    """Which few-row CPU path runs float32 x bfloat16-weight products here, timed once per process
+    and thread count on a 1024 -> 4096 product at one row (as :func:`int8_cpu_path`)."""
+    key = torch.get_num_threads()
+    if key not in _bf16_cpu_choice:
+        gen = torch.Generator().manual_seed(0)
+        w = torch.randn(4096, 1024, generator=gen).bfloat16()
+        x = torch.randn(1, 1024, generator=gen)
+        supported = {"upcast": True, "native": gemv_supported(x, w)}
+        _bf16_cpu_choice[key] = _fastest(BF16_CPU_PATHS, supported.get, x, w)
+    return _bf16_cpu_choice[key]
+
+
+@register("linear_bf16_weight", "reference", dtypes=(torch.float32,))
+def linear_bf16_weight_reference(x, weight, bias):
+    """CPU, at most 16 rows: the native kernel where :func:`bf16_weight_cpu_path` measured it faster
+    and it can run this product (row-major weight); otherwise the spec."""
+    if gemv_supported(x, weight) and bf16_weight_cpu_path() == "native":
+        return linear_bf16_weight_native(x, weight, bias)
+    return linear_bf16_weight_spec(x, weight, bias)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor | Int8Weight, bias: torch.Tensor | None) -> torch.Tensor:
     """``x [..., K] @ weight[N, K]^T + bias [N]`` -> ``[..., N]`` in x's dtype. ``weight`` is a tensor
-    (op ``linear``) or an :class:`Int8Weight` (op ``linear_int8``: ``W = q * scale``)."""
+    of x's dtype (op ``linear``), a bfloat16 tensor with float32 x (op ``linear_bf16_weight``:
+    float32 math on the widened weight) or an :class:`Int8Weight` (op ``linear_int8``:
+    ``W = q * scale``)."""
     if isinstance(weight, Int8Weight):
         return dispatch("linear_int8", x)(x, weight, bias)
+    if weight.dtype == torch.bfloat16 and x.dtype == torch.float32:
+        return dispatch("linear_bf16_weight", x)(x, weight, bias)
     return dispatch("linear", x)(x, weight, bias)
