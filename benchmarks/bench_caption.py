@@ -23,9 +23,18 @@ implementations, after warm-up:
 - weight GB/s: decoder weight bytes / ms per token, the bandwidth a decode step needs at least.
 
 Lengths are forced (``min_new_tokens = max_new_tokens``, eos suppressed) on both sides, and the
-greedy ids of the two are compared on the timed batch. The HF model and the engine checkpoints are
-cached under ``--cache-dir``/<arch> and rebuilt only when the model spec changes. A markdown table is
-printed last; all raw times and the machine go to ``--json``.
+greedy ids of the two are compared on the timed batch.
+
+``--quantize int8`` (or ``int8-gN``) adds, in the same run, the engine with weight-only int8 decoder
+weights (``mm.load(quantize=...)`` from the float checkpoint) and, on CPU, transformers with torch's
+dynamic int8 quantization (``torch.ao.quantization.quantize_dynamic(model, {nn.Linear},
+dtype=torch.qint8)``: int8 weights, activations quantized per call) as the quantized peer. GPT-2's
+blocks are transformers' ``Conv1D``, not ``nn.Linear``, which ``quantize_dynamic`` would leave in
+float: they are replaced by the equivalent ``nn.Linear`` first, so that the peer's whole decoder is
+int8 as the engine's is. Each int8 row's ids are compared with its own float ids.
+
+The HF model and the engine checkpoints are cached under ``--cache-dir``/<arch> and rebuilt only when
+the model spec changes. A markdown table is printed last; all raw times and the machine go to ``--json``.
 """
 from __future__ import annotations
 
@@ -34,6 +43,7 @@ import json
 import math
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -358,12 +368,43 @@ def time_impl(impl: str, run, device: str, args) -> tuple[dict, torch.Tensor]:
     return record, run(n).cpu()
 
 
+def conv1d_as_linear(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with every transformers ``Conv1D`` (``y = x W + b``, ``W [in, out]``) replaced by the
+    equivalent ``nn.Linear`` (``W^T``), in place."""
+    from transformers.pytorch_utils import Conv1D
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Conv1D):
+                linear = torch.nn.Linear(child.weight.shape[0], child.nf)
+                with torch.no_grad():
+                    linear.weight.copy_(child.weight.t())
+                    linear.bias.copy_(child.bias)
+                setattr(parent, name, linear)
+    return model
+
+
+def engine_step_bytes(pipe) -> int:
+    """Bytes of the weights an engine decode step reads: the decoder's state less the token (and
+    position) tables a step only gathers rows of, unless the table is also the head."""
+    dec = pipe.model.decoder
+    gathered = {"wpe"} | ({"wte"} if hasattr(dec, "lm_head") else set())
+    return sum(t.numel() * t.element_size() for name, t in dec.state_dict().items() if name not in gathered)
+
+
 def bench_dtype(arch: str, dtype: str, engine_dir: Path, hf_dir: Path, args) -> tuple[list[dict], list[dict]]:
     import transformers
 
     device = args.device
     pipe = mm.load(engine_dir, device=device)
     hf = getattr(transformers, HF_CLASSES[arch]).from_pretrained(hf_dir, dtype=DTYPES[dtype]).to(device).eval()
+    pipe_q = hf_q = None
+    if args.quantize:
+        pipe_q = mm.load(engine_dir, device=device, quantize=args.quantize)
+        if device == "cpu" and dtype == "float32":  # torch's dynamic int8: CPU, float32 activations
+            fresh = getattr(transformers, HF_CLASSES[arch]).from_pretrained(hf_dir, dtype=DTYPES[dtype]).eval()
+            hf_q = torch.ao.quantization.quantize_dynamic(conv1d_as_linear(fresh), {torch.nn.Linear},
+                                                          dtype=torch.qint8)
     start = token_ids(model_spec(arch, preset_of(arch, args), args.seed))[0]
     enc = pipe.config.encoder
     # every decode step reads all decoder weights once (tied lm_head counted once): a lower bound
@@ -383,10 +424,10 @@ def bench_dtype(arch: str, dtype: str, engine_dir: Path, hf_dir: Path, args) -> 
         if hf_ids is not None:
             hf_prompt["attention_mask"] = torch.ones_like(hf_prompt["input_ids"])
 
-        def run_engine(n):
+        def run_engine(n, pipe=pipe):
             return pipe.generate_ids(px_engine, max_new_tokens=n, min_new_tokens=n, prompt_ids=engine_prompt)
 
-        def run_hf(n):
+        def run_hf(n, hf=hf):
             with torch.inference_mode():
                 out = hf.generate(pixel_values=px_hf, **hf_prompt, max_new_tokens=n, min_new_tokens=n,
                                   do_sample=False, num_beams=1, use_cache=True)
@@ -411,7 +452,20 @@ def bench_dtype(arch: str, dtype: str, engine_dir: Path, hf_dir: Path, args) -> 
         for rec in timed:
             rec["decoder_weight_bytes"] = step_bytes
             rec["weight_GBps"] = step_bytes / rec["ms_per_token"] / 1e6
-        results += [{**row, **rec} for rec in timed]
+        quantized = []
+        if pipe_q is not None:
+            log(f"timing engine {args.quantize} {arch} {dtype} batch {batch} ...")
+            eng_q, eng_q_ids = time_impl(f"engine-{args.quantize}", partial(run_engine, pipe=pipe_q), device, args)
+            eng_q["decoder_weight_bytes"] = engine_step_bytes(pipe_q)
+            eng_q["weight_GBps"] = eng_q["decoder_weight_bytes"] / eng_q["ms_per_token"] / 1e6
+            eng_q["ids_agree_own_float"] = agreement(eng_q_ids, eng_ids)
+            quantized.append(eng_q)
+        if hf_q is not None:
+            log(f"timing HF dynamic int8 {arch} {dtype} batch {batch} ...")
+            ref_q, ref_q_ids = time_impl("HF-dynamic-int8", partial(run_hf, hf=hf_q), device, args)
+            ref_q["ids_agree_own_float"] = agreement(ref_q_ids, ref_ids)
+            quantized.append(ref_q)
+        results += [{**row, **rec} for rec in timed + quantized]
 
         same = eng_ids.shape == ref_ids.shape and bool((eng_ids == ref_ids).all())
         agree = float((eng_ids == ref_ids).float().mean()) if eng_ids.shape == ref_ids.shape else 0.0
@@ -423,7 +477,17 @@ def bench_dtype(arch: str, dtype: str, engine_dir: Path, hf_dir: Path, args) -> 
                             "ms_per_token": eng["ms_per_token"] / ref["ms_per_token"],
                             "ids_match": same, "ids_agree_fraction": agree,
                             "hf_attn_implementation": getattr(hf.config, "_attn_implementation", None)})
+        if quantized:
+            for peer in [ref] + quantized[1:]:
+                comparisons.append({**row, "impl": f"{quantized[0]['impl']}/{peer['impl']}",
+                                    "first_token_ms": quantized[0]["first_token_ms"] / peer["first_token_ms"],
+                                    "ms_per_token": quantized[0]["ms_per_token"] / peer["ms_per_token"]})
     return results, comparisons
+
+
+def agreement(ids: torch.Tensor, reference: torch.Tensor) -> float:
+    """The share of greedy tokens of ``ids`` equal to ``reference``'s (0 when the shapes differ)."""
+    return float((ids == reference).float().mean()) if ids.shape == reference.shape else 0.0
 
 
 def hf_inputs(arch: str, hf, start: int) -> tuple[list[int] | None, torch.Tensor | None]:
@@ -461,6 +525,9 @@ def parse_args(argv=None):
                          "(default build/bench_caption)")
     ap.add_argument("--json", type=Path, help="results file (default <cache-dir>/results.json; "
                                               "results_quick.json with --quick)")
+    ap.add_argument("--quantize", default=None, metavar="int8[-gN]",
+                    help="also time the engine with int8 decoder weights and, on CPU, transformers with torch's "
+                         "dynamic int8 (see above)")
     args = ap.parse_args(argv)
     args.arch = list(dict.fromkeys(args.arch))  # in the order given, once each
     args.device = checked_device(ap, args.device)
@@ -494,7 +561,7 @@ def main(argv=None) -> int:
             if args.device.startswith("cuda"):  # the two models went with bench_dtype's frame
                 torch.cuda.empty_cache()
 
-    ids_match = all(c["ids_match"] for c in comparisons)
+    ids_match = all(c["ids_match"] for c in comparisons if c["impl"] == "engine/HF")
     payload = {"benchmark": "caption", "machine": machine_info(args.device),
                "engine": engine_info(),
                "transformers": transformers.__version__,
@@ -509,11 +576,10 @@ def main(argv=None) -> int:
 
     keys = ("arch", "device", "dtype", "batch")
     rows = []
-    for c in comparisons:
-        rows += [r for r in results if all(r[k] == c[k] for k in keys)]
-        rows.append(c)
+    for key in dict.fromkeys(tuple(c[k] for k in keys) for c in comparisons):
+        rows += [r for r in results + comparisons if tuple(r[k] for k in keys) == key]  # timings, then ratios
     columns = ["arch", "device", "dtype", "batch", "impl", "first_token_ms", "first_token_p90_ms", "ms_per_token",
-               "ms_per_token_p90", "weight_GBps"]
+               "ms_per_token_p90", "weight_GBps"] + (["ids_agree_own_float"] if args.quantize else [])
     m = payload["machine"]
     models = ", ".join(f"{a}: {PRESETS[a][preset_of(a, args)]['name']}" for a in args.arch)
     size = "quick" if args.quick else "full"
