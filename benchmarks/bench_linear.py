@@ -9,12 +9,16 @@ matrices larger than the caches, so every product streams its weight from memory
   (column-major on CPU, see ``mmgen_engine/runtime/layout.py``);
 - **int8**, **int8-g128** (``--int8``): ``ops.linear`` on a weight-only int8 weight
   (:class:`mmgen_engine.ops.Int8Weight`), per output channel and in groups of 128 inputs, on the
-  path the dispatch picks; on CPU also each CPU path by name (**int8 chunked**, **int8 pack**, see
-  ``mmgen_engine/ops/linear.py``), the numbers that pick the default.
+  path the dispatch picks; on CPU also each CPU path by name (**int8 chunked**, **int8 pack**,
+  **int8 native**, see ``mmgen_engine/ops/linear.py``), the numbers that pick the default;
+- **bf16w** (``--bf16-weights``, float32 only): ``ops.linear`` on a bfloat16 weight with float32
+  activations (float32 math), on the dispatch's path, and on CPU each path by name (**bf16w
+  native**: csrc/cpu/gemv.cpp; **bf16w upcast**: the spec, the weight widened then ``F.linear``).
 
-It reports µs per product, weight GB/s (int8 rows: int8 bytes + float32 scales), the fraction of the
-measured read ceiling (a ``sum`` over a 512 MB buffer, all threads) and, for int8 rows, the time
-against the engine's float product of the same shape (``vs_engine``). Bytes moved ~ weight bytes;
+It reports µs per product, weight GB/s (int8 rows: int8 bytes + float32 scales; bf16w rows: bf16
+bytes), the fraction of the measured read ceiling (a ``sum`` over a 512 MB buffer, all threads) and,
+for int8 and bf16w rows, the time against the engine's float product of the same shape
+(``vs_engine``). Bytes moved ~ weight bytes;
 the activations are negligible.
 """
 from __future__ import annotations
@@ -92,6 +96,10 @@ def bench_int8(k: int, n: int, rows: int, dtype, device, args, engine_us: float)
                   ("int8-g128 chunked", INT8_GROUP, linear_ops.linear_int8_chunked)]
         if linear_ops.int8_pack_supported(x, random_int8(1, k, None, gen, device)):
             cases.append(("int8 pack", None, linear_ops.linear_int8_pack))
+        probe = random_int8(1, k, None, gen, device)
+        if linear_ops.gemv_supported(x, probe.qweight, probe.scale):
+            cases += [("int8 native", None, linear_ops.linear_int8_native),
+                      ("int8-g128 native", INT8_GROUP, linear_ops.linear_int8_native)]
     out = []
     weights = {}
     for impl, group, fn in cases:
@@ -114,6 +122,31 @@ def bench_int8(k: int, n: int, rows: int, dtype, device, args, engine_us: float)
     return out
 
 
+def bench_bf16_weights(k: int, n: int, rows: int, device, args, engine_us: float) -> list[dict]:
+    """float32 activations x bfloat16 weights: the dispatch's path and, on CPU, each path by name."""
+    gen = torch.Generator().manual_seed(k * n + 2)
+    x = torch.randn(rows, k, generator=gen).to(device)
+    ws = [torch.randn(n, k, generator=gen).to(device, torch.bfloat16)
+          for _ in range(max(2, args.cold_bytes // (2 * n * k)))]
+    cases = [("bf16w", ops.linear)]
+    if device.type == "cpu":
+        cases.append(("bf16w upcast", linear_ops.linear_bf16_weight_spec))
+        if linear_ops.gemv_supported(x, ws[0]):
+            cases.append(("bf16w native", linear_ops.linear_bf16_weight_native))
+    out = []
+    for impl, fn in cases:
+        torch.testing.assert_close(fn(x, ws[0], None), F.linear(x, ws[0].float()), atol=1e-4 * k ** 0.5, rtol=1e-4)
+
+        def run():
+            for w in ws:
+                fn(x, w, None)
+        t = measure(run, warmup=args.warmup, repeats=args.repeats, device=device)
+        us = t["median_ms"] * 1e3 / len(ws)
+        out.append({"shape": f"{k}->{n}", "rows": rows, "impl": impl, "us": us, "GBps": 2 * n * k / us / 1e3,
+                    "p90_us": t["p90_ms"] * 1e3 / len(ws), "vs_engine": us / engine_us})
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -125,6 +158,10 @@ def main(argv=None) -> int:
     ap.add_argument("--cold-bytes", type=int, default=256 << 20, help="weights rotated per timed call")
     ap.add_argument("--quick", action="store_true", help="tiny shapes, for smoke tests")
     ap.add_argument("--int8", action="store_true", help="also time weight-only int8 weights")
+    ap.add_argument("--bf16-weights", action="store_true",
+                    help="also time bfloat16 weights under float32 activations (--dtype float32)")
+    ap.add_argument("--shapes", nargs="+", default=None, metavar="IN->OUT",
+                    help="only these of the GPT-2 shapes, e.g. 768->2304")
     ap.add_argument("--json", default="build/bench_linear/results.json")
     args = ap.parse_args(argv)
     if args.threads:
@@ -132,13 +169,22 @@ def main(argv=None) -> int:
     if args.quick:
         args.cold_bytes, args.repeats = 1 << 20, 3
     device, dtype = torch.device(args.device), TORCH_DTYPES[args.dtype]
+    if args.bf16_weights and dtype != torch.float32:
+        ap.error("--bf16-weights times float32 activations: use --dtype float32")
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    if args.shapes:
+        shapes = [s for s in shapes if f"{s[0]}->{s[1]}" in args.shapes]
     ceiling = read_ceiling_gbps(device, dtype, 16 << 20 if args.quick else 512 << 20)
     results = []
-    for k, n in QUICK_SHAPES if args.quick else SHAPES:
+    for k, n in shapes:
         for rows in args.rows:
-            results += bench_shape(k, n, rows, dtype, device, args)
+            base = bench_shape(k, n, rows, dtype, device, args)
+            results += base
+            engine_us = base[-1]["us"]
             if args.int8:
-                results += bench_int8(k, n, rows, dtype, device, args, engine_us=results[-1]["us"])
+                results += bench_int8(k, n, rows, dtype, device, args, engine_us)
+            if args.bf16_weights:
+                results += bench_bf16_weights(k, n, rows, device, args, engine_us)
     for r in results:
         r["of_ceiling"] = r["GBps"] / ceiling
     machine = machine_info(device)
@@ -147,7 +193,8 @@ def main(argv=None) -> int:
     print(f"wrote {args.json}\n")
     print(f"ops.linear vs F.linear on {machine.get('gpu', machine['cpu'])}, {args.dtype}, "
           f"torch threads {machine['torch_threads']}, read ceiling {ceiling:.1f} GB/s")
-    columns = ["shape", "rows", "impl", "us", "p90_us", "GBps", "of_ceiling"] + (["vs_engine"] if args.int8 else [])
+    columns = ["shape", "rows", "impl", "us", "p90_us", "GBps", "of_ceiling"] + (
+        ["vs_engine"] if args.int8 or args.bf16_weights else [])
     print(format_table(results, columns))
     return 0
 
