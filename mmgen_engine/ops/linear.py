@@ -38,6 +38,7 @@ def _native_gemv():
 _GEMV = _native_gemv()
 # CpuIsa codes of csrc/native.h: what the build and this CPU run (widest last), and its weight kinds
 GEMV_ISAS: tuple[int, ...] = tuple(_GEMV.cpu_isas) if _GEMV is not None else ()
+GEMV_MAX_ROWS = _GEMV.GEMV_MAX_ROWS if _GEMV is not None else 0
 _GEMV_INT8, _GEMV_BF16 = 0, 1
 
 # above this many rows the product is a matrix-matrix product that BLAS already spreads over threads
@@ -178,37 +179,46 @@ def int8_pack_supported(x, weight: Int8Weight) -> bool:
             and q.is_contiguous() and q.data_ptr() % 64 == 0 and hasattr(torch, "_weight_int8pack_mm"))
 
 
+_GEMV_X_DTYPES = (torch.float32, torch.bfloat16)  # x of int8 products (bfloat16 widened first)
+
+
 def gemv_supported(x, weight: torch.Tensor, scale: torch.Tensor | None = None) -> bool:
     """Whether the native few-row kernel can run ``x @ weight^T``: the kernels are built, x is a CPU
-    float32 or bfloat16 tensor of at most ``GEMV_MAX_ROWS`` rows, and the weight (int8, or bfloat16
-    with float32 x) and its scales are contiguous CPU tensors (the kernel streams W row by row)."""
-    if _GEMV is None or x.device.type != "cpu" or weight.device.type != "cpu" or not weight.is_contiguous():
+    tensor of at most 16 rows, and the weight - int8 with float32 or bfloat16 x, or bfloat16 with
+    float32 x (``scale`` None) - and its scales are contiguous CPU tensors (the kernel streams W row
+    by row)."""
+    if _GEMV is None or not (x.is_cpu and weight.is_cpu and weight.is_contiguous()):
         return False
-    if weight.dtype == torch.bfloat16:
-        ok = x.dtype == torch.float32
+    if scale is None:
+        ok = weight.dtype == torch.bfloat16 and x.dtype == torch.float32
     else:
-        ok = x.dtype in (torch.float32, torch.bfloat16) and scale is not None and scale.is_contiguous() \
-            and scale.device.type == "cpu"
-    return ok and 0 < x.numel() // weight.shape[1] <= _GEMV.GEMV_MAX_ROWS
+        ok = weight.dtype == torch.int8 and x.dtype in _GEMV_X_DTYPES and scale.is_cpu and scale.is_contiguous()
+    return ok and 0 < x.numel() // weight.shape[1] <= GEMV_MAX_ROWS
 
 
-def _gemv(x, weight: torch.Tensor, scale, group_size: int, bias, isa: int | None):
-    """``x [..., K] @ weight[N, K]^T (+ bias)`` by csrc/cpu/gemv.cpp on torch's thread count, after
-    the checks the kernel relies on (one-line errors). float32 math; the result in x's dtype."""
-    n, k = weight.shape
-    if x.shape[-1] != k:
-        raise ValueError(f"linear: x has {x.shape[-1]} input features, the weight {k}")
+def _check_gemv(x, weight: torch.Tensor, scale, isa: int | None) -> None:
+    """One-line errors for what the public native wrappers cannot run."""
     if not gemv_supported(x, weight, scale):
         raise ValueError(f"linear: the native kernel cannot take x {x.dtype} {tuple(x.shape)} on {x.device} with "
                          f"a {'contiguous' if weight.is_contiguous() else 'strided'} {weight.dtype} weight "
                          f"{tuple(weight.shape)} (see gemv_supported)")
     if isa is not None and isa not in GEMV_ISAS:
         raise ValueError(f"linear: instruction set {isa} not among this CPU's {GEMV_ISAS}")
+
+
+def _gemv(x, weight: torch.Tensor, scale, group_size: int, bias, isa: int | None):
+    """``x [..., K] @ weight[N, K]^T (+ bias)`` by csrc/cpu/gemv.cpp on torch's thread count, once
+    :func:`gemv_supported` holds; here the checks of the operands' sizes the kernel relies on.
+    float32 math; the result in x's dtype. Kept short: at GPT-2's smaller shapes the product takes
+    20-30 us and every microsecond of Python shows."""
+    n, k = weight.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"linear: x has {x.shape[-1]} input features, the weight {k}")
     x2 = x.reshape(-1, k)
-    if x2.dtype != torch.float32 or x2.stride(-1) != 1:
+    if x2.dtype != torch.float32 or x2.stride(1) != 1:
         x2 = x2.float().contiguous()
     if bias is not None:
-        if bias.shape != (n,) or bias.device.type != "cpu":
+        if bias.shape != (n,) or not bias.is_cpu:
             raise ValueError(f"linear: bias must be a CPU tensor of shape ({n},), got {tuple(bias.shape)} on "
                              f"{bias.device}")
         if bias.dtype != torch.float32 or not bias.is_contiguous():
@@ -218,7 +228,9 @@ def _gemv(x, weight: torch.Tensor, scale, group_size: int, bias, isa: int | None
     _GEMV.gemv(x2.data_ptr(), x2.stride(0), weight.data_ptr(), _GEMV_BF16 if scale is None else _GEMV_INT8,
                0 if scale is None else scale.data_ptr(), group_size, 0 if bias is None else bias.data_ptr(),
                out.data_ptr(), n, rows, n, k, torch.get_num_threads(), GEMV_ISAS[-1] if isa is None else isa)
-    return out.to(x.dtype).view(*x.shape[:-1], n)
+    if x.dtype != torch.float32:
+        out = out.to(x.dtype)
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], n)
 
 
 def linear_int8_native(x, weight: Int8Weight, bias, isa: int | None = None):
@@ -226,8 +238,8 @@ def linear_int8_native(x, weight: Int8Weight, bias, isa: int | None = None):
     registers (per-channel scales applied to each sum, group scales to each weight) and splits the
     output channels over torch's threads; ``isa`` picks an instruction set of :data:`GEMV_ISAS`
     (default the widest). bfloat16 x is widened to float32 first, the result rounded once."""
-    k = weight.shape[1]
-    return _gemv(x, weight.qweight, weight.scale, weight.group_size or k, bias, isa)
+    _check_gemv(x, weight.qweight, weight.scale, isa)
+    return _gemv(x, weight.qweight, weight.scale, weight.group_size or weight.shape[1], bias, isa)
 
 
 INT8_CPU_PATHS = {"chunked": linear_int8_chunked, "pack": linear_int8_pack, "native": linear_int8_native}
@@ -280,7 +292,7 @@ def linear_int8_reference(x, weight: Int8Weight, bias):
     if x.numel() // weight.shape[1] <= SPLIT_MAX_ROWS:
         path = int8_cpu_path(x.dtype, weight.group_size is not None)
         if path == "native" and gemv_supported(x, weight.qweight, weight.scale):
-            return linear_int8_native(x, weight, bias)
+            return _gemv(x, weight.qweight, weight.scale, weight.group_size or weight.shape[1], bias, None)
         if path == "pack" and int8_pack_supported(x, weight):
             return linear_int8_pack(x, weight, bias)
     return linear_int8_chunked(x, weight, bias)
@@ -303,6 +315,7 @@ def linear_bf16_weight_spec(x, weight, bias):
 def linear_bf16_weight_native(x, weight, bias, isa: int | None = None):
     """CPU, at most 16 rows, a row-major weight: csrc/cpu/gemv.cpp, each bf16 weight widened to
     float32 in a register (a 16-bit shift); half of float32's bytes streamed."""
+    _check_gemv(x, weight, None, isa)
     return _gemv(x, weight, None, 0, bias, isa)
 
 
@@ -328,7 +341,7 @@ def linear_bf16_weight_reference(x, weight, bias):
     """CPU, at most 16 rows: the native kernel where :func:`bf16_weight_cpu_path` measured it faster
     and it can run this product (row-major weight); otherwise the spec."""
     if gemv_supported(x, weight) and bf16_weight_cpu_path() == "native":
-        return linear_bf16_weight_native(x, weight, bias)
+        return _gemv(x, weight, None, 0, bias, None)
     return linear_bf16_weight_spec(x, weight, bias)
 
 
