@@ -110,6 +110,10 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths:
     ``lengths [B]`` -> ``[B * group, Hq, D]``; query row ``r`` attends to cache row ``r // group``.
     ``new_k, new_v [B, Hkv, D]`` are stored at slot ``lengths - 1`` first (``group == 1`` only). With
     ``cos, sin [B, D / 2]`` float32, q and new_k are rotated first (RoPE). See the module docstring."""
+    if isinstance(group, torch.Tensor) and torch.jit.is_tracing():
+        # a size read while a step is recorded (:mod:`mmgen_engine.runtime.recorded`) is a tensor
+        # there; the recording is made for fixed shapes, so its value is a constant
+        group = int(group)
     _check_decode_shapes(q, k, v, lengths, new_k, new_v, group, cos, sin)
     return dispatch("decode_attention", q)(q, k, v, lengths, scale, new_k, new_v, group, cos, sin)
 

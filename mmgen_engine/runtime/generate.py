@@ -30,6 +30,7 @@ from ..errors import InputError
 from .decoder import Decoder
 from .kv_cache import CrossKVCache, KVCache
 from .limits import MAX_NEW_TOKENS, check_int, check_new_tokens
+from .recorded import RecordedSteps
 from .sampler import Sampler, SamplingParams, check_sampling
 
 # on CUDA, host reads of "all rows done?" happen every this many steps (each read is a sync)
@@ -116,10 +117,11 @@ def pick(logits: torch.Tensor, st: DecodeState) -> None:
     st.step += 1
 
 
-def decode_step(decoder: Decoder, st: DecodeState) -> torch.Tensor:
+def decode_step(decoder: Decoder, st: DecodeState, forward=None) -> torch.Tensor:
     """Feed ``st.tokens`` at ``st.positions``, pick the next tokens; what a CUDA graph captures.
-    Returns the step's logits ``[R, V]`` (what beam search continues from)."""
-    logits = decoder.decode_step(st.tokens, st.positions, st.cache, st.cross)
+    Returns the step's logits ``[R, V]`` (what beam search continues from). ``forward``: what runs
+    the decoder's step in place of ``decoder.decode_step`` (a :class:`~.recorded.RecordedSteps`)."""
+    logits = (forward or decoder.decode_step)(st.tokens, st.positions, st.cache, st.cross)
     pick(logits, st)
     st.positions += (~st.done).repeat(st.groups)  # done rows stay where they are (a free slot at 0)
     return logits
@@ -160,7 +162,8 @@ def generate(*args, **kwargs) -> torch.Tensor:
 def generate_stream(decoder: Decoder, prompt: torch.Tensor, encoder_states: torch.Tensor, encoder_lengths: torch.Tensor,
                     max_new_tokens: int, *, eos_token_id: int | None, pad_token_id: int, min_new_tokens: int = 0,
                     sampling: SamplingParams | None = None, graphs=None, guided: bool = False,
-                    vocab_limit: int | None = None, every: int | None = None, context: torch.Tensor | None = None):
+                    vocab_limit: int | None = None, every: int | None = None, context: torch.Tensor | None = None,
+                    recorded: RecordedSteps | None = None):
     """Generate ``[B, max_new_tokens]`` token ids after ``prompt [R, T]`` (prompt excluded), a generator.
 
     ``decoder``: a :class:`~mmgen_engine.runtime.decoder.Decoder`. ``encoder_states [R, S, D]`` with
@@ -174,7 +177,9 @@ def generate_stream(decoder: Decoder, prompt: torch.Tensor, encoder_states: torc
     this decoder (made with the same ``guided`` and ``vocab_limit``) to replay the prefill and the
     steps from (CUDA only). ``context [B, C]``: ids the repetition controls see before the prompt
     (LLaVA's text before the image and its placeholder ids, which transformers counts in the input
-    ids), none by default; at most as long as the prefix.
+    ids), none by default; at most as long as the prefix. ``recorded``: a
+    :class:`~mmgen_engine.runtime.recorded.RecordedSteps` of this decoder that runs the CPU decode
+    steps (replayed from recordings where it has them; the same tokens as without), ignored on CUDA.
     """
     groups = 2 if guided else 1
     if prompt.shape[0] % groups:
@@ -207,8 +212,10 @@ def generate_stream(decoder: Decoder, prompt: torch.Tensor, encoder_states: torc
         def run_prefill():
             pick(decoder.prefill(prompt, encoder_states, st.cache, st.cross), st)
 
+        forward = recorded if recorded is not None and not cuda else None
+
         def run_step():
-            decode_step(decoder, st)
+            decode_step(decoder, st, forward)
     # CUDA steps see the whole cache (static shapes for graphs; the kernels stop at each row's length);
     # CPU steps read only the slots in use, set per step below
     st.cache.span = st.cache.k.shape[3]
