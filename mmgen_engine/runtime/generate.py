@@ -121,7 +121,7 @@ def decode_step(decoder: Decoder, st: DecodeState, forward=None) -> torch.Tensor
     """Feed ``st.tokens`` at ``st.positions``, pick the next tokens; what a CUDA graph captures.
     Returns the step's logits ``[R, V]`` (what beam search continues from). ``forward``: what runs
     the decoder's step in place of ``decoder.decode_step`` (a :class:`~.recorded.RecordedSteps`)."""
-    logits = (forward or decoder.decode_step)(st.tokens, st.positions, st.cache, st.cross)
+    logits = (decoder.decode_step if forward is None else forward)(st.tokens, st.positions, st.cache, st.cross)
     pick(logits, st)
     st.positions += (~st.done).repeat(st.groups)  # done rows stay where they are (a free slot at 0)
     return logits

@@ -1,0 +1,147 @@
+"""Per-step overhead on CPU: the recorded decode steps (:mod:`mmgen_engine.runtime.recorded`), the
+top-p threshold and the NumPy Philox draws must leave every token as it was.
+
+``PINNED`` are the demo gesture model's tokens recorded with the engine before these paths existed
+(commit b6dea7e): eager steps, recorded steps and the sampler's CPU shortcuts must all reproduce them.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mmgen_engine as mm
+from mmgen_engine.demo import gesture_world as world
+from mmgen_engine.ops import registry
+from mmgen_engine.ops.random import uniform_at, uniform_numpy
+from mmgen_engine.ops.sampling import filter_logits
+from mmgen_engine.runtime import CrossKVCache, KVCache, RecordedSteps
+
+S = mm.SamplingParams
+SAMPLINGS = {"greedy": S(), "topp": S(do_sample=True, temperature=1.3, top_p=0.95, seed=5),
+             "topk": S(do_sample=True, temperature=2.0, top_k=20, seed=9)}
+PINNED = {
+    'greedy': [
+        [406, 261, 166, 433, 389, 5, 261, 389, 389, 389, 389, 216, 471, 151, 256, 194],
+        [471, 151, 256, 194, 194, 276, 0, 182, 411, 306, 85, 85, 85, 85, 85, 195],
+    ],
+    'topp': [
+        [248, 203, 508, 286, 415, 394, 261, 21, 214, 267, 156, 123, 350, 21, 29, 291],
+        [350, 21, 29, 291, 77, 159, 97, 326, 472, 2, 56, 406, 465, 406, 392, 85],
+    ],
+    'topk': [
+        [7, 261, 80, 417, 464, 170, 197, 65, 246, 104, 246, 246, 369, 502, 177, 180],
+        [369, 502, 177, 180, 38, 8, 149, 222, 380, 340, 266, 7, 56, 391, 325, 325],
+    ],
+    'greedy_silence': [
+        [18, 145, 145, 145, 145, 145, 145, 145, 145, 145, 145, 145, 145, 145, 145, 145],
+        [145, 145, 145, 145, 145, 145, 145, 145, 145, 145, 145, 145, 145, 391, 391, 391],
+    ],
+}
+
+
+def top_p_sorted_reference(logits, top_p):
+    """The top-p filter as the sampler computed it before (the decisions made in sorted order, then
+    scattered back): the oracle of the one-threshold form."""
+    rows, vocab = logits.shape
+    e = torch.exp(logits - logits.max(dim=-1, keepdim=True).values)
+    probs = e / e.sum(dim=-1, keepdim=True)
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    cum = probs.gather(1, order).cumsum(dim=-1)
+    before = torch.cat([torch.zeros_like(cum[:, :1]), cum[:, :-1]], dim=-1)
+    position = torch.arange(vocab).expand(rows, vocab)
+    starts = torch.ones_like(sorted_logits, dtype=torch.bool)
+    starts[:, 1:] = sorted_logits[:, 1:] != sorted_logits[:, :-1]
+    group_start = torch.where(starts, position, 0).cummax(dim=-1).values
+    keep_sorted = before.gather(1, group_start) < top_p[:, None]
+    keep = keep_sorted.scatter(1, order, keep_sorted)
+    return torch.where(keep, logits, float("-inf"))
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return mm.load(mm.demo_model("speech-to-gesture"))
+
+
+@pytest.fixture(scope="module")
+def clips():
+    seed = world.HELD_OUT_SEED + 100
+    return {"speech": world.clip(seed, 6.0)[0], "silence": world.near_silence(seed, 6.0)}
+
+
+@pytest.mark.parametrize("recorded", [False, True])
+def test_demo_tokens_are_pinned(demo, clips, recorded):
+    demo.record_cpu_steps = recorded
+    demo._recorded = RecordedSteps(demo.model.decoder, record_after=0)  # recorded from the first step
+    try:
+        for name, sampling in SAMPLINGS.items():
+            assert demo.generate_tokens(clips["speech"], world.SAMPLE_RATE, sampling) == PINNED[name], name
+        assert demo.generate_tokens(clips["silence"], world.SAMPLE_RATE, S()) == PINNED["greedy_silence"]
+        assert (len(demo._recorded) > 0) == recorded
+    finally:
+        demo.record_cpu_steps = True
+        demo._recorded = RecordedSteps(demo.model.decoder)
+
+
+def test_recorded_steps_are_bitwise_the_eager_step(demo):
+    decoder = demo.model.decoder
+    layers, heads, head_dim, _ = decoder.cache_geometry()
+    steps = RecordedSteps(decoder, record_after=2)
+    g = torch.Generator().manual_seed(0)
+    cross = CrossKVCache(torch.randn(layers, 3, heads, 37, head_dim, generator=g),
+                         torch.randn(layers, 3, heads, 37, head_dim, generator=g), torch.tensor([37, 5, 20]))
+    k, v = (torch.randn(layers, 3, heads, 11, head_dim, generator=g) for _ in range(2))
+    with torch.inference_mode():
+        for span in (4, 11, 4):
+            for run in range(4):
+                tokens = torch.randint(0, 500, (3,), generator=g)
+                positions = torch.tensor([span - 1, span - 2, 0])
+                eager_cache, cache = KVCache(k.clone(), v.clone(), span), KVCache(k.clone(), v.clone(), span)
+                want = decoder.decode_step(tokens, positions, eager_cache, cross)
+                got = steps(tokens, positions, cache, cross)
+                assert torch.equal(got, want) and torch.equal(cache.k, eager_cache.k), (span, run)
+                assert torch.equal(cache.v, eager_cache.v)
+        assert len(steps) == 2  # one recording per span, made on its third run
+        # another row count is another key
+        steps(tokens[:1], positions[:1], KVCache(k[:, :1].clone(), v[:, :1].clone(), 4),
+              CrossKVCache(cross.k[:, :1], cross.v[:, :1], cross.lengths[:1]))
+        assert len(steps) == 2
+
+
+@pytest.mark.parametrize("n", [1, 7, 300])
+def test_uniform_numpy_is_uniform_at(n):
+    g = torch.Generator().manual_seed(n)
+    seeds = torch.randint(0, 2**62, (n,), generator=g) * 2 + 1
+    seeds[0] = 2**63 - 1
+    offsets = torch.randint(0, 2**40, (n,), generator=g)
+    rows = torch.randint(0, 2**31, (n,), generator=g)
+    cols = torch.randint(0, 2**32, (n,), generator=g)
+    assert torch.equal(uniform_numpy(seeds, offsets, rows, cols), uniform_at(seeds, offsets, rows, cols))
+
+
+@pytest.mark.parametrize("vocab", [1, 2, 9, 512, 5003])
+def test_top_p_threshold_is_the_sorted_decision(vocab):
+    g = torch.Generator().manual_seed(vocab)
+    rows = 6
+    logits = torch.randn(rows, vocab, generator=g) * 4
+    logits[1] = (logits[1] * 2).round() / 2  # many ties
+    logits[2, : vocab // 2] = logits[2, 0]  # a wide tie group at the top
+    logits[3, ::2] = float("-inf")  # tokens a top-k already removed
+    if vocab > 1:
+        logits[3, 1] = 5.0
+    for p in (1e-6, 0.3, 0.9, 0.999, 1.0):
+        top_p = torch.full((rows,), p)
+        top_p[0] = 0.5
+        top_p[5] = 1.0
+        got = filter_logits(logits, torch.ones(rows), torch.zeros(rows, dtype=torch.int64), top_p)
+        assert torch.equal(got, top_p_sorted_reference(logits, top_p)), p
+
+
+def test_backend_switch_is_read_at_every_dispatch(monkeypatch):
+    monkeypatch.delenv(registry.ENV_VAR, raising=False)
+    x = torch.zeros(2)
+    assert registry.dispatch("layer_norm", x) is registry.resolve("layer_norm", "cpu", torch.float32, None)
+    monkeypatch.setenv(registry.ENV_VAR, "nonsense")
+    with pytest.raises(registry.BackendError):
+        registry.dispatch("layer_norm", x)
+    monkeypatch.setenv(registry.ENV_VAR, "layer_norm=reference")
+    assert registry.forced_backend("layer_norm") == "reference" and registry.forced_backend("sample") is None
