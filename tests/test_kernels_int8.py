@@ -272,6 +272,27 @@ def test_native_int8_takes_strided_rows_and_leading_dims():
     assert_no_worse_than_spec(out.view(6, 97), x, w, b)
 
 
+@needs_gemv
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::DeprecationWarning")
+@pytest.mark.parametrize("bf16", [False, True])
+def test_native_path_is_recorded_by_the_tracer(bf16, monkeypatch):
+    """``torch.jit.trace`` (the recorded decode steps) sees the native product as the op
+    ``mmgen::gemv``: the replay on new inputs is bitwise the eager call."""
+    monkeypatch.setattr(L, "_int8_cpu_choice", {(torch.float32, True, torch.get_num_threads()): "native"})
+    monkeypatch.setattr(L, "_bf16_cpu_choice", {torch.get_num_threads(): "native"})
+    x, w, b, _ = operands(3, 97, 200, 48, torch.float32)
+    if bf16:
+        w = torch.randn(97, 200).bfloat16()
+
+    def step(x):
+        return ops.linear(x * 2, w, b).relu()
+
+    traced = torch.jit.trace(step, (x,), check_trace=False)
+    assert "mmgen::gemv" in str(traced.graph)
+    fresh = torch.randn(3, 200)
+    assert torch.equal(traced(fresh), step(fresh))
+
+
 def bf16_operands(rows, n, k, seed=0):
     g = torch.Generator().manual_seed(seed + 31 * n + k)
     return (torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g).bfloat16(),

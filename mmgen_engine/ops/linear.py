@@ -210,7 +210,14 @@ def _gemv(x, weight: torch.Tensor, scale, group_size: int, bias, isa: int | None
     """``x [..., K] @ weight[N, K]^T (+ bias)`` by csrc/cpu/gemv.cpp on torch's thread count, once
     :func:`gemv_supported` holds; here the checks of the operands' sizes the kernel relies on.
     float32 math; the result in x's dtype. Kept short: at GPT-2's smaller shapes the product takes
-    20-30 us and every microsecond of Python shows."""
+    20-30 us and every microsecond of Python shows.
+
+    Under ``torch.jit.trace`` (the recorded decode steps, :mod:`mmgen_engine.runtime.recorded`) the
+    call goes through the torch op ``mmgen::gemv`` instead, which the tracer records (a raw-pointer
+    call would be invisible to it): a replay runs the same kernel, bitwise the eager step, for ~2 us
+    of dispatcher per call."""
+    if torch.jit.is_tracing() and isa is None:
+        return torch.ops.mmgen.gemv(x, weight, scale, group_size, bias)
     n, k = weight.shape
     if x.shape[-1] != k:
         raise ValueError(f"linear: x has {x.shape[-1]} input features, the weight {k}")
@@ -231,6 +238,13 @@ def _gemv(x, weight: torch.Tensor, scale, group_size: int, bias, isa: int | None
     if x.dtype != torch.float32:
         out = out.to(x.dtype)
     return out if x.dim() == 2 else out.view(*x.shape[:-1], n)
+
+
+if _GEMV is not None:
+    _LIB = torch.library.Library("mmgen", "FRAGMENT")
+    _LIB.define("gemv(Tensor x, Tensor weight, Tensor? scale, int group_size, Tensor? bias) -> Tensor")
+    _LIB.impl("gemv", lambda x, weight, scale, group_size, bias: _gemv(x, weight, scale, group_size, bias, None),
+              "CPU")
 
 
 def linear_int8_native(x, weight: Int8Weight, bias, isa: int | None = None):
