@@ -12,7 +12,9 @@ pauses and a little noise, 16 kHz, ``--seconds`` long.
 
 For the engine (greedy ``mm.SamplingParams()``, the reference's work; and the pipeline's default,
 seeded top-p sampling) and for the reference it times, after ``--warmup`` untimed calls, the
-median of ``--repeats`` calls of:
+median of ``--repeats`` calls of the following. On CPU the engine first runs until its decode steps
+are recorded (``recording_calls_s``: those calls' seconds, the first one the cold call;
+``--eager-steps``: no recordings, every step eager).
 
 - a whole ``generate``: **rtf** (real-time factor) = seconds of motion produced / seconds of compute
   (``rtf_p90`` from the p90 time), and **ms_per_window** = compute / windows;
@@ -166,6 +168,23 @@ def engine_greedy(pipe, audio: np.ndarray) -> tuple[list[list[int]], np.ndarray]
     return pipe.generate_tokens(audio, SAMPLE_RATE, GREEDY), pipe.generate(audio, SAMPLE_RATE, sampling=GREEDY)
 
 
+def warm_up_recordings(pipe, audio: np.ndarray, sampling, max_calls: int = 20) -> list[float]:
+    """On CPU the pipeline records a decode step shape after it ran eagerly a few dozen times
+    (:mod:`mmgen_engine.runtime.recorded`): call ``generate`` until a call records nothing new, so the
+    timed calls are its steady state. Returns those calls' seconds (the cost of getting there)."""
+    if pipe.device.type != "cpu" or not pipe.record_cpu_steps:
+        return []
+    times = []
+    for _ in range(max_calls):
+        before = len(pipe.recorded_steps)
+        t0 = time.perf_counter()
+        pipe.generate(audio, SAMPLE_RATE, sampling=sampling)
+        times.append(time.perf_counter() - t0)
+        if len(pipe.recorded_steps) == before and len(times) > 1:
+            break
+    return times
+
+
 def rates(full: dict, first: dict, motion_s: float, windows: int) -> dict:
     """The figures of one implementation from its whole-call and first-chunk timings."""
     return {"compute_s": full["median_ms"] / 1e3, "rtf": motion_s / (full["median_ms"] / 1e3),
@@ -194,14 +213,18 @@ def bench(src: Path, engine_dir: Path, args) -> tuple[list[dict], dict]:
         stream.close()
         return chunk
 
+    pipe.record_cpu_steps = not args.eager_steps
     for impl, sampling, label in (("engine", GREEDY, "greedy"), ("engine", DEFAULT_SAMPLING, DEFAULT_LABEL)):
         log(f"timing engine {label} ...")
+        warm = warm_up_recordings(pipe, audio, sampling)
         full = measure(lambda: pipe.generate(audio, SAMPLE_RATE, sampling=sampling), **timing)
         first = measure(lambda: engine_first(sampling), **timing)
         poses = pipe.generate(audio, SAMPLE_RATE, sampling=sampling)
         motion_s = poses.shape[0] / fps
         results.append({**row, "impl": impl, "dtype": dtype, "sampling": label, "motion_s": motion_s,
-                        **rates(full, first, motion_s, windows), "generate": full, "first_chunk": first})
+                        **rates(full, first, motion_s, windows), "generate": full, "first_chunk": first,
+                        "recording_calls_s": warm, "recorded_steps": len(pipe.recorded_steps),
+                        "eager_steps": args.eager_steps})
 
     log("timing reference ...")
     with torch.inference_mode():
@@ -212,6 +235,9 @@ def bench(src: Path, engine_dir: Path, args) -> tuple[list[dict], dict]:
     results.append({**row, "impl": "reference", "dtype": "float32", "sampling": "greedy", "motion_s": motion_s,
                     **rates(full, first, motion_s, windows), "generate": full, "first_chunk": first})
 
+    for r in results:  # the engine's speed as a multiple of the reference's (greedy) on the same audio
+        r["x_reference"] = results[-1]["compute_s"] / r["compute_s"]
+        r["cold_s"] = r.get("recording_calls_s", [None])[0] if r.get("recording_calls_s") else None
     for r in results:
         if r["impl"] == "engine" and args.target is not None:
             r["target_rtf"] = args.target
@@ -250,6 +276,8 @@ def parse_args(argv=None):
     ap.add_argument("--repeats", type=int, default=3, help="timed calls per figure (default 3)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed calls before each figure (default 1)")
     ap.add_argument("--seed", type=int, default=0, help="weights and audio seed (default 0)")
+    ap.add_argument("--eager-steps", action="store_true",
+                    help="CPU: run every engine decode step eagerly (no recorded steps), the path before them")
     ap.add_argument("--quick", action="store_true", help="a tiny model and 6 s of audio, for smoke tests and CI")
     ap.add_argument("--cache-dir", type=Path, default=Path("build/bench_gesture"),
                     help="where the reference model and the engine checkpoint are kept (default build/bench_gesture)")
@@ -294,7 +322,8 @@ def main(argv=None) -> int:
     print(f"\ngesture benchmark ({args.preset}: {PRESETS[args.preset]['name']}, {params / 1e6:.2f}M params; "
           f"{args.seconds:g} s of audio, {comparison['windows']} windows, batch 1, {args.repeats} repeats; {target}) "
           f"on {m.get('gpu', m['cpu'])}, torch threads {m['torch_threads']}")
-    columns = ["device", "dtype", "impl", "sampling", "windows", "motion_s", "compute_s", "rtf", "rtf_p90",
+    columns = ["device", "dtype", "impl", "sampling", "windows", "motion_s", "compute_s", "x_reference", "cold_s",
+               "rtf", "rtf_p90",
                "target_rtf", "meets_target", "first_chunk_ms", "ms_per_window", "rtf_speedup", "max_rel_diff",
                "tokens_match"]
     print(format_table(results + [comparison], columns))

@@ -71,15 +71,15 @@ def clips():
 @pytest.mark.parametrize("recorded", [False, True])
 def test_demo_tokens_are_pinned(demo, clips, recorded):
     demo.record_cpu_steps = recorded
-    demo._recorded = RecordedSteps(demo.model.decoder, record_after=0)  # recorded from the first step
+    demo.recorded_steps = RecordedSteps(demo.model.decoder, record_after=0)  # recorded from the first step
     try:
         for name, sampling in SAMPLINGS.items():
             assert demo.generate_tokens(clips["speech"], world.SAMPLE_RATE, sampling) == PINNED[name], name
         assert demo.generate_tokens(clips["silence"], world.SAMPLE_RATE, S()) == PINNED["greedy_silence"]
-        assert (len(demo._recorded) > 0) == recorded
+        assert (len(demo.recorded_steps) > 0) == recorded
     finally:
         demo.record_cpu_steps = True
-        demo._recorded = RecordedSteps(demo.model.decoder)
+        demo.recorded_steps = RecordedSteps(demo.model.decoder)
 
 
 def test_recorded_steps_are_bitwise_the_eager_step(demo):

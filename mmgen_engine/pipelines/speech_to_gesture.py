@@ -66,7 +66,7 @@ class SpeechToGesturePipeline(Stages):
         # decodes the same shapes); a small model's eager step is mostly Python (runtime.recorded).
         # False: every step eager (the same tokens)
         self.record_cpu_steps = device.type == "cpu"
-        self._recorded = RecordedSteps(model.decoder)
+        self.recorded_steps = RecordedSteps(model.decoder)
         self._init_stages({"audio_encoder": model.encode, "motion_decoder": model.poses}, graphed=("audio_encoder",))
 
     @classmethod
@@ -153,7 +153,7 @@ class SpeechToGesturePipeline(Stages):
     def _step_options(self) -> dict:
         """The decode loop's ``recorded`` option where the engine's own loop runs the steps on CPU."""
         if self.record_cpu_steps and self.runtime == "engine" and self.device.type == "cpu":
-            return {"recorded": self._recorded}
+            return {"recorded": self.recorded_steps}
         return {}
 
     def decode_window(self, window_audio: np.ndarray, context: list[int], sampling: SamplingParams) -> list[int]:
