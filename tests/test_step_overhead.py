@@ -101,10 +101,19 @@ def test_recorded_steps_are_bitwise_the_eager_step(demo):
                 assert torch.equal(got, want) and torch.equal(cache.k, eager_cache.k), (span, run)
                 assert torch.equal(cache.v, eager_cache.v)
         assert len(steps) == 2  # one recording per span, made on its third run
+        states = torch.randn(3, 37, decoder.cfg.hidden_size, generator=g)
+        prompt = torch.randint(0, 500, (3, 5), generator=g)
+        for run in range(3):  # the prefill, recorded on its third run: caches and logits bitwise eager
+            eager_cache, cache = KVCache(k.clone(), v.clone(), 11), KVCache(k.clone(), v.clone(), 11)
+            eager_cross, rec_cross = (CrossKVCache(cross.k.clone(), cross.v.clone(), cross.lengths) for _ in range(2))
+            want = decoder.prefill(prompt, states, eager_cache, eager_cross)
+            assert torch.equal(steps.prefill(prompt, states, cache, rec_cross), want)
+            assert torch.equal(cache.k, eager_cache.k) and torch.equal(rec_cross.v, eager_cross.v)
+        assert len(steps) == 3
         # another row count is another key
         steps(tokens[:1], positions[:1], KVCache(k[:, :1].clone(), v[:, :1].clone(), 4),
               CrossKVCache(cross.k[:, :1], cross.v[:, :1], cross.lengths[:1]))
-        assert len(steps) == 2
+        assert len(steps) == 3  # run once: not recorded
 
 
 @pytest.mark.parametrize("n", [1, 7, 300])

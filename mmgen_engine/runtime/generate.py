@@ -178,8 +178,9 @@ def generate_stream(decoder: Decoder, prompt: torch.Tensor, encoder_states: torc
     steps from (CUDA only). ``context [B, C]``: ids the repetition controls see before the prompt
     (LLaVA's text before the image and its placeholder ids, which transformers counts in the input
     ids), none by default; at most as long as the prefix. ``recorded``: a
-    :class:`~mmgen_engine.runtime.recorded.RecordedSteps` of this decoder that runs the CPU decode
-    steps (replayed from recordings where it has them; the same tokens as without), ignored on CUDA.
+    :class:`~mmgen_engine.runtime.recorded.RecordedSteps` of this decoder that runs the CPU prefill
+    and decode steps (replayed from recordings where it has them; the same tokens as without), ignored
+    on CUDA.
     """
     groups = 2 if guided else 1
     if prompt.shape[0] % groups:
@@ -209,10 +210,11 @@ def generate_stream(decoder: Decoder, prompt: torch.Tensor, encoder_states: torc
     if graphs is not None:  # get (capture on first use) the graphs before the state is reset
         run_prefill, run_step = bucket.prefill(prompt, encoder_states), bucket.step()
     else:
-        def run_prefill():
-            pick(decoder.prefill(prompt, encoder_states, st.cache, st.cross), st)
-
         forward = recorded if recorded is not None and not cuda else None
+        prefill = decoder.prefill if forward is None else forward.prefill
+
+        def run_prefill():
+            pick(prefill(prompt, encoder_states, st.cache, st.cross), st)
 
         def run_step():
             decode_step(decoder, st, forward)

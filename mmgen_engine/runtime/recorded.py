@@ -46,9 +46,9 @@ MAX_RECORDINGS = 128  # least recently used recordings beyond this are dropped
 
 
 class RecordedSteps:
-    """``decoder.decode_step(tokens, positions, cache, cross) -> logits`` for CPU tensors, run eagerly
-    or, once a key (see the module docstring) has run ``record_after`` times (0: at once), replayed
-    from a recording. Callable as the decoder's ``decode_step``."""
+    """``decoder.decode_step(tokens, positions, cache, cross) -> logits`` (calling it) and
+    ``decoder.prefill`` (:meth:`prefill`) for CPU tensors, run eagerly or, once a key (see the module
+    docstring) has run ``record_after`` times (0: at once), replayed from a recording."""
 
     def __init__(self, decoder: Decoder, record_after: int = RECORD_AFTER, max_recordings: int = MAX_RECORDINGS):
         self.decoder = decoder
@@ -62,16 +62,37 @@ class RecordedSteps:
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                  cross: CrossKVCache) -> torch.Tensor:
-        inputs = (tokens, positions, cache.k, cache.v, cross.k, cross.v, cross.lengths)
-        key = (tuple((tuple(t.shape), t.stride(), t.dtype) for t in inputs), cache.span,
+        decoder = self.decoder
+        span = cache.span
+
+        def step(tokens, positions, k, v, cross_k, cross_v, cross_lengths):
+            return decoder.decode_step(tokens, positions, KVCache(k, v, span),
+                                       CrossKVCache(cross_k, cross_v, cross_lengths))
+
+        return self._run("step", step, span, (tokens, positions, cache.k, cache.v, cross.k, cross.v, cross.lengths))
+
+    def prefill(self, tokens: torch.Tensor, encoder_states: torch.Tensor, cache: KVCache,
+                cross: CrossKVCache) -> torch.Tensor:
+        """``decoder.prefill`` (the same keys, the prompt's and the encoder states' shapes in them)."""
+        decoder = self.decoder
+
+        def prefill(tokens, encoder_states, k, v, cross_k, cross_v, cross_lengths):
+            return decoder.prefill(tokens, encoder_states, KVCache(k, v, cache.span),
+                                   CrossKVCache(cross_k, cross_v, cross_lengths))
+
+        return self._run("prefill", prefill, cache.span,
+                         (tokens, encoder_states, cache.k, cache.v, cross.k, cross.v, cross.lengths))
+
+    def _run(self, kind: str, fn: Callable, span: int, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        key = (kind, tuple((tuple(t.shape), t.stride(), t.dtype) for t in inputs), span,
                os.environ.get(ENV_VAR, ""), torch.get_num_threads())
         replay = self._recorded.get(key)
         if replay is None:
             runs = self._runs.get(key, 0)
-            if not AVAILABLE or runs < self.record_after or tokens.device.type != "cpu":
+            if not AVAILABLE or runs < self.record_after or inputs[0].device.type != "cpu":
                 self._runs[key] = runs + 1
-                return self.decoder.decode_step(tokens, positions, cache, cross)
-            replay = self._record(cache.span, inputs)
+                return fn(*inputs)
+            replay = self._record(fn, inputs)
             self._runs.pop(key, None)
             self._recorded[key] = replay
             if len(self._recorded) > self.max_recordings:
@@ -81,17 +102,12 @@ class RecordedSteps:
         with torch.jit.optimized_execution(False):
             return replay(*inputs)
 
-    def _record(self, span: int, inputs: tuple[torch.Tensor, ...]) -> Callable:
-        decoder = self.decoder
-
-        def step(tokens, positions, k, v, cross_k, cross_v, cross_lengths):
-            return decoder.decode_step(tokens, positions, KVCache(k, v, span),
-                                       CrossKVCache(cross_k, cross_v, cross_lengths))
-
-        # the recording run writes the step's K/V into the cache; the replay that follows writes the
+    @staticmethod
+    def _record(fn: Callable, inputs: tuple[torch.Tensor, ...]) -> Callable:
+        # the recording run writes the step's K/V into the caches; the replay that follows writes the
         # same values into the same slots
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             with torch.jit.optimized_execution(False):
-                return torch.jit.trace(step, inputs, check_trace=False)
+                return torch.jit.trace(fn, inputs, check_trace=False)
