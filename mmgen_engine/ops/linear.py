@@ -260,21 +260,21 @@ INT8_CPU_PATHS = {"chunked": linear_int8_chunked, "pack": linear_int8_pack, "nat
 _int8_cpu_choice: dict[tuple, str] = {}
 
 
-def _fastest(paths: dict, supported, x, w) -> str:
-    """The name of the fastest of ``paths`` that ``supported(name)`` allows, each run on
-    ``(x, w, None)`` once untimed, then best of 5."""
-    times = {}
-    for name, fn in paths.items():
-        if not supported(name):
-            continue
-        fn(x, w, None)
-        best = float("inf")
-        for _ in range(5):
+def _fastest(paths: dict, supported, x, w, repeats: int = 9) -> str:
+    """The name of the fastest of ``paths`` that ``supported(name)`` allows: each run on
+    ``(x, w, None)`` once untimed, then the paths timed in turn, ``repeats`` rounds, best time each.
+    Rounds rather than one path after the other, so that a burst of load from other processes (a
+    shared 2-core box at load 8 stalls a 2-thread product for milliseconds) hits every path alike."""
+    names = [name for name in paths if supported(name)]
+    for name in names:
+        paths[name](x, w, None)
+    best = dict.fromkeys(names, float("inf"))
+    for _ in range(repeats):
+        for name in names:
             start = time.perf_counter()
-            fn(x, w, None)
-            best = min(best, time.perf_counter() - start)
-        times[name] = best
-    return min(times, key=times.get)
+            paths[name](x, w, None)
+            best[name] = min(best[name], time.perf_counter() - start)
+    return min(best, key=best.get)
 
 
 def int8_cpu_path(dtype: torch.dtype, grouped: bool = False) -> str:
