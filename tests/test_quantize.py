@@ -20,6 +20,7 @@ from mmgen_engine.config import QuantizationConfig
 from mmgen_engine.demo import gesture_world
 from mmgen_engine.demo.world import HELD_OUT_SEED, sample
 from mmgen_engine.layers import QuantizedLinear
+from mmgen_engine.ops.linear import linear_int8_chunked
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])
@@ -216,3 +217,24 @@ def test_the_quantized_demo_txt2img_and_gesture_models_run():
         assert len(pipe.recorded_steps) and poses.shape == (30, 52, 2) and np.isfinite(poses).all()
         pipe.record_cpu_steps = False
         assert np.array_equal(pipe.generate(audio, gesture_world.SAMPLE_RATE), poses)
+
+
+def test_a_quantized_checkpoint_exports_its_stages_and_refuses_its_decoder(checkpoints, tmp_path):
+    pytest.importorskip("onnxscript")
+    _, quantized, _ = checkpoints
+    with pytest.raises(InputError, match="decoder of a quantized checkpoint") as e:
+        mm.export_onnx(quantized, tmp_path / "decoder", parts=["decoder_prefill"])
+    assert "\n" not in str(e.value) and not (tmp_path / "decoder").exists()
+    out = mm.export_onnx(quantized, tmp_path / "stages")  # the default: the float one-shot stages only
+    assert set(json.loads((out / "manifest.json").read_text())["parts"]) == {"image_encoder"}
+
+
+def test_int8_products_run_inside_and_outside_inference_mode(checkpoints):
+    _, quantized, _ = checkpoints
+    pipe = mm.load(quantized)
+    layer = next(m for m in pipe.model.decoder.modules() if isinstance(m, QuantizedLinear))
+    x = torch.randn(3, layer.in_features)
+    for product in (layer, lambda x: linear_int8_chunked(x, layer.op_weight, layer.bias)):
+        with torch.inference_mode():
+            inside = product(x)
+        assert torch.equal(product(x), inside)  # the kept chunk buffer is not an inference tensor out here

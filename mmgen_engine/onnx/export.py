@@ -384,6 +384,9 @@ def _check_request(checkpoint_dir, out_dir, parts, dtype, opset) -> tuple[Path, 
         raise InputError(f"{out}: already exists and is not empty; choose another output directory")
     config = read_config(src)
     task, supported = config.task, supported_parts(config)
+    quantized = getattr(config, "quantization", None)
+    if quantized is not None:  # int8 decoder weights: the float one-shot stages export, the decoder does not
+        supported = tuple(p for p in supported if p not in DECODER_PARTS)
     if isinstance(parts, str):
         parts = [parts]
     if parts is None:
@@ -391,6 +394,9 @@ def _check_request(checkpoint_dir, out_dir, parts, dtype, opset) -> tuple[Path, 
     elif not isinstance(parts, (list, tuple)) or not all(isinstance(p, str) for p in parts) or not parts:
         raise InputError(f"parts must be a non-empty list of part names or None, got {parts!r}")
     for part in parts:
+        if quantized is not None and part in DECODER_PARTS:
+            raise InputError(f"{src}: the decoder of a quantized checkpoint ({quantized.spec}) is not exported to "
+                             f"ONNX; export the float checkpoint, or --parts {' '.join(supported)}")
         if part not in supported:
             raise InputError(f"unknown or unsupported part {part!r} for a {task} checkpoint; supported: "
                              f"{', '.join(supported) or 'none'}")

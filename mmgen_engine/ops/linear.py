@@ -106,9 +106,12 @@ _scratch = threading.local()  # per thread: the chunk buffer, kept (a fresh one 
 
 
 def _chunk_buffer(numel: int) -> torch.Tensor:
-    buf = getattr(_scratch, "buf", None)
+    # one per inference mode: a buffer made under torch.inference_mode() cannot be written outside it
+    name = "inference_buf" if torch.is_inference_mode_enabled() else "buf"
+    buf = getattr(_scratch, name, None)
     if buf is None or buf.numel() < numel:
-        buf = _scratch.buf = torch.empty(numel)
+        buf = torch.empty(numel)
+        setattr(_scratch, name, buf)
     return buf[:numel]
 
 
