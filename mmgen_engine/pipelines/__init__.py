@@ -11,7 +11,8 @@ import torch
 from ..checkpoint import read_config, torch_dtype
 from ..config import QuantizationConfig
 from ..errors import CheckpointError, InputError
-from ..models import quantize_model
+from ..layers import QuantizedLinear
+from ..models import head_weight, quantize_model
 from .captioning import CaptioningPipeline
 from .detokenizer import ImageDetokenizer
 from .speech_to_gesture import SpeechToGesturePipeline
@@ -71,6 +72,19 @@ def load(path, device="cpu", dtype=None, cuda_graphs=True, quantize=None):
     pipe.use_cuda_graphs = cuda_graphs and dev.type == "cuda"
     return pipe
 
+
+def weight_format(pipe) -> dict:
+    """How ``pipe`` computes and holds its decoder's weights, read from its layers (so it holds
+    however the pipeline was loaded): ``{"dtype": the compute dtype ("float32", ...),
+    "decoder_weights": what the decoder's products stream ("float32", "bfloat16", "int8", ...),
+    "quantization": None, "int8" or "int8-gN"}``. ``mmgen serve`` reports it in ``/v1/models``."""
+    decoder = pipe.model.decoder
+    layer = next((m for m in decoder.modules() if isinstance(m, QuantizedLinear)), None)
+    spec = None if layer is None else QuantizationConfig(method="int8", group_size=layer.group_size).spec
+    weights = "int8" if layer is not None else str(head_weight(decoder).dtype).removeprefix("torch.")
+    return {"dtype": str(pipe.dtype).removeprefix("torch."), "decoder_weights": weights, "quantization": spec}
+
+
 __all__ = [
     "CaptioningPipeline",
     "ImageDetokenizer",
@@ -78,4 +92,5 @@ __all__ = [
     "PIPELINES",
     "SpeechToGesturePipeline",
     "TextToImagePipeline",
+    "weight_format",
 ]

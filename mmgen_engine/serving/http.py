@@ -44,8 +44,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
+from ..config import QuantizationConfig
 from ..errors import DeadlineExceeded, EngineClosed, EngineFailed, EngineOverloaded, InputError, MMGenError, one_line
 from ..gesture_format import JOINT_NAMES
+from ..pipelines import weight_format
 from ..runtime.limits import MAX_IMAGES_PER_CALL, MAX_PROMPT_CHARS, check_int
 from .engine import Engine
 from .requests import CaptionRequest, GestureRequest, ImageRequest, PartialImage, PoseChunk, TextDelta
@@ -91,6 +93,7 @@ class ServerConfig:
     request_timeout: float | None = None
     grace_s: float = 30.0
     cuda_graphs: bool = True
+    quantize: str | None = None  # None | "int8" | "int8-gN", as mm.load's
 
     def __post_init__(self):
         if not isinstance(self.models, dict) or not self.models:
@@ -101,6 +104,7 @@ class ServerConfig:
         check_int("max_prompt_chars", self.max_prompt_chars, 1, MAX_PROMPT_CHARS)
         if not (isinstance(self.grace_s, (int, float)) and 0 <= self.grace_s <= 3600):
             raise InputError(f"grace must be in [0, 3600] seconds, got {self.grace_s!r}")
+        QuantizationConfig.parse(self.quantize, InputError)  # refused here, before any model loads
 
 
 def parse_model_args(values: list[str]) -> dict[str, str]:
@@ -125,7 +129,7 @@ def start_engines(config: ServerConfig) -> dict[str, Engine]:
     try:
         for name, path in config.models.items():
             engines[name] = Engine({name: path}, config.device, config.dtype, config.slots, config.max_queued,
-                                   config.cuda_graphs)
+                                   config.cuda_graphs, config.quantize)
     except BaseException:
         for engine in engines.values():
             engine.shutdown(drain=False, timeout=10)
@@ -547,7 +551,8 @@ def create_app(config: ServerConfig, engines: dict[str, Engine] | None = None) -
         for name, engine in app.state.engines.items():
             pipe = engine.models[name]
             info = {"id": name, "object": "model", "owned_by": "mmgen_engine", "task": pipe.task,
-                    "slots": engine.slots, "generation_defaults": dataclasses.asdict(pipe.default_sampling)}
+                    "slots": engine.slots, **weight_format(pipe),
+                    "generation_defaults": dataclasses.asdict(pipe.default_sampling)}
             if pipe.task == "text-to-image":
                 info["size"] = "{0}x{0}".format(_image_side(pipe))
             elif pipe.task == "speech-to-gesture":
