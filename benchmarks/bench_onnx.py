@@ -19,9 +19,13 @@ the engine; the engine with its image encoder on ONNX Runtime (``mm.load(...,
 stage_backend="onnxruntime")``); and everything on ONNX Runtime, the exported prefill and decode-step
 models driven by the reference loop (``runtime="onnxruntime"``). Their ids are compared.
 
-The engine runs each stage as its pipeline does (default backend, ``torch.inference_mode``); ORT runs
-the exported part on its CPU execution provider (or the CUDA one with ``--device cuda``, through
-``mmgen_engine.onnx.backend`` when that is installed) with its default threading. Each figure is the
+The engine runs each stage as its pipeline does (``pipe.stage(name)``: the engine's backends, its
+CUDA graph on a GPU, ``torch.inference_mode``); ORT runs the exported part as
+``stage_backend="onnxruntime"`` does (``mmgen_engine.onnx.backend.OrtStage``: I/O binding on the
+torch tensors, the CPU execution provider with its default threading, or on ``--device cuda`` the
+CUDA one of onnxruntime-gpu on a torch stream with ORT's CUDA graphs where it accepts them), in
+``--dtype`` (default float32 on CPU, float16 on CUDA). On CUDA the end-to-end rows leave out the ORT
+decode loop (``runtime="onnxruntime"`` decodes on CPU only). Each figure is the
 median of ``--repeats`` timed calls after ``--warmup`` untimed ones; ``ort/engine`` < 1 means ONNX
 Runtime is faster. The largest difference of the outputs, relative to their scale, is reported
 beside the times. A markdown table is printed last; raw times and the machine go to ``--json``.
@@ -44,7 +48,8 @@ import bench_txt2img  # noqa: E402
 from timing import add_device_arguments, checked_device, engine_info, format_table, machine_info, measure, write_json  # noqa: E402
 
 import mmgen_engine as mm  # noqa: E402
-from mmgen_engine.onnx import PARTS, check_export, load_session  # noqa: E402
+from mmgen_engine.onnx import PARTS, check_export  # noqa: E402
+from mmgen_engine.onnx.backend import OrtStage  # noqa: E402
 from mmgen_engine.onnx.export import TRACE_BATCH  # noqa: E402
 
 # the parts that run once per request (the decoders' prefill / step parts are timed end to end)
@@ -78,19 +83,19 @@ def checkpoints(args) -> dict[str, Path]:
 
 
 def exported(name: str, ckpt: Path, args) -> Path:
-    """The one-shot parts of ``ckpt`` exported (float32) under the cache, reused while the checkpoint
-    and the export check out."""
-    out = args.cache_dir / "onnx" / name
+    """The one-shot parts of ``ckpt`` exported (in ``--dtype``) under the cache, reused while the
+    checkpoint and the export check out."""
+    out = args.cache_dir / "onnx" / f"{name}-{args.dtype}"
     try:
-        manifest = check_export(out, ckpt)
-        if set(manifest["parts"]) >= set(parts_of(ckpt)):
+        manifest = check_export(out, ckpt, known=True)
+        if set(manifest["parts"]) >= set(parts_of(ckpt)) and manifest["dtype"] == args.dtype:
             log(f"reusing export {out}")
             return out
     except mm.MMGenError:
         pass
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    mm.export_onnx(ckpt, out, parts=parts_of(ckpt))
+    mm.export_onnx(ckpt, out, parts=parts_of(ckpt), dtype=args.dtype)
     log(f"exported {name} in {time.perf_counter() - t0:.1f} s")
     return out
 
@@ -107,29 +112,28 @@ def relative_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def bench_model(name: str, ckpt: Path, export: Path, args) -> tuple[list[dict], list[dict]]:
     device = args.device
-    pipe = mm.load(ckpt, device=device)
+    pipe = mm.load(ckpt, device=device, dtype=args.dtype, stage_backend="engine")
     task = pipe.task
+    stream = torch.cuda.Stream(device) if device.startswith("cuda") else None
     results, comparisons = [], []
     for part_name in parts_of(ckpt):
         part = PARTS[task][part_name]
-        stage = part.module(pipe).eval()
-        session = load_session(export, part_name, checkpoint_dir=ckpt)
+        stage = pipe.stage(part_name)
+        session = OrtStage(export, part_name, torch.device(device), stream, cuda_graph=stream is not None)
         torch.manual_seed(args.seed)
         example = part.example(pipe)  # TRACE_BATCH rows, repeated to each batch size
         for batch in args.batch:
-            rows = torch.arange(batch) % TRACE_BATCH
-            inputs = {k: v[rows].contiguous() for k, v in example.items()}
-            on_device = [v.to(device) for v in inputs.values()]
-            feed = {k: v.numpy() for k, v in inputs.items()}
+            rows = torch.arange(batch, device=next(iter(example.values())).device) % TRACE_BATCH
+            on_device = [v[rows].contiguous().to(device) for v in example.values()]
 
             def run_engine():
                 with torch.inference_mode():
                     return stage(*on_device)
 
             def run_ort():
-                return session.run(None, feed)[0]
+                return session(*on_device)
 
-            want, got = run_engine().float().cpu(), torch.from_numpy(run_ort())
+            want, got = run_engine().float().cpu(), run_ort().float().cpu()
             diff = relative_diff(got, want)
             row = {"model": name, "part": part_name, "device": device, "batch": batch}
             timed = {}
@@ -143,15 +147,17 @@ def bench_model(name: str, ckpt: Path, export: Path, args) -> tuple[list[dict], 
     return results, comparisons
 
 
-E2E = {"engine": {}, "engine+ort-stages": {"stage_backend": "onnxruntime"},
-       "ort-loop": {"stage_backend": "onnxruntime", "runtime": "onnxruntime"}}
+E2E = {"engine": {"stage_backend": "engine"}, "engine+ort-stages": {"stage_backend": "onnxruntime"},
+       "ort-loop": {"stage_backend": "onnxruntime", "runtime": "onnxruntime"}}  # the last on CPU only
 
 
 def bench_e2e(arch: str, ckpt: Path, args) -> tuple[list[dict], list[dict]]:
     """Captioning end to end: the engine against ONNX Runtime stages and the ORT decode loop."""
-    onnx_dir = args.cache_dir / "onnx" / f"e2e-{arch}"
-    pipes = {impl: mm.load(ckpt, device=args.device, onnx_dir=onnx_dir if opts else None, **opts)
-             for impl, opts in E2E.items()}
+    onnx_dir = args.cache_dir / "onnx" / f"e2e-{arch}-{args.dtype}"
+    impls = {impl: opts for impl, opts in E2E.items() if args.device == "cpu" or impl != "ort-loop"}
+    pipes = {impl: mm.load(ckpt, device=args.device, dtype=args.dtype,
+                           onnx_dir=None if impl == "engine" else onnx_dir, **opts)
+             for impl, opts in impls.items()}
     enc = pipes["engine"].config.encoder
     n = args.new_tokens
     results, comparisons = [], []
@@ -173,7 +179,7 @@ def bench_e2e(arch: str, ckpt: Path, args) -> tuple[list[dict], list[dict]]:
                            "timing": {"first": first, "full": full}}
         results += timed.values()
         base = timed["engine"]
-        for impl in list(E2E)[1:]:
+        for impl in list(impls)[1:]:
             comparisons.append({**row, "impl": f"{impl}/engine",
                                 "first_token_ms": timed[impl]["first_token_ms"] / base["first_token_ms"],
                                 "ms_per_token": timed[impl]["ms_per_token"] / base["ms_per_token"],
@@ -193,6 +199,8 @@ def parse_args(argv=None):
                     help="captioners timed end to end (default vit-gpt2; none: --e2e-arch)")
     ap.add_argument("--new-tokens", type=int, help="forced length N end to end (default 32; 8 with --quick)")
     add_device_arguments(ap)
+    ap.add_argument("--dtype", choices=["float32", "float16"],
+                    help="weights and activations of both (default float32 on CPU, float16 on CUDA)")
     ap.add_argument("--batch", nargs="+", type=int, default=[1, 8], help="batch sizes (default 1 8)")
     ap.add_argument("--repeats", type=int, help="timed calls per figure (default 10; 3 with --quick)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed calls before each figure (default 2)")
@@ -204,8 +212,7 @@ def parse_args(argv=None):
                                               "results_quick.json with --quick)")
     args = ap.parse_args(argv)
     args.device = checked_device(ap, args.device)
-    if args.device != "cpu":
-        ap.error("ONNX Runtime stages are timed on --device cpu so far")
+    args.dtype = args.dtype or ("float32" if args.device == "cpu" else "float16")
     args.repeats = args.repeats or (3 if args.quick else 10)
     args.new_tokens = args.new_tokens or (8 if args.quick else 32)
     if args.new_tokens < 2:
@@ -238,7 +245,8 @@ def main(argv=None) -> int:
         comparisons += c
     payload = {"benchmark": "onnx", "machine": machine_info(args.device), "engine": engine_info(),
                "onnxruntime": ort.__version__,
-               "settings": {"arch": args.arch, "tasks": args.tasks, "device": args.device, "batch": args.batch,
+               "settings": {"arch": args.arch, "tasks": args.tasks, "device": args.device, "dtype": args.dtype,
+                            "batch": args.batch,
                             "warmup": args.warmup, "repeats": args.repeats, "quick": args.quick,
                             "threads": torch.get_num_threads()},
                "results": results, "comparisons": comparisons}

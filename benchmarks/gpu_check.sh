@@ -19,6 +19,11 @@
 # Poisson arrivals over loopback, the demo models, up to 6 minutes; needs fastapi, uvicorn, httpx
 # and prometheus-client, installed from wheels carried in build/serving_wheels when missing), e.g.
 #   STAGES="engine beam" bash benchmarks/gpu_check.sh
+# onnx (not in the default list): ONNX Runtime's CUDA execution provider inside the engine (its GPU
+# test: I/O binding on torch's memory and stream, ORT's CUDA graphs) and bench_onnx.py's stages and
+# captioning end to end against the engine, fp16 and fp32, about 5 minutes; needs onnxruntime-gpu,
+# onnx and onnxscript, installed from wheels carried in build/onnx_wheels when missing, e.g.
+#   STAGES="onnx" bash benchmarks/gpu_check.sh
 # `sanitizer` runs the CUDA kernels' GPU tests under compute-sanitizer's memcheck
 # (out-of-bounds and misaligned accesses, launch errors in csrc/kernels) at the test shapes.
 #   usage: [STAGES="..."] bash benchmarks/gpu_check.sh [--quick]
@@ -139,6 +144,32 @@ else
 fi
 fi
 
+if want onnx; then
+step "ONNX Runtime (CUDA execution provider): its GPU test, then stages and captioning vs the engine"
+# the machine has no network and only the CPU onnxruntime: pip download onnxruntime-gpu onnx onnxscript
+# (and their dependencies, for the GPU machine's Python and CUDA) into build/onnx_wheels on a CPU
+# machine and bring it along (onnxruntime-gpu alone is ~300 MB, more than the device tool carries in
+# one call: it has to be on the machine's shared disk); the CPU onnxruntime goes first (both install
+# the same module)
+if ls build/onnx_wheels/* >/dev/null 2>&1; then
+  "$PY" -m pip uninstall -q -y onnxruntime >/dev/null 2>&1
+  "$PY" -m pip install -q --no-deps --no-index --no-build-isolation build/onnx_wheels/* >"$OUT/onnx_wheels.log" 2>&1 \
+    || tail -5 "$OUT/onnx_wheels.log"
+fi
+if "$PY" -c "import onnxruntime as o, onnx, onnxscript; assert 'CUDAExecutionProvider' in o.get_available_providers()" \
+    2>/dev/null; then
+  timeout 120 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_onnx_backend.py tests/test_onnx_export.py 2>&1 \
+    | tee "$OUT/pytest_onnx_gpu.log" | tail -5
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  timeout 300 "$PY" benchmarks/bench_onnx.py --device cuda --arch vit-gpt2 blip git --e2e-arch vit-gpt2 \
+    --batch 1 16 --repeats 10 $QUICK --cache-dir build/bench_onnx \
+    --json "$OUT/bench_onnx.json" >"$OUT/bench_onnx.log" 2>&1 || status=1
+else
+  echo "onnxruntime-gpu (with its CUDA provider), onnx or onnxscript missing (see build/onnx_wheels above)"
+  status=1
+fi
+fi
+
 if want txt2img; then
 step "text-to-image: engine vs min-dalle, DALL-E Mini size, random weights, fp16"
 # min-dalle, dall-e and taming ship as wheels carried in build/upstream_wheels (the machine has no
@@ -173,6 +204,7 @@ show "engine benchmark" "$OUT/bench_engine.log"
 show "engine benchmark" "$OUT/bench_engine_t2i_gesture.log"
 [ -f "$OUT/bench_beam.log" ] && tail -20 "$OUT/bench_beam.log"
 show "serving benchmark" "$OUT/bench_serving.log"
+show "onnx benchmark" "$OUT/bench_onnx.log"
 grep -E "WARNING|FAILED|Error" "$OUT"/bench_*.log 2>/dev/null | head -10
 [ -f "$OUT/pytest_gpu.log" ] && grep -E "passed|failed" "$OUT/pytest_gpu.log" | tail -1
 [ -f "$OUT/sanitizer.log" ] && grep -E "ERROR SUMMARY|passed|failed" "$OUT/sanitizer.log" | tail -2

@@ -137,6 +137,33 @@ def test_a_tampered_export_is_made_again(tmp_path):
     assert pipe.caption([image]) == mm.load(ckpt).caption([image])
 
 
+def test_a_load_does_not_hash_unchanged_files_again(tmp_path, monkeypatch):
+    """A kept export is checked against the hashes of its files and the checkpoint's recorded in the
+    user's cache by stat (device, inode, size, mtime, ctime): a second load reads none of them; a file
+    rewritten in place is hashed again even with its mtime put back (its ctime moved)."""
+    from mmgen_engine.onnx import manifest
+
+    monkeypatch.setenv("MMGEN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(manifest, "KNOWN_HASHES", manifest._KnownHashes())
+    ckpt = _copy("captioning", tmp_path)
+    out = mm.load(ckpt, stage_backend="onnxruntime").onnx_dir
+    assert (tmp_path / "cache" / manifest.HASHES_FILE).is_file()
+    monkeypatch.setattr(manifest, "KNOWN_HASHES", manifest._KnownHashes())  # a new process: from the file
+    hashed = []
+    real = manifest.sha256
+    monkeypatch.setattr(manifest, "sha256", lambda path: hashed.append(Path(path).name) or real(path))
+    monkeypatch.setattr(backend, "export_onnx", lambda *a, **k: pytest.fail("exported"))
+    assert mm.load(ckpt, stage_backend="onnxruntime").onnx_dir == out and hashed == []
+    data = out / "image_encoder.onnx.data"
+    stat, raw = data.stat(), bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same size and mtime: only ctime tells
+    with pytest.raises(mm.CheckpointError, match="do not match"):
+        check_export(out, None, "image_encoder", known=True)
+    assert "image_encoder.onnx.data" in hashed
+
+
 def test_a_loader_that_finishes_second_keeps_the_first_export(demo, tmp_path, monkeypatch):
     """Concurrent loaders: each exports into its own temporary sibling and renames it into place; the
     rename of the second fails on the first's export, which it keeps when good and replaces when not."""
@@ -196,8 +223,50 @@ def test_a_read_only_checkpoint_exports_to_the_cache(tmp_path, monkeypatch):
     assert mm.load(ckpt, stage_backend="onnxruntime").onnx_dir == pipe.onnx_dir and calls == []
 
 
+def test_auto_runs_large_encoders_on_ort_and_leaves_small_ones(tmp_path, monkeypatch):
+    """stage_backend="auto" (the default): ONNX Runtime for the stages of AUTO_CPU_STAGES from their
+    measured size on, on CPU in float32 with the [onnx] extra installed; the engine otherwise."""
+    ckpt = _copy("captioning", tmp_path)
+    monkeypatch.setattr(backend, "export_onnx", lambda *a, **k: pytest.fail("exported"))
+    small = mm.load(ckpt)  # the demo encoder (~0.5M parameters) is below the measured size
+    assert small.stage_backend == "engine" and small.onnx_dir is None and not (ckpt / "onnx").exists()
+    monkeypatch.undo()
+    measured = dict(backend.AUTO_CPU_STAGES)
+    monkeypatch.setattr(backend, "AUTO_CPU_STAGES", {"image_encoder": (measured["image_encoder"][0], 1)})
+    assert backend.auto_stages(mm.load(ckpt, dtype="float16")) == []  # float32 only
+    pipe = mm.load(ckpt)
+    assert pipe.stage_backend == "onnxruntime" and pipe.onnx_dir == ckpt / "onnx" / "float32"
+    assert repr(pipe.stages["image_encoder"]).startswith("<OrtStage image_encoder")
+    images = [image for image, _ in sample(3, HELD_OUT_SEED + 21)]
+    assert pipe.caption(images) == mm.load(ckpt, stage_backend="engine").caption(images)
+    q = mm.load(ckpt, quantize="int8")  # the float encoder of an int8 decoder runs on ORT too
+    assert q.stage_backend == "onnxruntime" and q.caption(images) == mm.load(ckpt, quantize="int8",
+                                                                            stage_backend="engine").caption(images)
+    monkeypatch.setattr(backend, "AUTO_CPU_STAGES", {k: (v[0], 1) for k, v in measured.items()})
+    t2i = mm.load(mm.demo_model("text-to-image"), stage_backend="engine")
+    assert backend.auto_stages(t2i) == ["text_encoder"]  # not the detokenizer (not faster on ORT)
+    real = backend.importlib.util.find_spec
+    monkeypatch.setattr(backend.importlib.util, "find_spec", lambda m: None if m == "onnxscript" else real(m))
+    assert mm.load(ckpt).stage_backend == "engine"  # without the [onnx] extra
+
+
+def test_auto_falls_back_to_the_engine_with_a_warning(tmp_path, monkeypatch):
+    ckpt = _copy("captioning", tmp_path)
+    monkeypatch.setattr(backend, "AUTO_CPU_STAGES", {"image_encoder": (lambda name: True, 1)})
+
+    def fail(*args, **kwargs):
+        raise mm.MMGenError("no space left")
+
+    monkeypatch.setattr(backend, "export_onnx", fail)
+    with pytest.warns(UserWarning, match="keeps the engine's image_encoder .*no space left"):
+        pipe = mm.load(ckpt)
+    assert pipe.stage_backend == "engine" and pipe.onnx_dir is None
+    image = sample(1, HELD_OUT_SEED + 23)[0][0]
+    assert pipe.caption([image]) == mm.load(ckpt, stage_backend="engine").caption([image])
+
+
 @pytest.mark.parametrize("options, message", [
-    ({"stage_backend": "ort"}, "stage_backend must be one of 'engine', 'onnxruntime'"),
+    ({"stage_backend": "ort"}, "stage_backend must be one of 'auto', 'engine', 'onnxruntime'"),
     ({"runtime": None}, "runtime must be one of"),
     ({"stage_backend": "onnxruntime", "onnx_dir": 3}, "onnx_dir must be a directory path"),
     ({"onnx_dir": "somewhere"}, "onnx_dir is used with stage_backend='onnxruntime' or runtime='onnxruntime' only"),

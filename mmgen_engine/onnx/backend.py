@@ -37,6 +37,7 @@ from __future__ import annotations
 import ast
 import errno
 import hashlib
+import importlib.util
 import json
 import operator
 import os
@@ -55,9 +56,8 @@ from ..pipelines import load as load_pipeline
 from ..pipelines.stages import BACKENDS
 from .export import export_onnx, supported_parts
 from .generate import OrtGenerator
-from .manifest import MANIFEST_FILE, check_export, checkpoint_identity, read_manifest, require
+from .manifest import CACHE_ENV, MANIFEST_FILE, cache_root, check_export, checkpoint_identity, read_manifest, require
 
-CACHE_ENV = "MMGEN_CACHE_DIR"
 STALE_TEMP_SECONDS = 24 * 3600  # a temporary export directory older than this was left by a killed loader
 INSTALL_TRIES = 3
 # manifest dtype -> (torch dtype, ONNX TensorProto element type)
@@ -66,22 +66,26 @@ ELEMENT_TYPES = {"float32": (torch.float32, 1), "float16": (torch.float16, 10), 
 _DIM_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv}
 
 
-def load(path, device="cpu", dtype=None, cuda_graphs=True, stage_backend="engine", runtime="engine", onnx_dir=None,
+def load(path, device="cpu", dtype=None, cuda_graphs=True, stage_backend="auto", runtime="engine", onnx_dir=None,
          quantize=None):
     """Load a converted checkpoint directory as its task's pipeline (``mm.load``).
 
     ``device`` "cpu" | "cuda" | "cuda:N"; ``dtype`` "float32" | "float16" | "bfloat16" casts the
     weights (None keeps the checkpoint's); ``cuda_graphs`` replays decode steps (and, with ONNX
     Runtime on CUDA, its sessions where it can) from CUDA graphs on a CUDA device.
-    ``stage_backend`` "engine" | "onnxruntime": who runs the one-shot stages (encoders, detokenizer,
-    motion decoder); ``runtime`` "engine" | "onnxruntime": who runs the decode loop (ONNX Runtime:
-    greedy only). ``onnx_dir``: where the ONNX export is kept (None: beside the checkpoint or in the
-    user's cache; see :mod:`mmgen_engine.onnx.backend`). ``quantize`` None | "int8" | "int8-g128":
-    weight-only int8 decoder weights (see :func:`mmgen_engine.pipelines.load`; the engine's backends
-    only). Returns e.g. a :class:`~mmgen_engine.pipelines.CaptioningPipeline`."""
-    for name, value in (("stage_backend", stage_backend), ("runtime", runtime)):
-        if value not in BACKENDS:
-            raise InputError(f"{name} must be one of {', '.join(map(repr, BACKENDS))}, got {value!r}")
+    ``stage_backend`` "auto" | "engine" | "onnxruntime": who runs the one-shot stages (encoders,
+    detokenizer, motion decoder); "auto" (the default): ONNX Runtime for the stages it was measured to
+    run faster on CPU (:data:`AUTO_CPU_STAGES`) when the ``[onnx]`` extra is installed, the engine
+    for the rest and on GPU (see :func:`auto_stages`). ``runtime`` "engine" | "onnxruntime": who runs
+    the decode loop (ONNX Runtime: greedy only). ``onnx_dir``: where the ONNX export is kept (None:
+    beside the checkpoint or in the user's cache; see :mod:`mmgen_engine.onnx.backend`). ``quantize``
+    None | "int8" | "int8-g128": weight-only int8 decoder weights (see
+    :func:`mmgen_engine.pipelines.load`; the engine's backends only). Returns e.g. a
+    :class:`~mmgen_engine.pipelines.CaptioningPipeline`."""
+    for name, value, allowed in (("stage_backend", stage_backend, ("auto", *BACKENDS)),
+                                 ("runtime", runtime, BACKENDS)):
+        if value not in allowed:
+            raise InputError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
     if onnx_dir is not None and not isinstance(onnx_dir, (str, os.PathLike)):
         raise InputError(f"onnx_dir must be a directory path (str or os.PathLike), got {type(onnx_dir).__name__}")
     ort = stage_backend == "onnxruntime" or runtime == "onnxruntime"
@@ -91,11 +95,13 @@ def load(path, device="cpu", dtype=None, cuda_graphs=True, stage_backend="engine
         raise InputError("quantize is not supported with ONNX Runtime (stage_backend or runtime 'onnxruntime'); "
                          "use the engine's backends")
     pipe = load_pipeline(path, device, dtype, cuda_graphs, quantize)
+    auto = auto_stages(pipe) if stage_backend == "auto" else []
     if not ort:
+        _auto(pipe, Path(path), auto)
         return pipe
     if getattr(pipe.config, "quantization", None) is not None:
         raise InputError(f"{path}: a quantized checkpoint runs on the engine's backends only, not ONNX Runtime")
-    parts = list(pipe.stages) if stage_backend == "onnxruntime" else []
+    parts = list(pipe.stages) if stage_backend == "onnxruntime" else list(auto)
     if runtime == "onnxruntime":
         decoders = [p for p in supported_parts(pipe.config) if p not in pipe.stages]
         if not decoders:
@@ -105,16 +111,18 @@ def load(path, device="cpu", dtype=None, cuda_graphs=True, stage_backend="engine
             raise InputError("runtime='onnxruntime' decodes on the CPU so far; use runtime='engine' on "
                              f"{pipe.device} (stage_backend='onnxruntime' runs there)")
         parts += decoders
-    weights = next(pipe.model.parameters()).dtype
+    dtypes = {p.dtype for p in pipe.model.parameters() if p.is_floating_point()}
+    weights = torch.bfloat16 if torch.bfloat16 in dtypes else next(pipe.model.parameters()).dtype
     dtype_name = str(weights).removeprefix("torch.")
     if pipe.device.type == "cpu" and weights == torch.bfloat16:
         raise InputError("ONNX Runtime's CPU provider has no bfloat16 MatMul; load with dtype='float32' or "
                          "'float16' to run stages or the decoder on ONNX Runtime on CPU")
     require_provider(pipe.device)  # a missing onnxruntime or CUDA provider fails before the export
     out = cached_export(Path(path), dtype_name, parts, onnx_dir)
-    if stage_backend == "onnxruntime":
+    stages = [name for name in parts if name in pipe.stages]
+    if stages:
         stream = torch.cuda.Stream(pipe.device) if pipe.device.type == "cuda" else None
-        pipe.use_stages({name: OrtStage(out, name, pipe.device, stream, pipe.use_cuda_graphs) for name in pipe.stages},
+        pipe.use_stages({name: OrtStage(out, name, pipe.device, stream, pipe.use_cuda_graphs) for name in stages},
                         "onnxruntime")
     if runtime == "onnxruntime":
         pipe.use_runtime(OrtGenerator(out, None, str(pipe.device)).generate_stream, "onnxruntime")
@@ -122,14 +130,55 @@ def load(path, device="cpu", dtype=None, cuda_graphs=True, stage_backend="engine
     return pipe
 
 
+# -- stage_backend="auto" ------------------------------------------------------------------------
+
+# The one-shot stages that ONNX Runtime's CPU provider ran faster than the engine at every batch size
+# measured on an idle box, with the stage's parameter count from which that was measured
+# (benchmarks/RESULTS.md, "ONNX Runtime as a peer"; the rule of "Backend defaults": the measured
+# faster one wins): the ViT-B/16-size image encoders (ViT, BLIP's vision tower, GIT's CLIP tower;
+# 86M parameters) and DALL-E Mini's BART text encoder (203M). Not the VQGAN detokenizer (as fast as
+# the engine at batch 1), nor stages below these sizes (the demo models' ~0.5M-parameter encoders:
+# an export on first load is not worth a stage that takes a millisecond). The value: which
+# parameters of the model make the stage, and the fewest there for "auto" to pick ONNX Runtime.
+AUTO_CPU_STAGES = {"image_encoder": (lambda name: not name.startswith("decoder."), 20_000_000),
+                   "text_encoder": (lambda name: name.startswith("encoder."), 20_000_000)}
+AUTO_MODULES = ("onnxruntime", "onnx", "onnxscript")  # what running and making an export needs
+
+
+def auto_stages(pipe) -> list[str]:
+    """The stages ``stage_backend="auto"`` runs on ONNX Runtime: those of :data:`AUTO_CPU_STAGES` that
+    ``pipe`` has, when it runs on CPU in float32, its one-shot stages hold at least the parameters
+    named there, and the ``[onnx]`` extra is installed; none otherwise."""
+    if pipe.device.type != "cpu" or any(importlib.util.find_spec(m) is None for m in AUTO_MODULES):
+        return []
+    picked = []
+    for stage in pipe.stages:
+        if stage not in AUTO_CPU_STAGES:
+            continue
+        belongs, fewest = AUTO_CPU_STAGES[stage]
+        params = [p for name, p in pipe.model.named_parameters() if belongs(name)]
+        if params and all(p.dtype == torch.float32 for p in params) and sum(p.numel() for p in params) >= fewest:
+            picked.append(stage)
+    return picked
+
+
+def _auto(pipe, path: Path, parts: list[str]) -> None:
+    """Put ONNX Runtime stages of ``parts`` in ``pipe``, exporting them first if no kept export has
+    them (in the default place: beside the checkpoint or in the user's cache). Any failure leaves
+    the engine's stages, with a warning: a default never fails a load."""
+    if not parts:
+        return
+    try:
+        out = cached_export(path, "float32", parts)
+        pipe.use_stages({name: OrtStage(out, name, pipe.device) for name in parts}, "onnxruntime")
+    except MMGenError as e:
+        warnings.warn(f"{path}: stage_backend='auto' keeps the engine's {', '.join(parts)} ({one_line(e)}); "
+                      f"pass stage_backend='engine' to silence this", stacklevel=3)
+        return
+    pipe.onnx_dir = out
+
+
 # -- the kept export -----------------------------------------------------------------------------
-
-def cache_root() -> Path:
-    """``$MMGEN_CACHE_DIR``, else ``$XDG_CACHE_HOME/mmgen_engine``, else ``~/.cache/mmgen_engine``."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "mmgen_engine"
-
 
 def _is_export_dir(path: Path) -> bool:
     """Whether ``path`` holds only what an export writes (``manifest.json`` among its files): a
@@ -156,7 +205,7 @@ def _state(out: Path, identity: dict, dtype: str, parts: list[str]) -> tuple[str
         manifest = read_manifest(out)  # its format and version
         held = [p for p in parts if p in manifest["parts"]]
         for part in held:  # the part's files: sizes and SHA-256
-            check_export(out, None, part)
+            check_export(out, None, part, known=True)
     except CheckpointError as e:
         return "stale", one_line(e)
     if manifest["checkpoint"] != identity:
@@ -180,7 +229,7 @@ def cached_export(checkpoint_dir: Path, dtype: str, parts: list[str], onnx_dir=N
     """The directory of an export of ``parts`` of ``checkpoint_dir`` in ``dtype`` that passes
     :func:`check_export` and was made from this checkpoint, made first if there is none (see the
     module docstring for where)."""
-    identity = checkpoint_identity(checkpoint_dir)
+    identity = checkpoint_identity(checkpoint_dir, known=True)
     if onnx_dir is not None:
         out = Path(onnx_dir)
         state, why = _state(out, identity, dtype, parts)

@@ -28,6 +28,7 @@ from ..pipelines import load
 from ..pipelines.audio import log_mel_400
 from ..runtime.kv_cache import CrossKVCache, KVCache
 from ..runtime.limits import MAX_TOKEN_GRID_SIDE
+from . import manifest as manifest_file
 from .manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, checkpoint_identity, require, sha256
 
 MIN_OPSET = 18  # the torch.export-based exporter's lowest
@@ -431,7 +432,8 @@ def export_onnx(checkpoint_dir, out_dir, parts=None, dtype=None, opset=None) -> 
     require("onnxscript")
     pipe = load(src, dtype=dtype)
     manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "task": task,
-                "checkpoint": checkpoint_identity(src), "dtype": str(_weights_dtype(pipe)).removeprefix("torch."),
+                "checkpoint": checkpoint_identity(src, known=True),
+                "dtype": str(_weights_dtype(pipe)).removeprefix("torch."),
                 "parts": {}}
     remove_stale_writes(out)
     with writing_directory(out, "ONNX export") as tmp:
@@ -451,9 +453,13 @@ def export_onnx(checkpoint_dir, out_dir, parts=None, dtype=None, opset=None) -> 
                 "file": file.name, "stage": part.stage,
                 "opset": next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
                 "inputs": _io(model.graph.input), "outputs": _io(model.graph.output),
-                "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": sha256(tmp / f)} for f in files},
+                "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": sha256(tmp / f)}
+                          for f in files},
             }
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    for entry in manifest["parts"].values():  # a load that checks the export need not read it again
+        for file, want in entry["files"].items():
+            manifest_file.KNOWN_HASHES.remember(out / file, want["sha256"])
     return out
 
 
