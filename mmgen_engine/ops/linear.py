@@ -39,6 +39,7 @@ _GEMV = _native_gemv()
 # CpuIsa codes of csrc/native.h: what the build and this CPU run (widest last), and its weight kinds
 GEMV_ISAS: tuple[int, ...] = tuple(_GEMV.cpu_isas) if _GEMV is not None else ()
 GEMV_MAX_ROWS = _GEMV.GEMV_MAX_ROWS if _GEMV is not None else 0
+_GEMV_ISA = GEMV_ISAS[-1] if GEMV_ISAS else 0  # the widest: what the products run
 _GEMV_INT8, _GEMV_BF16 = 0, 1
 
 # above this many rows the product is a matrix-matrix product that BLAS already spreads over threads
@@ -219,28 +220,31 @@ def _gemv(x, weight: torch.Tensor, scale, group_size: int, bias, isa: int | None
     call goes through the torch op ``mmgen::gemv`` instead, which the tracer records (a raw-pointer
     call would be invisible to it): a replay runs the same kernel, bitwise the eager step, for ~2 us
     of dispatcher per call."""
-    if torch.jit.is_tracing() and isa is None:
+    if isa is None and torch.jit.is_tracing():
         return torch.ops.mmgen.gemv(x, weight, scale, group_size, bias)
     n, k = weight.shape
-    if x.shape[-1] != k:
-        raise ValueError(f"linear: x has {x.shape[-1]} input features, the weight {k}")
-    x2 = x.reshape(-1, k)
-    if x2.dtype != torch.float32 or x2.stride(1) != 1:
-        x2 = x2.float().contiguous()
-    if bias is not None:
+    shape = x.shape
+    if shape[-1] != k:
+        raise ValueError(f"linear: x has {shape[-1]} input features, the weight {k}")
+    if x.dtype == torch.float32 and x.is_contiguous():  # the common case: x as it is
+        x2, ldx = x, k
+    else:
+        x2 = x.reshape(-1, k)
+        if x2.dtype != torch.float32 or x2.stride(1) != 1:
+            x2 = x2.float().contiguous()
+        ldx = x2.stride(0)
+    if bias is not None and not (bias.dtype == torch.float32 and bias.is_cpu and bias.is_contiguous()
+                                 and bias.shape == (n,)):
         if bias.shape != (n,) or not bias.is_cpu:
             raise ValueError(f"linear: bias must be a CPU tensor of shape ({n},), got {tuple(bias.shape)} on "
                              f"{bias.device}")
-        if bias.dtype != torch.float32 or not bias.is_contiguous():
-            bias = bias.float().contiguous()
-    rows = x2.shape[0]
-    out = torch.empty(rows, n)
-    _GEMV.gemv(x2.data_ptr(), x2.stride(0), weight.data_ptr(), _GEMV_BF16 if scale is None else _GEMV_INT8,
+        bias = bias.float().contiguous()
+    rows = x.numel() // k
+    out = torch.empty(shape[:-1] + (n,))
+    _GEMV.gemv(x2.data_ptr(), ldx, weight.data_ptr(), _GEMV_BF16 if scale is None else _GEMV_INT8,
                0 if scale is None else scale.data_ptr(), group_size, 0 if bias is None else bias.data_ptr(),
-               out.data_ptr(), n, rows, n, k, torch.get_num_threads(), GEMV_ISAS[-1] if isa is None else isa)
-    if x.dtype != torch.float32:
-        out = out.to(x.dtype)
-    return out if x.dim() == 2 else out.view(*x.shape[:-1], n)
+               out.data_ptr(), n, rows, n, k, torch.get_num_threads(), _GEMV_ISA if isa is None else isa)
+    return out if x.dtype == torch.float32 else out.to(x.dtype)
 
 
 if _GEMV is not None:
@@ -304,12 +308,15 @@ def linear_int8_reference(x, weight: Int8Weight, bias):
     """CPU: at most 16 rows, the path :func:`int8_cpu_path` measured fastest for x's dtype and the
     scale layout (native kernel, torch's int8 kernel or the chunked product) where it can run this
     product; more rows, the chunked product. Elsewhere the spec, :func:`linear_int8_dequant`."""
-    if x.device.type != "cpu":
+    if not x.is_cpu:
         return linear_int8_dequant(x, weight, bias)
-    if x.numel() // weight.shape[1] <= SPLIT_MAX_ROWS:
-        path = int8_cpu_path(x.dtype, weight.group_size is not None)
-        if path == "native" and gemv_supported(x, weight.qweight, weight.scale):
-            return _gemv(x, weight.qweight, weight.scale, weight.group_size or weight.shape[1], bias, None)
+    q, s, g = weight.qweight, weight.scale, weight.group_size
+    if x.numel() <= SPLIT_MAX_ROWS * q.shape[1]:
+        path = _int8_cpu_choice.get((x.dtype, g is not None, torch.get_num_threads())) or int8_cpu_path(
+            x.dtype, g is not None)
+        # native: what gemv_supported checks beyond the path's own measurement (x's dtype, the rows)
+        if path == "native" and q.is_cpu and q.is_contiguous() and s.is_cpu and s.is_contiguous() and x.numel():
+            return _gemv(x, q, s, g or q.shape[1], bias, None)
         if path == "pack" and int8_pack_supported(x, weight):
             return linear_int8_pack(x, weight, bias)
     return linear_int8_chunked(x, weight, bias)
