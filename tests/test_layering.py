@@ -22,7 +22,8 @@ LAYERS = [
     {"layers"},
     {"models", "runtime"},
     {"convert", "pipelines"},
-    {"training", "demo", "serving", "onnx"},
+    {"onnx"},
+    {"training", "demo", "serving"},
     {"__init__"},
     {"cli"},
 ]

@@ -20,7 +20,7 @@ import threading
 import time
 
 from ..errors import EngineClosed, EngineFailed, EngineOverloaded, InputError, MMGenError, one_line
-from ..pipelines import load
+from ..onnx.backend import load
 from ..runtime.limits import MAX_IMAGES_PER_CALL, check_int
 from .requests import CaptionRequest, GestureRequest, ImageRequest, RequestHandle
 from .scheduler import ABORT, STOP, WAKE, Scheduler
@@ -34,7 +34,9 @@ class Engine:
     """Serves requests for one or several models with continuous batching.
 
     ``models``: a checkpoint path or a loaded pipeline, or ``{name: path or pipeline}``; paths are
-    loaded with ``device``, ``dtype`` and ``quantize`` (as :func:`mmgen_engine.load`). Each model gets a
+    loaded with ``device``, ``dtype`` and ``quantize`` as :func:`mmgen_engine.load` loads them (its
+    default ``stage_backend="auto"`` included: ONNX Runtime for a large image or text encoder on CPU where
+    the ``[onnx]`` extra is installed; pass a loaded pipeline for other backends). Each model gets a
     scheduler thread decoding up to ``slots`` rows at once (a caption, an image, or a window of a
     gesture request each). At most ``max_queued`` requests may wait for a slot; ``submit`` raises
     :class:`~mmgen_engine.EngineOverloaded` beyond that. ``cuda_graphs``: on CUDA, replay the
@@ -53,7 +55,8 @@ class Engine:
         for name, model in models.items():
             if not isinstance(name, str) or not name:
                 raise InputError(f"model names must be non-empty strings, got {name!r}")
-            pipe = load(model, device, dtype, cuda_graphs, quantize) if isinstance(model, (str, os.PathLike)) else model
+            pipe = (load(model, device, dtype, cuda_graphs, quantize=quantize)  # stage_backend 'auto'
+                    if isinstance(model, (str, os.PathLike)) else model)
             if getattr(pipe, "task", None) not in RUNNERS:
                 raise InputError(f"model {name!r}: the engine serves {', '.join(RUNNERS)} pipelines, "
                                  f"got {type(pipe).__name__}")
