@@ -2,7 +2,8 @@
 """Per-kernel benchmark on CUDA: every backend of each op - the CUDA kernels of csrc/ (``cuda``), the
 Triton kernels and the reference (plain torch) - on the same inputs, at the shapes of ViT-B/16 +
 GPT-2 small captioning (and of DALL·E Mini's gated GELU, the image decoders' code gathers, and the
-LLaMA-7B-like decoder of LLaVA-1.5: RMSNorm, rotary, grouped-query decode attention).
+LLaMA-7B-like decoder of LLaVA-1.5: RMSNorm, rotary, grouped-query decode attention, and its linear
+layers with fp16/bf16 and weight-only int8 weights at 1 and 16 rows).
 
 Each case reports µs per call (median of CUDA-graph replays, ``triton.testing.do_bench_cudagraph``,
 so launch gaps are not counted, as in the engine's captured decode step), the bytes the op must move at
@@ -26,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import format_table, machine_info, write_json  # noqa: E402
 
 from mmgen_engine.ops import registry  # noqa: E402
+from mmgen_engine.ops.quant import quantize_int8  # noqa: E402
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 # the triton backend of linear routes small few-row products to cuBLAS (ops/linear.py): time the
@@ -130,6 +132,18 @@ def llama_cases(rnd, quick: bool):
     t = 64 if quick else 600  # a LLaVA-1.5 prompt: 576 image tokens and some text
     x, angles = rnd(1, hq, t, dh), rnd(1, t, dh // 2, dt=torch.float32)
     yield "rotary", f"B1 H{hq} T{t} D{dh}", (x, angles.cos(), angles.sin()), nbytes(x) * 2 + 2 * nbytes(angles)
+    # the decoder's products with weight-only int8 (one scale per output channel, or per 128 inputs)
+    # against the same products with fp16/bf16 weights: issue 21's target is 70% of the copy bandwidth
+    for k, n in ((4096, 4096), (4096, 11008), (11008, 4096), (4096, 32000)) if not quick else ((256, 512),):
+        w = rnd(n, k)
+        quantized = {"int8": quantize_int8(w, None), "int8-g128": quantize_int8(w, 128)}
+        for rows in (1, 16):
+            x = rnd(rows, k)
+            out = rows * n * x.element_size()
+            yield "linear", f"{rows}x{k}->{n}", (x, w, None), nbytes(x, w) + out
+            for label, q in quantized.items():
+                yield "linear_int8", f"{rows}x{k}->{n} {label}", (x, q, None), nbytes(x, q.qweight, q.scale) + out
+        del w
     for b, s in ((1, 4096), (16, 1024)) if not quick else ((1, 256),):
         for hkv in (8, 32):
             q, k, v = rnd(b, hq, dh), rnd(b, hkv, s, dh), rnd(b, hkv, s, dh)
