@@ -33,6 +33,13 @@ blocks are transformers' ``Conv1D``, not ``nn.Linear``, which ``quantize_dynamic
 float: they are replaced by the equivalent ``nn.Linear`` first, so that the peer's whole decoder is
 int8 as the engine's is. Each int8 row's ids are compared with its own float ids.
 
+``--dtype bfloat16`` on CPU times the engine as ``mm.load`` gives it (bfloat16 decoder weights; float32
+or bfloat16 compute by :func:`mmgen_engine.pipelines.cpu_bf16_compute`) and, in the same run, with the
+other compute (``engine-bfloat16-compute`` or ``engine-float32-compute``, forced through
+``$MMGEN_CPU_BF16_COMPUTE``); the engine rows name what they compute in and what their decoder's
+weights are. With ``float32`` among the dtypes (given first), each engine row's greedy ids are
+compared with the float32 engine's (``ids_agree_float32``).
+
 The HF model and the engine checkpoints are cached under ``--cache-dir``/<arch> and rebuilt only when
 the model spec changes. A markdown table is printed last; all raw times and the machine go to ``--json``.
 """
@@ -41,10 +48,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from functools import partial
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -52,6 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import add_device_arguments, checked_device, engine_info, format_table, machine_info, measure, write_json  # noqa: E402
 
 import mmgen_engine as mm  # noqa: E402
+from mmgen_engine.pipelines import BF16_COMPUTE_ENV, cpu_bf16_compute, weight_format  # noqa: E402
 
 _TINY_VIT = {"image_size": 32, "patch_size": 8, "num_hidden_layers": 2, "hidden_size": 64,
              "num_attention_heads": 4, "intermediate_size": 128}
@@ -398,7 +408,11 @@ def bench_dtype(arch: str, dtype: str, engine_dir: Path, hf_dir: Path, args) -> 
     device = args.device
     pipe = mm.load(engine_dir, device=device)
     hf = getattr(transformers, HF_CLASSES[arch]).from_pretrained(hf_dir, dtype=DTYPES[dtype]).to(device).eval()
-    pipe_q = hf_q = None
+    pipe_q = hf_q = pipe_alt = None
+    if device == "cpu" and dtype == "bfloat16":  # the engine's other bfloat16 compute, in the same run
+        other = "bfloat16" if cpu_bf16_compute() == torch.float32 else "float32"
+        with mock.patch.dict(os.environ, {BF16_COMPUTE_ENV: other}):
+            pipe_alt = mm.load(engine_dir, device=device)
     if args.quantize:
         pipe_q = mm.load(engine_dir, device=device, quantize=args.quantize)
         if device == "cpu" and dtype == "float32":  # torch's dynamic int8: CPU, float32 activations
@@ -446,12 +460,21 @@ def bench_dtype(arch: str, dtype: str, engine_dir: Path, hf_dir: Path, args) -> 
                 print(f"WARNING: graph and eager ids differ ({arch} {device} {dtype} batch {batch})", flush=True)
             eager["ids_equal_graph"] = torch.equal(eager_ids, eng_ids)
             timed.append(eager)
+        engine_ids = {id(eng): (eng_ids, pipe)}  # record -> its greedy ids and its pipeline
+        if pipe_alt is not None:
+            impl = f"engine-{weight_format(pipe_alt)['dtype']}-compute"
+            log(f"timing {impl} {arch} {dtype} batch {batch} ...")
+            eng_alt, eng_alt_ids = time_impl(impl, partial(run_engine, pipe=pipe_alt), device, args)
+            timed.append(eng_alt)
+            engine_ids[id(eng_alt)] = (eng_alt_ids, pipe_alt)
         log(f"timing HF {arch} {dtype} batch {batch} ...")
         ref, ref_ids = time_impl("HF", run_hf, device, args)
         timed.append(ref)
         for rec in timed:
             rec["decoder_weight_bytes"] = step_bytes
             rec["weight_GBps"] = step_bytes / rec["ms_per_token"] / 1e6
+        if dtype == "float32":
+            FLOAT32_IDS[arch, batch] = eng_ids
         quantized = []
         if pipe_q is not None:
             log(f"timing engine {args.quantize} {arch} {dtype} batch {batch} ...")
@@ -460,6 +483,14 @@ def bench_dtype(arch: str, dtype: str, engine_dir: Path, hf_dir: Path, args) -> 
             eng_q["weight_GBps"] = eng_q["decoder_weight_bytes"] / eng_q["ms_per_token"] / 1e6
             eng_q["ids_agree_own_float"] = agreement(eng_q_ids, eng_ids)
             quantized.append(eng_q)
+            engine_ids[id(eng_q)] = (eng_q_ids, pipe_q)
+        for rec in timed + quantized:
+            if id(rec) in engine_ids:
+                ids, p = engine_ids[id(rec)]
+                form = weight_format(p)  # what the engine computes in and streams (bfloat16: float32 compute or not)
+                rec.update(dtype_compute=form["dtype"], decoder_weights=form["decoder_weights"])
+                if (arch, batch) in FLOAT32_IDS:  # the share of greedy ids equal to the float32 engine's
+                    rec["ids_agree_float32"] = agreement(ids, FLOAT32_IDS[arch, batch])
         if hf_q is not None:
             log(f"timing HF dynamic int8 {arch} {dtype} batch {batch} ...")
             ref_q, ref_q_ids = time_impl("HF-dynamic-int8", partial(run_hf, hf=hf_q), device, args)
@@ -483,6 +514,9 @@ def bench_dtype(arch: str, dtype: str, engine_dir: Path, hf_dir: Path, args) -> 
                                     "first_token_ms": quantized[0]["first_token_ms"] / peer["first_token_ms"],
                                     "ms_per_token": quantized[0]["ms_per_token"] / peer["ms_per_token"]})
     return results, comparisons
+
+
+FLOAT32_IDS: dict[tuple[str, int], torch.Tensor] = {}  # (arch, batch) -> the float32 engine's greedy ids
 
 
 def agreement(ids: torch.Tensor, reference: torch.Tensor) -> float:
@@ -579,7 +613,9 @@ def main(argv=None) -> int:
     for key in dict.fromkeys(tuple(c[k] for k in keys) for c in comparisons):
         rows += [r for r in results + comparisons if tuple(r[k] for k in keys) == key]  # timings, then ratios
     columns = ["arch", "device", "dtype", "batch", "impl", "first_token_ms", "first_token_p90_ms", "ms_per_token",
-               "ms_per_token_p90", "weight_GBps"] + (["ids_agree_own_float"] if args.quantize else [])
+               "ms_per_token_p90", "weight_GBps"] + (["ids_agree_own_float"] if args.quantize else []) + (
+        ["dtype_compute", "decoder_weights"] if args.device == "cpu" else []) + (
+        ["ids_agree_float32"] if "float32" in args.dtype and len(args.dtype) > 1 else [])
     m = payload["machine"]
     models = ", ".join(f"{a}: {PRESETS[a][preset_of(a, args)]['name']}" for a in args.arch)
     size = "quick" if args.quick else "full"
