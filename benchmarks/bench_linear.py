@@ -16,7 +16,8 @@ matrices larger than the caches, so every product streams its weight from memory
   native**: csrc/cpu/gemv.cpp; **bf16w upcast**: the spec, the weight widened then ``F.linear``).
 
 It reports µs per product, weight GB/s (int8 rows: int8 bytes + float32 scales; bf16w rows: bf16
-bytes), the fraction of the measured read ceiling (a ``sum`` over a 512 MB buffer, all threads) and,
+bytes), the fraction of the measured read ceiling (the faster of a ``sum`` over a 512 MB buffer and, on CPU, the
+native kernel's one-row product over a 512 MB bfloat16 weight; all threads) and,
 for int8 and bf16w rows, the time against the engine's float product of the same shape
 (``vs_engine``). Bytes moved ~ weight bytes;
 the activations are negligible.
@@ -47,9 +48,22 @@ linear_ops = importlib.import_module("mmgen_engine.ops.linear")  # the module (o
 
 
 def read_ceiling_gbps(device: torch.device, dtype: torch.dtype, nbytes: int) -> float:
+    """The fastest read of ``nbytes`` measured: torch's ``sum`` and, on CPU where the native kernels
+    are built, a one-row product with a bfloat16 weight of that size (csrc/cpu/gemv.cpp: prefetched
+    streams, ~2 bytes per multiply-add; torch's sum read 29-31 GB/s on the 2-core AMD box where these
+    streams read over 40)."""
     buf = torch.ones(nbytes // torch.finfo(dtype).bits * 8, dtype=dtype, device=device)
     t = measure(lambda: buf.sum(), warmup=2, repeats=5, device=device)["median_ms"]
-    return buf.numel() * buf.element_size() / t / 1e6
+    best = buf.numel() * buf.element_size() / t / 1e6
+    buf = None  # freed before the second buffer
+    if device.type == "cpu" and linear_ops._GEMV is not None:
+        k = 4096
+        w = torch.ones(nbytes // 2 // k, k, dtype=torch.bfloat16)
+        x = torch.ones(1, k)
+        t = measure(lambda: linear_ops.linear_bf16_weight_native(x, w, None), warmup=2, repeats=5,
+                    device=device)["median_ms"]
+        best = max(best, w.numel() * 2 / t / 1e6)
+    return best
 
 
 def bench_shape(k: int, n: int, rows: int, dtype, device, args) -> list[dict]:
