@@ -170,17 +170,21 @@ def engine_greedy(pipe, audio: np.ndarray) -> tuple[list[list[int]], np.ndarray]
 
 def warm_up_recordings(pipe, audio: np.ndarray, sampling, max_calls: int = 20) -> list[float]:
     """On CPU the pipeline records a decode step shape after it ran eagerly a few dozen times
-    (:mod:`mmgen_engine.runtime.recorded`): call ``generate`` until a call records nothing new, so the
-    timed calls are its steady state. Returns those calls' seconds (the cost of getting there)."""
+    (:mod:`mmgen_engine.runtime.recorded`): call ``generate`` until a call records nothing new after
+    enough calls for the steps every window shares to be recorded (a shape that only the first window
+    has stays eager), so the timed calls are its steady state. Returns those calls' seconds (the
+    cost of getting there)."""
     if pipe.device.type != "cpu" or not pipe.record_cpu_steps:
         return []
+    windows = pipe.plan.windows(audio.shape[0])
+    min_calls = min(8, 2 + pipe.recorded_steps.record_after // max(1, windows - 1))
     times = []
     for _ in range(max_calls):
         before = len(pipe.recorded_steps)
         t0 = time.perf_counter()
         pipe.generate(audio, SAMPLE_RATE, sampling=sampling)
         times.append(time.perf_counter() - t0)
-        if len(pipe.recorded_steps) == before and len(times) > 1:
+        if len(pipe.recorded_steps) == before and len(times) >= min_calls:
             break
     return times
 

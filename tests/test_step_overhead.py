@@ -10,11 +10,14 @@ import pytest
 import torch
 
 import mmgen_engine as mm
+from mmgen_engine import ops
 from mmgen_engine.demo import gesture_world as world
+from mmgen_engine.demo import world as demo_world
 from mmgen_engine.ops import registry
 from mmgen_engine.ops.random import uniform_at, uniform_numpy
 from mmgen_engine.ops.sampling import filter_logits
-from mmgen_engine.runtime import CrossKVCache, KVCache, RecordedSteps
+from mmgen_engine.runtime import CrossKVCache, KVCache, RecordedSteps, generate
+from mmgen_engine.runtime.sampler import Sampler
 
 S = mm.SamplingParams
 SAMPLINGS = {"greedy": S(), "topp": S(do_sample=True, temperature=1.3, top_p=0.95, seed=5),
@@ -154,3 +157,97 @@ def test_backend_switch_is_read_at_every_dispatch(monkeypatch):
         registry.dispatch("layer_norm", x)
     monkeypatch.setenv(registry.ENV_VAR, "layer_norm=reference")
     assert registry.forced_backend("layer_norm") == "reference" and registry.forced_backend("sample") is None
+
+
+LOOP_SAMPLINGS = {"greedy": S(), "topp": S(do_sample=True, temperature=0.5, top_p=0.9, seed=1),
+                  "topk_topp": S(do_sample=True, top_k=50, top_p=0.8, seed=3),
+                  "plain": S(do_sample=True, temperature=3.0, seed=4)}
+
+
+def _loop(demo, sampling, recorded, eos=None, prompt_len=3):
+    """The demo decoder's tokens for two rows of random encoder states (the pipeline's vocabulary
+    slice), as many as fill its 18 positions after a prompt of ``prompt_len``."""
+    decoder = demo.model.decoder
+    g = torch.Generator().manual_seed(3)
+    states = torch.randn(2, 37, decoder.cfg.hidden_size, generator=g)
+    prompt = torch.tensor([[512, 5, 7, 3, 8], [512, 9, 9, 1, 2]])[:, :prompt_len]
+    return generate(decoder, prompt, states, torch.tensor([37, 20]), 17 - prompt_len, eos_token_id=eos,
+                    pad_token_id=513, min_new_tokens=2, sampling=sampling, vocab_limit=512, recorded=recorded)
+
+
+@pytest.mark.parametrize("name", LOOP_SAMPLINGS)
+def test_recorded_loop_is_the_eager_loop(demo, name):
+    """The whole step recorded (decoder step, pick, bookkeeping; the sampled pick's uniforms drawn
+    ahead): bitwise the eager loop's tokens, with rows that stop early, on the calls that record
+    it and those that replay it."""
+    sampling = LOOP_SAMPLINGS[name]
+    eos = int(_loop(demo, sampling, None)[0, 4])  # row 0 stops after its 5th token
+    want = _loop(demo, sampling, None, eos)
+    assert (want == 513).any()
+    steps = RecordedSteps(demo.model.decoder, record_after=2)
+    for call in range(4):  # eager, eager, recording, replay
+        assert torch.equal(_loop(demo, sampling, steps, eos), want), call
+    assert any(key[0] == "step+pick" for key in steps._recorded)
+    # a request of another length replays the recordings of the spans it shares (the output buffer
+    # is sized in buckets): only its prefill runs eagerly
+    eager_keys, recorded = len(steps._runs), len(steps)
+    assert torch.equal(_loop(demo, sampling, steps, eos, 5), _loop(demo, sampling, None, eos, 5))
+    assert len(steps._runs) == eager_keys + 1 and len(steps) == recorded
+
+
+def test_gumbel_noise_rounds_alike_over_any_subset():
+    """What Sampler.draw_ahead relies on: ``log(-log(u))`` of an element is the same bitwise whether
+    torch takes it over the few tokens the filters keep (the reference) or over the whole table."""
+    n = 4096
+    u = uniform_numpy(torch.full((n,), 2**62 + 5), torch.arange(n) // 512, torch.zeros(n, dtype=torch.int64),
+                      torch.arange(n) % 512)
+    table = torch.log(-torch.log(u))
+    g = torch.Generator().manual_seed(0)
+    for m in (1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 33, 100, 513, n):
+        idx = torch.randperm(n, generator=g)[:m]
+        assert torch.equal(torch.log(-torch.log(u[idx])), table[idx]), m
+
+
+@pytest.mark.parametrize("vocab_limit", [None, 7, 300])
+def test_drawn_uniforms_sample_as_the_reference(vocab_limit):
+    """sample_drawn with Sampler.draw_ahead's noise: ops.sample's tokens, per-row offsets and stream rows."""
+    g = torch.Generator().manual_seed(11)
+    rows, vocab, offsets = 3, 300, 6
+    for params in (S(do_sample=True, temperature=0.7, top_p=0.9, seed=2**63 - 1),
+                   S(do_sample=True, top_k=5, seed=0), S(do_sample=True, temperature=5.0, seed=12)):
+        sampler = Sampler(params, rows, torch.device("cpu"), vocab_limit=vocab_limit)
+        sampler.load(params, index=1, stream_rows=[7])
+        assert sampler.draw_ahead(offsets, vocab_limit or vocab, capacity=offsets + 3)
+        for offset in range(offsets):
+            logits = torch.randn(rows, vocab, generator=g) * 3
+            at = torch.tensor([offset, max(0, offset - 2), offset])
+            want = ops.sample(logits, sampler.temperature, sampler.top_k, sampler.top_p, sampler.do_sample,
+                              sampler.seeds, at, None, vocab_limit, False, sampler.rows)
+            assert torch.equal(sampler(logits, at), want), (params, offset)
+    sampler.load(S())
+    assert not sampler.draw_ahead(offsets, vocab)  # greedy: nothing to draw
+
+
+def test_span_bucket_replays_a_one_off_request(demo):
+    """With a span bucket the steps of one request share recordings (a request replays after a few
+    of its own steps); replayed or eager, the bucketed loop is bitwise itself, and on the demo
+    model the tokens are those of exact spans."""
+    want = _loop(demo, S(), None)
+    eager = RecordedSteps(demo.model.decoder, record_after=10**9, span_bucket=8)
+    assert torch.equal(_loop(demo, S(), eager), want)
+    steps = RecordedSteps(demo.model.decoder, record_after=2, span_bucket=8)
+    assert torch.equal(_loop(demo, S(), steps), want)
+    assert len(steps) == 2  # spans 8 and 16: each recorded on its third step
+
+
+def test_captioning_replays_its_steps():
+    """The captioner on CPU records its steps in span buckets: a request replays after a few of its
+    own steps (RECORD_AFTER), and the demo captioner's captions are those of every step eager."""
+    pipe = mm.load(mm.demo_model("captioning"))
+    images = [image for image, _ in demo_world.sample(3, demo_world.HELD_OUT_SEED + 7)]
+    pipe.record_cpu_steps = False
+    want = pipe.caption(images)
+    pipe.record_cpu_steps = True
+    assert pipe.caption(images) == want
+    assert len(pipe.recorded_steps) >= 1 and pipe.recorded_steps.span_bucket > 1  # replayed within the request
+    assert pipe.caption(images) == want

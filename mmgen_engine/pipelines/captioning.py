@@ -43,7 +43,7 @@ from ..config import CaptioningConfig
 from ..errors import CheckpointError, InputError, one_line
 from ..files import open_regular_file
 from ..models import build_model
-from ..runtime import CUDAGraphs, SamplingParams
+from ..runtime import CUDAGraphs, RecordedSteps, SamplingParams
 from ..runtime.beam import beam_search
 from ..runtime.layout import column_major_weights
 from ..runtime.limits import MAX_PROMPT_TOKENS, MAX_RESIZED_PIXELS, check_count, check_new_tokens, check_prompt
@@ -55,6 +55,10 @@ SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 # LLaVA-1.5's conversation template ("USER: <image>\n{question} ASSISTANT:") around the caption
 # instruction of its COCO evaluation
 LLAVA_PROMPT = "USER: <image>\nProvide a one-sentence caption for the provided image. ASSISTANT:"
+# CPU recorded decode steps: the multiple the spans read are rounded up to, and the eager runs of a
+# step shape before it is recorded (recording a GPT-2 small step costs about RECORD_AFTER steps)
+SPAN_BUCKET = 32
+RECORD_AFTER = 4
 
 
 def to_rgb(im: PIL.Image.Image) -> PIL.Image.Image:
@@ -165,6 +169,12 @@ class CaptioningPipeline(Stages):
         self.use_cuda_graphs = device.type == "cuda"
         if device.type == "cuda":
             self._graphs = CUDAGraphs(model.decoder, self.dtype, device)
+        # CPU: the decode steps replayed from recordings (runtime.recorded; a step of GPT-2 small is
+        # ~2500 ATen calls, ~6 ms of them Python and dispatch), the spans read rounded up to
+        # SPAN_BUCKET slots so that a request's steps share a recording and replay after a few of
+        # its own. False: every step eager
+        self.record_cpu_steps = device.type == "cpu"
+        self.recorded_steps = RecordedSteps(model.decoder, record_after=RECORD_AFTER, span_bucket=SPAN_BUCKET)
         self._init_stages({"image_encoder": model.encode}, graphed=("image_encoder",))
         p = config.preprocess
         self._mean = np.array(p.image_mean, dtype=np.float32)[:, None, None]
@@ -300,9 +310,10 @@ class CaptioningPipeline(Stages):
                                    eos_token_id=gen.eos_token_id, pad_token_id=gen.pad_token_id,
                                    min_new_tokens=min_new_tokens, params=sampling,
                                    cuda_graphs=self.use_cuda_graphs, context=context)
+            recorded = self.record_cpu_steps and self.runtime == "engine" and self.device.type == "cpu"
             return self.decode_ids(prompt, states, lengths, max_new_tokens, eos_token_id=gen.eos_token_id,
                                    pad_token_id=gen.pad_token_id, min_new_tokens=min_new_tokens, sampling=sampling,
-                                   context=context)
+                                   context=context, **({"recorded": self.recorded_steps} if recorded else {}))
 
     def image_context(self, text_before: torch.Tensor) -> torch.Tensor:
         """LLaVA: the ids in front of the decoder prompt as transformers' input ids hold them, the text

@@ -62,9 +62,9 @@ class SpeechToGesturePipeline(Stages):
         self.use_cuda_graphs = device.type == "cuda"
         if device.type == "cuda":
             self._graphs = CUDAGraphs(model.decoder, self.dtype, device, vocab_limit=config.motion.codebook_size)
-        # CPU: the decoder's steps, replayed from recordings once a step shape repeats (every window
-        # decodes the same shapes); a small model's eager step is mostly Python (runtime.recorded).
-        # False: every step eager (the same tokens)
+        # CPU: the decoder's steps (and the audio encoder and motion decoder), replayed from recordings
+        # once a shape repeats (every window has the same shapes); a small model's eager step is mostly
+        # Python (runtime.recorded). False: every step eager (the same tokens and poses)
         self.record_cpu_steps = device.type == "cpu"
         self.recorded_steps = RecordedSteps(model.decoder)
         self._init_stages({"audio_encoder": model.encode, "motion_decoder": model.poses}, graphed=("audio_encoder",))
@@ -147,8 +147,17 @@ class SpeechToGesturePipeline(Stages):
             tokens = self.decode_window(window_audio, context, window_sampling)
             context = tokens[-self.config.gesture.seed_tokens:]
             with torch.inference_mode():
-                poses = self.stages["motion_decoder"](torch.tensor([tokens], device=self.device))[0]
+                poses = self._run_stage("motion_decoder", torch.tensor([tokens], device=self.device))[0]
             yield tokens, poses.cpu().numpy()
+
+    def _run_stage(self, name: str, *inputs: torch.Tensor) -> torch.Tensor:
+        """``self.stage(name)(*inputs)``; on CPU with the engine's own stages and ``record_cpu_steps``,
+        replayed from a recording per input shape as the decode steps are (every window has the same
+        shapes; a replay runs the same ATen calls, so the same values bitwise)."""
+        if self.record_cpu_steps and self.device.type == "cpu" and self.stage_backend == "engine":
+            fn = self.stages[name]
+            return self.recorded_steps.bind(name, lambda span: fn, inputs)(0)
+        return self.stage(name)(*inputs)
 
     def _step_options(self) -> dict:
         """The decode loop's ``recorded`` option where the engine's own loop runs the steps on CPU."""
@@ -162,7 +171,7 @@ class SpeechToGesturePipeline(Stages):
         cfg = self.config
         mel = log_mel_400(window_audio)[None].to(self.device, self.dtype)  # (1, F, 64)
         with torch.inference_mode():
-            states = self.stage("audio_encoder")(mel)
+            states = self._run_stage("audio_encoder", mel)
             prompt = torch.tensor([[cfg.gesture.bos_token_id, *context]], dtype=torch.int64, device=self.device)
             lengths = torch.full((1,), states.shape[1], dtype=torch.int64, device=self.device)
             new = self.decode_ids(prompt, states, lengths, cfg.window_tokens - len(context), eos_token_id=None,

@@ -8,7 +8,10 @@ caches, sampler counters, the output buffer, done flags) and never syncs with th
 it can be captured once per batch bucket as a graph and replayed, and so can the prefill with the
 first pick (:mod:`.graphs`). Eager and graph decoding run the same calls on the same shapes: on CUDA
 a batch is padded to its bucket in both modes (padding rows are marked done from the start), so both
-give identical tokens.
+give identical tokens. On CPU the same host-sync-free step is what a
+:class:`~.recorded.RecordedSteps` records whole (the decoder's step, the pick and the bookkeeping)
+and replays without Python, the sampler's random numbers drawn ahead for the request
+(:meth:`~.sampler.Sampler.draw_ahead`).
 
 A decoder either cross-attends to the encoder states (their K/V in the cross cache) or, when its
 ``uses_prefix`` is true (GIT, ClipCap), takes them as a prefix of input embeddings in front of the
@@ -21,6 +24,7 @@ both rows are fed next.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +39,8 @@ from .sampler import Sampler, SamplingParams, check_sampling
 
 # on CUDA, host reads of "all rows done?" happen every this many steps (each read is a sync)
 CHECK_EVERY = 8
+# on CPU with recordings the output buffer's length is a multiple of this (its shape is in the key)
+OUT_BUCKET = 32
 
 
 def batch_bucket(batch: int) -> int:
@@ -127,6 +133,66 @@ def decode_step(decoder: Decoder, st: DecodeState, forward=None) -> torch.Tensor
     return logits
 
 
+# the sampler's tensors a recorded pick reads (with penalize off: the repetition controls' are not read)
+_PICK_FIELDS = ("temperature", "top_k", "top_p", "do_sample", "seeds", "rows", "guidance", "drawn")
+
+
+def _state_tensors(st: DecodeState) -> tuple[torch.Tensor, ...]:
+    """Every tensor of ``st`` that a step and its pick read or write, in :func:`_rebuild`'s order."""
+    s = st.sampler
+    own = (st.cache.k, st.cache.v, st.cross.k, st.cross.v, st.cross.lengths, st.tokens, st.positions, st.done,
+           st.step, st.min_new, st.out, st.history, st.history_len)
+    return own + tuple(getattr(s, name) for name in _PICK_FIELDS if getattr(s, name) is not None)
+
+
+def _rebuild(st: DecodeState, tensors: tuple[torch.Tensor, ...], span: int) -> DecodeState:
+    """``st`` with the tensors of :func:`_state_tensors` put in place (what a recording's inputs are)."""
+    k, v, cross_k, cross_v, lengths, tokens, positions, done, step, min_new, out, history, history_len = tensors[:13]
+    rest = iter(tensors[13:])
+    sampler = copy.copy(st.sampler)
+    for name in _PICK_FIELDS:
+        if getattr(sampler, name) is not None:
+            setattr(sampler, name, next(rest))
+    return DecodeState(KVCache(k, v, span), CrossKVCache(cross_k, cross_v, lengths), sampler, tokens, positions, done,
+                       step, min_new, out, st.eos, st.pad, history, history_len)
+
+
+def _recorded_loop(decoder: Decoder, st: DecodeState, recorded: RecordedSteps, prompt: torch.Tensor,
+                   encoder_states: torch.Tensor):
+    """``(prefill(), step(span))``: the prefill with its pick and :func:`decode_step` (the decoder's
+    step, the pick and the bookkeeping), each one call of ``recorded`` on the state's tensors, so a
+    replay runs a whole step without Python. The pick must make no host call: no repetition
+    controls, and a sampled pick looks its uniforms up in ``st.sampler.drawn``."""
+    s = st.sampler
+    tensors = _state_tensors(st)
+    # what the pick decides on the host, baked into a recording: the sampler's CPU shortcuts
+    # (ops.sampling.filter_logits: is any top-k / top-p on, and the largest k)
+    n = s.drawn.shape[2] if s.drawn is not None else None
+    filters = None if s.greedy else (int(s.top_k.clamp(0, n).max()), bool((s.top_p < 1).any()))
+    extra = (st.eos, st.pad, s.greedy, s.vocab_limit, filters)
+
+    def make_step(span):
+        def step(*tensors):
+            return decode_step(decoder, _rebuild(st, tensors, span))
+        return step
+
+    def make_prefill(span):
+        def prefill(prompt, encoder_states, *tensors):
+            view = _rebuild(st, tensors, span)
+            logits = decoder.prefill(prompt, encoder_states, view.cache, view.cross)
+            pick(logits, view)
+            return logits
+        return prefill
+
+    run_step = recorded.bind("step+pick", make_step, tensors, extra)
+    run_prefill = recorded.bind("prefill+pick", make_prefill, (prompt, encoder_states) + tensors, extra)
+    return lambda: run_prefill(st.cache.span), run_step
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
 def check_fits(prefix: int, prompt_len: int, max_new_tokens: int, max_positions: int) -> int:
     """The positions a row feeds the model (the last new token is never fed back): ``prefix +
     prompt_len + max_new_tokens - 1``; InputError if that exceeds ``max_positions`` or there is
@@ -179,8 +245,10 @@ def generate_stream(decoder: Decoder, prompt: torch.Tensor, encoder_states: torc
     (LLaVA's text before the image and its placeholder ids, which transformers counts in the input
     ids), none by default; at most as long as the prefix. ``recorded``: a
     :class:`~mmgen_engine.runtime.recorded.RecordedSteps` of this decoder that runs the CPU prefill
-    and decode steps (replayed from recordings where it has them; the same tokens as without), ignored
-    on CUDA.
+    and decode steps, replayed from recordings where it has them, ignored on CUDA. Greedy, or
+    sampling over a ``vocab_limit`` slice, and without repetition controls, it records each whole
+    step with its pick; otherwise the decoder's step alone. With its ``span_bucket`` of 1 the tokens
+    are bitwise those without it; a larger bucket rounds the spans read (see its module).
     """
     groups = 2 if guided else 1
     if prompt.shape[0] % groups:
@@ -200,26 +268,41 @@ def generate_stream(decoder: Decoder, prompt: torch.Tensor, encoder_states: torc
     cuda = device.type == "cuda"
     rows = batch_bucket(batch) if cuda else batch
     prompt, encoder_states = _pad_rows(prompt, rows, groups), _pad_rows(encoder_states, rows, groups)
+    recorded = None if cuda or graphs is not None else recorded
+    cache_len, out_len, span_bucket = fed, max_new_tokens, 1
+    if recorded is not None:
+        # requests of other lengths share the recordings: the output buffer (and with a span bucket
+        # the cache and the spans read) sized in buckets
+        span_bucket = recorded.span_bucket
+        cache_len, out_len = _round_up(fed, span_bucket), _round_up(max_new_tokens, OUT_BUCKET)
     if graphs is not None:
         bucket = graphs.get(rows, encoder_states.shape[1], eos_token_id, pad_token_id)
         st = bucket.state
     else:
-        st = DecodeState.allocate(decoder, rows, fed, encoder_states.shape[1], max_new_tokens, dtype, device,
+        st = DecodeState.allocate(decoder, rows, cache_len, encoder_states.shape[1], out_len, dtype, device,
                                   eos_token_id, pad_token_id, guided, vocab_limit)
     st.sampler.load(sampling)  # on the graph path its greedy flag picks the graphs' variant
     if graphs is not None:  # get (capture on first use) the graphs before the state is reset
         run_prefill, run_step = bucket.prefill(prompt, encoder_states), bucket.step()
+    elif recorded is not None and not st.sampler.penalize and (
+            st.sampler.greedy or (vocab_limit is not None and st.sampler.draw_ahead(max_new_tokens, vocab_limit,
+                                                                                   out_len))):
+        # the whole step recorded; the sampled pick's uniforms drawn up front (a vocabulary slice is
+        # small; a whole text vocabulary is drawn only where the filters keep a token, per step)
+        run_prefill, fused_step = _recorded_loop(decoder, st, recorded, prompt, encoder_states)
+
+        def run_step():
+            fused_step(st.cache.span)
     else:
-        forward = recorded if recorded is not None and not cuda else None
-        prefill = decoder.prefill if forward is None else forward.prefill
+        prefill = decoder.prefill if recorded is None else recorded.prefill
 
         def run_prefill():
             pick(prefill(prompt, encoder_states, st.cache, st.cross), st)
 
         def run_step():
-            decode_step(decoder, st, forward)
+            decode_step(decoder, st, recorded)
     # CUDA steps see the whole cache (static shapes for graphs; the kernels stop at each row's length);
-    # CPU steps read only the slots in use, set per step below
+    # CPU steps read only the slots in use (rounded up to the recordings' span bucket), set per step below
     st.cache.span = st.cache.k.shape[3]
     st.done.zero_()
     st.done[batch:] = True
@@ -240,6 +323,6 @@ def generate_stream(decoder: Decoder, prompt: torch.Tensor, encoder_states: torc
         if eos_token_id is not None and (not cuda or step % CHECK_EVERY == 0) and bool(st.done.all()):
             break
         if not cuda:
-            st.cache.span = prefix + prompt_len + step
+            st.cache.span = min(_round_up(prefix + prompt_len + step, span_bucket), cache_len)
         run_step()
     yield st.out[:batch, :max_new_tokens].clone()

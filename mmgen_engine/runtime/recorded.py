@@ -16,6 +16,16 @@ thread count (``ops.linear`` splits by threads). Those are the key. The weights 
 reference: replacing a parameter's tensor (``p.data = ...``) after a recording leaves it stale, so
 build a new :class:`RecordedSteps` after changing a model.
 
+:meth:`RecordedSteps.bind` records any function of a loop's tensors the same way:
+:func:`~mmgen_engine.runtime.generate.generate_stream` records a whole step with it - the decoder's
+step, the pick of the next tokens and the bookkeeping - so a replay is one call without Python (the
+sampler's random numbers are drawn ahead for that, :meth:`~.sampler.Sampler.draw_ahead`).
+``span_bucket`` > 1 makes the loop read the cache in spans rounded up to a multiple of it (the
+unused slots masked), so that the steps of a request share a few recordings and a one-off request
+replays too; the rounding of a wider masked read can differ from the exact span's in the last bit,
+so tokens equal the eager loop's only where no two logits are that close (the default, 1, reads
+exact spans: bitwise the eager loop).
+
 Recording a step costs about 50 eager steps (~50 ms on the demo model), so a key is recorded only
 once it has run eagerly ``record_after`` times (rent, then buy: a one-off request with few steps of
 a shape never records it, a repeated one is soon replayed). Where ``torch.jit`` is missing
@@ -29,6 +39,7 @@ warning is silenced here, and :data:`AVAILABLE` turns the recordings off where i
 """
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from collections import OrderedDict
@@ -46,12 +57,16 @@ MAX_RECORDINGS = 128  # least recently used recordings beyond this are dropped
 
 
 class RecordedSteps:
-    """``decoder.decode_step(tokens, positions, cache, cross) -> logits`` (calling it) and
-    ``decoder.prefill`` (:meth:`prefill`) for CPU tensors, run eagerly or, once a key (see the module
-    docstring) has run ``record_after`` times (0: at once), replayed from a recording."""
+    """``decoder.decode_step(tokens, positions, cache, cross) -> logits`` (calling it),
+    ``decoder.prefill`` (:meth:`prefill`) and a loop's own steps (:meth:`bind`) for CPU tensors, run
+    eagerly or, once a key (see the module docstring) has run ``record_after`` times (0: at once),
+    replayed from a recording. ``span_bucket``: the multiple the decode loop rounds its CPU spans up
+    to (1: exact spans)."""
 
-    def __init__(self, decoder: Decoder, record_after: int = RECORD_AFTER, max_recordings: int = MAX_RECORDINGS):
+    def __init__(self, decoder: Decoder, record_after: int = RECORD_AFTER, max_recordings: int = MAX_RECORDINGS,
+                 span_bucket: int = 1):
         self.decoder = decoder
+        self.span_bucket = span_bucket
         self.record_after, self.max_recordings = record_after, max_recordings
         self._runs: dict[tuple, int] = {}
         self._recorded: OrderedDict[tuple, Callable] = OrderedDict()
@@ -83,31 +98,61 @@ class RecordedSteps:
         return self._run("prefill", prefill, cache.span,
                          (tokens, encoder_states, cache.k, cache.v, cross.k, cross.v, cross.lengths))
 
+    def bind(self, kind: str, make: Callable[[int], Callable], inputs: tuple[torch.Tensor, ...],
+             extra: tuple = ()) -> Callable[[int], object]:
+        """``run(span)`` for a loop that calls the same function on the same tensors at every step:
+        ``make(span)(*inputs)``, eager or replayed as :meth:`__call__` is. The key is made once here,
+        from ``inputs`` and ``extra`` (what ``make``'s function reads from the host besides ``span``:
+        it is baked into a recording), plus ``span`` per call."""
+        base = (kind, _shapes(inputs), extra, os.environ.get(ENV_VAR, ""), torch.get_num_threads())
+        return lambda span: self._replay(base + (span,), lambda: make(span), inputs)
+
     def _run(self, kind: str, fn: Callable, span: int, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        key = (kind, tuple((tuple(t.shape), t.stride(), t.dtype) for t in inputs), span,
-               os.environ.get(ENV_VAR, ""), torch.get_num_threads())
+        key = (kind, _shapes(inputs), (), os.environ.get(ENV_VAR, ""), torch.get_num_threads(), span)
+        return self._replay(key, lambda: fn, inputs)
+
+    def _replay(self, key: tuple, make: Callable[[], Callable], inputs: tuple[torch.Tensor, ...]):
         replay = self._recorded.get(key)
         if replay is None:
             runs = self._runs.get(key, 0)
-            if not AVAILABLE or runs < self.record_after or inputs[0].device.type != "cpu":
+            if (not AVAILABLE or runs < self.record_after or inputs[0].device.type != "cpu"
+                    or not _reference_backends(key[3])):
                 self._runs[key] = runs + 1
-                return fn(*inputs)
-            replay = self._record(fn, inputs)
+                return make()(*inputs)
+            replay, result = self._record(make(), inputs)
             self._runs.pop(key, None)
             self._recorded[key] = replay
             if len(self._recorded) > self.max_recordings:
                 self._recorded.popitem(last=False)
-        else:
-            self._recorded.move_to_end(key)
+            return result
+        self._recorded.move_to_end(key)
         with torch.jit.optimized_execution(False):
             return replay(*inputs)
 
     @staticmethod
-    def _record(fn: Callable, inputs: tuple[torch.Tensor, ...]) -> Callable:
-        # the recording run writes the step's K/V into the caches; the replay that follows writes the
-        # same values into the same slots
+    def _record(fn: Callable, inputs: tuple[torch.Tensor, ...]) -> tuple[Callable, object]:
+        """The recording of ``fn`` and what the run that made it returned: that run is the step
+        (its writes into the input tensors happened once, as an eager step's do)."""
+        result = []
+
+        def run(*args):
+            result.append(fn(*args))
+            return result[-1]
+
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             with torch.jit.optimized_execution(False):
-                return torch.jit.trace(fn, inputs, check_trace=False)
+                return torch.jit.trace(run, inputs, check_trace=False), result[0]
+
+def _shapes(inputs: tuple[torch.Tensor, ...]) -> tuple:
+    return tuple((tuple(t.shape), t.stride(), t.dtype) for t in inputs)
+
+
+@functools.lru_cache(maxsize=64)
+def _reference_backends(forced: str) -> bool:
+    """Whether ``MMGEN_BACKEND=forced`` leaves every op on its plain-torch reference: the Triton
+    interpreter (what forcing ``triton`` runs on CPU) cannot be traced, so steps then run eagerly."""
+    value = forced.strip().lower()
+    items = value.split(",") if "=" in value else [f"={value}"]
+    return all(item.partition("=")[2].strip() in ("", "reference") for item in items)

@@ -10,6 +10,9 @@ import torch
 
 from .. import ops
 from ..errors import InputError
+from ..ops.random import uniform_numpy
+from ..ops.registry import dispatch
+from ..ops.sampling import combine, filter_logits, sample_reference
 from .limits import FLOAT32_MAX, FLOAT32_TINY, MAX_NEW_TOKENS, check_float32, check_int, show
 
 MAX_BEAMS = 64
@@ -121,6 +124,7 @@ class Sampler:
         self.rows = torch.arange(batch, dtype=torch.int64, device=device)
         self.guidance = rows(torch.float32) if guidance else None
         self.vocab_limit = vocab_limit
+        self.drawn = None  # see draw_ahead
         self.load(params)
 
     def load(self, params: SamplingParams | None, index=None, stream_rows=None) -> None:
@@ -163,5 +167,54 @@ class Sampler:
         return sub
 
     def __call__(self, logits: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-        return ops.sample(logits, self.temperature, self.top_k, self.top_p, self.do_sample, self.seeds, offset,
-                          self.guidance, self.vocab_limit, self.greedy, self.rows)
+        if self.drawn is not None and not self.greedy:
+            return sample_drawn(logits, self.temperature, self.top_k, self.top_p, self.do_sample, offset,
+                                self.guidance, self.vocab_limit, self.drawn)
+        # while a recording is made (runtime.recorded) the shapes are traced values that ops.sample's
+        # shape checks cannot compare; the runtime's own tensors are right by construction
+        sample = dispatch("sample", logits) if torch.jit.is_tracing() else ops.sample
+        return sample(logits, self.temperature, self.top_k, self.top_p, self.do_sample, self.seeds, offset,
+                      self.guidance, self.vocab_limit, self.greedy, self.rows)
+
+    def draw_ahead(self, offsets: int, vocab: int, capacity: int | None = None) -> bool:
+        """CPU: draw the random numbers of the steps at offsets ``0..offsets-1`` up front, as Gumbel
+        noise ``drawn [B, capacity (default offsets), n] = log(-log(u))`` (``n = vocab_limit or
+        vocab``; the offsets from ``offsets`` on are left unset), so that a step samples with two
+        torch calls and no host call (:func:`sample_drawn`) instead of ``ops.sample``'s reference,
+        which draws only the tokens its filters keep, in one NumPy call per step. Only where
+        ``ops.sample`` dispatches to that reference and the table holds at most
+        :data:`DRAW_AHEAD_MAX` numbers; returns whether it drew (else ``drawn`` is None)."""
+        self.drawn = None
+        n = vocab if self.vocab_limit is None else self.vocab_limit
+        batch = self.seeds.shape[0]
+        capacity = offsets if capacity is None else capacity
+        if (self.greedy or self.seeds.device.type != "cpu" or batch * capacity * n > DRAW_AHEAD_MAX
+                or dispatch("sample", self.temperature) is not sample_reference):
+            return False
+        # one call over the whole (row, offset, token) grid: the counters of the per-step draws
+        grid = (batch, offsets, n)
+        u = uniform_numpy(self.seeds[:, None, None].expand(grid), torch.arange(offsets)[None, :, None].expand(grid),
+                          self.rows[:, None, None].expand(grid), torch.arange(n)[None, None, :].expand(grid))
+        self.drawn = torch.zeros(batch, capacity, n)
+        torch.log(-torch.log(u), out=self.drawn[:, :offsets])
+        return True
+
+
+# the largest table Sampler.draw_ahead makes (float32 numbers; ~1.5 ms of NumPy on the 2-core box)
+DRAW_AHEAD_MAX = 1 << 16
+
+
+def sample_drawn(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                 do_sample: torch.Tensor, offset: torch.Tensor, guidance: torch.Tensor | None,
+                 vocab_limit: int | None, drawn: torch.Tensor) -> torch.Tensor:
+    """``ops.sample``'s CPU reference (see :mod:`mmgen_engine.ops.sampling`) with its Gumbel noise
+    looked up in ``drawn [B, offsets, n]`` (:meth:`Sampler.draw_ahead`): the reference scores a
+    kept token ``l - log(-log(u))`` and a removed one ``-inf``, and so does ``l - drawn`` (``-inf``
+    minus a finite number); torch's CPU ``log`` rounds each element alike whether it is taken over
+    the kept tokens or the whole table (checked in tests/test_step_overhead.py), so the tokens are
+    the reference's bitwise. No host call: a recording (:mod:`.recorded`) can replay it."""
+    z = combine(logits, guidance, vocab_limit)
+    l = filter_logits(z, temperature, top_k, top_p)
+    at = offset.expand(z.shape[0])[:, None, None].expand(-1, 1, z.shape[1])
+    scores = l - drawn.gather(1, at)[:, 0]
+    return torch.where(do_sample, scores.argmax(dim=-1), z.argmax(dim=-1))
