@@ -389,8 +389,10 @@ def test_blip2_half_precision_keeps_the_qformer_in_fp32(tmp_path):
     assert scaled_error(engine_logits(pipe, px, tokens), ref[:, QUERIES:].float()) <= 1e-2
 
 
-def test_blip2_bf16_on_cpu(tmp_path):
-    """A bfloat16 conversion on CPU: logits within bf16's tolerance of transformers' fp32 logits."""
+def test_blip2_bf16_on_cpu(tmp_path, monkeypatch):
+    """A bfloat16 conversion on CPU computed in bf16: logits within bf16's tolerance of transformers'
+    fp32 logits."""
+    monkeypatch.setenv("MMGEN_CPU_BF16_COMPUTE", "bfloat16")
     model = make_blip2(seed=4, init=0.05)
     pipe = mm.load(mm.convert(save_blip2(model, tmp_path / "hf"), tmp_path / "engine", dtype="bfloat16"))
     assert pipe.dtype == pipe.model.encoder.patch_embed.weight.dtype == torch.bfloat16

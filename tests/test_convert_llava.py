@@ -259,9 +259,10 @@ def reference_logits(model, px, tokens):
         return model(input_ids=ids, pixel_values=px).logits[:, -tokens.shape[1] - 1:]
 
 
-def test_detection_and_bf16_on_cpu(tmp_path):
-    """A bfloat16 conversion: detected as hf-llava, its logits within bf16's tolerance of transformers'
-    fp32 logits."""
+def test_detection_and_bf16_on_cpu(tmp_path, monkeypatch):
+    """A bfloat16 conversion computed in bf16: detected as hf-llava, its logits within bf16's tolerance
+    of transformers' fp32 logits."""
+    monkeypatch.setenv("MMGEN_CPU_BF16_COMPUTE", "bfloat16")
     model = make_llava(seed=2, init=0.05)
     path = save_llava(model, tmp_path / "hf")
     assert mm.convert(path, tmp_path / "engine", dtype="bfloat16")

@@ -109,8 +109,10 @@ def test_eos_stops_rows_and_pads(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_half_precision_conversion(tmp_path, dtype):
-    """Engine error vs the fp32 model is at most twice transformers' own error in that dtype."""
+def test_half_precision_conversion(tmp_path, dtype, monkeypatch):
+    """Engine error vs the fp32 model is at most twice transformers' own error in that dtype (bf16
+    computed in bf16, as on GPU; tests/test_bf16_storage.py covers the CPU's bf16 storage)."""
+    monkeypatch.setenv("MMGEN_CPU_BF16_COMPUTE", "bfloat16")
     model = make_model(seed=2, init=0.02)
     pipe = convert_and_load(model, tmp_path, dtype=dtype)
     cfg = json.loads((tmp_path / "engine" / "config.json").read_text())
@@ -126,7 +128,8 @@ def test_half_precision_conversion(tmp_path, dtype):
     assert (ours - ref).abs().max().item() <= 2 * peer_err + 1e-3
 
 
-def test_load_with_dtype_override(tmp_path):
+def test_load_with_dtype_override(tmp_path, monkeypatch):
+    monkeypatch.setenv("MMGEN_CPU_BF16_COMPUTE", "bfloat16")  # the whole model in bf16
     model = make_model(seed=4)
     src = save(model, tmp_path / "hf")
     out = mm.convert(src, tmp_path / "engine")

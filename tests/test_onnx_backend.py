@@ -261,6 +261,7 @@ def test_auto_falls_back_to_the_engine_with_a_warning(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="keeps the engine's image_encoder .*no space left"):
         pipe = mm.load(ckpt)
     assert pipe.stage_backend == "engine" and pipe.onnx_dir is None
+    assert not (ckpt / "onnx").exists()  # nothing left behind
     image = sample(1, HELD_OUT_SEED + 23)[0][0]
     assert pipe.caption([image]) == mm.load(ckpt, stage_backend="engine").caption([image])
 

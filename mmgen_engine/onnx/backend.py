@@ -281,23 +281,27 @@ def _remove_old_temporaries(out: Path) -> None:
 def _export_into(checkpoint_dir: Path, out: Path, dtype: str, parts: list[str], identity: dict) -> None:
     """Export into a new temporary sibling of ``out``, then rename it to ``out``: atomic, and the
     rename fails where another loader's export got there first (then that one is kept if good)."""
+    made = not out.parent.exists()
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export.", dir=out.parent))
     except OSError as e:
         raise CheckpointError(f"{out}: cannot write the ONNX export there ({one_line(e)})") from None
     _remove_old_temporaries(out)
+    ok = False
     try:
         export_onnx(checkpoint_dir, tmp, parts=parts, dtype=dtype)
         for _ in range(INSTALL_TRIES):
             try:
                 os.rename(tmp, out)  # onto a missing or empty directory only
+                ok = True
                 return
             except OSError as e:
                 if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                     raise CheckpointError(f"{out}: cannot write the ONNX export there ({one_line(e)})") from None
             state, why = _state(out, identity, dtype, parts)
             if state == "good":  # another loader's, complete
+                ok = True
                 return
             if state == "foreign":
                 raise CheckpointError(f"{out}: {why}; not replaced")
@@ -312,6 +316,11 @@ def _export_into(checkpoint_dir: Path, out: Path, dtype: str, parts: list[str], 
         raise CheckpointError(f"{out}: other loaders kept replacing the ONNX export; try again")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if made and not ok:  # a failed export leaves no empty CKPT/onnx/ behind
+            try:
+                out.parent.rmdir()
+            except OSError:  # not empty: another loader's export is there
+                pass
 
 
 # -- sessions ------------------------------------------------------------------------------------
