@@ -445,6 +445,7 @@ def test_captioning_decode_on_the_cuda_kernels_gives_the_reference_tokens(cuda_k
     import mmgen_engine as mm
 
     checkpoint = mm.convert(save(make_model(seed=21), tmp_path / "hf"), tmp_path / "engine")
+    monkeypatch.setenv("MMGEN_CPU_BF16_COMPUTE", "bfloat16")  # the kernels take fp16/bf16, not CPU bf16 storage
     pipe = mm.load(checkpoint, dtype=dtype)
     pixels = torch.randn(3, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(0))
     sampling = mm.SamplingParams(do_sample=True, temperature=0.8, top_k=7, top_p=0.9, seed=11) if sampled else None
