@@ -3,6 +3,11 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <array>
+#include <cstdint>
+#include <stdexcept>
+#include <vector>
+
 #include "native.h"
 #if MMGEN_WITH_CUDA
 #include "kernel_bindings.h"
@@ -55,6 +60,67 @@ PYBIND11_MODULE(_C, m) {
       py::arg("x"), py::arg("ldx"), py::arg("w"), py::arg("weight"), py::arg("scale"), py::arg("group_size"),
       py::arg("bias"), py::arg("y"), py::arg("ldy"), py::arg("rows"), py::arg("n"), py::arg("k"),
       py::arg("threads"), py::arg("isa"), py::call_guard<py::gil_scoped_release>());
+
+  // A small decoder's whole decode step (csrc/cpu/decoder_step.cpp). Matrices are (pointer, n, k,
+  // stride n, stride k); the model's weights stay owned by the caller, who keeps them alive.
+  using Mat = std::array<int64_t, 5>;
+  using Strides4 = std::array<int64_t, 4>;
+  auto mat = [](const Mat& a) {
+    return mmgen::StepMatrix{reinterpret_cast<const float*>(a[0]), a[1], a[2], a[3], a[4]};
+  };
+  auto vec = [](const py::dict& d, const char* key) {
+    return d.contains(key) ? reinterpret_cast<const float*>(d[key].cast<std::uintptr_t>()) : nullptr;
+  };
+  py::class_<mmgen::DecoderStepModel>(m, "DecoderStep")
+      .def(py::init([mat, vec](int64_t dim, int64_t heads, int64_t hidden, float eps, int activation,
+                               const Mat& wte, const Mat& wpe, const Mat& head, std::uintptr_t lnf_w,
+                               std::uintptr_t lnf_b, const std::vector<py::dict>& layers) {
+             if (activation < 0 || activation > 3) throw std::invalid_argument("decoder step: activation must be 0..3");
+             mmgen::DecoderStepModel model{dim, heads, heads > 0 ? dim / heads : 0, hidden, eps,
+                                           static_cast<mmgen::StepActivation>(activation), mat(wte), mat(wpe),
+                                           mat(head), reinterpret_cast<const float*>(lnf_w),
+                                           reinterpret_cast<const float*>(lnf_b), {}};
+             const Mat none{0, 0, 0, 0, 0};
+             for (const py::dict& d : layers) {
+               auto m_or_none = [&](const char* key) { return d.contains(key) ? mat(d[key].cast<Mat>()) : mat(none); };
+               model.layers.push_back({vec(d, "ln1_w"), vec(d, "ln1_b"), m_or_none("qkv"), vec(d, "qkv_b"),
+                                       m_or_none("out"), vec(d, "out_b"), vec(d, "lnx_w"), vec(d, "lnx_b"),
+                                       m_or_none("cross_q"), vec(d, "cross_q_b"), m_or_none("cross_out"),
+                                       vec(d, "cross_out_b"), vec(d, "ln2_w"), vec(d, "ln2_b"), m_or_none("fc1"),
+                                       m_or_none("fc2"), vec(d, "fc1_b"), vec(d, "fc2_b"),
+                                       d["scale"].cast<float>()});
+             }
+             mmgen::check_decoder_step(model);
+             return model;
+           }),
+           "A small GPT-2-style decoder's weights (pointers, not copies). Layers: dicts of ln1_w, ln1_b, qkv, "
+           "qkv_b, out, out_b, [lnx_w, lnx_b, cross_q, cross_q_b, cross_out, cross_out_b], ln2_w, ln2_b, fc1, "
+           "fc1_b, fc2, fc2_b (vectors: pointers; matrices: (pointer, n, k, stride n, stride k)), scale.",
+           py::arg("dim"), py::arg("heads"), py::arg("hidden"), py::arg("eps"), py::arg("activation"),
+           py::arg("wte"), py::arg("wpe"), py::arg("head"), py::arg("lnf_w"), py::arg("lnf_b"), py::arg("layers"))
+      .def(
+          "__call__",
+          [](const mmgen::DecoderStepModel& model, std::uintptr_t tokens, std::uintptr_t positions, int64_t rows,
+             std::uintptr_t k, std::uintptr_t v, const Strides4& k_strides, const Strides4& v_strides, int64_t slots,
+             int64_t span, std::uintptr_t cross_k, std::uintptr_t cross_v, const Strides4& ck_strides,
+             const Strides4& cv_strides, int64_t cross_rows, int64_t cross_len, std::uintptr_t cross_lengths,
+             std::uintptr_t logits, int64_t ld_logits) {
+            mmgen::DecoderStepIO io{reinterpret_cast<const int64_t*>(tokens), reinterpret_cast<const int64_t*>(positions),
+                                    rows, reinterpret_cast<float*>(k), reinterpret_cast<float*>(v),
+                                    {k_strides[0], k_strides[1], k_strides[2], k_strides[3]},
+                                    {v_strides[0], v_strides[1], v_strides[2], v_strides[3]}, slots, span,
+                                    reinterpret_cast<const float*>(cross_k), reinterpret_cast<const float*>(cross_v),
+                                    {ck_strides[0], ck_strides[1], ck_strides[2], ck_strides[3]},
+                                    {cv_strides[0], cv_strides[1], cv_strides[2], cv_strides[3]}, cross_rows,
+                                    cross_len, reinterpret_cast<const int64_t*>(cross_lengths),
+                                    reinterpret_cast<float*>(logits), ld_logits};
+            mmgen::decoder_step(model, io);
+          },
+          "One decode step: CPU pointers as ints, strides in elements (see csrc/native.h, DecoderStepIO).",
+          py::arg("tokens"), py::arg("positions"), py::arg("rows"), py::arg("k"), py::arg("v"), py::arg("k_strides"),
+          py::arg("v_strides"), py::arg("slots"), py::arg("span"), py::arg("cross_k"), py::arg("cross_v"),
+          py::arg("ck_strides"), py::arg("cv_strides"), py::arg("cross_rows"), py::arg("cross_len"),
+          py::arg("cross_lengths"), py::arg("logits"), py::arg("ld_logits"), py::call_guard<py::gil_scoped_release>());
 
 #if MMGEN_WITH_CUDA
   m.def("cuda_runtime_version", &mmgen::cuda_runtime_version,

@@ -58,6 +58,67 @@ struct GemvParams {
 // cpu_isas()). Bad arguments throw std::invalid_argument before anything is read.
 void gemv(const GemvParams& p, GemvWeight weight, int threads, CpuIsa isa);
 
+// ---- CPU: one decode step of a small GPT-2-style decoder (csrc/cpu/decoder_step.cpp) ----------
+// Pre-LayerNorm blocks: h += out(attn(ln1(h))); [h += cross_out(cross(lnx(h), encoder K/V));]
+// h += fc2(act(fc1(ln2(h)))); logits = ln_f(h) head^T. float32 throughout, on the calling thread.
+
+// A weight W [n, k] read in place: W(i, j) = w[i * sn + j * sk], with sk == 1 (row-major) or
+// sn == 1 (column-major, W^T contiguous).
+struct StepMatrix {
+  const float* w;
+  int64_t n, k, sn, sk;
+};
+
+enum class StepActivation : int { kGeluErf = 0, kGeluTanh = 1, kGeluSigmoid = 2, kRelu = 3 };
+
+struct DecoderStepLayer {
+  const float *ln1_w, *ln1_b;
+  StepMatrix qkv;  // [3 dim, dim]: q, k, v rows
+  const float* qkv_b;
+  StepMatrix out;
+  const float* out_b;
+  const float *lnx_w, *lnx_b;  // cross-attention (cross_q.w null: none; then in no layer)
+  StepMatrix cross_q;
+  const float* cross_q_b;
+  StepMatrix cross_out;
+  const float* cross_out_b;
+  const float *ln2_w, *ln2_b;
+  StepMatrix fc1, fc2;
+  const float *fc1_b, *fc2_b;
+  float scale;  // attention logit scale (self and cross)
+};
+
+struct DecoderStepModel {
+  int64_t dim, heads, head_dim, hidden;
+  float eps;
+  StepActivation activation;
+  StepMatrix wte, wpe, head;  // token and position embeddings [V, dim], [P, dim]; head [V', dim]
+  const float *lnf_w, *lnf_b;
+  std::vector<DecoderStepLayer> layers;
+};
+
+// One token per row. Caches: k/v [layers, rows, heads, slots, head_dim] with strides in elements
+// (head_dim contiguous); the cross cache [layers, cross_rows, heads, cross_len, head_dim], row r
+// reading cross row r / (rows / cross_rows). Row r's token goes to slot positions[r] (< span) and
+// attends to slots 0..positions[r]; logits [rows, head.n] with row stride ld_logits.
+struct DecoderStepIO {
+  const int64_t *tokens, *positions;
+  int64_t rows;
+  float *k, *v;
+  int64_t k_strides[4], v_strides[4];
+  int64_t slots, span;
+  const float *cross_k, *cross_v;
+  int64_t ck_strides[4], cv_strides[4];
+  int64_t cross_rows, cross_len;
+  const int64_t* cross_lengths;
+  float* logits;
+  int64_t ld_logits;
+};
+
+void check_decoder_step(const DecoderStepModel& m);  // shapes and strides; std::invalid_argument
+// Ids, positions and lengths are checked before anything is written (std::invalid_argument).
+void decoder_step(const DecoderStepModel& m, const DecoderStepIO& io);
+
 #if MMGEN_WITH_CUDA
 // csrc/cuda/device.cu
 int cuda_runtime_version();  // CUDART_VERSION style: 1000 * major + 10 * minor

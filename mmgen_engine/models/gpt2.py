@@ -19,6 +19,7 @@ from torch import nn
 from .. import ops
 from ..config import GPT2Config
 from ..layers import MLP, CrossAttention, LayerNorm, SelfAttention
+from ..ops.decoder_step import StepSpec, native_step
 from .quantize import head_weight
 
 
@@ -96,8 +97,35 @@ class GPT2Decoder(nn.Module):
     def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache, cross) -> torch.Tensor:
         """One token per row, ``tokens, positions [B]`` -> logits ``[B, V]``; ``cache.span`` bounds
         the slots read (the whole cache when it equals its length)."""
+        step = native_step(self, self._step_spec, tokens, cache.k)  # CPU, small, float32: one native call
+        if step is not None:
+            return step(tokens, positions, cache.k, cache.v, cache.span, cross.k, cross.v, cross.lengths)
         h = ops.embedding(tokens, positions, self.wte, self.wpe)  # (B, D)
         lengths = positions + 1
         h, delta = self._blocks(h, lambda i, attn, x: attn.decode(x, cache.k[i], cache.v[i], lengths, cache.span),
                                 cross)
         return self._logits(h, delta)
+
+    def _step_spec(self) -> StepSpec | None:
+        """This decoder as :mod:`mmgen_engine.ops.decoder_step` takes it; None where a layer holds int8
+        weights (the native step runs float weights only)."""
+        head = head_weight(self)
+        if not isinstance(head, torch.Tensor):
+            return None
+        layers = []
+        for layer in self.layers:
+            linears = {"qkv": layer.attn.qkv, "out": layer.attn.out, "fc1": layer.mlp.fc1, "fc2": layer.mlp.fc2}
+            norms = {"ln1": layer.ln1, "ln2": layer.ln2}
+            if layer.cross is not None:
+                linears |= {"cross_q": layer.cross.q, "cross_out": layer.cross.out}
+                norms["lnx"] = layer.ln_cross
+            if not all(isinstance(lin.op_weight, torch.Tensor) for lin in linears.values()):
+                return None
+            spec = {name: lin.weight for name, lin in linears.items()}
+            spec |= {f"{name}_b": lin.bias for name, lin in linears.items() if lin.bias is not None}
+            for name, ln in norms.items():
+                spec |= {f"{name}_w": ln.weight, f"{name}_b": ln.bias}
+            layers.append(spec | {"scale": layer.attn.scale})
+        mlp = self.layers[0].mlp
+        return StepSpec(self.cfg.num_heads, self.cfg.layer_norm_eps, mlp.approximate or "relu", self.wte, self.wpe,
+                        head, (self.ln_f.weight, self.ln_f.bias), layers)
