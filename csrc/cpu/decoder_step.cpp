@@ -39,6 +39,28 @@ MMGEN_CLONES void axpy(float a, const float* __restrict w, float* __restrict y, 
   for (int64_t i = 0; i < n; ++i) y[i] += a * w[i];
 }
 
+// y[r, 0:kTile] = b[0:kTile] + sum_i x[r, i] w[i * ldw + 0:kTile] for r < kRows (x and y rows
+// `ldx`/`ldy` apart): a tile of outputs of a column-major product for a block of rows, kept in
+// registers over the whole reduction, each weight read once for the block (an axpy per input would
+// store y every time).
+constexpr int64_t kTile = 64;
+template <int kRows>
+MMGEN_CLONES void column_tile(const float* __restrict x, int64_t ldx, const float* __restrict w, int64_t ldw,
+                              int64_t k, const float* __restrict b, float* __restrict y, int64_t ldy) {
+  float acc[kRows][kTile];
+  for (int r = 0; r < kRows; ++r)
+    for (int64_t j = 0; j < kTile; ++j) acc[r][j] = b ? b[j] : 0.0f;
+  for (int64_t i = 0; i < k; ++i) {
+    const float* wi = w + i * ldw;
+    for (int r = 0; r < kRows; ++r) {
+      const float a = x[r * ldx + i];
+      for (int64_t j = 0; j < kTile; ++j) acc[r][j] += a * wi[j];
+    }
+  }
+  for (int r = 0; r < kRows; ++r)
+    for (int64_t j = 0; j < kTile; ++j) y[r * ldy + j] = acc[r][j];
+}
+
 // sum x[i] * w[i], eight partial sums (vectorizable without reassociating a single sum)
 MMGEN_CLONES float dot(const float* __restrict x, const float* __restrict w, int64_t n) {
   float s[16] = {};
@@ -59,16 +81,22 @@ void linear(const float* x, const StepMatrix& m, const float* b, float* y, int64
         y[r * m.n + j] = dot(x + r * m.k, m.w + j * m.sn, m.k) + (b ? b[j] : 0.0f);
     return;
   }
-  // column-major (W^T contiguous): each input's row of W^T added into every output row
-  for (int64_t r = 0; r < rows; ++r) {
+  // column-major (W^T contiguous): tiles of outputs over the whole reduction, four rows at a time,
+  // the last partial tile by axpys
+  const int64_t full = m.n - m.n % kTile;
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4)
+    for (int64_t j = 0; j < full; j += kTile)
+      column_tile<4>(x + r * m.k, m.k, m.w + j, m.sk, m.k, b ? b + j : nullptr, y + r * m.n + j, m.n);
+  for (; r < rows; ++r)
+    for (int64_t j = 0; j < full; j += kTile)
+      column_tile<1>(x + r * m.k, m.k, m.w + j, m.sk, m.k, b ? b + j : nullptr, y + r * m.n + j, m.n);
+  if (full == m.n) return;
+  for (r = 0; r < rows; ++r) {
     float* yr = y + r * m.n;
-    if (b)
-      std::copy(b, b + m.n, yr);
-    else
-      std::fill(yr, yr + m.n, 0.0f);
+    for (int64_t j = full; j < m.n; ++j) yr[j] = b ? b[j] : 0.0f;
+    for (int64_t i = 0; i < m.k; ++i) axpy(x[r * m.k + i], m.w + i * m.sk + full, yr + full, m.n - full);
   }
-  for (int64_t i = 0; i < m.k; ++i)
-    for (int64_t r = 0; r < rows; ++r) axpy(x[r * m.k + i], m.w + i * m.sk, y + r * m.n, m.n);
 }
 
 // out = LayerNorm(x) over `dim` (biased variance, float32), per row

@@ -42,7 +42,7 @@ ENV_VAR = "MMGEN_CPU_DECODER_STEP"  # "0": every step through the per-op path
 # Decoders above this many bytes of weights take the per-op path: their step streams the weights
 # from memory, which ops.linear splits over every core while the native step runs on one
 # (benchmarks/RESULTS.md, "Per-step overhead on CPU").
-MAX_BYTES = 16 << 20
+MAX_BYTES = 32 << 20
 ACTIVATIONS = {"none": 0, "tanh": 1, "sigmoid": 2, "relu": 3}  # ops.bias_gelu's forms, and ReLU
 
 
