@@ -123,7 +123,8 @@ def main(argv=None) -> int:
     print(format_table(rows, ["decoder", "rows", "weights_mb", "native_default", "per_op_eager_us",
                               "per_op_recorded_us", "native_us", "native_vs_recorded", "max_rel_err"]))
     if args.json:
-        write_json(args.json, {"machine": machine, "threads": torch.get_num_threads(), "results": rows})
+        write_json(args.json, {"machine": machine, "threads": torch.get_num_threads(),
+                               "max_bytes": decoder_step.MAX_BYTES, "results": rows})
     bad = [r for r in rows if r["max_rel_err"] > 1e-4]
     for r in bad:
         print(f"WARNING: {r['decoder']} rows {r['rows']}: native logits differ by {r['max_rel_err']:.2g}")

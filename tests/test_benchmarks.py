@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from mmgen_engine.ops import decoder_step
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import timing  # noqa: E402
@@ -104,6 +106,20 @@ def test_bench_linear_quick(tmp_path):
     ]
     for r in data["results"]:
         assert _positive(r["us"]) and _positive(r["GBps"]) and r["of_ceiling"] == r["GBps"] / data["read_ceiling_GBps"]
+
+
+@pytest.mark.skipif(decoder_step._C is None, reason="native library built without the decoder step")
+def test_bench_decoder_step_quick(tmp_path):
+    out = tmp_path / "step.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_decoder_step.py"), "--quick", "--threads",
+                           "1", "--rows", "1", "3", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert [(r["decoder"], r["rows"]) for r in data["results"]] == [
+        ("gesture demo (128 x 3)", 1), ("gesture demo (128 x 3)", 3), ("256 x 4", 1), ("256 x 4", 3)]
+    for r in data["results"]:
+        assert all(_positive(r[key]) for key in ("per_op_eager_us", "per_op_recorded_us", "native_us"))
+        assert r["max_rel_err"] < 1e-4 and r["native_default"] == (r["weights_mb"] * 2**20 <= data["max_bytes"])
 
 
 def test_bench_detok_quick(tmp_path):
