@@ -202,3 +202,24 @@ def test_captioning_demo_ids_equal_the_per_op_steps(monkeypatch):
     native = [pipe.caption(images, sampling=s) for s in cases]
     monkeypatch.setenv(ENV, "0")
     assert [pipe.caption(images, sampling=s) for s in cases] == native
+
+
+@pytest.mark.parametrize("prompt_len", [1, 5])
+def test_native_prefill_matches_the_per_op_prefill(monkeypatch, prompt_len):
+    """A cross-attention decoder's prompt runs through the native step a token at a time: the same
+    logits and caches as the per-op prefill."""
+    dec = make_decoder(layout="column")
+    k, v, ck, cv, lengths = caches(dec, 3, 3)
+    gen = torch.Generator().manual_seed(4)
+    tokens = torch.randint(0, 37, (3, prompt_len), generator=gen)
+    states = torch.randn(3, 7, 24, generator=gen)
+    out = []
+    for env in ("0", "1"):
+        monkeypatch.setenv(ENV, env)
+        kk, vv, ckk, cvv = k.clone(), v.clone(), ck.clone(), cv.clone()
+        out.append((dec.prefill(tokens, states, KVCache(kk, vv, 20), CrossKVCache(ckk, cvv, lengths)), kk, vv, ckk))
+    (spec, ks, vs, cks), (native, kn, vn, ckn) = out
+    assert_close(native, spec, "logits")
+    assert_close(kn[:, :, :, :prompt_len], ks[:, :, :, :prompt_len], "k cache")
+    assert_close(vn[:, :, :, :prompt_len], vs[:, :, :, :prompt_len], "v cache")
+    assert torch.equal(ckn, cks)

@@ -87,6 +87,13 @@ class GPT2Decoder(nn.Module):
         if not self.uses_prefix:
             for i, layer in enumerate(self.layers):
                 layer.cross.fill_cache(encoder_states, cross.k[i], cross.v[i])
+            step = native_step(self, self._step_spec, tokens, cache.k) if tokens.shape[1] else None
+            if step is not None:  # the prompt a token at a time: causal attention over the slots so far
+                positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+                for t in range(tokens.shape[1]):
+                    logits = step(tokens[:, t], positions[:, t], cache.k, cache.v, t + 1, cross.k, cross.v,
+                                  cross.lengths)
+                return logits
         positions = torch.arange(start, start + tokens.shape[1], device=tokens.device).expand_as(tokens)
         h = ops.embedding(tokens, positions, self.wte, self.wpe)  # (B, T, D); T may be 0 (ClipCap)
         if self.uses_prefix:
