@@ -4,7 +4,7 @@ step, by decoder size: where the one-thread native step stops paying (``MAX_BYTE
 
 For GPT-2-style decoders with cross-attention (random weights, column-major as the pipelines store
 them on CPU, float32, batch ``--rows``, 32 encoder states, 16 cache slots in use), it times one
-``decode_step``: the per-op step eager (``MMGEN_CPU_DECODER_STEP=0``), the per-op step replayed from
+``decode_step``: the per-op step eager (``MMGEN_CPU_NATIVE_STEP=0``), the per-op step replayed from
 a recording (:class:`~mmgen_engine.runtime.recorded.RecordedSteps`, what the pipelines run on CPU)
 and the native step (its Python wrapper included), median of ``--repeats`` timed blocks of
 ``--steps`` calls. Logits of native and per-op steps are compared (max abs error / max abs).

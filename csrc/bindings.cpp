@@ -122,6 +122,27 @@ PYBIND11_MODULE(_C, m) {
           py::arg("ck_strides"), py::arg("cv_strides"), py::arg("cross_rows"), py::arg("cross_len"),
           py::arg("cross_lengths"), py::arg("logits"), py::arg("ld_logits"), py::call_guard<py::gil_scoped_release>());
 
+  m.def(
+      "sample_drawn",
+      [](std::uintptr_t logits, int64_t ld_logits, int64_t rows, int64_t n, std::uintptr_t temperature,
+         std::uintptr_t top_k, std::uintptr_t top_p, std::uintptr_t do_sample, std::uintptr_t drawn,
+         int64_t drawn_row_stride, int64_t drawn_offset_stride, int64_t offsets, std::uintptr_t offset,
+         int64_t offset_len, std::uintptr_t out) {
+        const mmgen::SampleDrawnParams p{reinterpret_cast<const float*>(logits), ld_logits, rows, n,
+                                         reinterpret_cast<const float*>(temperature),
+                                         reinterpret_cast<const int64_t*>(top_k),
+                                         reinterpret_cast<const float*>(top_p), reinterpret_cast<const bool*>(do_sample),
+                                         reinterpret_cast<const float*>(drawn), drawn_row_stride, drawn_offset_stride,
+                                         offsets, reinterpret_cast<const int64_t*>(offset), offset_len,
+                                         reinterpret_cast<int64_t*>(out)};
+        mmgen::sample_drawn(p);
+      },
+      "Next tokens from logits and Gumbel noise drawn ahead (csrc/cpu/sample_drawn.cpp); CPU pointers as ints.",
+      py::arg("logits"), py::arg("ld_logits"), py::arg("rows"), py::arg("n"), py::arg("temperature"),
+      py::arg("top_k"), py::arg("top_p"), py::arg("do_sample"), py::arg("drawn"), py::arg("drawn_row_stride"),
+      py::arg("drawn_offset_stride"), py::arg("offsets"), py::arg("offset"), py::arg("offset_len"), py::arg("out"),
+      py::call_guard<py::gil_scoped_release>());
+
 #if MMGEN_WITH_CUDA
   m.def("cuda_runtime_version", &mmgen::cuda_runtime_version,
         "Version of the linked CUDA runtime, 1000 * major + 10 * minor.");

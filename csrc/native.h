@@ -119,6 +119,25 @@ void check_decoder_step(const DecoderStepModel& m);  // shapes and strides; std:
 // Ids, positions and lengths are checked before anything is written (std::invalid_argument).
 void decoder_step(const DecoderStepModel& m, const DecoderStepIO& io);
 
+// ---- CPU: next tokens from Gumbel noise drawn ahead (csrc/cpu/sample_drawn.cpp) ---------------
+// mmgen_engine.ops.sampling's filter (temperature, top-k, top-p) and Gumbel-max pick with the noise
+// g = log(-log(u)) read from drawn[b, offset_b, i]: token_b = argmax_i (l_i - g_i) where do_sample[b],
+// else argmax_i z_i. Logits: the first n columns of [rows, ld_logits] float32.
+struct SampleDrawnParams {
+  const float* logits;
+  int64_t ld_logits, rows, n;
+  const float* temperature;
+  const int64_t* top_k;
+  const float* top_p;
+  const bool* do_sample;
+  const float* drawn;  // [rows, offsets, n] with these strides (elements), unit stride along n
+  int64_t drawn_row_stride, drawn_offset_stride, offsets;
+  const int64_t* offset;  // [offset_len]: 1 (every row) or rows
+  int64_t offset_len;
+  int64_t* out;  // [rows]
+};
+void sample_drawn(const SampleDrawnParams& p);  // std::invalid_argument before anything is written
+
 #if MMGEN_WITH_CUDA
 // csrc/cuda/device.cu
 int cuda_runtime_version();  // CUDART_VERSION style: 1000 * major + 10 * minor

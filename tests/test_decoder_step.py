@@ -1,5 +1,5 @@
 """The native decode step of small GPT-2-style decoders (:mod:`mmgen_engine.ops.decoder_step`,
-csrc/cpu/decoder_step.cpp) against its spec, the decoder's per-op step (``MMGEN_CPU_DECODER_STEP=0``):
+csrc/cpu/decoder_step.cpp) against its spec, the decoder's per-op step (``MMGEN_CPU_NATIVE_STEP=0``):
 logits and cache writes over awkward shapes, layouts and activations, where it steps aside, its
 one-line errors, and whole generations (greedy and sampled) with identical tokens."""
 from __future__ import annotations
@@ -223,3 +223,51 @@ def test_native_prefill_matches_the_per_op_prefill(monkeypatch, prompt_len):
     assert_close(kn[:, :, :, :prompt_len], ks[:, :, :, :prompt_len], "k cache")
     assert_close(vn[:, :, :, :prompt_len], vs[:, :, :, :prompt_len], "v cache")
     assert torch.equal(ckn, cks)
+
+
+@pytest.mark.parametrize("vocab, limit", [(300, None), (514, 512), (5, None)])
+def test_native_pick_equals_the_reference_pick(monkeypatch, vocab, limit):
+    """csrc/cpu/sample_drawn.cpp against ops.sampling's torch pick on the same drawn noise: greedy and
+    sampled rows mixed, temperatures, top-k (with ties at the boundary), top-p, both together,
+    per-row offsets, a vocabulary slice."""
+    from mmgen_engine.ops import sampling
+    if sampling._C is None:
+        pytest.skip("native library built without sample_drawn")
+    gen = torch.Generator().manual_seed(7)
+    n = limit or vocab
+    rows, offsets = 6, 4
+    drawn = torch.log(-torch.log(torch.rand(rows, offsets + 2, n, generator=gen)))
+    settings = [  # temperature, top_k, top_p per row
+        ([0.5, 1.0, 2.0, 0.7, 1.3, 0.9], [0, 0, 0, 0, 0, 0], [0.9, 1.0, 0.5, 0.95, 0.1, 1.0]),
+        ([1.0] * 6, [1, 3, 40, 0, n, n + 5], [1.0] * 6),
+        ([0.8] * 6, [5, 0, 50, 2, 0, 7], [0.9, 0.8, 1.0, 0.3, 0.99, 0.6]),
+    ]
+    checked = 0
+    for temperature, top_k, top_p in settings:
+        for trial in range(12):
+            logits = torch.randn(rows, vocab, generator=gen) * 3
+            if trial % 3 == 0:
+                logits = logits.round()  # many ties
+            do_sample = torch.ones(rows, dtype=torch.bool)
+            if trial % 2:
+                do_sample[2] = False
+            offset = torch.randint(0, offsets, (rows,) if trial % 4 else (1,), generator=gen)
+            args = (logits, torch.tensor(temperature), torch.tensor(top_k), torch.tensor(top_p), do_sample, offset,
+                    None, limit, drawn)
+            native = sampling.sample_drawn(*args)
+            monkeypatch.setenv(ENV, "0")
+            reference = sampling.sample_drawn(*args)
+            monkeypatch.delenv(ENV)
+            assert torch.equal(native, reference), (temperature, top_k, top_p, trial)
+            checked += rows
+    assert checked == 3 * 12 * rows
+
+
+def test_native_pick_refuses_an_offset_not_drawn():
+    from mmgen_engine.ops import sampling
+    if sampling._C is None:
+        pytest.skip("native library built without sample_drawn")
+    one = torch.ones(1)
+    with pytest.raises(ValueError, match="offset 3 not drawn"):
+        sampling.sample_drawn(torch.zeros(1, 4), one, torch.zeros(1, dtype=torch.int64), one,
+                              torch.ones(1, dtype=torch.bool), torch.tensor([3]), None, None, torch.zeros(1, 3, 4))

@@ -13,32 +13,22 @@ It runs where :func:`native_step` finds it can: a CPU step in float32 with plain
 (no int8, no bf16 storage), a decoder of at most :data:`MAX_BYTES` of weights (larger ones are bound
 by streaming their weights, which the per-op path splits over every core), the native library
 built with it, and neither ``MMGEN_BACKEND`` (a forced backend means the per-op path) nor
-``MMGEN_CPU_DECODER_STEP=0`` set. Under ``torch.jit.trace`` (the recorded CPU steps,
+``MMGEN_CPU_NATIVE_STEP=0`` set. Under ``torch.jit.trace`` (the recorded CPU steps,
 :mod:`mmgen_engine.runtime.recorded`) the call goes through the torch op ``mmgen::decoder_step``,
 which the tracer records as one node.
 """
 from __future__ import annotations
 
-import os
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from .registry import forced_backend
+from .registry import NATIVE_STEP_ENV, native_library, native_step_allowed
 
-
-def _native_library():
-    try:
-        from .. import _native
-    except ImportError:
-        return None
-    return _native._C if hasattr(_native._C, "DecoderStep") else None
-
-
-_C = _native_library()
-ENV_VAR = "MMGEN_CPU_DECODER_STEP"  # "0": every step through the per-op path
+_C = native_library() if hasattr(native_library(), "DecoderStep") else None
+ENV_VAR = NATIVE_STEP_ENV  # "0": every step through the per-op path
 # Decoders above this many bytes of weights take the per-op path: their step streams the weights
 # from memory, which ops.linear splits over every core while the native step runs on one
 # (benchmarks/RESULTS.md, "Per-step overhead on CPU").
@@ -150,7 +140,7 @@ def native_step(owner: torch.nn.Module, spec: Callable[[], StepSpec | None], tok
     where it cannot run (see the module docstring). ``spec()`` describes the decoder (None: it has
     what the native step cannot run, e.g. int8 weights). Decided once per decoder and cache dtype,
     again when a parameter's storage changed since (``p.data = ...``, a dtype or layout change)."""
-    if _C is None or not tokens.is_cpu or os.environ.get(ENV_VAR) == "0" or forced_backend() is not None:
+    if _C is None or not tokens.is_cpu or not native_step_allowed():
         return None
     key = (tuple(p.data_ptr() for p in owner.parameters()), tuple(b.data_ptr() for b in owner.buffers()), k.dtype)
     cached = _STEPS.get(owner)

@@ -163,6 +163,26 @@ def dispatch(op: str, like: torch.Tensor) -> Callable:
     return resolve(op, like.device.type, like.dtype, _forced(os.environ.get(ENV_VAR, ""), op))
 
 
+# "0" turns off the native CPU paths of a decode step (ops.decoder_step, ops.sampling.sample_drawn):
+# every step then runs its per-op path
+NATIVE_STEP_ENV = "MMGEN_CPU_NATIVE_STEP"
+
+
+def native_step_allowed(op: str | None = None) -> bool:
+    """Whether a native CPU step path may run: not turned off by ``MMGEN_CPU_NATIVE_STEP=0`` and no
+    backend forced by ``MMGEN_BACKEND`` (for ``op``, or for every op with none named)."""
+    return os.environ.get(NATIVE_STEP_ENV) != "0" and forced_backend(op) is None
+
+
+def native_library():
+    """``mmgen_engine._C``, or None where the native library is not built."""
+    try:
+        from .. import _native
+    except ImportError:
+        return None
+    return _native._C
+
+
 def available_backends() -> dict[str, list[str]]:
     """``{op: [backends with an implementation]}`` in :data:`BACKENDS` order."""
     return {op: [b for b in BACKENDS if b in impls] for op, impls in sorted(_TABLE.items())}

@@ -40,7 +40,15 @@ from __future__ import annotations
 import torch
 
 from .random import uniform, uniform_numpy
-from .registry import CUDA_DEVICES, TRITON_DEVICES, dispatch, register, register_lazy
+from .registry import (
+    CUDA_DEVICES,
+    TRITON_DEVICES,
+    dispatch,
+    native_library,
+    native_step_allowed,
+    register,
+    register_lazy,
+)
 
 
 def combine(logits, guidance, vocab_limit):
@@ -142,3 +150,64 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
                              f"{t.dtype} on {t.device}")
     return dispatch("sample", logits)(logits, temperature, top_k, top_p, do_sample, seeds, offset, guidance,
                                       vocab_limit, greedy, rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU: the pick from Gumbel noise drawn ahead (runtime.sampler.Sampler.draw_ahead), what a recorded
+# decode step replays; natively (csrc/cpu/sample_drawn.cpp) where it can run.
+# ---------------------------------------------------------------------------------------------
+
+_C = native_library() if hasattr(native_library(), "sample_drawn") else None
+
+
+def sample_drawn_reference(logits, temperature, top_k, top_p, do_sample, offset, guidance, vocab_limit, drawn):
+    """:func:`sample_reference` with its Gumbel noise looked up in ``drawn [B, offsets, n]``: the
+    reference scores a kept token ``l - log(-log(u))`` and a removed one ``-inf``, and so does ``l -
+    drawn`` (``-inf`` minus a finite number); torch's CPU ``log`` rounds each element alike whether it
+    is taken over the kept tokens or the whole table (checked in tests/test_step_overhead.py), so the
+    tokens are the reference's bitwise."""
+    z = combine(logits, guidance, vocab_limit)
+    l = filter_logits(z, temperature, top_k, top_p)
+    at = offset.expand(z.shape[0])[:, None, None].expand(-1, 1, z.shape[1])
+    scores = l - drawn.gather(1, at)[:, 0]
+    return torch.where(do_sample, scores.argmax(dim=-1), z.argmax(dim=-1))
+
+
+def _native_drawn(logits, temperature, top_k, top_p, do_sample, offset, n: int, drawn) -> torch.Tensor:
+    """csrc/cpu/sample_drawn.cpp on tensors :func:`sample_drawn` checked."""
+    rows = logits.shape[0]
+    out = torch.empty(rows, dtype=torch.int64)
+    temperature, top_k, top_p, do_sample, offset = (t.contiguous() for t in (temperature, top_k, top_p, do_sample,
+                                                                             offset))
+    _C.sample_drawn(logits.data_ptr(), logits.stride(0), rows, n, temperature.data_ptr(), top_k.data_ptr(),
+                    top_p.data_ptr(), do_sample.data_ptr(), drawn.data_ptr(), drawn.stride(0), drawn.stride(1),
+                    drawn.shape[1], offset.data_ptr(), offset.numel(), out.data_ptr())
+    return out
+
+
+if _C is not None:
+    _LIB = torch.library.Library("mmgen", "FRAGMENT")
+    _LIB.define("sample_drawn(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor do_sample, "
+                "Tensor offset, int n, Tensor drawn) -> Tensor")
+    _LIB.impl("sample_drawn", _native_drawn, "CPU")
+
+
+def sample_drawn(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                 do_sample: torch.Tensor, offset: torch.Tensor, guidance: torch.Tensor | None,
+                 vocab_limit: int | None, drawn: torch.Tensor) -> torch.Tensor:
+    """Next tokens ``[B]`` as :func:`sample` picks them (without ``seeds`` and ``rows``: their noise is
+    in ``drawn [B, offsets, n]``, ``n`` the vocabulary slice, as
+    :meth:`~mmgen_engine.runtime.sampler.Sampler.draw_ahead` stores it). No host call, so a recording
+    (:mod:`mmgen_engine.runtime.recorded`) can replay it. Natively in one call for float32 logits
+    without guidance where the native library has it (and ``MMGEN_CPU_NATIVE_STEP`` /
+    ``MMGEN_BACKEND`` leave it on): the same math, whose exponential may differ from torch's in the
+    last bit (a token exactly on the top-p boundary could move); else
+    :func:`sample_drawn_reference`."""
+    n = logits.shape[1] if vocab_limit is None else vocab_limit
+    if (_C is not None and guidance is None and logits.dtype == torch.float32 and logits.is_cpu
+            and logits.stride(1) == 1 and drawn.dtype == torch.float32 and drawn.stride(2) == 1
+            and drawn.shape[2] == n and native_step_allowed("sample")):
+        if torch.jit.is_tracing():
+            return torch.ops.mmgen.sample_drawn(logits, temperature, top_k, top_p, do_sample, offset, n, drawn)
+        return _native_drawn(logits, temperature, top_k, top_p, do_sample, offset, n, drawn)
+    return sample_drawn_reference(logits, temperature, top_k, top_p, do_sample, offset, guidance, vocab_limit, drawn)

@@ -12,7 +12,7 @@ from .. import ops
 from ..errors import InputError
 from ..ops.random import uniform_numpy
 from ..ops.registry import dispatch
-from ..ops.sampling import combine, filter_logits, sample_reference
+from ..ops.sampling import sample_drawn, sample_reference
 from .limits import FLOAT32_MAX, FLOAT32_TINY, MAX_NEW_TOKENS, check_float32, check_int, show
 
 MAX_BEAMS = 64
@@ -202,19 +202,3 @@ class Sampler:
 
 # the largest table Sampler.draw_ahead makes (float32 numbers; ~1.5 ms of NumPy on the 2-core box)
 DRAW_AHEAD_MAX = 1 << 16
-
-
-def sample_drawn(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                 do_sample: torch.Tensor, offset: torch.Tensor, guidance: torch.Tensor | None,
-                 vocab_limit: int | None, drawn: torch.Tensor) -> torch.Tensor:
-    """``ops.sample``'s CPU reference (see :mod:`mmgen_engine.ops.sampling`) with its Gumbel noise
-    looked up in ``drawn [B, offsets, n]`` (:meth:`Sampler.draw_ahead`): the reference scores a
-    kept token ``l - log(-log(u))`` and a removed one ``-inf``, and so does ``l - drawn`` (``-inf``
-    minus a finite number); torch's CPU ``log`` rounds each element alike whether it is taken over
-    the kept tokens or the whole table (checked in tests/test_step_overhead.py), so the tokens are
-    the reference's bitwise. No host call: a recording (:mod:`.recorded`) can replay it."""
-    z = combine(logits, guidance, vocab_limit)
-    l = filter_logits(z, temperature, top_k, top_p)
-    at = offset.expand(z.shape[0])[:, None, None].expand(-1, 1, z.shape[1])
-    scores = l - drawn.gather(1, at)[:, 0]
-    return torch.where(do_sample, scores.argmax(dim=-1), z.argmax(dim=-1))
