@@ -271,3 +271,17 @@ def test_native_pick_refuses_an_offset_not_drawn():
     with pytest.raises(ValueError, match="offset 3 not drawn"):
         sampling.sample_drawn(torch.zeros(1, 4), one, torch.zeros(1, dtype=torch.int64), one,
                               torch.ones(1, dtype=torch.bool), torch.tensor([3]), None, None, torch.zeros(1, 3, 4))
+
+
+def test_caches_of_another_geometry_are_refused():
+    dec = make_decoder()
+    k, v, ck, cv, lengths = caches(dec, 2, 2)
+    tokens, positions = torch.tensor([3, 4]), torch.tensor([2, 5])
+    step = decoder_step.native_step(dec, dec._step_spec, tokens, k)
+    for bad in (k[:, :, :2], k[:1], k[..., :4], k[:, :1]):
+        with pytest.raises(ValueError, match="decoder step: k"):
+            step(tokens, positions, bad, v, 8, ck, cv, lengths)
+    with pytest.raises(ValueError, match="decoder step: cross k"):
+        step(tokens, positions, k, v, 8, ck[..., :4], cv, lengths)
+    with pytest.raises(ValueError, match="int64 lengths"):
+        step(tokens, positions, k, v, 8, ck, cv, lengths.int())

@@ -78,6 +78,7 @@ class NativeDecoderStep:
                    for name, t in layer.items()} for layer in spec.layers]
         fc1 = spec.layers[0]["fc1"]
         self.vocab = spec.head.shape[0]
+        self.geometry = (len(spec.layers), spec.heads, spec.wte.shape[1] // spec.heads)
         self.cross = "cross_q" in spec.layers[0]
         self._step = _C.DecoderStep(spec.wte.shape[1], spec.heads, fc1.shape[0], spec.eps,
                                     ACTIVATIONS[spec.activation], _matrix(spec.wte), _matrix(spec.wpe),
@@ -96,12 +97,23 @@ class NativeDecoderStep:
         if tokens.dtype != torch.int64 or positions.dtype != torch.int64 or positions.shape != (rows,):
             raise ValueError(f"decoder step: tokens and positions must be int64 [rows], got {tokens.dtype} "
                              f"{tuple(tokens.shape)} and {positions.dtype} {tuple(positions.shape)}")
-        if not (k.shape == v.shape and k.dim() == 5 and k.shape[1] == rows and k.stride(4) == v.stride(4) == 1):
-            raise ValueError(f"decoder step: k, v must be [layers, {rows}, heads, slots, head_dim] with a "
-                             f"contiguous last dimension, got {tuple(k.shape)}")
+        layers, heads, head_dim = self.geometry
+        want = f"[{layers}, rows, {heads}, slots, {head_dim}] float32 with a contiguous last dimension"
+        for name, t in (("k", k), ("v", v)) + ((("cross k", cross_k), ("cross v", cross_v)) if self.cross else ()):
+            if not (t.dim() == 5 and (t.shape[0], t.shape[2], t.shape[4]) == (layers, heads, head_dim)
+                    and t.dtype == torch.float32 and t.stride(4) == 1):
+                raise ValueError(f"decoder step: {name} must be {want}, got {t.dtype} {tuple(t.shape)}")
+        if k.shape != v.shape or k.shape[1] != rows:
+            raise ValueError(f"decoder step: k and v must have {rows} rows and one shape, got {tuple(k.shape)} "
+                             f"and {tuple(v.shape)}")
         tokens, positions = tokens.contiguous(), positions.contiguous()
         logits = torch.empty(rows, self.vocab)
         if self.cross:
+            if cross_k.shape != cross_v.shape or cross_lengths.shape != (cross_k.shape[1],) or \
+                    cross_lengths.dtype != torch.int64:
+                raise ValueError(f"decoder step: cross k, v of one shape and int64 lengths per cross row, got "
+                                 f"{tuple(cross_k.shape)}, {tuple(cross_v.shape)} and {cross_lengths.dtype} "
+                                 f"{tuple(cross_lengths.shape)}")
             cross_lengths = cross_lengths.contiguous()
             cross = (cross_k.data_ptr(), cross_v.data_ptr(), cross_k.stride()[:4], cross_v.stride()[:4],
                      cross_k.shape[1], cross_k.shape[3], cross_lengths.data_ptr())

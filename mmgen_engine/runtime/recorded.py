@@ -3,7 +3,10 @@
 On CPU a small decoder's step is bound by Python, not by arithmetic: a step of the speech-to-gesture
 demo model (3 layers, width 128) is ~1500 ATen calls made through modules, the dispatch table and
 shape checks, ~1.0 ms on the 2-core CPU box, while the same calls replayed from a recording take
-~0.37 ms (benchmarks/RESULTS.md, "Per-step overhead on CPU"). A recording is made with
+~0.37 ms (benchmarks/RESULTS.md, "Per-step overhead on CPU"). (Such a small GPT-2 now takes its whole
+step as one native call, :mod:`mmgen_engine.ops.decoder_step`, and a sampled pick another,
+:func:`mmgen_engine.ops.sampling.sample_drawn`: a recording of its step holds those two calls and the
+loop's bookkeeping; every other decoder's recording holds its ATen calls.) A recording is made with
 ``torch.jit.trace``: it holds exactly the ATen calls the eager step made, on the same kernels and
 shapes, so a replay's logits and cache writes are bitwise those of the eager step (tokens never
 change); the graph executor's optimizations are switched off around replays so that nothing fuses or
