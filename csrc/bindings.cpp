@@ -123,6 +123,17 @@ PYBIND11_MODULE(_C, m) {
           py::arg("cross_lengths"), py::arg("logits"), py::arg("ld_logits"), py::call_guard<py::gil_scoped_release>());
 
   m.def(
+      "philox_uniform",
+      [](std::uintptr_t seeds, std::uintptr_t offsets, std::uintptr_t rows, std::uintptr_t cols, int64_t count,
+         std::uintptr_t out) {
+        mmgen::philox_uniform(reinterpret_cast<const int64_t*>(seeds), reinterpret_cast<const int64_t*>(offsets),
+                              reinterpret_cast<const int64_t*>(rows), reinterpret_cast<const int64_t*>(cols), count,
+                              reinterpret_cast<float*>(out));
+      },
+      "Philox uniforms of mmgen_engine.ops.random.uniform_at for int64 arrays of `count` (csrc/cpu/sampling.cpp).",
+      py::arg("seeds"), py::arg("offsets"), py::arg("rows"), py::arg("cols"), py::arg("count"), py::arg("out"),
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
       "sample_drawn",
       [](std::uintptr_t logits, int64_t ld_logits, int64_t rows, int64_t n, std::uintptr_t temperature,
          std::uintptr_t top_k, std::uintptr_t top_p, std::uintptr_t do_sample, std::uintptr_t drawn,
@@ -137,7 +148,7 @@ PYBIND11_MODULE(_C, m) {
                                          reinterpret_cast<int64_t*>(out)};
         mmgen::sample_drawn(p);
       },
-      "Next tokens from logits and Gumbel noise drawn ahead (csrc/cpu/sample_drawn.cpp); CPU pointers as ints.",
+      "Next tokens from logits and Gumbel noise drawn ahead (csrc/cpu/sampling.cpp); CPU pointers as ints.",
       py::arg("logits"), py::arg("ld_logits"), py::arg("rows"), py::arg("n"), py::arg("temperature"),
       py::arg("top_k"), py::arg("top_p"), py::arg("do_sample"), py::arg("drawn"), py::arg("drawn_row_stride"),
       py::arg("drawn_offset_stride"), py::arg("offsets"), py::arg("offset"), py::arg("offset_len"), py::arg("out"),

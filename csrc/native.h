@@ -119,7 +119,12 @@ void check_decoder_step(const DecoderStepModel& m);  // shapes and strides; std:
 // Ids, positions and lengths are checked before anything is written (std::invalid_argument).
 void decoder_step(const DecoderStepModel& m, const DecoderStepIO& io);
 
-// ---- CPU: next tokens from Gumbel noise drawn ahead (csrc/cpu/sample_drawn.cpp) ---------------
+// ---- CPU sampling (csrc/cpu/sampling.cpp) ------------------------------------------------------
+// out[j] = mmgen_engine.ops.random.uniform_at(seeds[j], offsets[j], rows[j], cols[j]), bitwise.
+void philox_uniform(const int64_t* seeds, const int64_t* offsets, const int64_t* rows, const int64_t* cols,
+                    int64_t count, float* out);
+
+// Next tokens from Gumbel noise drawn ahead:
 // mmgen_engine.ops.sampling's filter (temperature, top-k, top-p) and Gumbel-max pick with the noise
 // g = log(-log(u)) read from drawn[b, offset_b, i]: token_b = argmax_i (l_i - g_i) where do_sample[b],
 // else argmax_i z_i. Logits: the first n columns of [rows, ld_logits] float32.

@@ -227,7 +227,7 @@ def test_native_prefill_matches_the_per_op_prefill(monkeypatch, prompt_len):
 
 @pytest.mark.parametrize("vocab, limit", [(300, None), (514, 512), (5, None)])
 def test_native_pick_equals_the_reference_pick(monkeypatch, vocab, limit):
-    """csrc/cpu/sample_drawn.cpp against ops.sampling's torch pick on the same drawn noise: greedy and
+    """csrc/cpu/sampling.cpp against ops.sampling's torch pick on the same drawn noise: greedy and
     sampled rows mixed, temperatures, top-k (with ties at the boundary), top-p, both together,
     per-row offsets, a vocabulary slice."""
     from mmgen_engine.ops import sampling

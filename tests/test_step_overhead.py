@@ -14,7 +14,7 @@ from mmgen_engine import ops
 from mmgen_engine.demo import gesture_world as world
 from mmgen_engine.demo import world as demo_world
 from mmgen_engine.ops import registry
-from mmgen_engine.ops.random import uniform_at, uniform_numpy
+from mmgen_engine.ops.random import uniform_at, uniform_cpu, uniform_numpy
 from mmgen_engine.ops.sampling import filter_logits
 from mmgen_engine.runtime import CrossKVCache, KVCache, RecordedSteps, generate
 from mmgen_engine.runtime.sampler import Sampler
@@ -127,7 +127,9 @@ def test_uniform_numpy_is_uniform_at(n):
     offsets = torch.randint(0, 2**40, (n,), generator=g)
     rows = torch.randint(0, 2**31, (n,), generator=g)
     cols = torch.randint(0, 2**32, (n,), generator=g)
-    assert torch.equal(uniform_numpy(seeds, offsets, rows, cols), uniform_at(seeds, offsets, rows, cols))
+    want = uniform_at(seeds, offsets, rows, cols)
+    assert torch.equal(uniform_numpy(seeds, offsets, rows, cols), want)
+    assert torch.equal(uniform_cpu(seeds, offsets, rows, cols), want)  # native where built
 
 
 @pytest.mark.parametrize("vocab", [1, 2, 9, 512, 5003])

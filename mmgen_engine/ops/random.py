@@ -79,3 +79,25 @@ def uniform_numpy(seeds: torch.Tensor, offset: torch.Tensor, rows: torch.Tensor,
         k0, k1 = (k0 + key_a) & m, (k1 + key_b) & m
     u = ((c0 >> np.uint64(9)).astype(np.float32) + np.float32(0.5)) * np.float32(2.0**-23)  # exact, as above
     return torch.from_numpy(u)
+
+
+def _native_philox():
+    from .registry import native_library
+    lib = native_library()
+    return lib if hasattr(lib, "philox_uniform") else None
+
+
+_C = _native_philox()
+
+
+def uniform_cpu(seeds: torch.Tensor, offset: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """:func:`uniform_at` for CPU int64 tensors of equal shape, natively (csrc/cpu/sampling.cpp: the
+    same integer rounds, ~10x sooner than :func:`uniform_numpy` on the 2-core box) where the library
+    has it, else :func:`uniform_numpy`. The same numbers either way."""
+    if _C is None:
+        return uniform_numpy(seeds, offset, rows, cols)
+    seeds, offset, rows, cols = (t.to(torch.int64).contiguous() for t in (seeds, offset, rows, cols))
+    out = torch.empty(seeds.shape, dtype=torch.float32)
+    _C.philox_uniform(seeds.data_ptr(), offset.data_ptr(), rows.data_ptr(), cols.data_ptr(), out.numel(),
+                      out.data_ptr())
+    return out

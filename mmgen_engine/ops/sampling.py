@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import torch
 
-from .random import uniform, uniform_numpy
+from .random import uniform, uniform_cpu
 from .registry import (
     CUDA_DEVICES,
     TRITON_DEVICES,
@@ -108,7 +108,7 @@ def sample_reference(logits, temperature, top_k, top_p, do_sample, seeds, offset
         # the same scores, with the random words drawn only where a token is kept (removed tokens
         # stay -inf either way); nonzero() waits for its result, so CPU only: CUDA graphs forbid it
         b, i = torch.isfinite(l).nonzero(as_tuple=True)
-        u = uniform_numpy(seeds[b], offsets[b], rows[b], i)  # uniform_at's numbers, ~10x sooner
+        u = uniform_cpu(seeds[b], offsets[b], rows[b], i)  # uniform_at's numbers, sooner
         scores = torch.full_like(l, float("-inf"))
         scores[b, i] = l[b, i] - torch.log(-torch.log(u))
     else:
@@ -154,7 +154,7 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
 
 # ---------------------------------------------------------------------------------------------
 # CPU: the pick from Gumbel noise drawn ahead (runtime.sampler.Sampler.draw_ahead), what a recorded
-# decode step replays; natively (csrc/cpu/sample_drawn.cpp) where it can run.
+# decode step replays; natively (csrc/cpu/sampling.cpp) where it can run.
 # ---------------------------------------------------------------------------------------------
 
 _C = native_library() if hasattr(native_library(), "sample_drawn") else None
@@ -174,7 +174,7 @@ def sample_drawn_reference(logits, temperature, top_k, top_p, do_sample, offset,
 
 
 def _native_drawn(logits, temperature, top_k, top_p, do_sample, offset, n: int, drawn) -> torch.Tensor:
-    """csrc/cpu/sample_drawn.cpp on tensors :func:`sample_drawn` checked."""
+    """csrc/cpu/sampling.cpp on tensors :func:`sample_drawn` checked."""
     rows = logits.shape[0]
     out = torch.empty(rows, dtype=torch.int64)
     temperature, top_k, top_p, do_sample, offset = (t.contiguous() for t in (temperature, top_k, top_p, do_sample,

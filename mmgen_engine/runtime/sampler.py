@@ -10,7 +10,7 @@ import torch
 
 from .. import ops
 from ..errors import InputError
-from ..ops.random import uniform_numpy
+from ..ops.random import uniform_cpu
 from ..ops.registry import dispatch
 from ..ops.sampling import sample_drawn, sample_reference
 from .limits import FLOAT32_MAX, FLOAT32_TINY, MAX_NEW_TOKENS, check_float32, check_int, show
@@ -193,7 +193,7 @@ class Sampler:
             return False
         # one call over the whole (row, offset, token) grid: the counters of the per-step draws
         grid = (batch, offsets, n)
-        u = uniform_numpy(self.seeds[:, None, None].expand(grid), torch.arange(offsets)[None, :, None].expand(grid),
+        u = uniform_cpu(self.seeds[:, None, None].expand(grid), torch.arange(offsets)[None, :, None].expand(grid),
                           self.rows[:, None, None].expand(grid), torch.arange(n)[None, None, :].expand(grid))
         self.drawn = torch.zeros(batch, capacity, n)
         torch.log(-torch.log(u), out=self.drawn[:, :offsets])

@@ -1,4 +1,11 @@
-// Next tokens from logits and Gumbel noise drawn ahead (declared in native.h): the sampler's CPU pick
+// CPU sampling (declared in native.h): the Philox uniforms of mmgen_engine.ops.random, and the next
+// tokens from logits and Gumbel noise drawn ahead.
+//
+// philox_uniform: u = ((x0 >> 9) + 0.5) * 2^-23 with x0 the first word of Philox4x32-10 (key: the
+// seed's two halves; counter: column, row, the offset's two halves), exactly ops.random.uniform_at's
+// numbers (integer rounds, an exact conversion), ~10x sooner than the NumPy version.
+//
+// sample_drawn: the sampler's CPU pick
 // of a recorded decode step in one call instead of ~60 tensor ops (temperature, top-k, top-p's
 // softmax, sort and cumulative sum, the Gumbel argmax).
 //
@@ -32,6 +39,26 @@ int64_t argmax(const float* x, int64_t n) {
 }
 
 }  // namespace
+
+void philox_uniform(const int64_t* seeds, const int64_t* offsets, const int64_t* rows, const int64_t* cols,
+                    int64_t count, float* out) {
+  for (int64_t j = 0; j < count; ++j) {
+    const uint64_t seed = static_cast<uint64_t>(seeds[j]), offset = static_cast<uint64_t>(offsets[j]);
+    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+    uint32_t c0 = static_cast<uint32_t>(cols[j]), c1 = static_cast<uint32_t>(rows[j]);
+    uint32_t c2 = static_cast<uint32_t>(offset), c3 = static_cast<uint32_t>(offset >> 32);
+    for (int round = 0; round < 10; ++round) {
+      const uint64_t p0 = uint64_t{0xD2511F53u} * c0, p1 = uint64_t{0xCD9E8D57u} * c2;
+      c0 = static_cast<uint32_t>(p1 >> 32) ^ c1 ^ k0;
+      c1 = static_cast<uint32_t>(p1);
+      c2 = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ k1;
+      c3 = static_cast<uint32_t>(p0);
+      k0 += 0x9E3779B9u;
+      k1 += 0xBB67AE85u;
+    }
+    out[j] = (static_cast<float>(c0 >> 9) + 0.5f) * 0x1p-23f;
+  }
+}
 
 void sample_drawn(const SampleDrawnParams& p) {
   if (!p.logits || !p.drawn || !p.out || p.rows < 1 || p.n < 1 || p.ld_logits < p.n)
