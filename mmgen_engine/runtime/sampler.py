@@ -179,9 +179,10 @@ class Sampler:
     def draw_ahead(self, offsets: int, vocab: int, capacity: int | None = None) -> bool:
         """CPU: draw the random numbers of the steps at offsets ``0..offsets-1`` up front, as Gumbel
         noise ``drawn [B, capacity (default offsets), n] = log(-log(u))`` (``n = vocab_limit or
-        vocab``; the offsets from ``offsets`` on are left unset), so that a step samples with two
-        torch calls and no host call (:func:`sample_drawn`) instead of ``ops.sample``'s reference,
-        which draws only the tokens its filters keep, in one NumPy call per step. Only where
+        vocab``; the offsets from ``offsets`` on are left unset; one call of
+        :func:`~mmgen_engine.ops.random.uniform_cpu`), so that a step samples without a host call
+        (:func:`~mmgen_engine.ops.sampling.sample_drawn`, one native call where built) instead of
+        ``ops.sample``'s reference, which draws only the tokens its filters keep, per step. Only where
         ``ops.sample`` dispatches to that reference and the table holds at most
         :data:`DRAW_AHEAD_MAX` numbers; returns whether it drew (else ``drawn`` is None)."""
         self.drawn = None
@@ -200,5 +201,5 @@ class Sampler:
         return True
 
 
-# the largest table Sampler.draw_ahead makes (float32 numbers; ~1.5 ms of NumPy on the 2-core box)
+# the largest table Sampler.draw_ahead makes (float32 numbers; ~0.5 ms natively on the 2-core box)
 DRAW_AHEAD_MAX = 1 << 16
