@@ -61,16 +61,16 @@ MMGEN_CLONES void column_tile(const float* __restrict x, int64_t ldx, const floa
     for (int64_t j = 0; j < kTile; ++j) y[r * ldy + j] = acc[r][j];
 }
 
-// sum x[i] * w[i], eight partial sums (vectorizable without reassociating a single sum)
+// sum x[i] * w[i]: sixteen partial sums (vectorizable without reassociating a single sum), added as a tree
 MMGEN_CLONES float dot(const float* __restrict x, const float* __restrict w, int64_t n) {
   float s[16] = {};
   int64_t i = 0;
   for (; i + 16 <= n; i += 16)
     for (int j = 0; j < 16; ++j) s[j] += x[i + j] * w[i + j];
-  float total = 0.0f;
-  for (; i < n; ++i) total += x[i] * w[i];
-  for (int j = 0; j < 16; ++j) total += s[j];
-  return total;
+  for (int j = 0; i < n; ++i, ++j) s[j] += x[i] * w[i];  // the tail (< 16) into the partial sums
+  for (int half = 8; half >= 1; half /= 2)  // a tree: 4 dependent steps, not 16
+    for (int j = 0; j < half; ++j) s[j] += s[j + half];
+  return s[0];
 }
 
 // y[r, :] = x[r, :] W^T (+ b) for r < rows; x [rows, k] and y [rows, n] contiguous.
