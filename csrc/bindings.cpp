@@ -75,7 +75,7 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init([mat, vec](int64_t dim, int64_t heads, int64_t hidden, float eps, int activation,
                                const Mat& wte, const Mat& wpe, const Mat& head, std::uintptr_t lnf_w,
                                std::uintptr_t lnf_b, const std::vector<py::dict>& layers) {
-             if (activation < 0 || activation > 3) throw std::invalid_argument("decoder step: activation must be 0..3");
+             if (activation < 0 || activation > 2) throw std::invalid_argument("decoder step: activation must be 0..2");
              mmgen::DecoderStepModel model{dim, heads, heads > 0 ? dim / heads : 0, hidden, eps,
                                            static_cast<mmgen::StepActivation>(activation), mat(wte), mat(wpe),
                                            mat(head), reinterpret_cast<const float*>(lnf_w),

@@ -69,7 +69,7 @@ struct StepMatrix {
   int64_t n, k, sn, sk;
 };
 
-enum class StepActivation : int { kGeluErf = 0, kGeluTanh = 1, kGeluSigmoid = 2, kRelu = 3 };
+enum class StepActivation : int { kGeluErf = 0, kGeluTanh = 1, kGeluSigmoid = 2 };  // ops.bias_gelu's forms
 
 struct DecoderStepLayer {
   const float *ln1_w, *ln1_b;

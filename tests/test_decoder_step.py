@@ -82,6 +82,7 @@ def test_native_step_matches_the_per_op_step(monkeypatch, case):
     k, v, ck, cv, lengths = caches(dec, rows, cross_rows)
     gen = torch.Generator().manual_seed(2)
     tokens = torch.randint(0, vocab, (rows,), generator=gen)
+    assert decoder_step.native_step(dec, dec._step_spec, tokens, k) is not None  # the case runs natively
     positions = torch.randint(0, 13, (rows,), generator=gen)
     positions[0] = 12  # the last slot of the span
     (spec, ks, vs), (native, kn, vn) = both_steps(monkeypatch, dec, tokens, positions, 13, k, v, ck, cv, lengths)
@@ -285,3 +286,62 @@ def test_caches_of_another_geometry_are_refused():
         step(tokens, positions, k, v, 8, ck[..., :4], cv, lengths)
     with pytest.raises(ValueError, match="int64 lengths"):
         step(tokens, positions, k, v, 8, ck, cv, lengths.int())
+
+
+def test_a_recording_outlives_a_weight_swap_without_reading_freed_memory():
+    """A replay after ``p.data = ...`` runs on the weights it was recorded with (their storage kept
+    alive), as a recording of the per-op step would; once the decoder's step was rebuilt for the new
+    weights, the old recording says so in one line instead of running some other step."""
+    dec = make_decoder(layout="column")
+    k, v, ck, cv, lengths = caches(dec, 2, 2)
+    tokens, positions = torch.tensor([3, 4]), torch.tensor([2, 5])
+    cross = CrossKVCache(ck, cv, lengths)
+    before = dec.decode_step(tokens, positions, KVCache(k.clone(), v.clone(), 8), cross)
+    recorded = RecordedSteps(dec, record_after=0)
+    recorded(tokens, positions, KVCache(k.clone(), v.clone(), 8), cross)
+    for p in dec.parameters():
+        p.data = torch.zeros_like(p.data)  # the old storages lose their last other owner
+    assert torch.equal(recorded(tokens, positions, KVCache(k.clone(), v.clone(), 8), cross), before)
+    after = dec.decode_step(tokens, positions, KVCache(k.clone(), v.clone(), 8), cross)  # rebuilt
+    assert torch.equal(after, torch.zeros_like(after))
+    with pytest.raises(RuntimeError, match="changed after it was recorded"):
+        recorded(tokens, positions, KVCache(k.clone(), v.clone(), 8), cross)
+
+
+def test_recordings_follow_the_native_switch(monkeypatch):
+    """``MMGEN_CPU_NATIVE_STEP`` is part of a recording's key: with it off, the per-op step is recorded."""
+    dec = make_decoder(layout="column")
+    k, v, ck, cv, lengths = caches(dec, 2, 2)
+    tokens, positions = torch.tensor([3, 4]), torch.tensor([2, 5])
+    recorded = RecordedSteps(dec, record_after=0)
+    recorded(tokens, positions, KVCache(k, v, 8), CrossKVCache(ck, cv, lengths))
+    monkeypatch.setenv(ENV, "0")
+    recorded(tokens, positions, KVCache(k, v, 8), CrossKVCache(ck, cv, lengths))
+    kinds = [{n.kind() for n in replay.graph.nodes()} for replay in recorded._recorded.values()]
+    assert len(kinds) == 2 and ("mmgen::decoder_step" in kinds[0]) and ("aten::linear" in kinds[1])
+
+
+def test_native_paths_refuse_what_they_cannot_read():
+    from mmgen_engine.ops import sampling
+    from mmgen_engine.ops.random import uniform_at, uniform_cpu
+    # broadcast counters, as uniform_at takes them
+    seeds, offsets, rows, cols = torch.tensor([5, 2**62]), torch.tensor([3]), torch.tensor([0]), torch.arange(2)
+    assert torch.equal(uniform_cpu(seeds, offsets, rows, cols), uniform_at(seeds, offsets, rows, cols))
+    # an int32 top_k or a short noise table: the torch pick, never the native one
+    gen = torch.Generator().manual_seed(3)
+    logits, drawn = torch.randn(2, 9, generator=gen), torch.randn(2, 4, 9, generator=gen)
+    args = dict(temperature=torch.ones(2), top_p=torch.full((2,), 0.8), do_sample=torch.ones(2, dtype=torch.bool),
+                offset=torch.tensor([1]), guidance=None, vocab_limit=None)
+    want = sampling.sample_drawn(logits, top_k=torch.tensor([3, 0]), drawn=drawn, **args)
+    assert torch.equal(sampling.sample_drawn(logits, top_k=torch.tensor([3, 0], dtype=torch.int32), drawn=drawn,
+                                             **args), want)
+    assert not sampling._native_fits(logits, args["temperature"], torch.tensor([3, 0]), args["top_p"],
+                                     args["do_sample"], args["offset"], 9, drawn[:1])
+    # the decoder step: tensors off the CPU or of another rank are refused in one line
+    dec = make_decoder()
+    k, v, ck, cv, lengths = caches(dec, 2, 2)
+    step = decoder_step.native_step(dec, dec._step_spec, torch.tensor([3, 4]), k)
+    with pytest.raises(ValueError, match="integer \\[rows\\]"):
+        step(torch.tensor([[3, 4]]), torch.tensor([2, 5]), k, v, 8, ck, cv, lengths)
+    with pytest.raises(ValueError, match="on the CPU"):
+        step(torch.tensor([3, 4]), torch.tensor([2, 5]), k.to("meta"), v, 8, ck, cv, lengths)

@@ -121,8 +121,6 @@ float activate(float x, StepActivation act) {
       return 0.5f * x * (1.0f + std::tanh(0.79788456080286536f * (x + 0.044715f * x * x * x)));
     case StepActivation::kGeluSigmoid:
       return x / (1.0f + std::exp(-1.702f * x));
-    case StepActivation::kRelu:
-      return x > 0.0f ? x : 0.0f;
   }
   return x;
 }

@@ -11,10 +11,10 @@
 //
 // The math is mmgen_engine.ops.sampling's (filter_logits, then argmax of l - drawn), in its order:
 // float32 logits times a float32 reciprocal of the temperature, the top-k threshold, then the top-p
-// threshold from probabilities exp(l - max) / sum (the sum and the running sum in double, rounded
-// to float32 as torch's CPU sum and cumsum give them), ties kept or removed together. Only the
-// exponential may differ from torch's vectorized one in the last bit, which can move a token that
-// sits exactly on the top-p boundary.
+// threshold from probabilities exp(l - max) / sum (the running sum in double, rounded to float32 as
+// torch's CPU cumsum gives it), ties kept or removed together. The exponential and the total (here
+// in double, rounded once; torch sums float32 in its own order) may differ from torch's in the last
+// bit, which can move a token that sits exactly on the top-p boundary.
 #include <algorithm>
 #include <functional>
 #include <cmath>

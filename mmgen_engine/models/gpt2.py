@@ -134,5 +134,5 @@ class GPT2Decoder(nn.Module):
                 spec |= {f"{name}_w": ln.weight, f"{name}_b": ln.bias}
             layers.append(spec | {"scale": layer.attn.scale})
         mlp = self.layers[0].mlp
-        return StepSpec(self.cfg.num_heads, self.cfg.layer_norm_eps, mlp.approximate or "relu", self.wte, self.wpe,
+        return StepSpec(self.cfg.num_heads, self.cfg.layer_norm_eps, mlp.approximate, self.wte, self.wpe,
                         head, (self.ln_f.weight, self.ln_f.bias), layers)

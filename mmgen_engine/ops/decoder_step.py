@@ -12,13 +12,21 @@ package): the same float32 math in another summation order (logits within ~1e-6 
 It runs where :func:`native_step` finds it can: a CPU step in float32 with plain float32 weights
 (no int8, no bf16 storage), a decoder of at most :data:`MAX_BYTES` of weights (larger ones are bound
 by streaming their weights, which the per-op path splits over every core), the native library
-built with it, and neither ``MMGEN_BACKEND`` (a forced backend means the per-op path) nor
-``MMGEN_CPU_NATIVE_STEP=0`` set. Under ``torch.jit.trace`` (the recorded CPU steps,
+built with it, and neither ``MMGEN_BACKEND`` forcing one backend for every op (then the per-op path
+runs) nor ``MMGEN_CPU_NATIVE_STEP=0`` set, and not while ``torch.compile`` / ``torch.export`` trace
+the step. Under ``torch.jit.trace`` (the recorded CPU steps,
 :mod:`mmgen_engine.runtime.recorded`) the call goes through the torch op ``mmgen::decoder_step``,
 which the tracer records as one node.
+
+The weights are read through pointers with the GIL released: a step holds aliases of the tensors it
+was built from (their storage outlives a ``p.data = ...`` swap, so a recording replayed after one
+runs on the old weights, as a recording of the per-op step would: build a new
+:class:`~mmgen_engine.runtime.recorded.RecordedSteps` after changing a model), but changing a
+model's weights while another thread runs a step of it is not supported.
 """
 from __future__ import annotations
 
+import itertools
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,7 +41,7 @@ ENV_VAR = NATIVE_STEP_ENV  # "0": every step through the per-op path
 # from memory, which ops.linear splits over every core while the native step runs on one
 # (benchmarks/RESULTS.md, "Per-step overhead on CPU").
 MAX_BYTES = 32 << 20
-ACTIVATIONS = {"none": 0, "tanh": 1, "sigmoid": 2, "relu": 3}  # ops.bias_gelu's forms, and ReLU
+ACTIVATIONS = {"none": 0, "tanh": 1, "sigmoid": 2}  # ops.bias_gelu's forms
 
 
 @dataclass
@@ -67,12 +75,14 @@ class NativeDecoderStep:
     """``step(tokens, positions, k, v, span, cross_k, cross_v, cross_lengths) -> logits [R, V]``: a
     decoder's ``decode_step`` (the arguments of :class:`~mmgen_engine.runtime.kv_cache.KVCache` and
     :class:`~mmgen_engine.runtime.kv_cache.CrossKVCache`, no cross cache for a decoder without
-    cross-attention) in one native call. Holds the weights by reference (never copies)."""
+    cross-attention) in one native call. Holds aliases of the weights (never copies)."""
 
     _live: weakref.WeakValueDictionary[int, NativeDecoderStep] = weakref.WeakValueDictionary()
+    _ids = itertools.count()
 
     def __init__(self, spec: StepSpec):
         self.spec = spec
+        self._keep = [t.detach() for t in spec.tensors()]  # the storages the pointers below point into
         layers = [{name: _matrix(t) if isinstance(t, torch.Tensor) and t.dim() == 2
                    else t.data_ptr() if isinstance(t, torch.Tensor) else t
                    for name, t in layer.items()} for layer in spec.layers]
@@ -83,7 +93,7 @@ class NativeDecoderStep:
         self._step = _C.DecoderStep(spec.wte.shape[1], spec.heads, fc1.shape[0], spec.eps,
                                     ACTIVATIONS[spec.activation], _matrix(spec.wte), _matrix(spec.wpe),
                                     _matrix(spec.head), spec.ln_f[0].data_ptr(), spec.ln_f[1].data_ptr(), layers)
-        self.id = id(self)
+        self.id = next(NativeDecoderStep._ids)  # never reused: a recording names its step by it
         NativeDecoderStep._live[self.id] = self
 
     def __call__(self, tokens, positions, k, v, span, cross_k=None, cross_v=None, cross_lengths=None):
@@ -93,10 +103,14 @@ class NativeDecoderStep:
         return self.run(tokens, positions, k, v, span, cross_k, cross_v, cross_lengths)
 
     def run(self, tokens, positions, k, v, span, cross_k, cross_v, cross_lengths) -> torch.Tensor:
-        rows = tokens.shape[0]
-        if tokens.dtype != torch.int64 or positions.dtype != torch.int64 or positions.shape != (rows,):
-            raise ValueError(f"decoder step: tokens and positions must be int64 [rows], got {tokens.dtype} "
+        rows = tokens.shape[0] if tokens.dim() == 1 else -1
+        if positions.shape != (rows,) or tokens.dtype.is_floating_point or positions.dtype.is_floating_point:
+            raise ValueError(f"decoder step: tokens and positions must be integer [rows], got {tokens.dtype} "
                              f"{tuple(tokens.shape)} and {positions.dtype} {tuple(positions.shape)}")
+        tensors = (tokens, positions, k, v) + ((cross_k, cross_v, cross_lengths) if self.cross else ())
+        if not all(t.is_cpu for t in tensors):
+            raise ValueError("decoder step: every tensor must be on the CPU, got "
+                             + ", ".join(str(t.device) for t in tensors))
         layers, heads, head_dim = self.geometry
         want = f"[{layers}, rows, {heads}, slots, {head_dim}] float32 with a contiguous last dimension"
         for name, t in (("k", k), ("v", v)) + ((("cross k", cross_k), ("cross v", cross_v)) if self.cross else ()):
@@ -106,7 +120,7 @@ class NativeDecoderStep:
         if k.shape != v.shape or k.shape[1] != rows:
             raise ValueError(f"decoder step: k and v must have {rows} rows and one shape, got {tuple(k.shape)} "
                              f"and {tuple(v.shape)}")
-        tokens, positions = tokens.contiguous(), positions.contiguous()
+        tokens, positions = tokens.to(torch.int64).contiguous(), positions.to(torch.int64).contiguous()
         logits = torch.empty(rows, self.vocab)
         if self.cross:
             if cross_k.shape != cross_v.shape or cross_lengths.shape != (cross_k.shape[1],) or \
@@ -125,7 +139,11 @@ class NativeDecoderStep:
 
 
 def _traced_step(plan: int, tokens, positions, k, v, span: int, cross_k, cross_v, cross_lengths):
-    return NativeDecoderStep._live[plan].run(tokens, positions, k, v, span, cross_k, cross_v, cross_lengths)
+    step = NativeDecoderStep._live.get(plan)
+    if step is None:
+        raise RuntimeError("decoder step: this recording's model changed after it was recorded; build a new "
+                           "RecordedSteps after changing a model")
+    return step.run(tokens, positions, k, v, span, cross_k, cross_v, cross_lengths)
 
 
 if _C is not None:
@@ -152,7 +170,7 @@ def native_step(owner: torch.nn.Module, spec: Callable[[], StepSpec | None], tok
     where it cannot run (see the module docstring). ``spec()`` describes the decoder (None: it has
     what the native step cannot run, e.g. int8 weights). Decided once per decoder and cache dtype,
     again when a parameter's storage changed since (``p.data = ...``, a dtype or layout change)."""
-    if _C is None or not tokens.is_cpu or not native_step_allowed():
+    if _C is None or not tokens.is_cpu or not native_step_allowed() or torch.compiler.is_compiling():
         return None
     key = (tuple(p.data_ptr() for p in owner.parameters()), tuple(b.data_ptr() for b in owner.buffers()), k.dtype)
     cached = _STEPS.get(owner)

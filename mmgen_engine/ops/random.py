@@ -91,12 +91,13 @@ _C = _native_philox()
 
 
 def uniform_cpu(seeds: torch.Tensor, offset: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """:func:`uniform_at` for CPU int64 tensors of equal shape, natively (csrc/cpu/sampling.cpp: the
+    """:func:`uniform_at` for CPU integer tensors (broadcast together), natively (csrc/cpu/sampling.cpp: the
     same integer rounds, ~10x sooner than :func:`uniform_numpy` on the 2-core box) where the library
     has it, else :func:`uniform_numpy`. The same numbers either way."""
-    if _C is None:
+    if _C is None or not all(t.is_cpu for t in (seeds, offset, rows, cols)):
         return uniform_numpy(seeds, offset, rows, cols)
-    seeds, offset, rows, cols = (t.to(torch.int64).contiguous() for t in (seeds, offset, rows, cols))
+    seeds, offset, rows, cols = (t.to(torch.int64).contiguous()
+                                 for t in torch.broadcast_tensors(seeds, offset, rows, cols))
     out = torch.empty(seeds.shape, dtype=torch.float32)
     _C.philox_uniform(seeds.data_ptr(), offset.data_ptr(), rows.data_ptr(), cols.data_ptr(), out.numel(),
                       out.data_ptr())

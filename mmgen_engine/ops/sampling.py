@@ -173,8 +173,19 @@ def sample_drawn_reference(logits, temperature, top_k, top_p, do_sample, offset,
     return torch.where(do_sample, scores.argmax(dim=-1), z.argmax(dim=-1))
 
 
+def _native_fits(logits, temperature, top_k, top_p, do_sample, offset, n: int, drawn) -> bool:
+    """Whether csrc/cpu/sampling.cpp can take these: CPU tensors of the dtypes and sizes it reads."""
+    rows = logits.shape[0] if logits.dim() == 2 else 0
+    per_row = ((temperature, torch.float32), (top_k, torch.int64), (top_p, torch.float32), (do_sample, torch.bool))
+    return (rows > 0 and logits.dtype == torch.float32 and logits.is_cpu and logits.stride(1) == 1
+            and 1 <= n <= logits.shape[1] and drawn.dim() == 3 and drawn.shape[0] == rows and drawn.shape[2] == n
+            and drawn.dtype == torch.float32 and drawn.is_cpu and drawn.stride(2) == 1
+            and all(t.shape == (rows,) and t.dtype == dtype and t.is_cpu for t, dtype in per_row)
+            and offset.dtype == torch.int64 and offset.is_cpu and offset.shape in ((1,), (rows,)))
+
+
 def _native_drawn(logits, temperature, top_k, top_p, do_sample, offset, n: int, drawn) -> torch.Tensor:
-    """csrc/cpu/sampling.cpp on tensors :func:`sample_drawn` checked."""
+    """csrc/cpu/sampling.cpp on tensors :func:`_native_fits` passed (the offsets' values it checks)."""
     rows = logits.shape[0]
     out = torch.empty(rows, dtype=torch.int64)
     temperature, top_k, top_p, do_sample, offset = (t.contiguous() for t in (temperature, top_k, top_p, do_sample,
@@ -204,9 +215,8 @@ def sample_drawn(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.T
     last bit (a token exactly on the top-p boundary could move); else
     :func:`sample_drawn_reference`."""
     n = logits.shape[1] if vocab_limit is None else vocab_limit
-    if (_C is not None and guidance is None and logits.dtype == torch.float32 and logits.is_cpu
-            and logits.stride(1) == 1 and drawn.dtype == torch.float32 and drawn.stride(2) == 1
-            and drawn.shape[2] == n and native_step_allowed("sample")):
+    if _C is not None and guidance is None and native_step_allowed("sample") and _native_fits(
+            logits, temperature, top_k, top_p, do_sample, offset, n, drawn):
         if torch.jit.is_tracing():
             return torch.ops.mmgen.sample_drawn(logits, temperature, top_k, top_p, do_sample, offset, n, drawn)
         return _native_drawn(logits, temperature, top_k, top_p, do_sample, offset, n, drawn)

@@ -14,10 +14,10 @@ reorders them.
 
 A recording is valid only for what it was made with: the rows, the cache's and the cross cache's
 shapes and strides, ``cache.span`` (the slots a step reads: one recording per span, since reading
-more slots under a mask rounds differently), the dtype, the backend table (``MMGEN_BACKEND``) and the
-thread count (``ops.linear`` splits by threads). Those are the key. The weights are held by
-reference: replacing a parameter's tensor (``p.data = ...``) after a recording leaves it stale, so
-build a new :class:`RecordedSteps` after changing a model.
+more slots under a mask rounds differently), the dtype, the backend table (``MMGEN_BACKEND``,
+``MMGEN_CPU_NATIVE_STEP``) and the thread count (``ops.linear`` splits by threads). Those are the
+key. The weights are held by reference: replacing a parameter's tensor (``p.data = ...``) after a
+recording leaves it stale, so build a new :class:`RecordedSteps` after changing a model.
 
 :meth:`RecordedSteps.bind` records any function of a loop's tensors the same way:
 :func:`~mmgen_engine.runtime.generate.generate_stream` records a whole step with it - the decoder's
@@ -50,7 +50,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..ops.registry import ENV_VAR
+from ..ops.registry import ENV_VAR, NATIVE_STEP_ENV
 from .decoder import Decoder
 from .kv_cache import CrossKVCache, KVCache
 
@@ -107,11 +107,13 @@ class RecordedSteps:
         ``make(span)(*inputs)``, eager or replayed as :meth:`__call__` is. The key is made once here,
         from ``inputs`` and ``extra`` (what ``make``'s function reads from the host besides ``span``:
         it is baked into a recording), plus ``span`` per call."""
-        base = (kind, _shapes(inputs), extra, os.environ.get(ENV_VAR, ""), torch.get_num_threads())
+        base = (kind, _shapes(inputs), extra, os.environ.get(ENV_VAR, ""), torch.get_num_threads(),
+                os.environ.get(NATIVE_STEP_ENV, ""))
         return lambda span: self._replay(base + (span,), lambda: make(span), inputs)
 
     def _run(self, kind: str, fn: Callable, span: int, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        key = (kind, _shapes(inputs), (), os.environ.get(ENV_VAR, ""), torch.get_num_threads(), span)
+        key = (kind, _shapes(inputs), (), os.environ.get(ENV_VAR, ""), torch.get_num_threads(),
+               os.environ.get(NATIVE_STEP_ENV, ""), span)
         return self._replay(key, lambda: fn, inputs)
 
     def _replay(self, key: tuple, make: Callable[[], Callable], inputs: tuple[torch.Tensor, ...]):
