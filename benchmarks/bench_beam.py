@@ -14,7 +14,7 @@ side (``min_new_tokens = max_new_tokens``: eos is suppressed, so every step runs
 Each is timed at 1 and N new tokens, the calls of all of them taken in turn (one call of each, then
 the next round), so that a shared machine's changing load falls on all alike: **first_token_ms** is
 the 1-token call (encoder + prefill + the first pick), **ms_per_step** ``(t(N) - t(1)) / (N - 1)``
-from the medians (the p90 figure: the N-token p90 over the 1-token median). A step of K beams and a
+over each round's pair of calls: the median (and p90) over the rounds. A step of K beams and a
 step of K greedy rows both feed K tokens. Ratio rows: ``engine/HF`` per decoding (below 1: the
 engine is faster) and ``beam/greedy`` per implementation, the issue's target metric: the engine's
 per-step cost of K beams against a batch of K greedy rows, at most 1.5x (a benchmark, not a test:
@@ -43,6 +43,7 @@ from timing import (  # noqa: E402
     format_table,
     machine_info,
     measure,
+    per_token,
     summarize,
     write_json,
 )
@@ -81,8 +82,7 @@ def time_interleaved(runs: dict, args) -> tuple[dict, dict]:
         first, full = summarize(times[key, 1]), summarize(times[key, n])
         records[key] = {"new_tokens": n, "first_token": first, "n_tokens": full,
                         "first_token_ms": first["median_ms"], "first_token_p90_ms": first["p90_ms"],
-                        "ms_per_step": (full["median_ms"] - first["median_ms"]) / (n - 1),
-                        "ms_per_step_p90": (full["p90_ms"] - first["median_ms"]) / (n - 1)}
+                        **dict(zip(("ms_per_step", "ms_per_step_p90"), per_token(times[key, 1], times[key, n], n)))}
         ids[key] = runs[key](n).cpu()
     return records, ids
 

@@ -18,8 +18,8 @@ has it, on CPU.) For each arch, dtype and batch size it times, for both
 implementations, after warm-up:
 
 - first-token latency: a call generating exactly 1 token (encoder + prefill + one greedy pick);
-- ms/token: ``(t(N forced tokens) - t(1 token)) / (N - 1)`` from the medians; the p90 figure uses
-  the N-token call's p90 over the 1-token median;
+- ms/token: ``(t(N forced tokens) - t(1 token)) / (N - 1)``, the 1-token and N-token calls timed
+  alternately in pairs: the median (and p90) over the pairs;
 - weight GB/s: decoder weight bytes / ms per token, the bandwidth a decode step needs at least.
 
 Lengths are forced (``min_new_tokens = max_new_tokens``, eos suppressed) on both sides, and the
@@ -58,7 +58,17 @@ from unittest import mock
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import add_device_arguments, checked_device, engine_info, format_table, machine_info, measure, write_json  # noqa: E402
+from timing import (  # noqa: E402
+    add_device_arguments,
+    checked_device,
+    engine_info,
+    format_table,
+    machine_info,
+    measure,
+    per_token,
+    summarize,
+    write_json,
+)
 
 import mmgen_engine as mm  # noqa: E402
 from mmgen_engine.pipelines import BF16_COMPUTE_ENV, cpu_bf16_compute, weight_format  # noqa: E402
@@ -359,24 +369,25 @@ def decoder_weight_bytes(hf, arch: str) -> int:
     return sum(p.numel() * p.element_size() for p in params.values())
 
 
-def decode_rate(first: dict, full: dict, new_tokens: int) -> dict:
-    """ms per generated token after the first, from a 1-token and an N-token timing."""
-    return {"ms_per_token": (full["median_ms"] - first["median_ms"]) / (new_tokens - 1),
-            "ms_per_token_p90": (full["p90_ms"] - first["median_ms"]) / (new_tokens - 1)}
-
-
 def time_impl(impl: str, run, device: str, args) -> tuple[dict, torch.Tensor]:
-    """Times ``run(n)`` (generate exactly n tokens) at n = 1 and n = N; returns the record and the
-    ids of one N-token call."""
+    """Times ``run(n)`` (generate exactly n tokens) at n = 1 and n = N, alternately (a burst of load
+    from elsewhere then lands on both sides of a pair, not on all of one side: the per-token time of
+    a small model is a small difference of two larger times); returns the record and the ids of one
+    N-token call."""
     n = args.new_tokens
     # on CPU the engine records a call shape's steps after RECORD_AFTER eager runs of it: warm up past
     # that, so that no timed call pays for a recording
     warmup = max(args.warmup, RECORD_AFTER + 1) if device == "cpu" else args.warmup
-    first = measure(lambda: run(1), warmup=warmup, repeats=args.repeats, device=device, flush_l2=args.flush_l2)
-    full = measure(lambda: run(n), warmup=warmup, repeats=args.repeats, device=device, flush_l2=args.flush_l2)
+    for _ in range(warmup):
+        run(1), run(n)
+    first_ms, full_ms = [], []
+    for _ in range(args.repeats):
+        for fn, times in ((lambda: run(1), first_ms), (lambda: run(n), full_ms)):
+            times += measure(fn, warmup=0, repeats=1, device=device, flush_l2=args.flush_l2)["times_ms"]
+    first, full = summarize(first_ms), summarize(full_ms)
     record = {"impl": impl, "new_tokens": n, "first_token": first, "n_tokens": full,
               "first_token_ms": first["median_ms"], "first_token_p90_ms": first["p90_ms"],
-              **decode_rate(first, full, n)}
+              **dict(zip(("ms_per_token", "ms_per_token_p90"), per_token(first_ms, full_ms, n)))}
     return record, run(n).cpu()
 
 

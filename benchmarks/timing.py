@@ -60,6 +60,15 @@ def summarize(times_ms) -> dict:
             "repeats": len(times_ms), "times_ms": times_ms}
 
 
+def per_token(first_ms, full_ms, new_tokens: int) -> tuple[float, float]:
+    """``(median, p90)`` ms per generated token after the first, from paired times of a 1-token and
+    an N-token call (pair i taken close together, so a burst of load from elsewhere lands on both
+    sides of a pair): the pairs' differences over N - 1. Differences of medians would not do for a
+    small model, whose per-token time is a small difference of two larger, noisy times."""
+    diffs = [(full - first) / (new_tokens - 1) for first, full in zip(first_ms, full_ms, strict=True)]
+    return percentile(diffs, 50), percentile(diffs, 90)
+
+
 def measure(fn, warmup: int = 2, repeats: int = 5, device="cpu", flush_l2: bool = False) -> dict:
     """Call ``fn()`` ``warmup`` times untimed, then time ``repeats`` calls one by one.
 

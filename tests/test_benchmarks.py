@@ -314,3 +314,13 @@ def test_bench_engine_quick(tmp_path):
             assert all(c["compared"] > 0 and c["match"] == c["compared"] for c in per_task[t]["outputs_match"].values())
     forced = per_task["caption_forced"]["forced_lengths"]  # every caption ran to its max_new_tokens
     assert forced["forced"] == forced["checked"] > 0
+
+
+def test_per_token_pairs_the_calls():
+    """A burst of load on one pair moves the median of the pairs' differences less than the
+    difference of the medians: here every N-token call took 10 ms more than its 1-token call."""
+    first = [5.0, 40.0, 6.0, 45.0, 5.5]
+    full = [15.0, 50.0, 16.0, 55.0, 15.5]
+    assert timing.per_token(first, full, 11) == (1.0, 1.0)
+    with pytest.raises(ValueError):
+        timing.per_token(first, full[:-1], 11)
