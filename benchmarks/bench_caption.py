@@ -64,9 +64,7 @@ from timing import (  # noqa: E402
     engine_info,
     format_table,
     machine_info,
-    measure,
-    per_token,
-    summarize,
+    measure_paired,
     write_json,
 )
 
@@ -378,16 +376,11 @@ def time_impl(impl: str, run, device: str, args) -> tuple[dict, torch.Tensor]:
     # on CPU the engine records a call shape's steps after RECORD_AFTER eager runs of it: warm up past
     # that, so that no timed call pays for a recording
     warmup = max(args.warmup, RECORD_AFTER + 1) if device == "cpu" else args.warmup
-    for _ in range(warmup):
-        run(1), run(n)
-    first_ms, full_ms = [], []
-    for _ in range(args.repeats):
-        for fn, times in ((lambda: run(1), first_ms), (lambda: run(n), full_ms)):
-            times += measure(fn, warmup=0, repeats=1, device=device, flush_l2=args.flush_l2)["times_ms"]
-    first, full = summarize(first_ms), summarize(full_ms)
-    record = {"impl": impl, "new_tokens": n, "first_token": first, "n_tokens": full,
+    t = measure_paired(run, n, warmup=warmup, repeats=args.repeats, device=device, flush_l2=args.flush_l2)
+    first = t["first"]
+    record = {"impl": impl, "new_tokens": n, "first_token": first, "n_tokens": t["full"],
               "first_token_ms": first["median_ms"], "first_token_p90_ms": first["p90_ms"],
-              **dict(zip(("ms_per_token", "ms_per_token_p90"), per_token(first_ms, full_ms, n)))}
+              "ms_per_token": t["ms_per_token"], "ms_per_token_p90": t["ms_per_token_p90"]}
     return record, run(n).cpu()
 
 

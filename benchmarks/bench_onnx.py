@@ -27,8 +27,10 @@ CUDA one of onnxruntime-gpu on a torch stream with ORT's CUDA graphs where it ac
 ``--dtype`` (default float32 on CPU, float16 on CUDA). On CUDA the end-to-end rows leave out the ORT
 decode loop (``runtime="onnxruntime"`` decodes on CPU only). Each figure is the
 median of ``--repeats`` timed calls after ``--warmup`` untimed ones; ``ort/engine`` < 1 means ONNX
-Runtime is faster. The largest difference of the outputs, relative to their scale, is reported
-beside the times. A markdown table is printed last; raw times and the machine go to ``--json``.
+Runtime is faster; an end-to-end row's ``ms_per_token`` is the median over pairs of a 1-token and an
+N-token call timed in turn (``timing.measure_paired``). The largest difference of the outputs,
+relative to their scale, is reported beside the times. A markdown table is printed last; raw times
+and the machine go to ``--json``.
 """
 from __future__ import annotations
 
@@ -45,7 +47,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_caption  # noqa: E402
 import bench_gesture  # noqa: E402
 import bench_txt2img  # noqa: E402
-from timing import add_device_arguments, checked_device, engine_info, format_table, machine_info, measure, write_json  # noqa: E402
+from timing import (  # noqa: E402
+    add_device_arguments,
+    checked_device,
+    engine_info,
+    format_table,
+    machine_info,
+    measure,
+    measure_paired,
+    write_json,
+)
 
 import mmgen_engine as mm  # noqa: E402
 from mmgen_engine.onnx import PARTS, check_export  # noqa: E402
@@ -172,11 +183,10 @@ def bench_e2e(arch: str, ckpt: Path, args) -> tuple[list[dict], list[dict]]:
 
             log(f"timing {arch} end to end {impl} batch {batch} ...")
             ids[impl] = run(n)
-            first = measure(lambda: run(1), warmup=args.warmup, repeats=args.repeats, device=args.device)
-            full = measure(lambda: run(n), warmup=args.warmup, repeats=args.repeats, device=args.device)
-            timed[impl] = {**row, "impl": impl, "first_token_ms": first["median_ms"],
-                           "ms_per_token": (full["median_ms"] - first["median_ms"]) / (n - 1),
-                           "timing": {"first": first, "full": full}}
+            t = measure_paired(run, n, warmup=args.warmup, repeats=args.repeats, device=args.device)
+            timed[impl] = {**row, "impl": impl, "first_token_ms": t["first"]["median_ms"],
+                           "ms_per_token": t["ms_per_token"], "ms_per_token_p90": t["ms_per_token_p90"],
+                           "timing": {"first": t["first"], "full": t["full"]}}
         results += timed.values()
         base = timed["engine"]
         for impl in list(impls)[1:]:

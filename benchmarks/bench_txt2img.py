@@ -8,9 +8,10 @@ image and for a grid of ``--grid`` x ``--grid`` images of one prompt, then decod
 pixels. min-dalle's loop is the one of ``MinDalle.generate_raw_image_stream`` (one decoder call per
 token over a cache it rewrites, the cross-attention K/V recomputed each step). ``--tokens N`` times
 only the first N of the 256 tokens on both sides (a full CPU run of Mini takes minutes). Each side is
-timed generating 1 token (encoder, prefill, first token, detokenizer) and N tokens; ``s_per_token``
-is ``(t(N) - t(1)) / (N - 1)`` and ``s_per_image_256`` is ``(t(1) + 255 * s_per_token) / images``,
-an extrapolation when N < 256 and a measurement at N = 256 (the default on CUDA). A markdown table is
+timed generating 1 token (encoder, prefill, first token, detokenizer) and N tokens, in turn
+(``timing.measure_paired``); ``s_per_token`` is the median over those pairs of
+``(t(N) - t(1)) / (N - 1)`` and ``s_per_image_256`` is ``(t(1) + 255 * s_per_token) / images``, an
+extrapolation when N < 256 and a measurement at N = 256 (the default on CUDA). A markdown table is
 printed last; raw times and the machine go to ``--json``.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import add_device_arguments, checked_device, format_table, machine_info, measure, write_json  # noqa: E402
+from timing import add_device_arguments, checked_device, format_table, machine_info, measure_paired, write_json  # noqa: E402
 
 import mmgen_engine as mm  # noqa: E402
 
@@ -162,11 +163,9 @@ def main(argv=None) -> int:
                           ("min-dalle", lambda n: upstream_generate(enc, dec, detok, PROMPT_IDS, images, n, dtype,
                                                                     device))]:
             log(f"timing {impl}: {images} image(s), 1 and {args.tokens} tokens ...")
-            first = measure(lambda: run(1), warmup=args.warmup, repeats=args.repeats, device=device)
-            full = first if args.tokens == 1 else measure(lambda: run(args.tokens), warmup=args.warmup,
-                                                           repeats=args.repeats, device=device)
-            per_token = (full["median_ms"] - first["median_ms"]) / max(args.tokens - 1, 1) / 1e3
-            results.append({**row, "impl": impl, "first": first, "full": full,
+            t = measure_paired(run, args.tokens, warmup=args.warmup, repeats=args.repeats, device=device)
+            first, per_token = t["first"], t["ms_per_token"] / 1e3
+            results.append({**row, "impl": impl, "first": first, "full": t["full"],
                             "first_token_s": first["median_ms"] / 1e3, "s_per_token": per_token,
                             "s_per_image_256": (first["median_ms"] / 1e3 + (IMAGE_TOKENS - 1) * per_token) / images})
         eng, ref = results[-2], results[-1]

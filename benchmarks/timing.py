@@ -69,6 +69,27 @@ def per_token(first_ms, full_ms, new_tokens: int) -> tuple[float, float]:
     return percentile(diffs, 50), percentile(diffs, 90)
 
 
+def measure_paired(run, new_tokens: int, warmup: int = 2, repeats: int = 5, device="cpu",
+                   flush_l2: bool = False) -> dict:
+    """Times ``run(1)`` and ``run(new_tokens)`` (a call generating exactly that many tokens) in
+    alternation, ``warmup`` untimed pairs, then ``repeats`` timed pairs: ``{"first": ..., "full": ...}``
+    (:func:`summarize` of each side) with ``ms_per_token`` and ``ms_per_token_p90`` from
+    :func:`per_token` (0.0 when ``new_tokens`` is 1, where only the 1-token call is timed)."""
+    if new_tokens < 1:
+        raise ValueError(f"need new_tokens >= 1, got {new_tokens}")
+    lengths = (1,) if new_tokens == 1 else (1, new_tokens)
+    for _ in range(warmup):
+        for n in lengths:
+            run(n)
+    times = {n: [] for n in lengths}
+    for _ in range(repeats):
+        for n in lengths:
+            times[n] += measure(lambda n=n: run(n), warmup=0, repeats=1, device=device, flush_l2=flush_l2)["times_ms"]
+    first, full = summarize(times[1]), summarize(times[new_tokens])
+    per = per_token(times[1], times[new_tokens], new_tokens) if new_tokens > 1 else (0.0, 0.0)
+    return {"first": first, "full": full, "ms_per_token": per[0], "ms_per_token_p90": per[1]}
+
+
 def measure(fn, warmup: int = 2, repeats: int = 5, device="cpu", flush_l2: bool = False) -> dict:
     """Call ``fn()`` ``warmup`` times untimed, then time ``repeats`` calls one by one.
 

@@ -182,6 +182,34 @@ def test_bench_txt2img_quick(tmp_path):
         assert _positive(r["first_token_s"]) and math.isfinite(r["s_per_token"] + r["s_per_image_256"])
 
 
+def test_bench_onnx_quick(tmp_path):
+    """ONNX Runtime against the engine: the gesture model's stages and the captioner end to end,
+    the same outputs on both sides, every figure a time."""
+    for mod in ("onnx", "onnxruntime"):
+        pytest.importorskip(mod)
+    out = tmp_path / "results.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_onnx.py"), "--quick", "--device", "cpu", "--arch",
+         "--tasks", "speech-to-gesture", "--e2e-arch", "vit-gpt2", "--batch", "1", "--threads", "1",
+         "--cache-dir", str(tmp_path / "cache"), "--json", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["settings"]["repeats"] == 3 and data["machine"]["torch_threads"] == 1
+    stages = [r for r in data["results"] if r["part"] != "end to end"]
+    e2e = [r for r in data["results"] if r["part"] == "end to end"]
+    assert sorted((r["part"], r["impl"]) for r in stages) == [
+        (part, impl) for part in ("audio_encoder", "motion_decoder") for impl in ("engine", "onnxruntime")]
+    assert all(_positive(r["ms"]) and r["p90_ms"] >= r["ms"] for r in stages)
+    assert [r["impl"] for r in e2e] == ["engine", "engine+ort-stages", "ort-loop"]
+    for r in e2e:
+        assert _positive(r["first_token_ms"]) and math.isfinite(r["ms_per_token"] + r["ms_per_token_p90"])
+        assert r["timing"]["first"]["repeats"] == r["timing"]["full"]["repeats"] == 3
+    ratios = data["comparisons"]
+    assert all(c["max_rel_diff"] < 1e-4 for c in ratios if c["part"] != "end to end")
+    assert [c["ids_match"] for c in ratios if c["part"] == "end to end"] == [True, True]
+
+
 def test_bench_gesture_quick(tmp_path):
     """A tiny a2g-gpt on 6 s of audio: the engine (greedy and default sampling) against the plain
     PyTorch reference, with the greedy poses compared."""
@@ -324,3 +352,18 @@ def test_per_token_pairs_the_calls():
     assert timing.per_token(first, full, 11) == (1.0, 1.0)
     with pytest.raises(ValueError):
         timing.per_token(first, full[:-1], 11)
+
+
+def test_measure_paired_alternates_the_lengths():
+    """Warm-up and timed calls alternate 1 and N tokens; each side's times and the per-token
+    figure come back (0.0 per token when N is 1, where only the 1-token call runs)."""
+    calls = []
+    t = timing.measure_paired(calls.append, 4, warmup=1, repeats=3)
+    assert calls == [1, 4] * 4
+    assert t["first"]["repeats"] == t["full"]["repeats"] == 3
+    assert math.isfinite(t["ms_per_token"]) and math.isfinite(t["ms_per_token_p90"])
+    calls.clear()
+    one = timing.measure_paired(calls.append, 1, warmup=0, repeats=2)
+    assert calls == [1, 1] and one["first"] == one["full"] and one["ms_per_token"] == 0.0
+    with pytest.raises(ValueError):
+        timing.measure_paired(calls.append, 0)
